@@ -1,0 +1,188 @@
+"""Shared benchmark helpers: environment header, timing quantiles, peak memory, CSV and markdown."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Repeat policy: time `budget_s` worth of calls, clamped to [min_reps, max_reps]; a warm-up call
+# slower than `slow_s` is the only sample, so a run stays within minutes on a shared 2-core machine.
+QUICK = dict(budget_s=1.0, min_reps=3, max_reps=20, slow_s=5.0)
+FULL = dict(budget_s=5.0, min_reps=5, max_reps=100, slow_s=30.0)
+
+
+def git_commit() -> str:
+    """Short HEAD hash; 'uncommitted' when there is no commit or the tree has changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except (subprocess.CalledProcessError, OSError):
+        return "uncommitted"
+    try:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, OSError):
+        dirty = True
+    return f"uncommitted (on {head})" if dirty else head
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict[str, str]:
+    """What a reader needs to reproduce or compare a table."""
+    env = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "threads": str(torch.get_num_threads()),
+        "cpus": str(os.cpu_count()),
+        # Other processes on the machine skew CPU timings; the 1-minute load average shows it.
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    if device == "cuda":
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)  # CPU allocator failures are plain RuntimeErrors
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text))
+
+
+def free_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+_L2_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_cache(device: str) -> None:
+    # Writing 256 MiB evicts the GPU L2 (50 MiB on H100) so no call reads its inputs from cache.
+    if device == "cuda":
+        buf = _L2_FLUSH.setdefault(device, torch.empty(64 << 20, dtype=torch.int32, device=device))
+        buf.zero_()
+
+
+def time_ms(fn: Callable[[], object], device: str, policy: dict,
+            warm_s: float | None = None) -> list[float]:
+    """Wall time in ms of each repeat of fn() after warm-up; CUDA calls are timed with events.
+    warm_s: seconds a call of fn that the caller just made took; it stands for the first warm-up."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    first = warm_s
+    if first is None:
+        t0 = time.perf_counter()
+        fn()  # first warm-up: allocations, lazy initialisation, autotuning
+        sync()
+        first = time.perf_counter() - t0
+    if first > policy["slow_s"]:  # one more call costs more than any warm-up effect it removes
+        return [first * 1e3]
+    if first < 0.05:  # fast calls: more warm-up so caches and allocator reach steady state
+        for _ in range(max(1, int(0.1 / max(first, 1e-6)))):
+            fn()
+        sync()
+    reps = int(policy["budget_s"] / max(first, 1e-9))
+    reps = max(policy["min_reps"], min(policy["max_reps"], reps))
+    samples = []
+    for _ in range(reps):
+        _flush_cache(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """Liger-style p20, p50, p80."""
+    p20, p50, p80 = np.percentile(np.asarray(samples, dtype=np.float64), [20, 50, 80])
+    return float(p20), float(p50), float(p80)
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated by one call beyond what was live before it; None on CPU."""
+    if device != "cuda":
+        return None
+    free_memory(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def fmt(x: object, digits: int = 3) -> str:
+    """Compact cell text: significant digits for floats, '—' for missing values."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x == "":
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return str(x)
+
+
+def write_csv(path: Path, rows: list[dict], env: dict[str, str]) -> None:
+    """One row per measurement, each carrying the environment so files can be concatenated."""
+    fields = list(dict.fromkeys(k for r in rows for k in r)) + list(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: _csv_cell(v) for k, v in r.items()}, **env})
+
+
+def _csv_cell(v: object) -> object:
+    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, title: str, env: dict[str, str], body: Sequence[str]) -> None:
+    text = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in env.items()] + [""] + list(body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text).rstrip() + "\n")

@@ -1,0 +1,311 @@
+// CUDA forward of the log-domain Sinkhorn operator (MATH.md section 1), every formula from
+// sinkhorn_math.h.
+//
+// Work mapping: thread block b owns problem b for all its steps, so problems never wait for each
+// other and each stops on its own without leaving the device. Within a block, row passes give a
+// warp to each row and column passes a thread to each column, so loads of S are coalesced in
+// both. The potentials live in the outputs f and g; the workspace holds, per problem, the
+// default log-marginals and one LSE per row or column.
+#include "sinkhorn_kernel.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+
+#include "../sinkhorn_math.h"
+
+namespace sinkhorn {
+namespace {
+
+using math::Lse;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Accumulation type: double for double scores, float for every other dtype (MATH.md: Numerics).
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Explicit conversions: PyTorch compiles CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit half <-> float operators.
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+
+// Step k is a row step when (k even) == start_row (MATH.md section 1).
+__device__ __forceinline__ bool is_row_step(int64_t k, bool start_row) {
+  return ((k & 1) == 0) == start_row;
+}
+
+// Sum over the block, returned to every thread. It is also a block barrier (twice: the second
+// lets the next call reuse the shared storage), which the callers rely on to publish writes.
+template <int BLOCK, typename T>
+__device__ T block_sum(T v) {
+  using Reduce = cub::BlockReduce<T, BLOCK>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ T total;
+  const T s = Reduce(tmp).Sum(v);
+  if (threadIdx.x == 0) total = s;
+  __syncthreads();
+  const T r = total;
+  __syncthreads();
+  return r;
+}
+
+// Butterfly merges of per-lane partials; every lane ends with the warp's total.
+template <typename T>
+__device__ __forceinline__ Lse<T> warp_lse(Lse<T> s) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const Lse<T> o{__shfl_xor_sync(kFullMask, s.max, off), __shfl_xor_sync(kFullMask, s.sum, off)};
+    s = math::lse_merge(s, o);
+  }
+  return s;
+}
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// One problem's slices of the batched arrays.
+template <typename scalar_t>
+struct Problem {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const scalar_t* S;   // (n, m)
+  scalar_t* P;         // (n, m)
+  acc_t* f;            // (n), the row potentials, rewritten in place by row steps
+  acc_t* g;            // (m), the column potentials
+  const acc_t* log_a;  // (n), the caller's or the defaults in the workspace
+  const acc_t* log_b;  // (m)
+  acc_t* lse;          // (max(n, m)) workspace: LSEs awaiting the stop decision
+  int64_t n, m;
+};
+
+// Default marginals from the finite pattern of S (MATH.md section 1, masks; an entry counts as
+// allowed unless it is -inf, as in reference.default_log_marginals). Columns: a thread per column
+// scans down its rows, its flag parked in the LSE scratch until both counts are known. Rows: a
+// warp per row, lanes striding over the columns, then a warp vote.
+template <int BLOCK, typename scalar_t, typename acc_t>
+__device__ void default_marginals(const Problem<scalar_t>& q, acc_t* log_a, acc_t* log_b) {
+  const acc_t masked = math::neg_inf<acc_t>();
+  long long cols = 0;
+  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
+    bool alive = false;
+    for (int64_t i = 0; i < q.n && !alive; ++i) alive = to_acc(q.S[i * q.m + j]) != masked;
+    q.lse[j] = alive ? acc_t(1) : acc_t(0);
+    cols += alive;
+  }
+  long long rows = 0;
+  for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: the vote needs all lanes
+    bool alive = false;
+    for (int64_t j = lane_id(); j < q.m && !alive; j += 32)
+      alive = to_acc(q.S[i * q.m + j]) != masked;
+    alive = __any_sync(kFullMask, alive);
+    if (lane_id() == 0) {
+      log_a[i] = math::default_log_a<acc_t>(alive);
+      rows += alive;
+    }
+  }
+  rows = block_sum<BLOCK>(rows);
+  cols = block_sum<BLOCK>(cols);
+  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK)  // same thread that parked the flag
+    log_b[j] = math::default_log_b<acc_t>(q.lse[j] != acc_t(0), rows, cols);
+}
+
+// Row step, f_i <- log a_i - LSE_j(S_ij + g_j): a warp per row, lanes striding over the columns
+// (coalesced loads), an online LSE per lane merged by shuffles. With `defer` the LSE waits in the
+// scratch for the stop decision and lane 0 adds the row's error under the current f; otherwise
+// f_i is updated at once (nobody else reads f in a row step). Returns this thread's error part.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ acc_t row_pass(const Problem<scalar_t>& q, bool defer) {
+  acc_t err = 0;
+  for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: merge needs all lanes
+    const scalar_t* row = q.S + i * q.m;
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t j = lane_id(); j < q.m; j += 32) math::lse_push(s, to_acc(row[j]) + q.g[j]);
+    const acc_t lse = math::lse_value(warp_lse(s));
+    if (lane_id() == 0 && defer) {
+      err += math::marginal_error(q.log_a[i], lse, q.f[i]);
+      q.lse[i] = lse;
+    } else if (lane_id() == 0) {
+      q.f[i] = math::potential(q.log_a[i], lse);
+    }
+  }
+  return err;
+}
+
+// Column step, g_j <- log b_j - LSE_i(S_ij + f_i): a thread per column, so consecutive threads
+// read consecutive entries of each row (coalesced); f_i is a broadcast load. `defer` as above.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ acc_t col_pass(const Problem<scalar_t>& q, bool defer) {
+  acc_t err = 0;
+  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t i = 0; i < q.n; ++i) math::lse_push(s, to_acc(q.S[i * q.m + j]) + q.f[i]);
+    const acc_t lse = math::lse_value(s);
+    if (defer) {
+      err += math::marginal_error(q.log_b[j], lse, q.g[j]);
+      q.lse[j] = lse;
+    } else {
+      q.g[j] = math::potential(q.log_b[j], lse);
+    }
+  }
+  return err;
+}
+
+// Writes P = exp(S + f ⊕ g) with a warp per row and returns (to every thread) the L1 error of the
+// row sums, sum_i |sum_j P_ij - a_i|, accumulated in acc_t before the plan is rounded.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ acc_t write_plan_rows(const Problem<scalar_t>& q) {
+  acc_t err = 0;
+  for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
+    const acc_t fi = q.f[i];
+    acc_t sum = 0;
+    for (int64_t j = lane_id(); j < q.m; j += 32) {
+      const acc_t v = math::exp_(to_acc(q.S[i * q.m + j]) + fi + q.g[j]);
+      store(q.P + i * q.m + j, v);
+      sum += v;
+    }
+    sum = warp_sum(sum);
+    if (lane_id() == 0) err += fabs(sum - math::exp_(q.log_a[i]));
+  }
+  return block_sum<BLOCK>(err);
+}
+
+// The same with a thread per column (coalesced stores) and the error of the column sums.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ acc_t write_plan_cols(const Problem<scalar_t>& q) {
+  acc_t err = 0;
+  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
+    const acc_t gj = q.g[j];
+    acc_t sum = 0;
+    for (int64_t i = 0; i < q.n; ++i) {
+      const acc_t v = math::exp_(to_acc(q.S[i * q.m + j]) + q.f[i] + gj);
+      store(q.P + i * q.m + j, v);
+      sum += v;
+    }
+    err += fabs(sum - math::exp_(q.log_b[j]));
+  }
+  return block_sum<BLOCK>(err);
+}
+
+// Block b (grid-stride, in case B exceeds the grid limit) solves problem b alone. All control
+// flow that reaches a barrier depends only on block-uniform values (k, the broadcast error), so
+// every thread takes it. A step's potentials are published by the barrier that ends it.
+template <typename scalar_t, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) forward_kernel(const FwdParams p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t n = p.n, m = p.m, ws_stride = n + m + (n > m ? n : m);
+  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
+    acc_t* ws = static_cast<acc_t*>(p.workspace) + b * ws_stride;
+    Problem<scalar_t> q;
+    q.S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    q.P = static_cast<scalar_t*>(p.plan) + b * n * m;
+    q.f = static_cast<acc_t*>(p.f) + b * n;
+    q.g = static_cast<acc_t*>(p.g) + b * m;
+    q.lse = ws + n + m;
+    q.n = n;
+    q.m = m;
+    for (int64_t t = threadIdx.x; t < n; t += BLOCK) q.f[t] = acc_t(0);
+    for (int64_t t = threadIdx.x; t < m; t += BLOCK) q.g[t] = acc_t(0);
+    if (p.log_a != nullptr) {
+      q.log_a = static_cast<const acc_t*>(p.log_a) + b * n;
+      q.log_b = static_cast<const acc_t*>(p.log_b) + b * m;
+    } else {
+      default_marginals<BLOCK>(q, ws, ws + n);
+      q.log_a = ws;
+      q.log_b = ws + n;
+    }
+    acc_t mass = 0;
+    for (int64_t i = threadIdx.x; i < n; i += BLOCK) mass += math::exp_(q.log_a[i]);
+    // Also the barrier that publishes the zeroed potentials and the default marginals.
+    const acc_t threshold = static_cast<acc_t>(p.tol) * block_sum<BLOCK>(mass);
+
+    int64_t k = 0;
+    bool stopped = false;
+    acc_t stop_error = 0;
+    for (; k < p.steps; ++k) {
+      const bool row = is_row_step(k, p.start_row);
+      // Stopping (MATH.md section 1): before step k >= 1, the error of the marginal this step
+      // fixes, under the current potentials, decides whether to run it.
+      const bool check = p.tol > 0 && k >= 1;
+      acc_t err = row ? row_pass<BLOCK>(q, check) : col_pass<BLOCK>(q, check);
+      if (check) {
+        err = block_sum<BLOCK>(err);  // the same value in every thread: a uniform decision
+        if (err <= threshold) {
+          stopped = true;
+          stop_error = err;
+          break;
+        }
+        acc_t* pot = row ? q.f : q.g;
+        const acc_t* log_marg = row ? q.log_a : q.log_b;
+        const int64_t len = row ? n : m;
+        for (int64_t t = threadIdx.x; t < len; t += BLOCK)
+          pot[t] = math::potential(log_marg[t], q.lse[t]);
+      }
+      __syncthreads();
+    }
+    // The reported error is of the marginal that step k would fix (the last step left it).
+    const acc_t plan_error =
+        is_row_step(k, p.start_row) ? write_plan_rows<BLOCK>(q) : write_plan_cols<BLOCK>(q);
+    if (threadIdx.x == 0) {
+      p.steps_used[b] = k;
+      static_cast<acc_t*>(p.error)[b] = stopped ? stop_error : plan_error;
+    }
+  }
+}
+
+// Block size by problem size: about 32 or more entries per thread per pass, and a single warp for
+// tiny problems (mHC's 4x4) so that large batches of them fill the GPU with many small blocks.
+template <typename scalar_t>
+void launch_typed(const FwdParams& p, cudaStream_t stream) {
+  const int64_t entries = p.n * p.m;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
+  if (entries <= 1024) {
+    forward_kernel<scalar_t, 32><<<grid, 32, 0, stream>>>(p);
+  } else if (entries <= 4096) {
+    forward_kernel<scalar_t, 64><<<grid, 64, 0, stream>>>(p);
+  } else if (entries <= 16384) {
+    forward_kernel<scalar_t, 128><<<grid, 128, 0, stream>>>(p);
+  } else {
+    forward_kernel<scalar_t, 256><<<grid, 256, 0, stream>>>(p);
+  }
+}
+
+}  // namespace
+
+size_t forward_workspace_bytes(const FwdParams& p) {
+  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  // Per problem: default log a (n), default log b (m), and the LSE scratch (max(n, m)).
+  return static_cast<size_t>(p.B * (p.n + p.m + std::max(p.n, p.m))) * acc_bytes;
+}
+
+void launch_forward(const FwdParams& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  switch (p.dtype) {
+    case DType::Float32: launch_typed<float>(p, stream); break;
+    case DType::Float64: launch_typed<double>(p, stream); break;
+    case DType::Float16: launch_typed<__half>(p, stream); break;
+    case DType::BFloat16: launch_typed<__nv_bfloat16>(p, stream); break;
+  }
+}
+
+}  // namespace sinkhorn

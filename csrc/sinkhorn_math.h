@@ -1,0 +1,111 @@
+// The math of one log-domain Sinkhorn step (MATH.md section 1), shared by the CPU and CUDA
+// kernels: online log-sum-exp, the potential update with its empty-row guard, and the marginal
+// error. Plain C++ on float/double; no ATen, so nvcc compiles it without torch.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SK_HD __host__ __device__ __forceinline__
+#else
+#define SK_HD inline
+#endif
+
+namespace sinkhorn {
+namespace math {
+
+template <typename T>
+SK_HD T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
+
+template <typename T>
+SK_HD T exp_(T x) {
+  return ::exp(x);
+}
+template <>
+SK_HD float exp_<float>(float x) {
+  return ::expf(x);
+}
+template <typename T>
+SK_HD T log_(T x) {
+  return ::log(x);
+}
+template <>
+SK_HD float log_<float>(float x) {
+  return ::logf(x);
+}
+
+// Running log-sum-exp: max and the sum of exp(x - max). The empty state (max = -inf) is the
+// LSE of no terms, -inf; pushing -inf (a masked entry) leaves it unchanged, because
+// exp(-inf - -inf) would be NaN.
+template <typename T>
+struct Lse {
+  T max;
+  T sum;
+};
+
+template <typename T>
+SK_HD Lse<T> lse_empty() {
+  return Lse<T>{neg_inf<T>(), T(0)};
+}
+
+template <typename T>
+SK_HD void lse_push(Lse<T>& s, T x) {
+  if (!(x > neg_inf<T>())) {
+    if (x != x) s.max = x;  // NaN propagates (a NaN score makes its problem NaN, never a hang)
+    return;
+  }
+  if (x > s.max) {
+    s.sum = s.sum * exp_(s.max - x) + T(1);
+    s.max = x;
+  } else {
+    s.sum += exp_(x - s.max);
+  }
+}
+
+// Combines two partial states (tree reductions across threads or chunks).
+template <typename T>
+SK_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
+  if (!(b.max > neg_inf<T>())) return (b.max != b.max) ? b : a;
+  if (!(a.max > neg_inf<T>())) return (a.max != a.max) ? a : b;
+  if (a.max >= b.max) return Lse<T>{a.max, a.sum + b.sum * exp_(b.max - a.max)};
+  return Lse<T>{b.max, b.sum + a.sum * exp_(a.max - b.max)};
+}
+
+// LSE of a chunk whose max is already known: terms are exp(x - max).
+template <typename T>
+SK_HD T lse_value(Lse<T> s) {
+  return (s.max > neg_inf<T>()) ? s.max + log_(s.sum) : s.max;
+}
+
+// New potential after a step: log(marginal) - LSE. An all -inf LSE (a row or column with no
+// allowed entry) gives potential 0: the row stays zero, and no -inf + inf = NaN appears later.
+template <typename T>
+SK_HD T potential(T log_marginal, T lse) {
+  return (lse > neg_inf<T>()) ? log_marginal - lse : T(0);
+}
+
+// The mass the current potentials give a row or column, exp(LSE + old potential), and its
+// L1 distance to the target marginal, the stopping criterion of MATH.md section 1.
+template <typename T>
+SK_HD T marginal_error(T log_marginal, T lse, T old_potential) {
+  const T mass = (lse > neg_inf<T>()) ? exp_(lse + old_potential) : T(0);
+  const T target = (log_marginal > neg_inf<T>()) ? exp_(log_marginal) : T(0);
+  const T d = mass - target;
+  return d < T(0) ? -d : d;
+}
+
+// Default marginals (MATH.md section 1): a_i = 1 on rows with an allowed entry, and the same
+// total mass spread over the allowed columns, b_j = rows / cols; empty rows and columns get 0.
+template <typename T>
+SK_HD T default_log_a(bool alive) {
+  return alive ? T(0) : neg_inf<T>();
+}
+template <typename T>
+SK_HD T default_log_b(bool alive, long long alive_rows, long long alive_cols) {
+  return (alive && alive_rows > 0) ? log_(T(alive_rows) / T(alive_cols)) : neg_inf<T>();
+}
+
+}  // namespace math
+}  // namespace sinkhorn

@@ -1,0 +1,31 @@
+// Plain arguments of the Sinkhorn kernels. No ATen here, so that CUDA kernel files compile on
+// their own with nvcc (as FlashAttention's params struct does) and every CI run can build them.
+#pragma once
+
+#include <cstdint>
+
+namespace sinkhorn {
+
+// Element type of the scores and the plan. The potentials and the error use the accumulation
+// type: double for Float64, float otherwise.
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// One batched forward call: B independent problems of size n x m, all contiguous.
+struct FwdParams {
+  const void* scores = nullptr;  // (B, n, m), dtype
+  const void* log_a = nullptr;   // (B, n), accumulation type; nullptr: default marginals
+  const void* log_b = nullptr;   // (B, m), accumulation type; nullptr: default marginals
+  void* plan = nullptr;          // (B, n, m), dtype
+  void* f = nullptr;             // (B, n), accumulation type
+  void* g = nullptr;             // (B, m), accumulation type
+  int64_t* steps_used = nullptr; // (B)
+  void* error = nullptr;         // (B), accumulation type
+  void* workspace = nullptr;     // device scratch a kernel may ask its launcher for (CUDA)
+  int64_t B = 0, n = 0, m = 0;
+  int64_t steps = 0;             // normalisations (half-iterations) to run at most
+  bool start_row = true;         // first step normalises rows (true) or columns (false)
+  double tol = 0.0;              // > 0: stop once the unfixed marginal's L1 error <= tol * sum(a)
+  DType dtype = DType::Float32;
+};
+
+}  // namespace sinkhorn

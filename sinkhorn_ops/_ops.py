@@ -1,0 +1,127 @@
+"""Python entry point of the Sinkhorn operator and its fake (meta) kernel for torch.compile."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+
+class SinkhornResult(NamedTuple):
+    """Everything a run computes; shapes for scores of shape (..., n, m)."""
+
+    plan: Tensor  # (..., n, m), the scores' dtype: P = exp(S + f_i + g_j)
+    f: Tensor  # (..., n), accumulation dtype (float64 for float64 scores, else float32)
+    g: Tensor  # (..., m), accumulation dtype
+    steps: Tensor  # (...), int64: normalisations actually run per problem
+    error: Tensor  # (...), L1 error of the marginal the last step did not fix
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sinkhorn(
+    scores: Tensor,
+    a: Optional[Tensor] = None,
+    b: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    steps: int = 100,
+    start: str = "row",
+    tol: float = 0.0,
+    return_potentials: bool = False,
+    validate: bool = False,
+) -> Union[Tensor, SinkhornResult]:
+    """Batched log-domain Sinkhorn: finds P = exp(S + f ⊕ g) with P 1 = a and Pᵀ 1 = b.
+
+    Computes exactly ``../shared/MATH.md`` section 1 for every problem of the batch.
+
+    Args:
+        scores: (..., n, m) logits S, float32/float64/float16/bfloat16, any strides. Entries
+            equal to -inf are masked (P = 0 there). Entropic OT with cost C at temperature eps
+            is ``scores = -C / eps``.
+        a: (..., n) positive row marginals, broadcast against ``scores.shape[:-1]``; in the
+            scores' dtype or the accumulation dtype. Default (with ``b=None``): 1 on every row
+            that has an allowed entry, 0 on the others.
+        b: (..., m) positive column marginals, broadcast against ``scores.shape[:-2] + (m,)``;
+            ``sum(a)`` must equal ``sum(b)``. Default: (allowed rows) / (allowed columns) on
+            every allowed column, so a square unmasked problem is doubly stochastic. Give both
+            a and b, or neither.
+        mask: bool, broadcast to ``scores.shape``; True keeps an entry, False is S = -inf.
+        steps: number of normalisations (half-iterations) to run at most; 0 returns exp(S).
+        start: "row" (the first step normalises rows: ``steps=1`` is ``softmax(scores, -1)``) or
+            "col" (columns first, as the mHC paper).
+        tol: if > 0, a problem stops, on its own and on the device, once the L1 error of the
+            marginal the last step did not fix is <= ``tol * sum(a)``.
+        return_potentials: also return potentials, steps used and the final error.
+        validate: check values that need a host synchronisation (NaN or +inf scores,
+            non-positive or non-finite marginals, ``sum(a) != sum(b)``) and raise ValueError.
+            Without it such inputs give a defined result (NaN only in the problems whose
+            scores hold NaN or +inf) and never a crash; keep it off under torch.compile and
+            CUDA graphs.
+
+    Returns:
+        The plan P of shape (..., n, m) in the scores' dtype, or a :class:`SinkhornResult`
+        ``(plan, f, g, steps, error)`` when ``return_potentials`` is True; the potentials
+        and the error in the accumulation dtype (float64 for float64, float32 otherwise).
+    """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"sinkhorn: expected scores to be a torch.Tensor, got {type(scores).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"sinkhorn: expected steps to be an int, got {type(steps).__name__}")
+    if not isinstance(start, str):
+        raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
+    if validate:
+        _validate(scores, a, b, mask)
+    result = SinkhornResult(
+        *torch.ops.sinkhorn_ops.sinkhorn.default(scores, a, b, mask, steps, start, float(tol))
+    )
+    return result if return_potentials else result.plan
+
+
+def _validate(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """The value checks of ``validate=True``; each synchronises with the device."""
+    bad = torch.isnan(scores) | (scores == float("inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        bad = bad & mask
+    if bool(bad.any()):
+        raise ValueError("sinkhorn: expected scores without NaN or +inf (-inf masks an entry), got "
+                         f"{int(bad.sum())} such entries")
+    for name, x in (("a", a), ("b", b)):
+        if x is not None and not bool(((x > 0) & torch.isfinite(x)).all()):
+            raise ValueError(f"sinkhorn: expected {name} positive and finite, got min "
+                             f"{float(x.min())}, max {float(x.max())}")
+    if a is not None and b is not None:
+        acc = _accumulation_dtype(scores.dtype)
+        batch = scores.shape[:-2]
+        mass_a = torch.broadcast_to(a, scores.shape[:-1]).to(acc).sum(-1)
+        mass_b = torch.broadcast_to(b, (*batch, scores.shape[-1])).to(acc).sum(-1)
+        gap = (mass_a - mass_b).abs()
+        if bool((gap > 1e-4 * mass_a.abs().clamp_min(1e-30)).any()):
+            worst = int(gap.argmax()) if gap.numel() else 0
+            raise ValueError("sinkhorn: expected sum(a) == sum(b) in every problem, got "
+                             f"{float(mass_a.flatten()[worst])} != {float(mass_b.flatten()[worst])}")
+
+
+@torch.library.register_fake("sinkhorn_ops::sinkhorn")
+def _sinkhorn_fake(scores, a, b, mask, steps, start, tol):
+    torch._check(scores.dim() >= 2, lambda: f"sinkhorn: expected scores with at least 2 dimensions, got {scores.dim()}")
+    torch._check(steps >= 0, lambda: f"sinkhorn: expected steps >= 0, got {steps}")
+    torch._check(start in ("row", "col"), lambda: f"sinkhorn: expected start 'row' or 'col', got {start!r}")
+    torch._check((a is None) == (b is None), lambda: "sinkhorn: expected both marginals a and b or neither")
+    acc = _accumulation_dtype(scores.dtype)
+    for name, x in (("a", a), ("b", b)):
+        if x is not None:
+            torch._check(x.dtype in (scores.dtype, acc),
+                         lambda: f"sinkhorn: expected {name} of dtype {scores.dtype} or {acc}, got {x.dtype}")
+    if mask is not None:
+        torch._check(mask.dtype == torch.bool, lambda: f"sinkhorn: expected mask of dtype torch.bool, got {mask.dtype}")
+    *batch, n, m = scores.shape
+    return (
+        scores.new_empty(scores.shape),
+        scores.new_empty((*batch, n), dtype=acc),
+        scores.new_empty((*batch, m), dtype=acc),
+        scores.new_empty(tuple(batch), dtype=torch.int64),
+        scores.new_empty(tuple(batch), dtype=acc),
+    )

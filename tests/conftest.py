@@ -1,0 +1,158 @@
+"""Shared test machinery: devices, per-dtype tolerances, problem generators, the float64
+reference (importable without the compiled extension) and an assert_close that shows the worst
+mismatches."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+# Direct comparisons in one dtype (operator vs reference run on the same inputs): atol, rtol.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (1e-3, 2e-3),
+    torch.bfloat16: (8e-3, 1.6e-2),
+}
+
+# Absolute floor added to FlashAttention's rule (error <= 2 x the reference's own error in that
+# dtype + floor), for the plan (scores.dtype) and for f, g, error (accumulation dtype, fp32).
+# The reported error is a sum of n cancelling differences, so its floor scales with the mass n.
+PLAN_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ACC_FLOOR = {torch.float32: 5e-6, torch.float16: 5e-6, torch.bfloat16: 5e-6}
+ERROR_FLOOR_PER_UNIT_MASS = 1e-6
+
+
+def _load_reference():
+    try:
+        from sinkhorn_ops import reference
+
+        return reference
+    except (ImportError, OSError):
+        # The package __init__ loads the compiled library; the reference must work without it,
+        # so load the file on its own.
+        path = ROOT / "sinkhorn_ops" / "reference.py"
+        spec = importlib.util.spec_from_file_location("_sinkhorn_reference", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+reference = _load_reference()
+sinkhorn_reference = reference.sinkhorn_reference
+accumulation_dtype = reference.accumulation_dtype
+
+
+def load_ops():
+    """The sinkhorn_ops package, or a module-level skip while the extension is not built."""
+    try:
+        import sinkhorn_ops
+
+        sinkhorn_ops.sinkhorn  # noqa: B018 (a namespace package without the wrapper fails here)
+    except (ImportError, OSError, AttributeError) as exc:
+        pytest.skip(f"sinkhorn_ops extension not importable: {exc}", allow_module_level=True)
+    return sinkhorn_ops
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_scores(shape, *, scale=1.0, seed=0, dtype=torch.float64, device="cpu"):
+    """scale * standard normal scores, drawn in float64 on the CPU, then cast and moved."""
+    s = torch.randn(tuple(shape), generator=generator(seed), dtype=torch.float64) * scale
+    return s.to(dtype=dtype, device=device)
+
+
+def random_marginals(batch, n, m, *, seed=0, dtype=torch.float64, device="cpu"):
+    """Positive a (..., n), b (..., m) with sum(a) = sum(b) = n per problem."""
+    gen = generator(seed + 1000)
+    a = torch.rand(tuple(batch) + (n,), generator=gen, dtype=torch.float64) + 0.5
+    b = torch.rand(tuple(batch) + (m,), generator=gen, dtype=torch.float64) + 0.5
+    a = a * (n / a.sum(-1, keepdim=True))
+    b = b * (n / b.sum(-1, keepdim=True))
+    return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+
+
+def _describe_worst(actual, expected, excess, k):
+    flat = excess.reshape(-1)
+    k = min(k, flat.numel())
+    worst = torch.topk(flat, k).indices
+    lines = []
+    for idx in worst.tolist():
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), excess.shape))
+        lines.append(
+            f"    at {pos}: actual {actual.reshape(-1)[idx].item()!r}, "
+            f"expected {expected.reshape(-1)[idx].item()!r}"
+        )
+    return "\n".join(lines)
+
+
+def assert_close(actual, expected, *, atol, rtol=0.0, name="tensor", equal_nan=False, worst=5):
+    """|actual - expected| <= atol + rtol |expected| elementwise, equal infinities match.
+
+    On failure the message lists the number of mismatches and the `worst` largest excesses.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    act = actual.detach().to("cpu", torch.float64)
+    exp = expected.detach().to("cpu", torch.float64)
+    same = act == exp  # covers equal infinities
+    both_nan = torch.isnan(act) & torch.isnan(exp)
+    diff = (act - exp).abs()
+    allowed = atol + rtol * exp.abs()
+    ok = same | (diff <= allowed) | (both_nan if equal_nan else torch.zeros_like(same))
+    if bool(ok.all()):
+        return
+    excess = torch.where(ok, torch.full_like(diff, -1.0), torch.nan_to_num(diff - allowed, nan=1e300, posinf=1e300))
+    finite = torch.isfinite(diff) & ~ok
+    max_diff = diff[finite].max().item() if bool(finite.any()) else float("nan")
+    raise AssertionError(
+        f"{name}: {int((~ok).sum())} of {ok.numel()} elements differ "
+        f"(atol={atol}, rtol={rtol}, max finite |diff|={max_diff:.3e}); worst:\n"
+        + _describe_worst(act, exp, excess, worst)
+    )
+
+
+def assert_result_close(out, ref, *, dtype, name="", check_steps=True):
+    """Operator result against a reference result for the same inputs in the same dtype."""
+    atol, rtol = TOLERANCES[dtype]
+    acc_atol, acc_rtol = TOLERANCES[accumulation_dtype(dtype)]
+    assert out.plan.dtype == ref.plan.dtype, f"{name} plan dtype {out.plan.dtype} != {ref.plan.dtype}"
+    assert out.f.dtype == ref.f.dtype and out.g.dtype == ref.g.dtype, f"{name} potential dtype"
+    assert out.error.dtype == ref.error.dtype, f"{name} error dtype {out.error.dtype}"
+    assert out.steps.dtype == torch.int64, f"{name} steps dtype {out.steps.dtype}"
+    assert_close(out.plan, ref.plan, atol=atol, rtol=rtol, name=f"{name} plan")
+    assert_close(out.f, ref.f, atol=acc_atol, rtol=acc_rtol, name=f"{name} f")
+    assert_close(out.g, ref.g, atol=acc_atol, rtol=acc_rtol, name=f"{name} g")
+    if check_steps:
+        assert torch.equal(out.steps.cpu(), ref.steps.cpu()), f"{name} steps {out.steps} != {ref.steps}"
+    assert_close(out.error, ref.error, atol=10 * acc_atol, rtol=10 * acc_rtol, name=f"{name} error")
+
+
+def assert_flash_rule(actual, lowp_ref, truth, *, floor, name):
+    """FlashAttention's rule: the error of `actual` against the float64 truth is at most twice the
+    error of the reference computed in the same low precision, plus an absolute floor."""
+    truth = truth.detach().to("cpu", torch.float64)
+    err = (actual.detach().to("cpu", torch.float64) - truth).abs().max().item()
+    ref_err = (lowp_ref.detach().to("cpu", torch.float64) - truth).abs().max().item()
+    assert err <= 2 * ref_err + floor, (
+        f"{name}: max error {err:.3e} > 2 x reference error {ref_err:.3e} + floor {floor:.1e}"
+    )

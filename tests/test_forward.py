@@ -1,0 +1,269 @@
+"""The forward operator against the float64 reference (MATH.md section 1): sizes, batch shapes,
+steps, start axis, dtypes (FlashAttention's 2x rule), early stopping, invariances and masks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import (
+    ACC_FLOOR,
+    ERROR_FLOOR_PER_UNIT_MASS,
+    DEVICES,
+    LOW_PRECISION,
+    PLAN_FLOOR,
+    TOLERANCES,
+    accumulation_dtype,
+    assert_close,
+    assert_flash_rule,
+    assert_result_close,
+    load_ops,
+    random_marginals,
+    random_scores,
+    sinkhorn_reference,
+)
+
+sinkhorn_ops = load_ops()
+
+SIZES = [
+    (1, 1), (1, 5), (5, 1), (2, 3), (3, 2), (4, 4), (5, 16), (16, 5),
+    (31, 33), (33, 31), (64, 64), (127, 3), (3, 127), (257, 16), (257, 257),
+]  # fmt: skip
+
+
+def run(scores, a=None, b=None, **kwargs):
+    return sinkhorn_ops.sinkhorn(scores, a, b, return_potentials=True, **kwargs)
+
+
+def reference(scores, a=None, b=None, **kwargs):
+    """The reference on the CPU (outputs compared on the CPU by assert_close)."""
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return sinkhorn_reference(cpu(scores), cpu(a), cpu(b), **{k: cpu(v) if k == "mask" else v for k, v in kwargs.items()})
+
+
+def ot_problem(batch, n, m, eps, *, seed=0, device="cpu"):
+    """S = -C / eps per problem (C: squared distances of random 2-D points), positive a, b."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(tuple(batch) + (n, 2), generator=gen, dtype=torch.float64)
+    y = torch.rand(tuple(batch) + (m, 2), generator=gen, dtype=torch.float64)
+    eps = torch.tensor(eps, dtype=torch.float64).reshape(tuple(batch) + (1, 1))
+    a, b = random_marginals(batch, n, m, seed=seed)
+    return (-(torch.cdist(x, y) ** 2) / eps).to(device), a.to(device), b.to(device)
+
+
+@pytest.mark.parametrize("n,m", SIZES)
+@pytest.mark.parametrize("start", ["row", "col"])
+@pytest.mark.parametrize("given_marginals", [False, True], ids=["default", "given"])
+def test_matches_reference_float64(device, n, m, start, given_marginals):
+    S = random_scores((2, n, m), scale=2.0, seed=n * 1000 + m, device=device)
+    a, b = random_marginals((2,), n, m, seed=n + m, device=device) if given_marginals else (None, None)
+    out = run(S, a, b, steps=40, start=start)
+    assert out.plan.device == S.device and out.f.device == S.device
+    assert_result_close(out, reference(S, a, b, steps=40, start=start), dtype=torch.float64, name=f"{n}x{m}")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 7, 40])
+@pytest.mark.parametrize("start", ["row", "col"])
+def test_steps(device, steps, start):
+    S = random_scores((3, 31, 33), scale=2.0, seed=steps, device=device)
+    a, b = random_marginals((3,), 31, 33, seed=steps, device=device)
+    out = run(S, a, b, steps=steps, start=start)
+    assert_result_close(out, reference(S, a, b, steps=steps, start=start), dtype=torch.float64, name=f"steps={steps}")
+    assert torch.equal(out.steps.cpu(), torch.full((3,), steps))
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 3), (2, 1, 2)], ids=str)
+@pytest.mark.parametrize("n,m", [(5, 7), (33, 16)])
+def test_batch_shapes(device, batch, n, m):
+    S = random_scores(batch + (n, m), seed=len(batch), device=device)
+    a, b = random_marginals(batch, n, m, seed=3, device=device)
+    for args in [(None, None), (a, b)]:
+        out = run(S, *args, steps=7)
+        assert out.plan.shape == S.shape
+        assert out.f.shape == batch + (n,) and out.g.shape == batch + (m,)
+        assert out.steps.shape == batch and out.error.shape == batch
+        assert_result_close(out, reference(S, *args, steps=7), dtype=torch.float64, name=f"batch={batch}")
+
+
+def test_plain_return_is_the_plan(device):
+    S = random_scores((2, 6, 5), seed=1, device=device)
+    plan = sinkhorn_ops.sinkhorn(S, steps=9)
+    assert isinstance(plan, torch.Tensor)
+    full = sinkhorn_ops.sinkhorn(S, steps=9, return_potentials=True)
+    assert torch.equal(plan, full.plan)
+    assert type(full).__name__ == "SinkhornResult"
+    assert full._fields == ("plan", "f", "g", "steps", "error")
+    plan_, f, g, steps, error = full
+    assert torch.equal(plan_, plan) and torch.equal(f, full.f) and torch.equal(error, full.error)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("n,m", [(4, 4), (33, 31), (127, 64)])
+@pytest.mark.parametrize("marginals", ["default", "acc_dtype", "same_dtype"])
+def test_low_precision_flash_rule(device, dtype, n, m, marginals):
+    """Error against the float64 truth <= 2 x the reference's own error in that dtype + floor."""
+    S = random_scores((3, n, m), scale=2.0, seed=n + m, dtype=dtype, device=device)
+    if marginals == "default":
+        a = b = None
+    else:
+        mdtype = dtype if marginals == "same_dtype" else accumulation_dtype(dtype)
+        a, b = random_marginals((3,), n, m, seed=n, dtype=mdtype, device=device)
+    steps = 40
+    out = run(S, a, b, steps=steps)
+    assert out.plan.dtype == dtype
+    assert out.f.dtype == out.g.dtype == out.error.dtype == accumulation_dtype(dtype)
+    lowp = reference(S, a, b, steps=steps)
+    wide = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = reference(S.double(), wide(a), wide(b), steps=steps)
+    assert torch.equal(out.steps.cpu(), truth.steps)
+    assert_flash_rule(out.plan, lowp.plan, truth.plan, floor=PLAN_FLOOR[dtype], name="plan")
+    assert_flash_rule(out.f, lowp.f, truth.f, floor=ACC_FLOOR[dtype], name="f")
+    assert_flash_rule(out.g, lowp.g, truth.g, floor=ACC_FLOOR[dtype], name="g")
+    assert_flash_rule(out.error, lowp.error, truth.error, floor=ERROR_FLOOR_PER_UNIT_MASS * n, name="error")
+    # The last step (a column step) fixes the column sums up to the rounding of the plan.
+    atol, rtol = TOLERANCES[dtype]
+    target = truth.plan.sum(-2)
+    assert_close(out.plan.double().sum(-2), target, atol=n * atol, rtol=rtol, name="column sums")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_one_row_step_is_softmax(device, dtype):
+    S = random_scores((2, 3, 17, 29), scale=3.0, seed=5, dtype=dtype, device=device)
+    plan = sinkhorn_ops.sinkhorn(S, steps=1, start="row")
+    expected = torch.softmax(S.double(), dim=-1).to(dtype)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(plan, expected, atol=atol, rtol=rtol, name="softmax")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("start", ["row", "col"])
+def test_early_stopping_per_problem(device, dtype, start):
+    eps = [1.0, 0.3, 0.1, 0.04, 0.3]
+    S, a, b = ot_problem((len(eps),), 12, 10, eps, seed=4, device=device)
+    S, a, b = S.to(dtype), a.to(dtype), b.to(dtype)
+    tol, steps = (1e-8 if dtype == torch.float64 else 1e-4), 400
+    out = run(S, a, b, steps=steps, start=start, tol=tol)
+    ref = reference(S, a, b, steps=steps, start=start, tol=tol)
+    assert len(set(ref.steps.tolist())) >= 4, f"test problems should stop at different steps: {ref.steps}"
+    assert int(ref.steps.max()) < steps
+    assert_result_close(out, ref, dtype=dtype, name="early stop")
+    assert bool((out.error.cpu() <= tol * a.sum(-1).cpu().to(out.error.dtype)).all())
+    # Problems are independent: each alone stops where it stopped in the batch.
+    for i in [0, 3]:
+        alone = run(S[i], a[i], b[i], steps=steps, start=start, tol=tol)
+        assert int(alone.steps) == int(out.steps[i])
+        assert_close(alone.plan, out.plan[i], atol=0, name=f"problem {i} alone")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_early_stopping_edges(device, steps):
+    S, a, b = ot_problem((3,), 5, 6, [1.0, 0.1, 0.5], seed=1, device=device)
+    # A huge tolerance stops every problem at the first check (k = 1); steps = 0 runs nothing.
+    for tol in [1e6, 1e-300]:
+        out = run(S, a, b, steps=steps, tol=tol)
+        ref = reference(S, a, b, steps=steps, tol=tol)
+        assert_result_close(out, ref, dtype=torch.float64, name=f"tol={tol}")
+    out = run(S, a, b, steps=steps, tol=1e6)
+    assert torch.equal(out.steps.cpu(), torch.full((3,), min(steps, 1)))
+
+
+def test_shift_invariance(device):
+    S = random_scores((2, 9, 13), seed=2, device=device)
+    row = random_scores((2, 9, 1), scale=20.0, seed=3, device=device)
+    col = random_scores((2, 1, 13), scale=20.0, seed=4, device=device)
+    for steps in [1, 4, 7]:
+        base_row = run(S, steps=steps, start="row")
+        base_col = run(S, steps=steps, start="col")
+        # The first step absorbs a shift along its own axis exactly: the plan is unchanged and
+        # the potential of that axis moves by minus the shift.
+        shifted = run(S + row, steps=steps, start="row")
+        assert_close(shifted.plan, base_row.plan, atol=1e-12, rtol=1e-10, name="row shift plan")
+        assert_close(shifted.f, base_row.f - row.squeeze(-1), atol=1e-10, rtol=1e-10, name="row shift f")
+        shifted = run(S + col, steps=steps, start="col")
+        assert_close(shifted.plan, base_col.plan, atol=1e-12, rtol=1e-10, name="col shift plan")
+        assert_close(shifted.g, base_col.g - col.squeeze(-2), atol=1e-10, rtol=1e-10, name="col shift g")
+    converged = run(S, steps=400).plan
+    assert_close(run(S + row + col, steps=400).plan, converged, atol=1e-10, name="both shifts at convergence")
+
+
+@pytest.mark.parametrize("start", ["row", "col"])
+def test_permutation_equivariance(device, start):
+    n, m = 11, 7
+    S = random_scores((2, n, m), seed=8, device=device)
+    a, b = random_marginals((2,), n, m, seed=8, device=device)
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.randperm(n, generator=gen).to(device), torch.randperm(m, generator=gen).to(device)
+    out = run(S, a, b, steps=9, start=start, tol=1e-3)
+    perm = run(S[:, p][:, :, q], a[:, p], b[:, q], steps=9, start=start, tol=1e-3)
+    assert_close(perm.plan, out.plan[:, p][:, :, q], atol=1e-13, rtol=1e-12, name="plan")
+    assert_close(perm.f, out.f[:, p], atol=1e-12, rtol=1e-12, name="f")
+    assert_close(perm.g, out.g[:, q], atol=1e-12, rtol=1e-12, name="g")
+    assert torch.equal(perm.steps, out.steps)
+    assert_close(perm.error, out.error, atol=1e-12, rtol=1e-10, name="error")
+
+
+@pytest.mark.parametrize("start", ["row", "col"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_padding_masks_are_exact(device, start, dtype):
+    n, m = 33, 17
+    sizes = [(33, 17), (5, 9), (1, 3), (20, 1), (32, 16)]
+    S = random_scores((len(sizes), n, m), seed=6, dtype=dtype, device=device)
+    mask = torch.zeros(len(sizes), n, m, dtype=torch.bool)
+    for i, (r, c) in enumerate(sizes):
+        mask[i, :r, :c] = True
+    mask = mask.to(device)
+    out = run(S, mask=mask, steps=300, start=start)
+    assert_result_close(out, reference(S, mask=mask, steps=300, start=start), dtype=dtype, name="masked")
+    atol, rtol = TOLERANCES[dtype]
+    for i, (r, c) in enumerate(sizes):
+        block = run(S[i, :r, :c], steps=300, start=start)
+        assert_close(out.plan[i, :r, :c], block.plan, atol=atol, rtol=rtol, name=f"block {i}")
+        assert bool((out.plan[i][~mask[i]] == 0).all()), f"problem {i}: masked entries are not zero"
+        assert bool((out.f[i, r:] == 0).all() and (out.g[i, c:] == 0).all()), f"problem {i}: dead potentials"
+        rows, cols = out.plan[i, :r, :c].double().sum(-1), out.plan[i, :r, :c].double().sum(-2)
+        assert_close(rows, torch.ones_like(rows), atol=100 * atol, name=f"problem {i} rows")
+        assert_close(cols, torch.full_like(cols, r / c), atol=100 * atol, name=f"problem {i} cols")
+
+
+def test_mask_broadcasting_and_minus_inf(device):
+    B, n, m = 3, 8, 10
+    S = random_scores((B, n, m), seed=10, device=device)
+    gen = torch.Generator().manual_seed(10)
+    key_padding = (torch.arange(m) < torch.tensor([10, 6, 3])[:, None]).reshape(B, 1, m).to(device)
+    shared = (torch.rand(n, m, generator=gen) > 0.3).to(device)
+    causal = torch.ones(n, m, dtype=torch.bool).tril(diagonal=2).to(device)
+    for name, mask in [("key padding", key_padding), ("shared", shared), ("banded", causal)]:
+        out = run(S, mask=mask, steps=12)
+        assert_result_close(out, reference(S, mask=mask, steps=12), dtype=torch.float64, name=name)
+        as_inf = run(S.masked_fill(~mask, -math.inf), steps=12)
+        assert_result_close(as_inf, out, dtype=torch.float64, name=f"{name} as -inf")
+        assert bool(torch.isfinite(out.plan).all() and torch.isfinite(out.f).all() and torch.isfinite(out.g).all())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.lists(st.integers(1, 3), max_size=2).map(tuple),
+    n=st.integers(1, 6),
+    m=st.integers(1, 6),
+    steps=st.integers(0, 12),
+    start=st.sampled_from(["row", "col"]),
+    given_marginals=st.booleans(),
+    scale=st.floats(0.01, 8.0),
+    tol=st.sampled_from([0.0, 0.0, 1e-2, 1e-6]),
+    mask_density=st.sampled_from([None, 0.5, 0.8]),
+    seed=st.integers(0, 2**16),
+)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_property_matches_reference(dev, batch, n, m, steps, start, given_marginals, scale, tol, mask_density, seed):
+    S = random_scores(batch + (n, m), scale=scale, seed=seed, device=dev)
+    a, b = random_marginals(batch, n, m, seed=seed, device=dev) if given_marginals else (None, None)
+    mask = None
+    if mask_density is not None and not given_marginals:
+        gen = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(batch + (n, m), generator=gen) < mask_density).to(dev)
+    kwargs = dict(mask=mask, steps=steps, start=start, tol=tol)
+    out = run(S, a, b, **kwargs)
+    assert_result_close(out, reference(S, a, b, **kwargs), dtype=torch.float64, name="property")
+    assert bool(torch.isfinite(out.plan).all())
