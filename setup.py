@@ -39,7 +39,7 @@ def _sources(pattern: str) -> list:
 def extensions():
     sources = _sources("csrc/extension.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -fno-trapping-math lets the vectoriser turn the -inf guards into selects.
-    cxx = ["-O3", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")

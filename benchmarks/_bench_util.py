@@ -63,14 +63,18 @@ def environment(device: str) -> dict[str, str]:
         "commit": git_commit(),
         "threads": str(torch.get_num_threads()),
         "cpus": str(os.cpu_count()),
-        # Other processes on the machine skew CPU timings; the 1-minute load average shows it.
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average (start)": load_average(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
     if device == "cuda":
         env["cuda"] = str(torch.version.cuda)
     return env
+
+
+def load_average() -> str:
+    """1, 5 and 15-minute load averages: other processes skew CPU timings, and this shows it."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def is_oom(exc: BaseException) -> bool:

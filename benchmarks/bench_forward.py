@@ -174,7 +174,9 @@ def timed(r: dict, fn: Callable[[], object], device: str, policy: dict,
         r.update(zip(("ms_p20", "ms_p50", "ms_p80"), bu.quantiles(samples)), reps=len(samples))
         r["peak_mb"] = bu.peak_mb(fn, device)
     except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop the run
-        r["note"] = "OOM" if bu.is_oom(exc) else f"failed: {reason(exc)}"
+        # The failure goes first: the table shows the note's text before the first colon.
+        why = "OOM" if bu.is_oom(exc) else f"failed: {reason(exc)}"
+        r["note"] = f"{why}; {r['note']}" if r["note"] else why
         bu.free_memory(device)
     return r
 
@@ -342,6 +344,7 @@ def main() -> int:
         for dtype in dtypes:
             rows += run_case(case, dtype, args.device, policy)
 
+    env["load average (end, includes this run)"] = bu.load_average()
     csv_path = args.out / f"forward_{args.device}.csv"
     md_path = csv_path.with_suffix(".md")
     bu.write_csv(csv_path, rows, env)

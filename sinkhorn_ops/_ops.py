@@ -72,11 +72,11 @@ def sinkhorn(
         raise TypeError(f"sinkhorn: expected steps to be an int, got {type(steps).__name__}")
     if not isinstance(start, str):
         raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
-    if validate:
-        _validate(scores, a, b, mask)
     result = SinkhornResult(
         *torch.ops.sinkhorn_ops.sinkhorn.default(scores, a, b, mask, steps, start, float(tol))
     )
+    if validate:  # after the op, whose argument checks (shapes, dtypes) come first
+        _validate(scores, a, b, mask)
     return result if return_potentials else result.plan
 
 
@@ -104,20 +104,29 @@ def _validate(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor], mask: Op
                              f"{float(mass_a.flatten()[worst])} != {float(mass_b.flatten()[worst])}")
 
 
+# The fake kernel repeats the front door's checks (ValueError / TypeError like TORCH_CHECK_VALUE
+# and TORCH_CHECK_TYPE) and returns outputs of the right shapes, dtypes and devices.
 @torch.library.register_fake("sinkhorn_ops::sinkhorn")
 def _sinkhorn_fake(scores, a, b, mask, steps, start, tol):
-    torch._check(scores.dim() >= 2, lambda: f"sinkhorn: expected scores with at least 2 dimensions, got {scores.dim()}")
-    torch._check(steps >= 0, lambda: f"sinkhorn: expected steps >= 0, got {steps}")
-    torch._check(start in ("row", "col"), lambda: f"sinkhorn: expected start 'row' or 'col', got {start!r}")
-    torch._check((a is None) == (b is None), lambda: "sinkhorn: expected both marginals a and b or neither")
+    torch._check_value(scores.dim() >= 2, lambda: f"sinkhorn: expected scores with at least 2 dimensions, got {scores.dim()}")
+    torch._check_value(steps >= 0, lambda: f"sinkhorn: expected steps >= 0, got {steps}")
+    torch._check_value(start in ("row", "col"), lambda: f"sinkhorn: expected start 'row' or 'col', got {start!r}")
+    torch._check_value((a is None) == (b is None), lambda: "sinkhorn: expected both marginals a and b or neither")
     acc = _accumulation_dtype(scores.dtype)
-    for name, x in (("a", a), ("b", b)):
-        if x is not None:
-            torch._check(x.dtype in (scores.dtype, acc),
-                         lambda: f"sinkhorn: expected {name} of dtype {scores.dtype} or {acc}, got {x.dtype}")
-    if mask is not None:
-        torch._check(mask.dtype == torch.bool, lambda: f"sinkhorn: expected mask of dtype torch.bool, got {mask.dtype}")
     *batch, n, m = scores.shape
+    for name, x, full in (("a", a, (*batch, n)), ("b", b, (*batch, m)), ("mask", mask, tuple(scores.shape))):
+        if x is None:
+            continue
+        torch._check_value(x.device == scores.device,
+                     lambda: f"sinkhorn: expected {name} on the scores' device {scores.device}, got {x.device}")
+        if name == "mask":
+            torch._check_type(x.dtype == torch.bool, lambda: f"sinkhorn: expected mask of dtype torch.bool, got {x.dtype}")
+        else:
+            torch._check_type(x.dtype in (scores.dtype, acc),
+                         lambda: f"sinkhorn: expected {name} of dtype {scores.dtype} or {acc}, got {x.dtype}")
+        torch._check_value(x.dim() <= len(full) and all(
+            s == 1 or s == t for s, t in zip(reversed(x.shape), reversed(full))),
+            lambda: f"sinkhorn: expected {name} broadcastable to {tuple(full)}, got {tuple(x.shape)}")
     return (
         scores.new_empty(scores.shape),
         scores.new_empty((*batch, n), dtype=acc),

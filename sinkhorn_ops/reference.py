@@ -1,7 +1,7 @@
 """Pure-PyTorch log-domain Sinkhorn (MATH.md section 1): the ground truth of the tests and the
 baseline of the benchmarks. Literal formulas, batched over leading dimensions, no compiled code."""
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +42,7 @@ def default_log_marginals(S: torch.Tensor):
     return log_a, log_b
 
 
-def _log_marginal(x: Optional[torch.Tensor], default: torch.Tensor) -> torch.Tensor:
+def _log_marginal(x: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
     if x is None:
         return default
     return torch.log(x.to(default.dtype)).expand(default.shape)
@@ -72,10 +72,10 @@ def _marginal_error(log_marginal: torch.Tensor, lse: torch.Tensor, potential: to
 
 def sinkhorn_reference(
     scores: torch.Tensor,
-    a: Optional[torch.Tensor] = None,
-    b: Optional[torch.Tensor] = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
     *,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     steps: int = 100,
     start: str = "row",
     tol: float = 0.0,

@@ -67,6 +67,12 @@ def load_ops():
     return sinkhorn_ops
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    return None
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
@@ -92,6 +98,27 @@ def random_marginals(batch, n, m, *, seed=0, dtype=torch.float64, device="cpu"):
     return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
 
 
+def ot_problem(batch, n, m, eps, *, seed=0, device="cpu"):
+    """Entropic OT problems: cost C of squared distances between random points in the unit
+    square, scores S = -C / eps (eps a float or one per problem), positive a, b of mass n.
+    Smaller eps converges more slowly, which gives a batch of problems of different difficulty."""
+    gen = generator(seed)
+    x = torch.rand(tuple(batch) + (n, 2), generator=gen, dtype=torch.float64)
+    y = torch.rand(tuple(batch) + (m, 2), generator=gen, dtype=torch.float64)
+    cost = torch.cdist(x, y) ** 2
+    eps = torch.as_tensor(eps, dtype=torch.float64).reshape(
+        tuple(batch) + (1, 1) if isinstance(eps, list) else ()
+    )
+    a, b = random_marginals(batch, n, m, seed=seed)
+    return cost.to(device), (-cost / eps).to(device), a.to(device), b.to(device)
+
+
+def reference_cpu(scores, a=None, b=None, *, mask=None, **kwargs):
+    """The reference run on CPU copies of the inputs (assert_close compares on the CPU)."""
+    cpu = lambda t: None if t is None else t.cpu()
+    return sinkhorn_reference(cpu(scores), cpu(a), cpu(b), mask=cpu(mask), **kwargs)
+
+
 def _describe_worst(actual, expected, excess, k):
     flat = excess.reshape(-1)
     k = min(k, flat.numel())
@@ -111,7 +138,9 @@ def assert_close(actual, expected, *, atol, rtol=0.0, name="tensor", equal_nan=F
 
     On failure the message lists the number of mismatches and the `worst` largest excesses.
     """
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     act = actual.detach().to("cpu", torch.float64)
     exp = expected.detach().to("cpu", torch.float64)
     same = act == exp  # covers equal infinities
@@ -121,7 +150,9 @@ def assert_close(actual, expected, *, atol, rtol=0.0, name="tensor", equal_nan=F
     ok = same | (diff <= allowed) | (both_nan if equal_nan else torch.zeros_like(same))
     if bool(ok.all()):
         return
-    excess = torch.where(ok, torch.full_like(diff, -1.0), torch.nan_to_num(diff - allowed, nan=1e300, posinf=1e300))
+    excess = torch.where(
+        ok, torch.full_like(diff, -1.0), torch.nan_to_num(diff - allowed, nan=1e300, posinf=1e300)
+    )
     finite = torch.isfinite(diff) & ~ok
     max_diff = diff[finite].max().item() if bool(finite.any()) else float("nan")
     raise AssertionError(
@@ -135,7 +166,9 @@ def assert_result_close(out, ref, *, dtype, name="", check_steps=True):
     """Operator result against a reference result for the same inputs in the same dtype."""
     atol, rtol = TOLERANCES[dtype]
     acc_atol, acc_rtol = TOLERANCES[accumulation_dtype(dtype)]
-    assert out.plan.dtype == ref.plan.dtype, f"{name} plan dtype {out.plan.dtype} != {ref.plan.dtype}"
+    assert out.plan.dtype == ref.plan.dtype, (
+        f"{name} plan dtype {out.plan.dtype} != {ref.plan.dtype}"
+    )
     assert out.f.dtype == ref.f.dtype and out.g.dtype == ref.g.dtype, f"{name} potential dtype"
     assert out.error.dtype == ref.error.dtype, f"{name} error dtype {out.error.dtype}"
     assert out.steps.dtype == torch.int64, f"{name} steps dtype {out.steps.dtype}"
@@ -143,7 +176,9 @@ def assert_result_close(out, ref, *, dtype, name="", check_steps=True):
     assert_close(out.f, ref.f, atol=acc_atol, rtol=acc_rtol, name=f"{name} f")
     assert_close(out.g, ref.g, atol=acc_atol, rtol=acc_rtol, name=f"{name} g")
     if check_steps:
-        assert torch.equal(out.steps.cpu(), ref.steps.cpu()), f"{name} steps {out.steps} != {ref.steps}"
+        assert torch.equal(out.steps.cpu(), ref.steps.cpu()), (
+            f"{name} steps {out.steps} != {ref.steps}"
+        )
     assert_close(out.error, ref.error, atol=10 * acc_atol, rtol=10 * acc_rtol, name=f"{name} error")
 
 

@@ -5,13 +5,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from conftest import (
     ACC_FLOOR,
-    ERROR_FLOOR_PER_UNIT_MASS,
     DEVICES,
+    ERROR_FLOOR_PER_UNIT_MASS,
     LOW_PRECISION,
     PLAN_FLOOR,
     TOLERANCES,
@@ -20,16 +17,22 @@ from conftest import (
     assert_flash_rule,
     assert_result_close,
     load_ops,
+    ot_problem,
     random_marginals,
     random_scores,
-    sinkhorn_reference,
 )
+from conftest import reference_cpu as reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sinkhorn_ops = load_ops()
 
+# Odd sizes plus both sides of every kernel boundary: the CPU tiny path (n, m <= 16) and its
+# 16-wide vector loops, the CUDA block-size buckets at n * m = 1024, 4096 and 16384.
 SIZES = [
-    (1, 1), (1, 5), (5, 1), (2, 3), (3, 2), (4, 4), (5, 16), (16, 5),
-    (31, 33), (33, 31), (64, 64), (127, 3), (3, 127), (257, 16), (257, 257),
+    (1, 1), (1, 5), (5, 1), (2, 3), (3, 2), (4, 4), (5, 16), (16, 5), (16, 17), (17, 16),
+    (31, 33), (33, 31), (32, 32), (32, 33), (64, 64), (127, 3), (3, 127), (128, 128),
+    (129, 128), (257, 16), (257, 257),
 ]  # fmt: skip
 
 
@@ -37,31 +40,19 @@ def run(scores, a=None, b=None, **kwargs):
     return sinkhorn_ops.sinkhorn(scores, a, b, return_potentials=True, **kwargs)
 
 
-def reference(scores, a=None, b=None, **kwargs):
-    """The reference on the CPU (outputs compared on the CPU by assert_close)."""
-    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return sinkhorn_reference(cpu(scores), cpu(a), cpu(b), **{k: cpu(v) if k == "mask" else v for k, v in kwargs.items()})
-
-
-def ot_problem(batch, n, m, eps, *, seed=0, device="cpu"):
-    """S = -C / eps per problem (C: squared distances of random 2-D points), positive a, b."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(tuple(batch) + (n, 2), generator=gen, dtype=torch.float64)
-    y = torch.rand(tuple(batch) + (m, 2), generator=gen, dtype=torch.float64)
-    eps = torch.tensor(eps, dtype=torch.float64).reshape(tuple(batch) + (1, 1))
-    a, b = random_marginals(batch, n, m, seed=seed)
-    return (-(torch.cdist(x, y) ** 2) / eps).to(device), a.to(device), b.to(device)
-
-
 @pytest.mark.parametrize("n,m", SIZES)
 @pytest.mark.parametrize("start", ["row", "col"])
 @pytest.mark.parametrize("given_marginals", [False, True], ids=["default", "given"])
 def test_matches_reference_float64(device, n, m, start, given_marginals):
     S = random_scores((2, n, m), scale=2.0, seed=n * 1000 + m, device=device)
-    a, b = random_marginals((2,), n, m, seed=n + m, device=device) if given_marginals else (None, None)
+    a, b = (
+        random_marginals((2,), n, m, seed=n + m, device=device) if given_marginals else (None, None)
+    )
     out = run(S, a, b, steps=40, start=start)
     assert out.plan.device == S.device and out.f.device == S.device
-    assert_result_close(out, reference(S, a, b, steps=40, start=start), dtype=torch.float64, name=f"{n}x{m}")
+    assert_result_close(
+        out, reference(S, a, b, steps=40, start=start), dtype=torch.float64, name=f"{n}x{m}"
+    )
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2, 3, 7, 40])
@@ -70,7 +61,12 @@ def test_steps(device, steps, start):
     S = random_scores((3, 31, 33), scale=2.0, seed=steps, device=device)
     a, b = random_marginals((3,), 31, 33, seed=steps, device=device)
     out = run(S, a, b, steps=steps, start=start)
-    assert_result_close(out, reference(S, a, b, steps=steps, start=start), dtype=torch.float64, name=f"steps={steps}")
+    assert_result_close(
+        out,
+        reference(S, a, b, steps=steps, start=start),
+        dtype=torch.float64,
+        name=f"steps={steps}",
+    )
     assert torch.equal(out.steps.cpu(), torch.full((3,), steps))
 
 
@@ -84,7 +80,9 @@ def test_batch_shapes(device, batch, n, m):
         assert out.plan.shape == S.shape
         assert out.f.shape == batch + (n,) and out.g.shape == batch + (m,)
         assert out.steps.shape == batch and out.error.shape == batch
-        assert_result_close(out, reference(S, *args, steps=7), dtype=torch.float64, name=f"batch={batch}")
+        assert_result_close(
+            out, reference(S, *args, steps=7), dtype=torch.float64, name=f"batch={batch}"
+        )
 
 
 def test_plain_return_is_the_plan(device):
@@ -95,8 +93,9 @@ def test_plain_return_is_the_plan(device):
     assert torch.equal(plan, full.plan)
     assert type(full).__name__ == "SinkhornResult"
     assert full._fields == ("plan", "f", "g", "steps", "error")
-    plan_, f, g, steps, error = full
-    assert torch.equal(plan_, plan) and torch.equal(f, full.f) and torch.equal(error, full.error)
+    plan_, f, g, steps, error = full  # a plain tuple too
+    for x, y in [(plan_, plan), (f, full.f), (g, full.g), (steps, full.steps), (error, full.error)]:
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -115,13 +114,15 @@ def test_low_precision_flash_rule(device, dtype, n, m, marginals):
     assert out.plan.dtype == dtype
     assert out.f.dtype == out.g.dtype == out.error.dtype == accumulation_dtype(dtype)
     lowp = reference(S, a, b, steps=steps)
-    wide = lambda t: None if t is None else t.double()  # noqa: E731
+    wide = lambda t: None if t is None else t.double()
     truth = reference(S.double(), wide(a), wide(b), steps=steps)
     assert torch.equal(out.steps.cpu(), truth.steps)
     assert_flash_rule(out.plan, lowp.plan, truth.plan, floor=PLAN_FLOOR[dtype], name="plan")
     assert_flash_rule(out.f, lowp.f, truth.f, floor=ACC_FLOOR[dtype], name="f")
     assert_flash_rule(out.g, lowp.g, truth.g, floor=ACC_FLOOR[dtype], name="g")
-    assert_flash_rule(out.error, lowp.error, truth.error, floor=ERROR_FLOOR_PER_UNIT_MASS * n, name="error")
+    assert_flash_rule(
+        out.error, lowp.error, truth.error, floor=ERROR_FLOOR_PER_UNIT_MASS * n, name="error"
+    )
     # The last step (a column step) fixes the column sums up to the rounding of the plan.
     atol, rtol = TOLERANCES[dtype]
     target = truth.plan.sum(-2)
@@ -139,14 +140,17 @@ def test_one_row_step_is_softmax(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("start", ["row", "col"])
-def test_early_stopping_per_problem(device, dtype, start):
+@pytest.mark.parametrize("n,m", [(12, 10), (40, 33)])
+def test_early_stopping_per_problem(device, dtype, start, n, m):
     eps = [1.0, 0.3, 0.1, 0.04, 0.3]
-    S, a, b = ot_problem((len(eps),), 12, 10, eps, seed=4, device=device)
+    _, S, a, b = ot_problem((len(eps),), n, m, eps, seed=4, device=device)
     S, a, b = S.to(dtype), a.to(dtype), b.to(dtype)
     tol, steps = (1e-8 if dtype == torch.float64 else 1e-4), 400
     out = run(S, a, b, steps=steps, start=start, tol=tol)
     ref = reference(S, a, b, steps=steps, start=start, tol=tol)
-    assert len(set(ref.steps.tolist())) >= 4, f"test problems should stop at different steps: {ref.steps}"
+    assert len(set(ref.steps.tolist())) >= 4, (
+        f"test problems should stop at different steps: {ref.steps}"
+    )
     assert int(ref.steps.max()) < steps
     assert_result_close(out, ref, dtype=dtype, name="early stop")
     assert bool((out.error.cpu() <= tol * a.sum(-1).cpu().to(out.error.dtype)).all())
@@ -157,9 +161,46 @@ def test_early_stopping_per_problem(device, dtype, start):
         assert_close(alone.plan, out.plan[i], atol=0, name=f"problem {i} alone")
 
 
+@pytest.fixture
+def num_threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "batch,n,m",
+    [
+        (1, 300, 257),
+        (1, 9, 4000),
+        (3, 130, 70),
+        (1, 16, 16),
+        (15, 16, 9),
+        (16, 4, 4),
+        (17, 16, 16),
+        (35, 5, 3),
+    ],
+)
+def test_cpu_paths(num_threads, threads, batch, n, m):
+    """The CPU solver splits work three ways: groups of 16 tiny problems (n, m <= 16, a partial
+    last group), one problem per thread (B >= threads), threads inside one problem (B < threads).
+    Problems of very different difficulty stop at different steps inside one group."""
+    num_threads(threads)
+    eps = torch.logspace(-1.5, 0, batch).tolist()
+    _, S, a, b = ot_problem((batch,), n, m, eps, seed=batch + n)
+    for given_marginals, tol, steps in [(True, 1e-7, 150), (False, 0.0, 12)]:
+        args = (a, b) if given_marginals else (None, None)
+        out = run(S, *args, steps=steps, tol=tol)
+        ref = reference(S, *args, steps=steps, tol=tol)
+        assert_result_close(out, ref, dtype=torch.float64, name=f"B={batch} {n}x{m} tol={tol}")
+        if tol > 0 and batch > 2:
+            assert len(set(ref.steps.tolist())) > 1, "problems should stop at different steps"
+
+
 @pytest.mark.parametrize("steps", [0, 1, 5])
 def test_early_stopping_edges(device, steps):
-    S, a, b = ot_problem((3,), 5, 6, [1.0, 0.1, 0.5], seed=1, device=device)
+    _, S, a, b = ot_problem((3,), 5, 6, [1.0, 0.1, 0.5], seed=1, device=device)
     # A huge tolerance stops every problem at the first check (k = 1); steps = 0 runs nothing.
     for tol in [1e6, 1e-300]:
         out = run(S, a, b, steps=steps, tol=tol)
@@ -180,12 +221,18 @@ def test_shift_invariance(device):
         # the potential of that axis moves by minus the shift.
         shifted = run(S + row, steps=steps, start="row")
         assert_close(shifted.plan, base_row.plan, atol=1e-12, rtol=1e-10, name="row shift plan")
-        assert_close(shifted.f, base_row.f - row.squeeze(-1), atol=1e-10, rtol=1e-10, name="row shift f")
+        assert_close(
+            shifted.f, base_row.f - row.squeeze(-1), atol=1e-10, rtol=1e-10, name="row shift f"
+        )
         shifted = run(S + col, steps=steps, start="col")
         assert_close(shifted.plan, base_col.plan, atol=1e-12, rtol=1e-10, name="col shift plan")
-        assert_close(shifted.g, base_col.g - col.squeeze(-2), atol=1e-10, rtol=1e-10, name="col shift g")
+        assert_close(
+            shifted.g, base_col.g - col.squeeze(-2), atol=1e-10, rtol=1e-10, name="col shift g"
+        )
     converged = run(S, steps=400).plan
-    assert_close(run(S + row + col, steps=400).plan, converged, atol=1e-10, name="both shifts at convergence")
+    assert_close(
+        run(S + row + col, steps=400).plan, converged, atol=1e-10, name="both shifts at convergence"
+    )
 
 
 @pytest.mark.parametrize("start", ["row", "col"])
@@ -215,13 +262,17 @@ def test_padding_masks_are_exact(device, start, dtype):
         mask[i, :r, :c] = True
     mask = mask.to(device)
     out = run(S, mask=mask, steps=300, start=start)
-    assert_result_close(out, reference(S, mask=mask, steps=300, start=start), dtype=dtype, name="masked")
+    assert_result_close(
+        out, reference(S, mask=mask, steps=300, start=start), dtype=dtype, name="masked"
+    )
     atol, rtol = TOLERANCES[dtype]
     for i, (r, c) in enumerate(sizes):
         block = run(S[i, :r, :c], steps=300, start=start)
         assert_close(out.plan[i, :r, :c], block.plan, atol=atol, rtol=rtol, name=f"block {i}")
         assert bool((out.plan[i][~mask[i]] == 0).all()), f"problem {i}: masked entries are not zero"
-        assert bool((out.f[i, r:] == 0).all() and (out.g[i, c:] == 0).all()), f"problem {i}: dead potentials"
+        assert bool((out.f[i, r:] == 0).all() and (out.g[i, c:] == 0).all()), (
+            f"problem {i}: dead potentials"
+        )
         rows, cols = out.plan[i, :r, :c].double().sum(-1), out.plan[i, :r, :c].double().sum(-2)
         assert_close(rows, torch.ones_like(rows), atol=100 * atol, name=f"problem {i} rows")
         assert_close(cols, torch.full_like(cols, r / c), atol=100 * atol, name=f"problem {i} cols")
@@ -239,10 +290,16 @@ def test_mask_broadcasting_and_minus_inf(device):
         assert_result_close(out, reference(S, mask=mask, steps=12), dtype=torch.float64, name=name)
         as_inf = run(S.masked_fill(~mask, -math.inf), steps=12)
         assert_result_close(as_inf, out, dtype=torch.float64, name=f"{name} as -inf")
-        assert bool(torch.isfinite(out.plan).all() and torch.isfinite(out.f).all() and torch.isfinite(out.g).all())
+        assert bool(
+            torch.isfinite(out.plan).all()
+            and torch.isfinite(out.f).all()
+            and torch.isfinite(out.g).all()
+        )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     batch=st.lists(st.integers(1, 3), max_size=2).map(tuple),
     n=st.integers(1, 6),
@@ -256,14 +313,16 @@ def test_mask_broadcasting_and_minus_inf(device):
     seed=st.integers(0, 2**16),
 )
 @pytest.mark.parametrize("dev", DEVICES)
-def test_property_matches_reference(dev, batch, n, m, steps, start, given_marginals, scale, tol, mask_density, seed):
+def test_property_matches_reference(
+    dev, batch, n, m, steps, start, given_marginals, scale, tol, mask_density, seed
+):
     S = random_scores(batch + (n, m), scale=scale, seed=seed, device=dev)
     a, b = random_marginals(batch, n, m, seed=seed, device=dev) if given_marginals else (None, None)
     mask = None
     if mask_density is not None and not given_marginals:
         gen = torch.Generator().manual_seed(seed)
         mask = (torch.rand(batch + (n, m), generator=gen) < mask_density).to(dev)
-    kwargs = dict(mask=mask, steps=steps, start=start, tol=tol)
+    kwargs = {"mask": mask, "steps": steps, "start": start, "tol": tol}
     out = run(S, a, b, **kwargs)
     assert_result_close(out, reference(S, a, b, **kwargs), dtype=torch.float64, name="property")
     assert bool(torch.isfinite(out.plan).all())

@@ -5,19 +5,7 @@ import math
 
 import pytest
 import torch
-
-from conftest import assert_close, random_marginals, random_scores, sinkhorn_reference
-
-
-def ot_problem(batch, n, m, eps, seed=0):
-    """S = -C / eps for squared distances between random 2-D points, and positive a, b of mass n."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(tuple(batch) + (n, 2), generator=gen, dtype=torch.float64)
-    y = torch.rand(tuple(batch) + (m, 2), generator=gen, dtype=torch.float64)
-    C = torch.cdist(x, y) ** 2
-    eps = torch.as_tensor(eps, dtype=torch.float64).reshape(tuple(batch) + (1, 1)) if batch else eps
-    a, b = random_marginals(batch, n, m, seed=seed)
-    return C, -C / eps, a, b
+from conftest import assert_close, ot_problem, random_marginals, random_scores, sinkhorn_reference
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (2, 3, 4, 9)])
@@ -39,14 +27,21 @@ def test_last_step_fixes_its_marginal_and_error_measures_the_other(start, steps,
     if given:
         a, b = random_marginals(batch, n, m, seed=steps)
     else:
-        a, b = torch.ones(batch + (n,), dtype=S.dtype), torch.full(batch + (m,), n / m, dtype=S.dtype)
-    out = sinkhorn_reference(S, a if given else None, b if given else None, steps=steps, start=start)
+        a, b = (
+            torch.ones(batch + (n,), dtype=S.dtype),
+            torch.full(batch + (m,), n / m, dtype=S.dtype),
+        )
+    out = sinkhorn_reference(
+        S, a if given else None, b if given else None, steps=steps, start=start
+    )
     last_is_row = ((steps - 1) % 2 == 0) == (start == "row")
     rows, cols = out.plan.sum(-1), out.plan.sum(-2)
     fixed, fixed_target = (rows, a) if last_is_row else (cols, b)
     other, other_target = (cols, b) if last_is_row else (rows, a)
     assert_close(fixed, fixed_target, atol=1e-12, rtol=1e-12, name="fixed marginal")
-    assert_close(out.error, (other - other_target).abs().sum(-1), atol=1e-12, rtol=1e-10, name="error")
+    assert_close(
+        out.error, (other - other_target).abs().sum(-1), atol=1e-12, rtol=1e-10, name="error"
+    )
     assert bool((out.error > 1e-6).all()), "a few steps on random scores should not converge"
     assert torch.equal(out.steps, torch.full(batch, steps))
 
@@ -57,7 +52,11 @@ def test_zero_steps_plan_is_exp_and_error_is_first_marginal(start):
     a, b = random_marginals((2,), 3, 5, seed=3)
     out = sinkhorn_reference(S, a, b, steps=0, start=start)
     assert_close(out.plan, S.exp(), atol=0, rtol=1e-15, name="plan")
-    expected = (S.exp().sum(-1) - a).abs().sum(-1) if start == "row" else (S.exp().sum(-2) - b).abs().sum(-1)
+    expected = (
+        (S.exp().sum(-1) - a).abs().sum(-1)
+        if start == "row"
+        else (S.exp().sum(-2) - b).abs().sum(-1)
+    )
     assert_close(out.error, expected, atol=1e-13, rtol=1e-13, name="error")
     assert bool((out.f == 0).all() and (out.g == 0).all())
     assert torch.equal(out.steps, torch.zeros(2, dtype=torch.int64))
@@ -88,14 +87,34 @@ def test_shift_invariance_exact(steps):
     base_row = sinkhorn_reference(S, steps=steps, start="row").plan
     base_col = sinkhorn_reference(S, steps=steps, start="col").plan
     # The first step absorbs a shift along its own axis exactly; a global shift is absorbed by any.
-    assert_close(sinkhorn_reference(S + row_shift, steps=steps, start="row").plan, base_row, atol=1e-12, rtol=1e-10, name="row shift")
-    assert_close(sinkhorn_reference(S + col_shift, steps=steps, start="col").plan, base_col, atol=1e-12, rtol=1e-10, name="col shift")
-    assert_close(sinkhorn_reference(S + 7.5, steps=steps, start="col").plan, base_col, atol=1e-12, rtol=1e-10, name="global shift")
+    assert_close(
+        sinkhorn_reference(S + row_shift, steps=steps, start="row").plan,
+        base_row,
+        atol=1e-12,
+        rtol=1e-10,
+        name="row shift",
+    )
+    assert_close(
+        sinkhorn_reference(S + col_shift, steps=steps, start="col").plan,
+        base_col,
+        atol=1e-12,
+        rtol=1e-10,
+        name="col shift",
+    )
+    assert_close(
+        sinkhorn_reference(S + 7.5, steps=steps, start="col").plan,
+        base_col,
+        atol=1e-12,
+        rtol=1e-10,
+        name="global shift",
+    )
 
 
 def test_shift_invariance_at_convergence():
     S = random_scores((2, 5, 6), seed=4)
-    shift = random_scores((2, 5, 1), scale=5.0, seed=5) + random_scores((2, 1, 6), scale=5.0, seed=6)
+    shift = random_scores((2, 5, 1), scale=5.0, seed=5) + random_scores(
+        (2, 1, 6), scale=5.0, seed=6
+    )
     for start in ("row", "col"):
         base = sinkhorn_reference(S, steps=400, start=start).plan
         shifted = sinkhorn_reference(S + shift, steps=400, start=start).plan
@@ -107,7 +126,9 @@ def test_matches_pot_sinkhorn_log(n, m, eps):
     ot = pytest.importorskip("ot")
     C, S, a, b = ot_problem((), n, m, eps, seed=n + m)
     a, b = a / n, b / n  # POT works with probability vectors
-    plan_pot, log = ot.bregman.sinkhorn_log(a.numpy(), b.numpy(), C.numpy(), eps, numItermax=100000, stopThr=1e-13, log=True)
+    plan_pot, log = ot.bregman.sinkhorn_log(
+        a.numpy(), b.numpy(), C.numpy(), eps, numItermax=100000, stopThr=1e-13, log=True
+    )
     out = sinkhorn_reference(S, a, b, steps=4000)
     assert_close(out.plan, torch.from_numpy(plan_pot), atol=1e-10, rtol=1e-7, name="plan vs POT")
     # Potentials agree up to the (f + t, g - t) gauge: POT's log_u, log_v are f, g.
@@ -152,14 +173,27 @@ def test_padding_mask_is_exact(start):
     for i, (r, c) in enumerate(sizes):
         mask[i, :r, :c] = True
     out = sinkhorn_reference(S, mask=mask, steps=200, start=start)
-    assert bool(torch.isfinite(out.plan).all() and torch.isfinite(out.f).all() and torch.isfinite(out.g).all())
+    assert bool(
+        torch.isfinite(out.plan).all()
+        and torch.isfinite(out.f).all()
+        and torch.isfinite(out.g).all()
+    )
     for i, (r, c) in enumerate(sizes):
         crop = sinkhorn_reference(S[i, :r, :c], steps=200, start=start)
         assert_close(out.plan[i, :r, :c], crop.plan, atol=1e-13, rtol=1e-12, name=f"block {i}")
         assert bool((out.plan[i][~mask[i]] == 0).all()), "masked entries must be exactly zero"
-        assert bool((out.f[i, r:] == 0).all() and (out.g[i, c:] == 0).all()), "dead potentials are 0"
-        assert_close(out.plan[i, :r, :c].sum(-1), torch.ones(r, dtype=S.dtype), atol=1e-9, name="rows")
-        assert_close(out.plan[i, :r, :c].sum(-2), torch.full((c,), r / c, dtype=S.dtype), atol=1e-9, name="cols")
+        assert bool((out.f[i, r:] == 0).all() and (out.g[i, c:] == 0).all()), (
+            "dead potentials are 0"
+        )
+        assert_close(
+            out.plan[i, :r, :c].sum(-1), torch.ones(r, dtype=S.dtype), atol=1e-9, name="rows"
+        )
+        assert_close(
+            out.plan[i, :r, :c].sum(-2),
+            torch.full((c,), r / c, dtype=S.dtype),
+            atol=1e-9,
+            name="cols",
+        )
 
 
 def test_mask_equals_minus_inf_scores_and_fully_masked_problem_is_zero():
@@ -185,7 +219,9 @@ def test_early_stopping_per_problem():
     below = errors <= threshold
     first = torch.where(below.any(0), below.int().argmax(0) + 1, K)
     assert torch.equal(out.steps, first)
-    assert len(set(out.steps.tolist())) == len(eps), f"problems should stop at different steps: {out.steps}"
+    assert len(set(out.steps.tolist())) == len(eps), (
+        f"problems should stop at different steps: {out.steps}"
+    )
     assert int(out.steps.max()) < K
     for i, s in enumerate(out.steps.tolist()):
         plain = sinkhorn_reference(S[i], a[i], b[i], steps=s)

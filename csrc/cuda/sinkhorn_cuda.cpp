@@ -20,10 +20,10 @@ detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optiona
                                     const c10::optional<at::Tensor>& b,
                                     const c10::optional<at::Tensor>& mask, int64_t steps,
                                     c10::string_view start, double tol) {
-  // Everything below (the copies in prepare_forward, the outputs, the launch) happens on the
-  // scores' device, whatever the current device is.
-  const c10::cuda::CUDAGuard guard(scores.device());
+  // The checks first: they name a tensor on the wrong device, where a guard would only say
+  // "expected a CUDA device". Then the outputs and the launch go to the scores' device.
   const auto problem = detail::prepare_forward(scores, a, b, mask, steps, start, tol);
+  const c10::cuda::CUDAGuard guard(scores.device());
   return detail::run_forward(problem, [&](sinkhorn::FwdParams params) {
     // Freed when this returns, which is safe: the caching allocator hands the block out again
     // only to work queued after the kernel on the same stream.

@@ -1,0 +1,24 @@
+// The CPU forward solver built for AVX2 + FMA (8 float lanes).
+#include "forward_isa.h"
+#include "isa_prelude.h"
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+#define SK_VEC_BYTES 32
+#include "solver.h"
+
+namespace sinkhorn_ops {
+namespace cpu {
+void forward_avx2(const sinkhorn::FwdParams& p, at::ScalarType dtype) {
+  forward_any(p, dtype);
+}
+}  // namespace cpu
+}  // namespace sinkhorn_ops
+#else
+namespace sinkhorn_ops {
+namespace cpu {
+void forward_avx2(const sinkhorn::FwdParams& p, at::ScalarType dtype) {
+  forward_default(p, dtype);
+}
+}  // namespace cpu
+}  // namespace sinkhorn_ops
+#endif

@@ -1,0 +1,12 @@
+// The CPU forward solver built for the baseline ISA of the build (SSE2 on x86-64).
+#include "forward_isa.h"
+#include "isa_prelude.h"
+#include "solver.h"
+
+namespace sinkhorn_ops {
+namespace cpu {
+void forward_default(const sinkhorn::FwdParams& p, at::ScalarType dtype) {
+  forward_any(p, dtype);
+}
+}  // namespace cpu
+}  // namespace sinkhorn_ops

@@ -1,0 +1,16 @@
+// The per-ISA builds of the CPU forward solver and the choice between them at run time.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../sinkhorn_params.h"
+
+namespace sinkhorn_ops {
+namespace cpu {
+
+void forward_default(const sinkhorn::FwdParams& p, at::ScalarType dtype);
+void forward_avx2(const sinkhorn::FwdParams& p, at::ScalarType dtype);
+void forward_avx512(const sinkhorn::FwdParams& p, at::ScalarType dtype);
+
+}  // namespace cpu
+}  // namespace sinkhorn_ops

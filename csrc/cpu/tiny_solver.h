@@ -1,0 +1,175 @@
+// CPU path for tiny problems (both sides <= kTinyMax, e.g. mHC's 4 x 4): one SIMD vector of problems at a
+// time in structure-of-arrays form, so that every inner loop runs across problems and
+// vectorises, with no per-problem or per-row call overhead. Same math as solver.h (the shared
+// header), same per-problem early stopping (frozen lanes), one read of S and one write of P.
+#pragma once
+
+#include "isa_prelude.h"
+#include "vec_math.h"
+
+namespace sinkhorn_ops {
+namespace cpu {
+namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
+
+constexpr int64_t kTinyMax = 16;
+
+template <typename scalar_t, typename acc_t>
+struct TinySolver {
+  using V = std::conditional_t<std::is_same_v<acc_t, double>, VecD, VecF>;
+  static constexpr int64_t L = sizeof(V) / sizeof(acc_t);  // problems per group
+  const sinkhorn::FwdParams& p;
+
+  // Solves problems [b0, b0 + count), count <= L; unused lanes repeat the last problem.
+  void solve_group(int64_t b0, int64_t count) const {
+    const int64_t n = p.n, m = p.m, nm = n * m;
+    const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
+    const V pinf = -ninf, zero = splat<V>(0), one = splat<V>(1);
+    V s[kTinyMax * kTinyMax];
+    V pot[2][kTinyMax];     // f, g
+    V lm[2][kTinyMax];      // log a, log b
+    V target[2][kTinyMax];  // a, b
+    V lse[kTinyMax], mass = zero, done = zero;
+    int64_t used[L];
+
+    const scalar_t* S = static_cast<const scalar_t*>(p.scores);
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t* src = S + (b0 + std::min(l, count - 1)) * nm;
+      for (int64_t k = 0; k < nm; ++k) s[k][l] = static_cast<acc_t>(src[k]);
+      used[l] = p.steps;
+    }
+    load_marginals(b0, count, s, lm);
+    for (int ax = 0; ax < 2; ++ax)
+      for (int64_t i = 0; i < (ax ? m : n); ++i) {
+        target[ax][i] = lm[ax][i] > ninf ? exp_vec(lm[ax][i]) : zero;
+        pot[ax][i] = zero;
+      }
+    for (int64_t i = 0; i < n; ++i) mass += target[0][i];
+    const V threshold = mass * static_cast<acc_t>(p.tol);
+
+    for (int64_t k = 0; k < p.steps; ++k) {
+      const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
+      const int64_t len = ax ? m : n, other = ax ? n : m;
+      // lse[i] = LSE over the other axis of S + the other potential (max shift, NaN sticky).
+      for (int64_t i = 0; i < len; ++i) {
+        V mx = ninf, sum = zero;
+        for (int64_t j = 0; j < other; ++j) {
+          const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
+          mx = (v > mx || v != v) ? v : mx;
+        }
+        for (int64_t j = 0; j < other; ++j) {
+          const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
+          sum += v == ninf ? zero : exp_vec(v - mx);
+        }
+        const auto finite = mx > ninf && mx < pinf;
+        const V lg = log_vec(finite ? sum : one);
+        lse[i] = finite ? mx + lg : (mx == pinf ? mx - mx : mx);  // +inf score: NaN
+      }
+      if (p.tol > 0 && k >= 1) {
+        V err = zero;
+        for (int64_t i = 0; i < len; ++i) {
+          const V got = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
+          const V d = got - target[ax][i];
+          err += d < zero ? -d : d;
+        }
+        const auto stop = done == zero && err <= threshold;
+        bool all_done = true;
+        for (int64_t l = 0; l < L; ++l) {
+          if (stop[l]) {
+            used[l] = k;
+            if (l < count) static_cast<acc_t*>(p.error)[b0 + l] = err[l];
+          }
+        }
+        done = stop ? one : done;
+        for (int64_t l = 0; l < L; ++l) all_done = all_done && done[l] != 0;
+        if (all_done) break;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const V next = lse[i] > ninf ? lm[ax][i] - lse[i] : zero;  // math::potential
+        pot[ax][i] = done != zero ? pot[ax][i] : next;
+      }
+    }
+    write(b0, count, s, pot, target, used, done);
+  }
+
+  void load_marginals(int64_t b0, int64_t count, const V* s, V (*lm)[kTinyMax]) const {
+    const int64_t n = p.n, m = p.m;
+    if (p.log_a) {
+      const acc_t* la = static_cast<const acc_t*>(p.log_a);
+      const acc_t* lb = static_cast<const acc_t*>(p.log_b);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t b = b0 + std::min(l, count - 1);
+        for (int64_t i = 0; i < n; ++i) lm[0][i][l] = la[b * n + i];
+        for (int64_t j = 0; j < m; ++j) lm[1][j][l] = lb[b * m + j];
+      }
+      return;
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      bool col_alive[kTinyMax] = {};
+      int64_t rows = 0, cols = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        bool alive = false;
+        for (int64_t j = 0; j < m; ++j) {
+          const bool a = s[i * m + j][l] != sinkhorn::math::neg_inf<acc_t>();
+          alive = alive || a;
+          col_alive[j] = col_alive[j] || a;
+        }
+        lm[0][i][l] = sinkhorn::math::default_log_a<acc_t>(alive);
+        rows += alive;
+      }
+      for (int64_t j = 0; j < m; ++j) cols += col_alive[j];
+      for (int64_t j = 0; j < m; ++j)
+        lm[1][j][l] = sinkhorn::math::default_log_b<acc_t>(col_alive[j], rows, cols);
+    }
+  }
+
+  // P = exp(S + f + g), the potentials, the steps used, and the error of the marginal the last step did not fix
+  // for the lanes that did not stop early.
+  void write(int64_t b0, int64_t count, const V* s, const V (*pot)[kTinyMax],
+             const V (*target)[kTinyMax], const int64_t* used, V done) const {
+    const int64_t n = p.n, m = p.m, nm = n * m;
+    V rs[kTinyMax] = {}, cs[kTinyMax] = {};
+    scalar_t* P = static_cast<scalar_t*>(p.plan);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        const V e = exp_vec(s[i * m + j] + pot[0][i] + pot[1][j]);
+        rs[i] += e;
+        cs[j] += e;
+        for (int64_t l = 0; l < count; ++l) P[(b0 + l) * nm + i * m + j] = static_cast<scalar_t>(e[l]);
+      }
+    acc_t* F = static_cast<acc_t*>(p.f);
+    acc_t* G = static_cast<acc_t*>(p.g);
+    for (int64_t l = 0; l < count; ++l) {
+      for (int64_t i = 0; i < n; ++i) F[(b0 + l) * n + i] = pot[0][i][l];
+      for (int64_t j = 0; j < m; ++j) G[(b0 + l) * m + j] = pot[1][j][l];
+      p.steps_used[b0 + l] = used[l];
+      if (done[l] != 0) continue;
+      const int64_t k = used[l];
+      const bool last_row = k == 0 ? !p.start_row : ((k - 1) % 2 == 0) == p.start_row;
+      acc_t e = 0;
+      if (last_row) {
+        for (int64_t j = 0; j < m; ++j) e += std::abs(cs[j][l] - target[1][j][l]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) e += std::abs(rs[i][l] - target[0][i][l]);
+      }
+      static_cast<acc_t*>(p.error)[b0 + l] = e;
+    }
+  }
+};
+
+template <typename scalar_t>
+bool forward_tiny(const sinkhorn::FwdParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.n > kTinyMax || p.m > kTinyMax || p.n == 0 || p.m == 0) return false;
+  const int64_t L = TinySolver<scalar_t, acc_t>::L;
+  const int64_t groups = (p.B + L - 1) / L;
+  const int64_t grain = std::max<int64_t>(1, 256 / (p.n * p.m));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    TinySolver<scalar_t, acc_t> solver{p};
+    for (int64_t g = g0; g < g1; ++g) solver.solve_group(g * L, std::min(L, p.B - g * L));
+  });
+  return true;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sinkhorn_ops

@@ -1,0 +1,138 @@
+// GoogleTest suite of the public C++ API (csrc/sinkhorn_ops.h) against a slow ATen reference of
+// MATH.md section 1 written here, on CPU and, when one is present, on CUDA.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <vector>
+
+#include "sinkhorn_ops.h"
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The literal loop of MATH.md section 1 in float64, with the empty-row guard.
+at::Tensor reference_plan(const at::Tensor& S, const at::Tensor& log_a, const at::Tensor& log_b,
+                          int64_t steps, bool start_row) {
+  auto s = S.to(at::kDouble);
+  auto f = at::zeros(at::IntArrayRef(s.sizes().data(), s.dim() - 1), s.options());
+  std::vector<int64_t> gs(s.sizes().begin(), s.sizes().end() - 2);
+  gs.push_back(s.size(-1));
+  auto g = at::zeros(gs, s.options());
+  auto guard = [](const at::Tensor& lm, const at::Tensor& lse) {
+    return at::where(lse == -kInf, at::zeros_like(lse), lm - lse);
+  };
+  for (int64_t k = 0; k < steps; ++k) {
+    if ((k % 2 == 0) == start_row) {
+      f = guard(log_a, at::logsumexp(s + g.unsqueeze(-2), -1));
+    } else {
+      g = guard(log_b, at::logsumexp(s + f.unsqueeze(-1), -2));
+    }
+  }
+  return at::exp(s + f.unsqueeze(-1) + g.unsqueeze(-2));
+}
+
+std::vector<at::Device> devices() {
+  std::vector<at::Device> d{at::kCPU};
+  if (at::hasCUDA()) d.emplace_back(at::kCUDA);
+  return d;
+}
+
+TEST(Sinkhorn, MatchesReferenceWithMarginals) {
+  at::manual_seed(0);
+  for (auto dev : devices()) {
+    auto S = at::randn({3, 17, 9}, at::dtype(at::kDouble).device(dev));
+    auto a = at::rand({3, 17}, S.options()) + 0.5;
+    auto b = at::rand({3, 9}, S.options()) + 0.5;
+    b = b * (a.sum(-1, true) / b.sum(-1, true));
+    sinkhorn_ops::SinkhornOptions o;
+    o.a = a;
+    o.b = b;
+    o.steps = 25;
+    auto r = sinkhorn_ops::sinkhorn(S, o);
+    auto ref = reference_plan(S.cpu(), a.log().cpu(), b.log().cpu(), 25, true);
+    EXPECT_TRUE(at::allclose(r.plan.cpu(), ref, 1e-9, 1e-12)) << dev;
+    EXPECT_TRUE(at::allclose(r.plan.sum(-1), a, 1e-9, 1e-12)) << "rows exact after a row step";
+    EXPECT_EQ(r.steps.cpu().eq(25).all().item<bool>(), true);
+  }
+}
+
+TEST(Sinkhorn, OneRowStepIsSoftmax) {
+  for (auto dev : devices()) {
+    auto S = at::randn({4, 5, 6}, at::dtype(at::kFloat).device(dev));
+    sinkhorn_ops::SinkhornOptions o;
+    o.steps = 1;
+    auto P = sinkhorn_ops::sinkhorn(S, o).plan;
+    EXPECT_TRUE(at::allclose(P, at::softmax(S, -1), 1e-5, 1e-7)) << dev;
+  }
+}
+
+TEST(Sinkhorn, EarlyStopPerProblemAndColumnStart) {
+  for (auto dev : devices()) {
+    auto easy = at::zeros({1, 8, 8}, at::dtype(at::kDouble).device(dev));
+    auto hard = at::randn({1, 8, 8}, easy.options()) * 3;
+    auto S = at::cat({easy, hard});
+    sinkhorn_ops::SinkhornOptions o;
+    o.steps = 500;
+    o.tol = 1e-9;
+    o.start = "col";
+    auto r = sinkhorn_ops::sinkhorn(S, o);
+    auto steps = r.steps.cpu();
+    EXPECT_EQ(steps[0].item<int64_t>(), 1) << "a constant problem is solved by its first step";
+    EXPECT_GT(steps[1].item<int64_t>(), 2);
+    EXPECT_LT(steps[1].item<int64_t>(), 500);
+    EXPECT_TRUE((r.error.cpu() <= 1e-9 * 8).all().item<bool>());
+    auto ref = reference_plan(S.cpu(), at::zeros({2, 8}, at::kDouble), at::zeros({2, 8}, at::kDouble),
+                              steps[1].item<int64_t>(), false);
+    EXPECT_TRUE(at::allclose(r.plan[1].cpu(), ref[1], 1e-10, 1e-12));
+  }
+}
+
+TEST(Sinkhorn, MaskedPaddingIsExact) {
+  for (auto dev : devices()) {
+    auto S = at::randn({2, 6, 5}, at::dtype(at::kDouble).device(dev));
+    auto mask = at::zeros({6, 5}, at::dtype(at::kBool).device(dev));
+    mask.slice(0, 0, 4).slice(1, 0, 3).fill_(true);  // allowed block 4 x 3
+    sinkhorn_ops::SinkhornOptions o;
+    o.mask = mask;
+    o.steps = 300;
+    auto P = sinkhorn_ops::sinkhorn(S, o).plan.cpu();
+    EXPECT_TRUE(at::isfinite(P).all().item<bool>());
+    EXPECT_EQ(P.slice(1, 4).abs().sum().item<double>(), 0.0);
+    EXPECT_EQ(P.slice(2, 3).abs().sum().item<double>(), 0.0);
+    auto block = P.slice(1, 0, 4).slice(2, 0, 3);
+    EXPECT_TRUE(at::allclose(block.sum(-1), at::ones({2, 4}, at::kDouble), 1e-9, 1e-12));
+    EXPECT_TRUE(at::allclose(block.sum(-2), at::full({2, 3}, 4.0 / 3.0, at::kDouble), 1e-9, 1e-12));
+  }
+}
+
+TEST(Sinkhorn, BadArgumentsRaiseNamedErrors) {
+  auto S = at::randn({2, 4, 3});
+  sinkhorn_ops::SinkhornOptions o;
+  o.a = at::ones({2, 5});
+  o.b = at::ones({2, 3});
+  try {
+    sinkhorn_ops::sinkhorn(S, o);
+    FAIL() << "expected a ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("sinkhorn: expected a of shape"), std::string::npos) << e.what();
+  }
+  sinkhorn_ops::SinkhornOptions neg;
+  neg.steps = -1;
+  EXPECT_THROW(sinkhorn_ops::sinkhorn(S, neg), c10::ValueError);
+  EXPECT_THROW(sinkhorn_ops::sinkhorn(at::randn({3}), {}), c10::ValueError);
+  EXPECT_THROW(sinkhorn_ops::sinkhorn(at::ones({2, 2}, at::kLong), {}), c10::TypeError);
+}
+
+TEST(Sinkhorn, EmptyBatchAndDims) {
+  for (auto shape : std::vector<std::vector<int64_t>>{{0, 3, 3}, {2, 0, 3}, {2, 3, 0}}) {
+    auto r = sinkhorn_ops::sinkhorn(at::randn(shape), {});
+    EXPECT_EQ(r.plan.sizes(), at::IntArrayRef(shape));
+    EXPECT_TRUE(at::isfinite(r.f).all().item<bool>());
+    EXPECT_TRUE(at::isfinite(r.g).all().item<bool>());
+  }
+}
+
+}  // namespace
