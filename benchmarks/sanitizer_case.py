@@ -1,7 +1,7 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
-CUDA forward kernel, both stopping modes, default, masked and explicit marginals, empty
-dimensions, every dtype. Each case is also compared with the reference, loosely: a sanitizer run
-should fail on a wrong kernel too, not only on a memory error.
+CUDA forward and unrolled backward kernels, both stopping modes, default, masked and explicit
+marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely:
+a sanitizer run should fail on a wrong kernel too, not only on a memory error.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
 """
@@ -58,6 +58,107 @@ def run_case(batch, n, m, dtype, marginals, tol, start, gen) -> str | None:
     return "; ".join(problems) or None
 
 
+# Backward (MATH.md section 2.1) through torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled
+# directly. Modes: (marginals, where steps_used comes from, start, whether dL/df and dL/dg are
+# given). "tol": the forward with tol > 0 on problems of different temperatures, so each problem
+# stops at its own step; "varied": steps_used set per problem, 0 (only the output pass) included.
+BWD_SHAPES = SHAPES
+BWD_MODES = [("default", "all", "row", True), ("masked", "tol", "col", False),
+             ("explicit", "tol", "row", True), ("explicit", "varied", "col", False)]
+BWD_STEPS = 12
+# Relative to max(1, max |reference|). bf16 and fp16 round dS once, at the end.
+GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+def reference_grads(S, a, b, G, gf, gg, steps_used, start):
+    """(dS, da, db) by autograd through sinkhorn_reference in float64 on the CPU, a problem at a
+    time with its own step count and tol = 0. Each problem is cut down to its rows and columns with
+    an allowed entry: autograd through an all -inf logsumexp gives NaN where the operator's guard
+    gives 0, and the other rows and columns never see those (P and the step weights are 0 there,
+    and their potentials stay 0), so their gradients are 0."""
+    dS, da = torch.zeros_like(S), None if a is None else torch.zeros_like(a)
+    db = None if b is None else torch.zeros_like(b)
+    for k in range(S.shape[0]):
+        allowed = ~torch.isneginf(S[k])
+        rows, cols = allowed.any(1), allowed.any(0)
+        if not rows.any():
+            continue
+        s = S[k][rows][:, cols].clone().requires_grad_()
+        inputs = [s]
+        ak = bk = None
+        if a is not None:
+            ak = a[k][rows].clone().requires_grad_()
+            bk = b[k][cols].clone().requires_grad_()
+            inputs += [ak, bk]
+        ref = sinkhorn_reference(s, ak, bk, steps=int(steps_used[k]), start=start)
+        loss = (ref.plan * G[k][rows][:, cols]).sum()
+        if gf is not None:
+            loss = loss + (ref.f * gf[k][rows]).sum() + (ref.g * gg[k][cols]).sum()
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
+        dS[k][rows.nonzero()[:, :1], cols.nonzero()[:, 0]] = grads[0]
+        if a is not None:
+            da[k][rows] = grads[1]
+            db[k][cols] = grads[2]
+    return dS, da, db
+
+
+def run_backward_case(batch, n, m, dtype, marginals, steps_from, start, upstream, gen):
+    scores, a, b = make_case(batch, n, m, dtype, marginals, gen)
+    # Different temperatures per problem, so that with tol > 0 each stops at its own step.
+    scores = (scores.double() * torch.linspace(0.25, 2.5, batch, dtype=torch.float64,
+                                               device="cuda").view(-1, 1, 1)).to(dtype)
+    if steps_from == "varied":
+        steps_used = (torch.arange(batch) * 5 % (BWD_STEPS + 1)).cuda()
+    else:
+        tol = 1e-2 if steps_from == "tol" else 0.0
+        fwd = sinkhorn_ops.sinkhorn(scores, a, b, steps=BWD_STEPS, start=start, tol=tol,
+                                    return_potentials=True)
+        steps_used = fwd.steps
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    G = torch.randn(batch, n, m, generator=gen, dtype=torch.float64).to(dtype).cuda()
+    gf = torch.randn(batch, n, generator=gen, dtype=acc).cuda() if upstream else None
+    gg = torch.randn(batch, m, generator=gen, dtype=acc).cuda() if upstream else None
+    # The masked case goes through the op's mask argument, with finite values under the mask.
+    mask = ~torch.isneginf(scores) if marginals == "masked" else None
+    op_scores = scores.nan_to_num(neginf=0.0) if mask is not None else scores
+    dS, da, db = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(
+        G, gf, gg, op_scores, a, b, mask, steps_used, BWD_STEPS, start)
+    torch.cuda.synchronize()
+
+    def cpu(x):
+        return None if x is None else x.double().cpu()
+
+    ref = reference_grads(cpu(scores), cpu(a), cpu(b), cpu(G), cpu(gf), cpu(gg),
+                          steps_used.cpu(), start)
+    problems = []
+    if dS.shape != scores.shape or dS.dtype != dtype:
+        problems.append(f"grad_scores {tuple(dS.shape)} {dS.dtype}")
+    for name, out, want in (("grad_scores", dS, ref[0]), ("grad_a", da, ref[1]),
+                            ("grad_b", db, ref[2])):
+        if want is None or want.numel() == 0 or out.shape != want.shape:
+            if want is not None and out.shape != want.shape:
+                problems.append(f"{name} shape {tuple(out.shape)} vs {tuple(want.shape)}")
+            continue
+        if not torch.isfinite(out).all():
+            problems.append(f"non-finite {name}")
+            continue
+        err = (out.double().cpu() - want).abs().max().item() / max(1.0, want.abs().max().item())
+        if err > GRAD_RTOL[dtype]:
+            problems.append(f"{name} max rel diff {err:.3g}")
+    return "; ".join(problems) or None
+
+
+def backward_cases():
+    """fp32 and bf16 in every mode; fp16 and fp64 (the other two kernel instantiations) once."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in BWD_SHAPES:
+            for mode in BWD_MODES:
+                yield (dtype, *shape, *mode)
+    for dtype in (torch.float16, torch.float64):
+        yield (dtype, 3, 33, 65, *BWD_MODES[2])
+
+
 def cases():
     """fp32 and bf16 (the dtypes in use) in every mode; fp16 and fp64 in two, to stay quick
     under the sanitizers, which slow every launch down."""
@@ -76,6 +177,12 @@ def main() -> int:
     for dtype, batch, n, m, marginals, tol, start in cases():
         problem = run_case(batch, n, m, dtype, marginals, tol, start, gen)
         name = f"{str(dtype)[6:]} {batch}x{n}x{m} {marginals} tol={tol} start={start}"
+        print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+        failures += problem is not None
+    for dtype, batch, n, m, marginals, steps_from, start, upstream in backward_cases():
+        problem = run_backward_case(batch, n, m, dtype, marginals, steps_from, start, upstream, gen)
+        name = (f"backward {str(dtype)[6:]} {batch}x{n}x{m} {marginals} steps={steps_from} "
+                f"start={start} grad_f/g={'given' if upstream else 'None'}")
         print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
         failures += problem is not None
     print(f"sanitizer_case: {failures} failure(s)")

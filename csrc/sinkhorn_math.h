@@ -96,6 +96,14 @@ SK_HD T marginal_error(T log_marginal, T lse, T old_potential) {
   return d < T(0) ? -d : d;
 }
 
+// Weight of entry j in the softmax of a step whose LSE was `lse`, exp(x_j - lse), where x_j is
+// the score plus the other axis' potential: the Jacobian of the step (MATH.md section 2.1). An
+// empty row or column (lse = -inf) left its potential constant: weight 0, not exp(NaN).
+template <typename T>
+SK_HD T step_weight(T x, T lse) {
+  return (lse > neg_inf<T>()) ? exp_(x - lse) : T(0);
+}
+
 // Default marginals (MATH.md section 1): a_i = 1 on rows with an allowed entry, and the same
 // total mass spread over the allowed columns, b_j = rows / cols; empty rows and columns get 0.
 template <typename T>

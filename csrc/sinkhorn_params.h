@@ -28,4 +28,24 @@ struct FwdParams {
   DType dtype = DType::Float32;
 };
 
+// One batched unrolled backward call (MATH.md section 2.1): every problem replays its forward
+// for steps_used[b] steps, recording each step's LSE, then reverses the steps.
+struct BwdParams {
+  const void* scores = nullptr;      // (B, n, m), dtype; masked entries already -inf
+  const void* log_a = nullptr;       // (B, n), accumulation type; nullptr: default marginals
+  const void* log_b = nullptr;       // (B, m), accumulation type; nullptr: default marginals
+  const void* grad_plan = nullptr;   // (B, n, m), dtype: dL/dP
+  const void* grad_f = nullptr;      // (B, n), accumulation type, or nullptr: dL/df (final f)
+  const void* grad_g = nullptr;      // (B, m), accumulation type, or nullptr: dL/dg (final g)
+  const int64_t* steps_used = nullptr;  // (B): steps the forward ran (each <= max_steps)
+  void* grad_scores = nullptr;       // (B, n, m), dtype: dL/dS
+  void* grad_log_a = nullptr;        // (B, n), accumulation type: dL/d(log a)
+  void* grad_log_b = nullptr;        // (B, m), accumulation type: dL/d(log b)
+  void* workspace = nullptr;         // device scratch a kernel may ask its launcher for (CUDA)
+  int64_t B = 0, n = 0, m = 0;
+  int64_t max_steps = 0;             // an upper bound of steps_used (the forward's `steps`)
+  bool start_row = true;
+  DType dtype = DType::Float32;
+};
+
 }  // namespace sinkhorn

@@ -32,6 +32,9 @@ def sinkhorn(
     tol: float = 0.0,
     return_potentials: bool = False,
     validate: bool = False,
+    grad: str = "unrolled",
+    cg_tol: float = 1e-6,
+    cg_max_iter: int = 100,
 ) -> Union[Tensor, SinkhornResult]:
     """Batched log-domain Sinkhorn: finds P = exp(S + f ⊕ g) with P 1 = a and Pᵀ 1 = b.
 
@@ -60,6 +63,15 @@ def sinkhorn(
             Without it such inputs give a defined result (NaN only in the problems whose
             scores hold NaN or +inf) and never a crash; keep it off under torch.compile and
             CUDA graphs.
+        grad: the backward (MATH.md section 2). "unrolled" (default) is the exact gradient of
+            the steps that were run, what the Sinkformer and mHC references train with: choose
+            it for a few fixed steps inside a layer. It replays the forward and keeps one LSE
+            vector per step, O(steps * (n + m)) memory. "implicit" is the gradient at the
+            fixed point (implicit function theorem), built from the plan alone, its memory
+            independent of the steps: choose it for a converged OT solve. It solves on the
+            smaller side, densely up to 256, by conjugate gradients above; "implicit_dense" and
+            "implicit_cg" force a solver. Double backward is not supported (clear error).
+        cg_tol, cg_max_iter: relative residual and iteration cap of the conjugate gradients.
 
     Returns:
         The plan P of shape (..., n, m) in the scores' dtype, or a :class:`SinkhornResult`
@@ -72,9 +84,8 @@ def sinkhorn(
         raise TypeError(f"sinkhorn: expected steps to be an int, got {type(steps).__name__}")
     if not isinstance(start, str):
         raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
-    result = SinkhornResult(
-        *torch.ops.sinkhorn_ops.sinkhorn.default(scores, a, b, mask, steps, start, float(tol))
-    )
+    result = SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
+        scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol), int(cg_max_iter)))
     if validate:  # after the op, whose argument checks (shapes, dtypes) come first
         _validate(scores, a, b, mask)
     return result if return_potentials else result.plan
@@ -107,7 +118,7 @@ def _validate(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor], mask: Op
 # The fake kernel repeats the front door's checks (ValueError / TypeError like TORCH_CHECK_VALUE
 # and TORCH_CHECK_TYPE) and returns outputs of the right shapes, dtypes and devices.
 @torch.library.register_fake("sinkhorn_ops::sinkhorn")
-def _sinkhorn_fake(scores, a, b, mask, steps, start, tol):
+def _sinkhorn_fake(scores, a, b, mask, steps, start, tol, grad="unrolled", cg_tol=1e-6, cg_max_iter=100):
     torch._check_value(scores.dim() >= 2, lambda: f"sinkhorn: expected scores with at least 2 dimensions, got {scores.dim()}")
     torch._check_value(steps >= 0, lambda: f"sinkhorn: expected steps >= 0, got {steps}")
     torch._check_value(start in ("row", "col"), lambda: f"sinkhorn: expected start 'row' or 'col', got {start!r}")
@@ -134,3 +145,77 @@ def _sinkhorn_fake(scores, a, b, mask, steps, start, tol):
         scores.new_empty(tuple(batch), dtype=torch.int64),
         scores.new_empty(tuple(batch), dtype=acc),
     )
+
+
+@torch.library.register_fake("sinkhorn_ops::sinkhorn_backward_unrolled")
+def _backward_unrolled_fake(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start):
+    return _backward_fake(scores, a, b)
+
+
+@torch.library.register_fake("sinkhorn_ops::sinkhorn_backward_implicit")
+def _backward_implicit_fake(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter):
+    acc = _accumulation_dtype(plan.dtype)
+    *batch, n, m = plan.shape
+    return (plan.new_empty(plan.shape), plan.new_empty((*batch, n), dtype=acc),
+            plan.new_empty((*batch, m), dtype=acc))
+
+
+def _backward_fake(scores, a, b):
+    acc = _accumulation_dtype(scores.dtype)
+    *batch, n, m = scores.shape
+    grad_a = scores.new_empty((*batch, n) if a is not None else (0,), dtype=acc)
+    grad_b = scores.new_empty((*batch, m) if b is not None else (0,), dtype=acc)
+    return scores.new_empty(scores.shape), grad_a, grad_b
+
+
+# Autograd (MATH.md section 2). The backward ops are registered ops themselves, so C++ callers
+# use the same kernels and torch.compile traces them.
+def _setup_context(ctx, inputs, output):
+    scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter = inputs
+    plan, _, _, steps_used, _ = output
+    ctx.options = (steps, start, grad, cg_tol, cg_max_iter)
+    ctx.marginals = [(x.shape, x.dtype) if x is not None else None for x in (a, b)]
+    if grad == "unrolled":
+        ctx.save_for_backward(scores, a, b, mask, steps_used)
+    else:
+        ctx.save_for_backward(plan)
+    ctx.mark_non_differentiable(steps_used, output[4])
+
+
+def _backward(ctx, grad_plan, grad_f, grad_g, _grad_steps, _grad_error):
+    steps, start, grad, cg_tol, cg_max_iter = ctx.options
+    if grad == "unrolled":
+        scores, a, b, mask, steps_used = ctx.saved_tensors
+        if grad_plan is None:
+            grad_plan = torch.zeros_like(scores)
+        ds, da, db = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled.default(
+            grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start)
+    else:
+        (plan,) = ctx.saved_tensors
+        if grad_plan is None:
+            grad_plan = torch.zeros_like(plan)
+        ds, da, db = torch.ops.sinkhorn_ops.sinkhorn_backward_implicit.default(
+            grad_plan, grad_f, grad_g, plan, grad, cg_tol, cg_max_iter)
+    grads = [ds]
+    for g, info, needed in ((da, ctx.marginals[0], ctx.needs_input_grad[1]),
+                            (db, ctx.marginals[1], ctx.needs_input_grad[2])):
+        grads.append(g.sum_to_size(info[0]).to(info[1]) if info is not None and needed else None)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sinkhorn_ops::sinkhorn", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "sinkhorn: double backward (differentiating the gradient) is not supported; "
+        "compute second-order terms by finite differences of the gradient instead")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+for _name in ("sinkhorn_backward_unrolled", "sinkhorn_backward_implicit"):
+    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _no_double_backward,
+                                    setup_context=_no_context)

@@ -1,4 +1,4 @@
-// The per-ISA builds of the CPU forward solver and the choice between them at run time.
+// The per-ISA builds of the CPU forward and backward solvers and the choice between them at run time.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,9 @@ namespace cpu {
 void forward_default(const sinkhorn::FwdParams& p, at::ScalarType dtype);
 void forward_avx2(const sinkhorn::FwdParams& p, at::ScalarType dtype);
 void forward_avx512(const sinkhorn::FwdParams& p, at::ScalarType dtype);
+void backward_default(const sinkhorn::BwdParams& q, at::ScalarType dtype);
+void backward_avx2(const sinkhorn::BwdParams& q, at::ScalarType dtype);
+void backward_avx512(const sinkhorn::BwdParams& q, at::ScalarType dtype);
 
 }  // namespace cpu
 }  // namespace sinkhorn_ops

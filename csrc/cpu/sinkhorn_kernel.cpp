@@ -1,11 +1,11 @@
-// CPU registration of the forward operator: checks at the front door, then the solver built
+// CPU registration of the forward and unrolled backward operators: checks at the front door, then the solver built
 // for the best instruction set this processor has (forward_*.cpp).
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 
-#include "../ops/sinkhorn_forward.h"
+#include "../ops/sinkhorn_backward.h"
 #include "forward_isa.h"
 
 namespace sinkhorn_ops {
@@ -13,6 +13,12 @@ namespace cpu {
 namespace {
 
 using ForwardFn = void (*)(const sinkhorn::FwdParams&, at::ScalarType);
+using BackwardFn = void (*)(const sinkhorn::BwdParams&, at::ScalarType);
+
+struct Kernels {
+  ForwardFn forward;
+  BackwardFn backward;
+};
 
 bool cpu_has(const std::string& isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -27,7 +33,7 @@ bool cpu_has(const std::string& isa) {
 
 // The best build this processor runs; SINKHORN_CPU_ISA=default|avx2|avx512 forces one (tests
 // run every build that the machine supports).
-ForwardFn best_forward() {
+Kernels best_kernels() {
   const char* forced = std::getenv("SINKHORN_CPU_ISA");
   const std::string isa = forced ? forced : "";
   TORCH_CHECK_VALUE(isa.empty() || isa == "default" || isa == "avx2" || isa == "avx512",
@@ -35,20 +41,37 @@ ForwardFn best_forward() {
                     isa, "\"");
   TORCH_CHECK_VALUE(isa.empty() || cpu_has(isa), "sinkhorn: SINKHORN_CPU_ISA=", isa,
                     " asks for instructions this processor lacks");
-  if (isa == "default") return &forward_default;
-  if (isa == "avx512" || (isa.empty() && cpu_has("avx512"))) return &forward_avx512;
-  if (isa == "avx2" || (isa.empty() && cpu_has("avx2"))) return &forward_avx2;
-  return &forward_default;
+  if (isa == "default") return {&forward_default, &backward_default};
+  if (isa == "avx512" || (isa.empty() && cpu_has("avx512")))
+    return {&forward_avx512, &backward_avx512};
+  if (isa == "avx2" || (isa.empty() && cpu_has("avx2"))) return {&forward_avx2, &backward_avx2};
+  return {&forward_default, &backward_default};
 }
 
 detail::ForwardResult sinkhorn_cpu(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
                                    const c10::optional<at::Tensor>& b,
                                    const c10::optional<at::Tensor>& mask, int64_t steps,
-                                   c10::string_view start, double tol) {
-  static const ForwardFn forward = best_forward();
+                                   c10::string_view start, double tol, c10::string_view grad,
+                                   double cg_tol, int64_t cg_max_iter) {
+  detail::check_grad_options(grad, cg_tol, cg_max_iter);
+  static const Kernels kernels = best_kernels();
   const auto problem = detail::prepare_forward(scores, a, b, mask, steps, start, tol);
   return detail::run_forward(problem, [&](const sinkhorn::FwdParams& params) {
-    forward(params, problem.scores.scalar_type());
+    kernels.forward(params, problem.scores.scalar_type());
+  });
+}
+
+detail::BackwardResult sinkhorn_backward_unrolled_cpu(
+    const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
+    const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
+    const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& steps_used, int64_t steps,
+    c10::string_view start) {
+  static const Kernels kernels = best_kernels();
+  const auto problem =
+      detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start);
+  return detail::run_backward(problem, [&](const sinkhorn::BwdParams& params) {
+    kernels.backward(params, problem.fwd.scores.scalar_type());
   });
 }
 
@@ -56,6 +79,7 @@ detail::ForwardResult sinkhorn_cpu(const at::Tensor& scores, const c10::optional
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cpu);
 }
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
-// CUDA registration of sinkhorn_ops::sinkhorn: the ATen glue (device guard, stream, workspace,
-// launch check) around the ATen-free kernel launcher of sinkhorn_kernel.cu.
+// CUDA registrations of sinkhorn_ops::sinkhorn and sinkhorn_backward_unrolled: the ATen glue
+// (device guard, stream, workspace, launch check) around the ATen-free kernel launchers of
+// sinkhorn_kernel.cu and sinkhorn_backward.cu.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS and
 // cuSPARSE), so CI can syntax-check this file against a CPU build of torch.
@@ -9,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
 #include "sinkhorn_kernel.h"
 
@@ -19,7 +21,9 @@ namespace {
 detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
                                     const c10::optional<at::Tensor>& b,
                                     const c10::optional<at::Tensor>& mask, int64_t steps,
-                                    c10::string_view start, double tol) {
+                                    c10::string_view start, double tol, c10::string_view grad,
+                                    double cg_tol, int64_t cg_max_iter) {
+  detail::check_grad_options(grad, cg_tol, cg_max_iter);
   // The checks first: they name a tensor on the wrong device, where a guard would only say
   // "expected a CUDA device". Then the outputs and the launch go to the scores' device.
   const auto problem = detail::prepare_forward(scores, a, b, mask, steps, start, tol);
@@ -36,10 +40,32 @@ detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optiona
   });
 }
 
+detail::BackwardResult sinkhorn_backward_unrolled_cuda(
+    const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
+    const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
+    const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& steps_used, int64_t steps,
+    c10::string_view start) {
+  // Checks before the guard, as in the forward.
+  const auto problem = detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
+                                                steps_used, steps, start);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
+    // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
+    const at::Tensor workspace =
+        at::empty({static_cast<int64_t>(sinkhorn::backward_workspace_bytes(params))},
+                  problem.fwd.scores.options().dtype(at::kByte));
+    params.workspace = workspace.data_ptr();
+    sinkhorn::launch_backward(params, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
+  m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cuda);
 }
 
 }  // namespace cuda

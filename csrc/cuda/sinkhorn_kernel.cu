@@ -8,82 +8,16 @@
 // default log-marginals and one LSE per row or column.
 #include "sinkhorn_kernel.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cub/block/block_reduce.cuh>
 
-#include "../sinkhorn_math.h"
+#include "kernel_common.cuh"
 
 namespace sinkhorn {
 namespace {
 
-using math::Lse;
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// Accumulation type: double for double scores, float for every other dtype (MATH.md: Numerics).
-template <typename scalar_t>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-// Explicit conversions: PyTorch compiles CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit half <-> float operators.
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ void store(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store(double* p, double x) { *p = x; }
-__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
-__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
-
-// Step k is a row step when (k even) == start_row (MATH.md section 1).
-__device__ __forceinline__ bool is_row_step(int64_t k, bool start_row) {
-  return ((k & 1) == 0) == start_row;
-}
-
-// Sum over the block, returned to every thread. It is also a block barrier (twice: the second
-// lets the next call reuse the shared storage), which the callers rely on to publish writes.
-template <int BLOCK, typename T>
-__device__ T block_sum(T v) {
-  using Reduce = cub::BlockReduce<T, BLOCK>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ T total;
-  const T s = Reduce(tmp).Sum(v);
-  if (threadIdx.x == 0) total = s;
-  __syncthreads();
-  const T r = total;
-  __syncthreads();
-  return r;
-}
-
-// Butterfly merges of per-lane partials; every lane ends with the warp's total.
-template <typename T>
-__device__ __forceinline__ Lse<T> warp_lse(Lse<T> s) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const Lse<T> o{__shfl_xor_sync(kFullMask, s.max, off), __shfl_xor_sync(kFullMask, s.sum, off)};
-    s = math::lse_merge(s, o);
-  }
-  return s;
-}
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
+using namespace dev;
 
 // One problem's slices of the batched arrays.
 template <typename scalar_t>
@@ -99,75 +33,37 @@ struct Problem {
   int64_t n, m;
 };
 
-// Default marginals from the finite pattern of S (MATH.md section 1, masks; an entry counts as
-// allowed unless it is -inf, as in reference.default_log_marginals). Columns: a thread per column
-// scans down its rows, its flag parked in the LSE scratch until both counts are known. Rows: a
-// warp per row, lanes striding over the columns, then a warp vote.
-template <int BLOCK, typename scalar_t, typename acc_t>
-__device__ void default_marginals(const Problem<scalar_t>& q, acc_t* log_a, acc_t* log_b) {
-  const acc_t masked = math::neg_inf<acc_t>();
-  long long cols = 0;
-  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
-    bool alive = false;
-    for (int64_t i = 0; i < q.n && !alive; ++i) alive = to_acc(q.S[i * q.m + j]) != masked;
-    q.lse[j] = alive ? acc_t(1) : acc_t(0);
-    cols += alive;
-  }
-  long long rows = 0;
-  for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: the vote needs all lanes
-    bool alive = false;
-    for (int64_t j = lane_id(); j < q.m && !alive; j += 32)
-      alive = to_acc(q.S[i * q.m + j]) != masked;
-    alive = __any_sync(kFullMask, alive);
-    if (lane_id() == 0) {
-      log_a[i] = math::default_log_a<acc_t>(alive);
-      rows += alive;
-    }
-  }
-  rows = block_sum<BLOCK>(rows);
-  cols = block_sum<BLOCK>(cols);
-  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK)  // same thread that parked the flag
-    log_b[j] = math::default_log_b<acc_t>(q.lse[j] != acc_t(0), rows, cols);
-}
-
-// Row step, f_i <- log a_i - LSE_j(S_ij + g_j): a warp per row, lanes striding over the columns
-// (coalesced loads), an online LSE per lane merged by shuffles. With `defer` the LSE waits in the
-// scratch for the stop decision and lane 0 adds the row's error under the current f; otherwise
-// f_i is updated at once (nobody else reads f in a row step). Returns this thread's error part.
+// Row step, f_i <- log a_i - LSE_j(S_ij + g_j), on row_lse_pass (a warp per row). With `defer`
+// the LSE waits in the scratch for the stop decision and lane 0 adds the row's error under the
+// current f; otherwise f_i is updated at once (nobody else reads f in a row step). Returns this
+// thread's error part.
 template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __device__ acc_t row_pass(const Problem<scalar_t>& q, bool defer) {
   acc_t err = 0;
-  for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: merge needs all lanes
-    const scalar_t* row = q.S + i * q.m;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t j = lane_id(); j < q.m; j += 32) math::lse_push(s, to_acc(row[j]) + q.g[j]);
-    const acc_t lse = math::lse_value(warp_lse(s));
-    if (lane_id() == 0 && defer) {
+  row_lse_pass<BLOCK>(q.S, q.g, q.n, q.m, [&](int64_t i, acc_t lse) {
+    if (defer) {
       err += math::marginal_error(q.log_a[i], lse, q.f[i]);
       q.lse[i] = lse;
-    } else if (lane_id() == 0) {
+    } else {
       q.f[i] = math::potential(q.log_a[i], lse);
     }
-  }
+  });
   return err;
 }
 
-// Column step, g_j <- log b_j - LSE_i(S_ij + f_i): a thread per column, so consecutive threads
-// read consecutive entries of each row (coalesced); f_i is a broadcast load. `defer` as above.
+// Column step, g_j <- log b_j - LSE_i(S_ij + f_i), on col_lse_pass (a thread per column).
+// `defer` as above.
 template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __device__ acc_t col_pass(const Problem<scalar_t>& q, bool defer) {
   acc_t err = 0;
-  for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t i = 0; i < q.n; ++i) math::lse_push(s, to_acc(q.S[i * q.m + j]) + q.f[i]);
-    const acc_t lse = math::lse_value(s);
+  col_lse_pass<BLOCK>(q.S, q.f, q.n, q.m, [&](int64_t j, acc_t lse) {
     if (defer) {
       err += math::marginal_error(q.log_b[j], lse, q.g[j]);
       q.lse[j] = lse;
     } else {
       q.g[j] = math::potential(q.log_b[j], lse);
     }
-  }
+  });
   return err;
 }
 
@@ -230,7 +126,7 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const FwdParams p) {
       q.log_a = static_cast<const acc_t*>(p.log_a) + b * n;
       q.log_b = static_cast<const acc_t*>(p.log_b) + b * m;
     } else {
-      default_marginals<BLOCK>(q, ws, ws + n);
+      default_marginals<BLOCK>(q.S, n, m, q.lse, ws, ws + n);
       q.log_a = ws;
       q.log_b = ws + n;
     }

@@ -1,5 +1,6 @@
-// Entry points of the CUDA forward kernel (sinkhorn_kernel.cu). Plain params only, no ATen, so
-// the kernel file compiles standalone with nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
+// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu) and the unrolled backward
+// (sinkhorn_backward.cu). Plain params only, no ATen, so the kernel files compile standalone with
+// nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,5 +17,14 @@ size_t forward_workspace_bytes(const FwdParams& p);
 // Enqueues the forward of all p.B problems on `stream`. Never synchronises; launch errors are
 // left for the caller to collect (cudaGetLastError). Does nothing when p.B == 0.
 void launch_forward(const FwdParams& p, cudaStream_t stream);
+
+// Bytes of device scratch that launch_backward(p) expects in p.workspace (may be 0). It grows as
+// B * max_steps * max(n, m): the LSE of every replayed step (MATH.md section 2.1).
+size_t backward_workspace_bytes(const BwdParams& p);
+
+// Enqueues the unrolled backward (MATH.md section 2.1) of all p.B problems on `stream`: fills
+// grad_scores, grad_log_a and grad_log_b. Never synchronises; launch errors are left for the
+// caller to collect. Does nothing when p.B == 0.
+void launch_backward(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace sinkhorn

@@ -18,16 +18,6 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-sinkhorn::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return sinkhorn::DType::Float32;
-    case at::kDouble: return sinkhorn::DType::Float64;
-    case at::kHalf: return sinkhorn::DType::Float16;
-    case at::kBFloat16: return sinkhorn::DType::BFloat16;
-    default: TORCH_CHECK_TYPE(false, "sinkhorn: unsupported scores dtype ", t);
-  }
-}
-
 // A marginal must be exactly `expected` in shape (the Python wrapper broadcasts), in the
 // scores dtype or the accumulation dtype, on the scores' device. Returns its log, flattened.
 at::Tensor log_marginal(const at::Tensor& x, const char* name, at::IntArrayRef expected,
@@ -46,6 +36,16 @@ at::Tensor log_marginal(const at::Tensor& x, const char* name, at::IntArrayRef e
 
 }  // namespace
 
+sinkhorn::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return sinkhorn::DType::Float32;
+    case at::kDouble: return sinkhorn::DType::Float64;
+    case at::kHalf: return sinkhorn::DType::Float16;
+    case at::kBFloat16: return sinkhorn::DType::BFloat16;
+    default: TORCH_CHECK_TYPE(false, "sinkhorn: expected scores of dtype float32, float64, float16 or bfloat16, got ", t);
+  }
+}
+
 at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -57,7 +57,7 @@ ForwardProblem prepare_forward(const at::Tensor& scores, const c10::optional<at:
   TORCH_CHECK_VALUE(scores.dim() >= 2,
                     "sinkhorn: expected scores with at least 2 dimensions (..., n, m), got ",
                     scores.dim(), " dimension(s) of shape ", shape_str(scores.sizes()));
-  to_dtype(scores.scalar_type());
+  kernel_dtype(scores.scalar_type());
   TORCH_CHECK_VALUE(steps >= 0, "sinkhorn: expected steps >= 0, got ", steps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0, "sinkhorn: expected a finite tol >= 0, got ",
                     tol);
@@ -102,6 +102,16 @@ ForwardProblem prepare_forward(const at::Tensor& scores, const c10::optional<at:
   return p;
 }
 
+void check_grad_options(c10::string_view grad, double cg_tol, int64_t cg_max_iter) {
+  TORCH_CHECK_VALUE(grad == "unrolled" || grad == "implicit" || grad == "implicit_dense" ||
+                        grad == "implicit_cg",
+                    "sinkhorn: expected grad \"unrolled\", \"implicit\", \"implicit_dense\" or "
+                    "\"implicit_cg\", got \"", std::string(grad), "\"");
+  TORCH_CHECK_VALUE(std::isfinite(cg_tol) && cg_tol >= 0,
+                    "sinkhorn: expected a finite cg_tol >= 0, got ", cg_tol);
+  TORCH_CHECK_VALUE(cg_max_iter >= 1, "sinkhorn: expected cg_max_iter >= 1, got ", cg_max_iter);
+}
+
 ForwardOutputs allocate_forward(const ForwardProblem& p) {
   const auto acc_opts = p.scores.options().dtype(accumulation_type(p.scores.scalar_type()));
   ForwardOutputs out;
@@ -129,7 +139,7 @@ sinkhorn::FwdParams forward_params(const ForwardProblem& p, ForwardOutputs& out)
   params.steps = p.steps;
   params.start_row = p.start_row;
   params.tol = p.tol;
-  params.dtype = to_dtype(p.scores.scalar_type());
+  params.dtype = kernel_dtype(p.scores.scalar_type());
   return params;
 }
 

@@ -28,12 +28,18 @@ struct ForwardProblem {
 // Accumulation dtype of a scores dtype: double for double, float otherwise.
 at::ScalarType accumulation_type(at::ScalarType t);
 
+// The kernels' element type of a scores dtype; TypeError for any other dtype.
+sinkhorn::DType kernel_dtype(at::ScalarType t);
+
 // Checks every argument and raises ValueError/TypeError naming the op, the argument, what was
 // expected and what came. Never synchronises with the device.
 ForwardProblem prepare_forward(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
                                const c10::optional<at::Tensor>& b,
                                const c10::optional<at::Tensor>& mask, int64_t steps,
                                c10::string_view start, double tol);
+
+// Checks the backward options that the forward op carries for its autograd formula.
+void check_grad_options(c10::string_view grad, double cg_tol, int64_t cg_max_iter);
 
 // Runs `kernel(params)` on freshly allocated outputs (skipped when there is nothing to do) and
 // returns (plan, f, g, steps_used, error) in the caller's batch shape.

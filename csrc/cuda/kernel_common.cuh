@@ -1,0 +1,145 @@
+// Device building blocks shared by the CUDA forward and backward kernels: dtype conversions,
+// warp and block reductions, the default marginals and the row and column LSE passes of one
+// Sinkhorn step. Every formula comes from sinkhorn_math.h; nothing here sees ATen.
+//
+// Conventions: a block owns one problem; BLOCK is a multiple of 32; row passes give a warp to
+// each row and column passes a thread to each column, so loads of S are coalesced in both.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+
+#include "../sinkhorn_math.h"
+
+namespace sinkhorn {
+namespace dev {
+
+using math::Lse;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Accumulation type: double for double scores, float for every other dtype (MATH.md: Numerics).
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Explicit conversions: PyTorch compiles CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit half <-> float operators.
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+
+// Step k is a row step when (k even) == start_row (MATH.md section 1).
+__device__ __forceinline__ bool is_row_step(int64_t k, bool start_row) {
+  return ((k & 1) == 0) == start_row;
+}
+
+// Sum over the block, returned to every thread. It is also a block barrier (twice: the second
+// lets the next call reuse the shared storage), which the callers rely on to publish writes.
+template <int BLOCK, typename T>
+__device__ T block_sum(T v) {
+  using Reduce = cub::BlockReduce<T, BLOCK>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ T total;
+  const T s = Reduce(tmp).Sum(v);
+  if (threadIdx.x == 0) total = s;
+  __syncthreads();
+  const T r = total;
+  __syncthreads();
+  return r;
+}
+
+// Butterfly merges of per-lane partials; every lane ends with the warp's total.
+template <typename T>
+__device__ __forceinline__ Lse<T> warp_lse(Lse<T> s) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const Lse<T> o{__shfl_xor_sync(kFullMask, s.max, off), __shfl_xor_sync(kFullMask, s.sum, off)};
+    s = math::lse_merge(s, o);
+  }
+  return s;
+}
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Default marginals of one n x m problem from the finite pattern of S (MATH.md section 1, masks;
+// an entry counts as allowed unless it is -inf, as in reference.default_log_marginals). Columns:
+// a thread per column scans down its rows, its flag parked in `scratch` (m values) until both
+// counts are known. Rows: a warp per row, lanes striding over the columns, then a warp vote.
+// Contains block barriers: every thread of the block must call it. The last writes of log_b are
+// not published: the caller needs a barrier before other threads read it.
+template <int BLOCK, typename scalar_t, typename acc_t>
+__device__ void default_marginals(const scalar_t* S, int64_t n, int64_t m, acc_t* scratch,
+                                  acc_t* log_a, acc_t* log_b) {
+  const acc_t masked = math::neg_inf<acc_t>();
+  long long cols = 0;
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+    bool alive = false;
+    for (int64_t i = 0; i < n && !alive; ++i) alive = to_acc(S[i * m + j]) != masked;
+    scratch[j] = alive ? acc_t(1) : acc_t(0);
+    cols += alive;
+  }
+  long long rows = 0;
+  for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the vote needs all lanes
+    bool alive = false;
+    for (int64_t j = lane_id(); j < m && !alive; j += 32) alive = to_acc(S[i * m + j]) != masked;
+    alive = __any_sync(kFullMask, alive);
+    if (lane_id() == 0) {
+      log_a[i] = math::default_log_a<acc_t>(alive);
+      rows += alive;
+    }
+  }
+  rows = block_sum<BLOCK>(rows);
+  cols = block_sum<BLOCK>(cols);
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK)  // same thread that parked the flag
+    log_b[j] = math::default_log_b<acc_t>(scratch[j] != acc_t(0), rows, cols);
+}
+
+// Row LSEs of a step, LSE_j(S_ij + g_j): a warp per row, lanes striding over the columns
+// (coalesced loads), an online LSE per lane merged by shuffles; lane 0 then calls use(i, lse).
+// No barrier inside; the row loop is warp-uniform because the merge needs all lanes.
+template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
+__device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, int64_t n,
+                                             int64_t m, Use&& use) {
+  for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {
+    const scalar_t* row = S + i * m;
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t j = lane_id(); j < m; j += 32) math::lse_push(s, to_acc(row[j]) + g[j]);
+    const acc_t lse = math::lse_value(warp_lse(s));
+    if (lane_id() == 0) use(i, lse);
+  }
+}
+
+// Column LSEs, LSE_i(S_ij + f_i): a thread per column, so consecutive threads read consecutive
+// entries of each row (coalesced); f_i is a broadcast load. The thread then calls use(j, lse).
+template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
+__device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, int64_t n,
+                                             int64_t m, Use&& use) {
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t i = 0; i < n; ++i) math::lse_push(s, to_acc(S[i * m + j]) + f[i]);
+    use(j, math::lse_value(s));
+  }
+}
+
+}  // namespace dev
+}  // namespace sinkhorn

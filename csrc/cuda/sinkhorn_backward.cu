@@ -1,0 +1,248 @@
+// CUDA unrolled backward of the log-domain Sinkhorn operator (MATH.md section 2.1): the exact
+// gradient of the steps the forward ran, the same algorithm as the CPU kernel, every formula from
+// sinkhorn_math.h.
+//
+// Work mapping: thread block b owns problem b (grid-stride), as in the forward, so each problem
+// replays and reverses its own step count without waiting for the others. The replay uses the
+// forward's LSE passes (kernel_common.cuh) and records every step's LSE in the workspace: the
+// O(K(n + m)) memory of the unrolled gradient. Reverse row steps give a thread to each column,
+// walking down the rows: S and dS are read coalesced, u_f and the LSE are broadcast loads, and the
+// column sum stays in a register. Reverse column steps give a warp to each row, lanes striding
+// over the columns, and a warp sum gives the row sum. Within a phase every value of dS, u_f and
+// u_g has exactly one writer, and a barrier ends each phase: no atomics.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernel_common.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using namespace dev;
+
+// Accumulation-type values of workspace per problem: default log a (n) and log b (m), the
+// replayed potentials f (n) and g (m), the upstream gradients u_f (n) and u_g (m), one LSE row
+// per step (max_steps x max(n, m)), and, when the scores are half or bfloat16, an n x m dS
+// accumulator so that the reverse steps do not round dS after every subtraction.
+__host__ __device__ inline int64_t problem_stride(int64_t n, int64_t m, int64_t max_steps,
+                                                  bool ds_buffer) {
+  return 3 * (n + m) + max_steps * (n > m ? n : m) + (ds_buffer ? n * m : 0);
+}
+
+// One problem's slices of the batched arrays and of the workspace.
+template <typename scalar_t>
+struct Problem {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const scalar_t* S;          // (n, m), masked entries -inf
+  const scalar_t* G;          // (n, m), dL/dP
+  const acc_t* log_a;         // (n), the caller's or the defaults in the workspace
+  const acc_t* log_b;         // (m)
+  acc_t *f, *g;               // (n), (m): the potentials after the replay
+  acc_t *u_f, *u_g;           // (n), (m): dL/df, dL/dg flowing back through the steps
+  acc_t* lse;                 // (max_steps, L): step t's row or column LSEs at lse + t * L
+  acc_t* dS;                  // (n, m): grad_scores itself for float/double, else the workspace
+  acc_t *grad_log_a, *grad_log_b;
+  int64_t n, m, L;
+};
+
+// Forward replay with tol = 0 for K steps, recording each step's LSE. The passes and their order
+// are the forward's, so the potentials are the forward's bit for bit.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ void replay(const Problem<scalar_t>& q, int64_t K, bool start_row) {
+  for (int64_t t = 0; t < K; ++t) {  // K is block-uniform: every thread meets each barrier
+    acc_t* rec = q.lse + t * q.L;
+    if (is_row_step(t, start_row)) {
+      row_lse_pass<BLOCK>(q.S, q.g, q.n, q.m, [&](int64_t i, acc_t lse) {
+        rec[i] = lse;
+        q.f[i] = math::potential(q.log_a[i], lse);
+      });
+    } else {
+      col_lse_pass<BLOCK>(q.S, q.f, q.n, q.m, [&](int64_t j, acc_t lse) {
+        rec[j] = lse;
+        q.g[j] = math::potential(q.log_b[j], lse);
+      });
+    }
+    __syncthreads();  // publishes the step's potential to the next step's readers
+  }
+}
+
+// The output P = exp(S + f ⊕ g) (MATH.md section 2.1): dS = Γ = Ḡ ⊙ P, u_g = dL/dg + Γᵀ1 with a
+// thread per column (the sum in a register), then, after a barrier, u_f = dL/df + Γ1 with a
+// warp per row re-reading dS. Also zeroes d(log a) and d(log b).
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ void gamma_pass(const Problem<scalar_t>& q, const acc_t* grad_f, const acc_t* grad_g) {
+  const int64_t n = q.n, m = q.m;
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+    const acc_t gj = q.g[j];
+    acc_t sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gamma = to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + gj);
+      q.dS[i * m + j] = gamma;
+      sum += gamma;
+    }
+    q.u_g[j] = (grad_g != nullptr ? grad_g[j] : acc_t(0)) + sum;
+    q.grad_log_b[j] = 0;
+  }
+  for (int64_t i = threadIdx.x; i < n; i += BLOCK) q.grad_log_a[i] = 0;
+  __syncthreads();  // dS of every column is complete before the row sums read it
+  for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
+    acc_t sum = 0;
+    for (int64_t j = lane_id(); j < m; j += 32) sum += q.dS[i * m + j];
+    sum = warp_sum(sum);
+    if (lane_id() == 0) q.u_f[i] = (grad_f != nullptr ? grad_f[i] : acc_t(0)) + sum;
+  }
+  __syncthreads();
+}
+
+// Reverse of row step t, f_i = log a_i - LSE_j(S_ij + g_j) (MATH.md section 2.1). With
+// R_ij = exp(S_ij + g_j - lse_t[i]), g as step t read it: dS -= u_f ⊙ R, u_g -= Rᵀ u_f and
+// d(log a_i) += u_f_i on rows that have an allowed entry. A thread per column walks down the rows.
+// The step consumed u_f (it overwrote f), but other threads still read u_f here, so instead of
+// zeroing it the next reverse step that writes it (column step t - 1) overwrites rather than adds.
+// Likewise u_g restarts from zero when column step t + 1 consumed it.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ void reverse_row_step(const Problem<scalar_t>& q, int64_t t, int64_t K) {
+  const int64_t n = q.n, m = q.m;
+  const acc_t* lse = q.lse + t * q.L;
+  const bool restart = t + 1 < K;
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+    // Step t - 1 was the column step that last set g; before step 0, g = 0.
+    const acc_t gb = t > 0 ? math::potential(q.log_b[j], q.lse[(t - 1) * q.L + j]) : acc_t(0);
+    acc_t sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t w = q.u_f[i] * math::step_weight(to_acc(q.S[i * m + j]) + gb, lse[i]);
+      q.dS[i * m + j] -= w;
+      sum += w;
+    }
+    q.u_g[j] = (restart ? acc_t(0) : q.u_g[j]) - sum;
+  }
+  for (int64_t i = threadIdx.x; i < n; i += BLOCK)
+    if (lse[i] > math::neg_inf<acc_t>()) q.grad_log_a[i] += q.u_f[i];
+}
+
+// Reverse of column step t, symmetrically: C_ij = exp(S_ij + f_i - lse_t[j]); dS -= C ⊙ u_g,
+// u_f -= C u_g, d(log b_j) += u_g_j. A warp per row, lanes over the columns, a warp sum of the
+// row; lane 0 alone writes u_f_i.
+template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__device__ void reverse_col_step(const Problem<scalar_t>& q, int64_t t, int64_t K) {
+  const int64_t n = q.n, m = q.m;
+  const acc_t* lse = q.lse + t * q.L;
+  const bool restart = t + 1 < K;
+  for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
+    const acc_t fb = t > 0 ? math::potential(q.log_a[i], q.lse[(t - 1) * q.L + i]) : acc_t(0);
+    acc_t sum = 0;
+    for (int64_t j = lane_id(); j < m; j += 32) {
+      const acc_t w = q.u_g[j] * math::step_weight(to_acc(q.S[i * m + j]) + fb, lse[j]);
+      q.dS[i * m + j] -= w;
+      sum += w;
+    }
+    sum = warp_sum(sum);
+    if (lane_id() == 0) q.u_f[i] = (restart ? acc_t(0) : q.u_f[i]) - sum;
+  }
+  for (int64_t j = threadIdx.x; j < m; j += BLOCK)
+    if (lse[j] > math::neg_inf<acc_t>()) q.grad_log_b[j] += q.u_g[j];
+}
+
+// Block b (grid-stride) differentiates problem b alone. Every branch that reaches a barrier
+// depends only on block-uniform values (K, t, the presence of the optional inputs).
+template <typename scalar_t, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr bool kDsBuffer = !std::is_same<scalar_t, acc_t>::value;
+  const int64_t n = p.n, m = p.m;
+  const int64_t stride = problem_stride(n, m, p.max_steps, kDsBuffer);
+  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
+    acc_t* ws = static_cast<acc_t*>(p.workspace) + b * stride;
+    Problem<scalar_t> q;
+    q.S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    q.G = static_cast<const scalar_t*>(p.grad_plan) + b * n * m;
+    q.f = ws + n + m;
+    q.g = q.f + n;
+    q.u_f = q.g + m;
+    q.u_g = q.u_f + n;
+    q.lse = q.u_g + m;
+    scalar_t* grad_scores = static_cast<scalar_t*>(p.grad_scores) + b * n * m;
+    if constexpr (kDsBuffer) {
+      q.dS = q.lse + p.max_steps * (n > m ? n : m);
+    } else {
+      q.dS = grad_scores;
+    }
+    q.grad_log_a = static_cast<acc_t*>(p.grad_log_a) + b * n;
+    q.grad_log_b = static_cast<acc_t*>(p.grad_log_b) + b * m;
+    q.n = n;
+    q.m = m;
+    q.L = n > m ? n : m;
+    // The front door cannot check steps_used without a host synchronisation; clamping keeps a
+    // bad value from writing past this problem's LSE records.
+    const int64_t used = p.steps_used[b];
+    const int64_t K = used < 0 ? 0 : (used > p.max_steps ? p.max_steps : used);
+
+    for (int64_t t = threadIdx.x; t < n; t += BLOCK) q.f[t] = acc_t(0);
+    for (int64_t t = threadIdx.x; t < m; t += BLOCK) q.g[t] = acc_t(0);
+    if (p.log_a != nullptr) {
+      q.log_a = static_cast<const acc_t*>(p.log_a) + b * n;
+      q.log_b = static_cast<const acc_t*>(p.log_b) + b * m;
+    } else {
+      // u_g is free until the gamma pass: it parks the column flags.
+      default_marginals<BLOCK>(q.S, n, m, q.u_g, ws, ws + n);
+      q.log_a = ws;
+      q.log_b = ws + n;
+    }
+    __syncthreads();  // publishes the zeroed potentials and the default marginals
+
+    replay<BLOCK>(q, K, p.start_row);
+    gamma_pass<BLOCK>(q, p.grad_f ? static_cast<const acc_t*>(p.grad_f) + b * n : nullptr,
+                      p.grad_g ? static_cast<const acc_t*>(p.grad_g) + b * m : nullptr);
+    for (int64_t t = K - 1; t >= 0; --t) {
+      if (is_row_step(t, p.start_row)) {
+        reverse_row_step<BLOCK>(q, t, K);
+      } else {
+        reverse_col_step<BLOCK>(q, t, K);
+      }
+      __syncthreads();  // the step's u_f or u_g and dS are complete before the next step
+    }
+    if constexpr (kDsBuffer) {  // one rounding of dS, after the barrier that completed it
+      for (int64_t k = threadIdx.x; k < n * m; k += BLOCK) store(grad_scores + k, q.dS[k]);
+    }
+  }
+}
+
+// The forward's block sizes by problem size: about 32 or more entries per thread per pass, and a
+// single warp for tiny problems (mHC's 4x4) so that large batches fill the GPU with small blocks.
+template <typename scalar_t>
+void launch_typed(const BwdParams& p, cudaStream_t stream) {
+  const int64_t entries = p.n * p.m;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
+  if (entries <= 1024) {
+    backward_kernel<scalar_t, 32><<<grid, 32, 0, stream>>>(p);
+  } else if (entries <= 4096) {
+    backward_kernel<scalar_t, 64><<<grid, 64, 0, stream>>>(p);
+  } else if (entries <= 16384) {
+    backward_kernel<scalar_t, 128><<<grid, 128, 0, stream>>>(p);
+  } else {
+    backward_kernel<scalar_t, 256><<<grid, 256, 0, stream>>>(p);
+  }
+}
+
+}  // namespace
+
+size_t backward_workspace_bytes(const BwdParams& p) {
+  const bool half = p.dtype == DType::Float16 || p.dtype == DType::BFloat16;
+  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(p.B * problem_stride(p.n, p.m, p.max_steps, half)) * acc_bytes;
+}
+
+void launch_backward(const BwdParams& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  switch (p.dtype) {
+    case DType::Float32: launch_typed<float>(p, stream); break;
+    case DType::Float64: launch_typed<double>(p, stream); break;
+    case DType::Float16: launch_typed<__half>(p, stream); break;
+    case DType::BFloat16: launch_typed<__nv_bfloat16>(p, stream); break;
+  }
+}
+
+}  // namespace sinkhorn

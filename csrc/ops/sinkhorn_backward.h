@@ -1,0 +1,53 @@
+// Front door of the backward operators (MATH.md section 2): checks, flattening, the params of
+// the unrolled kernels, and the conversion of d(log a) into d a.
+#pragma once
+
+#include "sinkhorn_forward.h"
+
+namespace sinkhorn_ops {
+namespace detail {
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// One validated unrolled backward call: the forward problem it replays plus the upstream grads.
+struct BackwardProblem {
+  ForwardProblem fwd;
+  at::Tensor a, b;            // the caller's marginals (undefined for defaults), for d a = d log a / a
+  at::Tensor grad_plan;       // (B, n, m), scores dtype, contiguous
+  at::Tensor grad_f, grad_g;  // (B, n), (B, m) accumulation dtype, or undefined
+  at::Tensor steps_used;      // (B) int64
+};
+
+BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
+                                 const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
+                                 const c10::optional<at::Tensor>& a,
+                                 const c10::optional<at::Tensor>& b,
+                                 const c10::optional<at::Tensor>& mask,
+                                 const at::Tensor& steps_used, int64_t steps,
+                                 c10::string_view start);
+
+struct BackwardOutputs {
+  at::Tensor grad_scores, grad_log_a, grad_log_b;
+};
+BackwardOutputs allocate_backward(const BackwardProblem& p);
+sinkhorn::BwdParams backward_params(const BackwardProblem& p, BackwardOutputs& out);
+// (grad_scores in the scores' shape, grad_a and grad_b in the broadcast shapes (..., n) and
+// (..., m), accumulation dtype; empty tensors when the marginals were the defaults).
+BackwardResult finish_backward(const BackwardProblem& p, BackwardOutputs& out);
+
+template <typename Kernel>
+BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
+  BackwardOutputs out = allocate_backward(p);
+  if (p.fwd.B > 0) kernel(backward_params(p, out));
+  return finish_backward(p, out);
+}
+
+// The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
+BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
+                                          const c10::optional<at::Tensor>& grad_f,
+                                          const c10::optional<at::Tensor>& grad_g,
+                                          const at::Tensor& plan, c10::string_view solver,
+                                          double cg_tol, int64_t cg_max_iter);
+
+}  // namespace detail
+}  // namespace sinkhorn_ops
