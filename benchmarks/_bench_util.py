@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Self, Sequence
 
 import numpy as np
 import torch
@@ -190,3 +190,30 @@ def write_markdown(path: Path, title: str, env: dict[str, str], body: Sequence[s
     text = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in env.items()] + [""] + list(body)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text).rstrip() + "\n")
+
+
+class SavedBytes:
+    """Context manager: bytes of the distinct storages autograd saves for backward while it is
+    active (torch.autograd.graph.saved_tensors_hooks), each storage counted once and whole, a
+    saved input included. Device-agnostic; read .nbytes after the block."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: dict[tuple[str, int], object] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key not in self._seen:  # holding the storage keeps its address from being reused
+            self._seen[key] = storage
+            self.nbytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> Self:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        self._seen.clear()

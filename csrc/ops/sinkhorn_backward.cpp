@@ -46,6 +46,9 @@ BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optiona
   gs.push_back(f.m);
   p.grad_f = flat_grad(grad_f, "grad_f", fs, scores, f.B, f.n);
   p.grad_g = flat_grad(grad_g, "grad_g", gs, scores, f.B, f.m);
+  TORCH_CHECK_VALUE(steps_used.device() == scores.device(),
+                    "sinkhorn_backward: expected steps_used on ", scores.device(), ", got ",
+                    steps_used.device());
   TORCH_CHECK_VALUE(steps_used.sizes() == at::IntArrayRef(f.batch_shape) &&
                         steps_used.scalar_type() == at::kLong,
                     "sinkhorn_backward: expected steps_used of shape ", at::IntArrayRef(f.batch_shape),

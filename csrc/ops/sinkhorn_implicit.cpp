@@ -141,7 +141,8 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
   const auto x = flip ? yM : xN, y = flip ? xN : yM;
   const auto dS = P * (Gbar - x.unsqueeze(-1) - y.unsqueeze(-2));
-  return {dS.to(plan.scalar_type()).view(sizes), x.view(fs), y.view(gs)};
+  return {dS.to(plan.scalar_type()).contiguous().view(sizes), x.contiguous().view(fs),
+          y.contiguous().view(gs)};
 }
 
 }  // namespace detail
