@@ -174,6 +174,7 @@ struct BackwardSolver {
 template <typename scalar_t>
 void backward(const sinkhorn::BwdParams& q) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (backward_tiny<scalar_t>(q)) return;
   sinkhorn::FwdParams shape;  // the forward passes only read n and m from it
   shape.n = q.n;
   shape.m = q.m;

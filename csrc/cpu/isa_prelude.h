@@ -16,3 +16,4 @@
 
 #include "../sinkhorn_math.h"
 #include "../sinkhorn_params.h"
+#include "forward_isa.h"

@@ -19,11 +19,50 @@ struct TinySolver {
   static constexpr int64_t L = sizeof(V) / sizeof(acc_t);  // problems per group
   const sinkhorn::FwdParams& p;
 
-  // Solves problems [b0, b0 + count), count <= L; unused lanes repeat the last problem.
-  void solve_group(int64_t b0, int64_t count) const {
-    const int64_t n = p.n, m = p.m, nm = n * m;
+  // Loads problems [b0, b0 + count) of a (B, n, m) array into lanes; unused lanes repeat the
+  // last problem.
+  template <typename T>
+  void load(const T* X, int64_t b0, int64_t count, V* out) const {
+    const int64_t nm = p.n * p.m;
+    for (int64_t l = 0; l < L; ++l) {
+      const T* src = X + (b0 + std::min(l, count - 1)) * nm;
+      for (int64_t k = 0; k < nm; ++k) out[k][l] = static_cast<acc_t>(src[k]);
+    }
+  }
+
+  // lse[i] = LSE over the other axis of S + the other potential (max shift, NaN sticky), for
+  // every row (ax = 0) or column (ax = 1).
+  void lse_pass(int ax, const V* s, const V (*pot)[kTinyMax], V* lse) const {
+    const int64_t m = p.m, len = ax ? p.m : p.n, other = ax ? p.n : p.m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V pinf = -ninf, zero = splat<V>(0), one = splat<V>(1);
+    for (int64_t i = 0; i < len; ++i) {
+      V mx = ninf, sum = zero;
+      for (int64_t j = 0; j < other; ++j) {
+        const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
+        mx = (v > mx || v != v) ? v : mx;
+      }
+      for (int64_t j = 0; j < other; ++j) {
+        const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
+        sum += v == ninf ? zero : exp_vec(v - mx);
+      }
+      const auto finite = mx > ninf && mx < pinf;
+      const V lg = log_vec(finite ? sum : one);
+      lse[i] = finite ? mx + lg : (mx == pinf ? mx - mx : mx);  // +inf score: NaN
+    }
+  }
+
+  // math::potential, lane by lane.
+  static V potential(V log_marginal, V lse) {
+    const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
+    return lse > ninf ? log_marginal - lse : splat<V>(0);
+  }
+
+  // Solves problems [b0, b0 + count), count <= L.
+  void solve_group(int64_t b0, int64_t count) const {
+    const int64_t n = p.n, m = p.m;
+    const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
+    const V zero = splat<V>(0), one = splat<V>(1);
     V s[kTinyMax * kTinyMax];
     V pot[2][kTinyMax];     // f, g
     V lm[2][kTinyMax];      // log a, log b
@@ -31,12 +70,8 @@ struct TinySolver {
     V lse[kTinyMax], mass = zero, done = zero;
     int64_t used[L];
 
-    const scalar_t* S = static_cast<const scalar_t*>(p.scores);
-    for (int64_t l = 0; l < L; ++l) {
-      const scalar_t* src = S + (b0 + std::min(l, count - 1)) * nm;
-      for (int64_t k = 0; k < nm; ++k) s[k][l] = static_cast<acc_t>(src[k]);
-      used[l] = p.steps;
-    }
+    load(static_cast<const scalar_t*>(p.scores), b0, count, s);
+    for (int64_t l = 0; l < L; ++l) used[l] = p.steps;
     load_marginals(b0, count, s, lm);
     for (int ax = 0; ax < 2; ++ax)
       for (int64_t i = 0; i < (ax ? m : n); ++i) {
@@ -48,22 +83,8 @@ struct TinySolver {
 
     for (int64_t k = 0; k < p.steps; ++k) {
       const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
-      const int64_t len = ax ? m : n, other = ax ? n : m;
-      // lse[i] = LSE over the other axis of S + the other potential (max shift, NaN sticky).
-      for (int64_t i = 0; i < len; ++i) {
-        V mx = ninf, sum = zero;
-        for (int64_t j = 0; j < other; ++j) {
-          const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
-          mx = (v > mx || v != v) ? v : mx;
-        }
-        for (int64_t j = 0; j < other; ++j) {
-          const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
-          sum += v == ninf ? zero : exp_vec(v - mx);
-        }
-        const auto finite = mx > ninf && mx < pinf;
-        const V lg = log_vec(finite ? sum : one);
-        lse[i] = finite ? mx + lg : (mx == pinf ? mx - mx : mx);  // +inf score: NaN
-      }
+      const int64_t len = ax ? m : n;
+      lse_pass(ax, s, pot, lse);
       if (p.tol > 0 && k >= 1) {
         V err = zero;
         for (int64_t i = 0; i < len; ++i) {
@@ -83,10 +104,8 @@ struct TinySolver {
         for (int64_t l = 0; l < L; ++l) all_done = all_done && done[l] != 0;
         if (all_done) break;
       }
-      for (int64_t i = 0; i < len; ++i) {
-        const V next = lse[i] > ninf ? lm[ax][i] - lse[i] : zero;  // math::potential
-        pot[ax][i] = done != zero ? pot[ax][i] : next;
-      }
+      for (int64_t i = 0; i < len; ++i)
+        pot[ax][i] = done != zero ? pot[ax][i] : potential(lm[ax][i], lse[i]);
     }
     write(b0, count, s, pot, target, used, done);
   }
@@ -155,6 +174,116 @@ struct TinySolver {
     }
   }
 };
+
+// The unrolled backward (backward_solver.h) of kLanes tiny problems at a time: replay with every
+// step's LSE kept, then the reversed steps, all across lanes. A lane whose problem ran fewer
+// steps than the group's longest is frozen in the replay and inactive in the reverse.
+template <typename scalar_t, typename acc_t>
+struct TinyBackward {
+  using Fwd = TinySolver<scalar_t, acc_t>;
+  using V = typename Fwd::V;
+  static constexpr int64_t L = Fwd::L;
+  const sinkhorn::BwdParams& q;
+  const Fwd& fwd;  // its params view the same scores and marginals
+
+  void solve_group(int64_t b0, int64_t count, V* hist) const {
+    const int64_t n = q.n, m = q.m, nm = n * m;
+    const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>()), zero = splat<V>(0);
+    V s[kTinyMax * kTinyMax], ds[kTinyMax * kTinyMax];
+    V lm[2][kTinyMax], pot[2][kTinyMax] = {}, u[2][kTinyMax] = {}, dl[2][kTinyMax] = {};
+    int64_t K[L], kmax = 0;
+    fwd.load(static_cast<const scalar_t*>(q.scores), b0, count, s);
+    fwd.load_marginals(b0, count, s, lm);
+    for (int64_t l = 0; l < L; ++l) {
+      K[l] = std::min(std::max<int64_t>(q.steps_used[b0 + std::min(l, count - 1)], 0), q.max_steps);
+      kmax = std::max(kmax, K[l]);
+    }
+    auto active = [&](int64_t t) {
+      V act = zero;
+      for (int64_t l = 0; l < L; ++l) act[l] = t < K[l] ? acc_t(1) : acc_t(0);
+      return act;
+    };
+    auto axis = [&](int64_t t) { return ((t % 2 == 0) == q.start_row) ? 0 : 1; };
+
+    for (int64_t t = 0; t < kmax; ++t) {  // replay
+      const int ax = axis(t);
+      V* lse = hist + t * kTinyMax;
+      fwd.lse_pass(ax, s, pot, lse);
+      const V act = active(t);
+      for (int64_t i = 0; i < (ax ? m : n); ++i)
+        pot[ax][i] = act != zero ? Fwd::potential(lm[ax][i], lse[i]) : pot[ax][i];
+    }
+    fwd.load(static_cast<const scalar_t*>(q.grad_plan), b0, count, ds);  // Gbar
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        const V gamma = ds[i * m + j] * exp_vec(s[i * m + j] + pot[0][i] + pot[1][j]);
+        ds[i * m + j] = gamma;
+        u[0][i] += gamma;
+        u[1][j] += gamma;
+      }
+    const acc_t* upstream[2] = {static_cast<const acc_t*>(q.grad_f),
+                                static_cast<const acc_t*>(q.grad_g)};
+    for (int ax = 0; ax < 2; ++ax) {
+      const int64_t len = ax ? m : n;
+      if (upstream[ax])
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t i = 0; i < len; ++i)
+            u[ax][i][l] += upstream[ax][(b0 + std::min(l, count - 1)) * len + i];
+    }
+
+    for (int64_t t = kmax - 1; t >= 0; --t) {  // reverse
+      const int ax = axis(t);
+      const int64_t len = ax ? m : n, other = ax ? n : m;
+      const V* lse = hist + t * kTinyMax;
+      const V act = active(t);
+      V before[kTinyMax];  // the other axis' potential that step t read: step t-1's
+      for (int64_t j = 0; j < other; ++j)
+        before[j] = t > 0 ? Fwd::potential(lm[1 - ax][j], hist[(t - 1) * kTinyMax + j]) : zero;
+      for (int64_t i = 0; i < len; ++i) {
+        const V ui = act != zero ? u[ax][i] : zero;
+        const auto live = lse[i] > ninf;
+        for (int64_t j = 0; j < other; ++j) {
+          const int64_t k = ax ? j * m + i : i * m + j;
+          const V w = live ? ui * exp_vec(s[k] + before[j] - lse[i]) : zero;  // step_weight
+          ds[k] -= w;
+          u[1 - ax][j] -= w;
+        }
+        dl[ax][i] += live ? ui : zero;
+        u[ax][i] = act != zero ? zero : u[ax][i];  // consumed: the step overwrote it
+      }
+    }
+    scalar_t* dS = static_cast<scalar_t*>(q.grad_scores);
+    acc_t* dlog[2] = {static_cast<acc_t*>(q.grad_log_a), static_cast<acc_t*>(q.grad_log_b)};
+    for (int64_t l = 0; l < count; ++l) {
+      for (int64_t k = 0; k < nm; ++k) dS[(b0 + l) * nm + k] = static_cast<scalar_t>(ds[k][l]);
+      for (int64_t i = 0; i < n; ++i) dlog[0][(b0 + l) * n + i] = dl[0][i][l];
+      for (int64_t j = 0; j < m; ++j) dlog[1][(b0 + l) * m + j] = dl[1][j][l];
+    }
+  }
+};
+
+template <typename scalar_t>
+bool backward_tiny(const sinkhorn::BwdParams& q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (q.n > kTinyMax || q.m > kTinyMax || q.n == 0 || q.m == 0) return false;
+  using Back = TinyBackward<scalar_t, acc_t>;
+  sinkhorn::FwdParams view;  // what the forward's loaders read
+  view.scores = q.scores;
+  view.log_a = q.log_a;
+  view.log_b = q.log_b;
+  view.B = q.B;
+  view.n = q.n;
+  view.m = q.m;
+  const TinySolver<scalar_t, acc_t> fwd{view};
+  const int64_t groups = (q.B + Back::L - 1) / Back::L;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<typename Back::V> hist(std::max<int64_t>(q.max_steps, 1) * kTinyMax);
+    const Back back{q, fwd};
+    for (int64_t g = g0; g < g1; ++g)
+      back.solve_group(g * Back::L, std::min(Back::L, q.B - g * Back::L), hist.data());
+  });
+  return true;
+}
 
 template <typename scalar_t>
 bool forward_tiny(const sinkhorn::FwdParams& p) {

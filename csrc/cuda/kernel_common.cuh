@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <cub/block/block_reduce.cuh>
 
 #include "../sinkhorn_math.h"
@@ -138,6 +139,23 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
     Lse<acc_t> s = math::lse_empty<acc_t>();
     for (int64_t i = 0; i < n; ++i) math::lse_push(s, to_acc(S[i * m + j]) + f[i]);
     use(j, math::lse_value(s));
+  }
+}
+
+
+// Block size by problem size, as a compile-time constant for fn: about 32 or more entries per
+// thread per pass, and a single warp for tiny problems (mHC's 4x4) so that large batches of
+// them fill the GPU with many small blocks. Shared by every kernel so their launches agree.
+template <typename F>
+void block_size_switch(int64_t entries, F&& fn) {
+  if (entries <= 1024) {
+    fn(std::integral_constant<int, 32>{});
+  } else if (entries <= 4096) {
+    fn(std::integral_constant<int, 64>{});
+  } else if (entries <= 16384) {
+    fn(std::integral_constant<int, 128>{});
+  } else {
+    fn(std::integral_constant<int, 256>{});
   }
 }
 

@@ -209,22 +209,14 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
     }
   }
 }
-
-// The forward's block sizes by problem size: about 32 or more entries per thread per pass, and a
-// single warp for tiny problems (mHC's 4x4) so that large batches fill the GPU with small blocks.
+// One block per problem, its size from block_size_switch (kernel_common.cuh).
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
-  const int64_t entries = p.n * p.m;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
-  if (entries <= 1024) {
-    backward_kernel<scalar_t, 32><<<grid, 32, 0, stream>>>(p);
-  } else if (entries <= 4096) {
-    backward_kernel<scalar_t, 64><<<grid, 64, 0, stream>>>(p);
-  } else if (entries <= 16384) {
-    backward_kernel<scalar_t, 128><<<grid, 128, 0, stream>>>(p);
-  } else {
-    backward_kernel<scalar_t, 256><<<grid, 256, 0, stream>>>(p);
-  }
+  block_size_switch(p.n * p.m, [&](auto block) {
+    constexpr int kBlock = decltype(block)::value;
+    backward_kernel<scalar_t, kBlock><<<grid, kBlock, 0, stream>>>(p);
+  });
 }
 
 }  // namespace

@@ -1,0 +1,138 @@
+"""Sinkhorn attention (MATH.md section 3): a drop-in for scaled_dot_product_attention whose
+attention matrix is made (close to) doubly stochastic by a few Sinkhorn steps."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._ops import sinkhorn
+
+__all__ = ["sinkhorn_attention"]
+
+_CAUSAL_ERROR = (
+    "sinkhorn_attention: is_causal=True needs steps=1 (plain softmax attention), got steps={steps}. "
+    "Under a causal mask the default column marginals (every key receives the same mass n/m, "
+    "MATH.md section 1) are infeasible: a lower-triangular matrix whose rows and columns all sum "
+    "to 1 is the identity, so further Sinkhorn steps would not converge and would silently "
+    "distort the attention. There is no published causal Sinkhorn attention to match "
+    "(MATH.md section 3); use steps=1, or build non-uniform column marginals yourself and call "
+    "sinkhorn_ops.sinkhorn directly."
+)
+
+
+def _check_causal(is_causal: bool, steps: int) -> None:
+    if is_causal and steps > 1:
+        raise ValueError(_CAUSAL_ERROR.format(steps=steps))
+
+
+def _sinkhorn_attention_with_weights(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    steps: int,
+    grad: str,
+) -> tuple[Tensor, Tensor]:
+    """The computation behind :func:`sinkhorn_attention`; also returns the attention matrix
+    P of shape (..., L, S) after dropout (what nn.MultiheadAttention returns as weights)."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"sinkhorn_attention: expected {name} to be a torch.Tensor, "
+                            f"got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"sinkhorn_attention: expected {name} with at least 2 dimensions "
+                             f"(..., seq, features), got shape {tuple(x.shape)}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"sinkhorn_attention: expected query and key with the same last "
+                         f"dimension E, got {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"sinkhorn_attention: expected key and value with the same sequence "
+                         f"length S, got {key.shape[-2]} and {value.shape[-2]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"sinkhorn_attention: expected 0 <= dropout_p <= 1, got {dropout_p}")
+    _check_causal(is_causal, steps)
+
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (..., L, S)
+
+    mask: Tensor | None = None  # bool, True = keep, for the operator's exact masking
+    if is_causal:
+        if attn_mask is not None:  # as scaled_dot_product_attention
+            raise ValueError("sinkhorn_attention: expected attn_mask=None with is_causal=True "
+                             "(as scaled_dot_product_attention)")
+        # Top-left aligned, as scaled_dot_product_attention for L != S.
+        mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+    elif attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask
+        else:
+            # Additive mask; -inf entries count as masked in the operator (P = 0 there).
+            scores = scores + attn_mask.to(scores.dtype)
+    if mask is not None:
+        full = torch.broadcast_shapes(scores.shape, mask.shape)
+        if full != scores.shape:  # the mask carries batch dimensions the scores lack
+            scores = scores.expand(full)
+
+    plan = sinkhorn(scores, mask=mask, steps=steps, start="row", grad=grad)
+    if dropout_p > 0.0:
+        # After normalisation, as scaled_dot_product_attention (which ignores training mode).
+        plan = F.dropout(plan, p=dropout_p, training=True)
+    out = torch.matmul(plan, value)
+    return out, plan
+
+
+def sinkhorn_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    steps: int = 3,
+    grad: str = "unrolled",
+) -> Tensor:
+    """Doubly-stochastic attention with the interface of ``F.scaled_dot_product_attention``.
+
+    Computes ``O = P V`` with ``P = sinkhorn(Q Kᵀ · scale (+ mask), steps, start="row")``
+    (MATH.md section 3): the first step is the row softmax, so ``steps=1`` is exactly softmax
+    attention; each further step alternately normalises the columns (every key receives the
+    same mass L/S) and the rows (every query's weights sum to 1). With ``steps=3`` (default)
+    this is the Sinkformers attention (Sander et al. 2022) with ``n_it=3``, which it equals
+    exactly when L = S.
+
+    Args:
+        query: (..., L, E).
+        key: (..., S, E); its batch dimensions broadcast against the query's.
+        value: (..., S, Ev).
+        attn_mask: broadcastable to (..., L, S). Bool: True keeps an entry (attends), False
+            masks it. Float: added to the scores; -inf masks an entry. Masked entries get
+            P = 0 and the default marginals are restricted to the allowed rows and columns
+            (MATH.md section 1): exact for key padding, and a query row with no allowed key
+            gives an all-zero output row (never NaN).
+        dropout_p: dropout probability applied to P after normalisation. As in
+            ``scaled_dot_product_attention`` it is applied whenever > 0 (pass 0.0 in eval).
+        is_causal: top-left causal mask, only with ``steps=1`` (ValueError otherwise: uniform
+            column marginals are infeasible under a causal mask, MATH.md section 3). Must not
+            be combined with ``attn_mask``.
+        scale: score scale; default ``1 / sqrt(E)``.
+        steps: Sinkhorn normalisations (half-iterations), starting with the rows.
+        grad: backward of the Sinkhorn op, "unrolled" (exact gradient of the steps run, as
+            Sinkformers train) or "implicit" (see ``sinkhorn_ops.sinkhorn``).
+
+    Returns:
+        (..., L, Ev) in the matmul's dtype: the query's dtype, or the autocast dtype under
+        autocast, as ``scaled_dot_product_attention``. The Sinkhorn runs in the scores' dtype
+        and accumulates in fp32 (fp64 for fp64).
+    """
+    out, _ = _sinkhorn_attention_with_weights(query, key, value, attn_mask, dropout_p,
+                                              is_causal, scale, steps, grad)
+    return out
