@@ -13,17 +13,19 @@ from ._ops import sinkhorn
 __all__ = ["sinkhorn_attention"]
 
 _CAUSAL_ERROR = (
-    "sinkhorn_attention: is_causal=True needs steps=1 (plain softmax attention), got steps={steps}. "
-    "Under a causal mask the default column marginals (every key receives the same mass n/m, "
-    "MATH.md section 1) are infeasible: a lower-triangular matrix whose rows and columns all sum "
-    "to 1 is the identity, so further Sinkhorn steps would not converge and would silently "
-    "distort the attention. There is no published causal Sinkhorn attention to match "
-    "(MATH.md section 3); use steps=1, or build non-uniform column marginals yourself and call "
-    "sinkhorn_ops.sinkhorn directly."
+    "sinkhorn_attention: causal attention needs steps=1 (plain causal softmax attention), got "
+    "steps={steps}. Sinkhorn steps beyond the first cannot respect a causal mask: (1) the default "
+    "column marginals are infeasible under it, since a lower-triangular matrix whose rows and "
+    "columns all sum to 1 is the identity (MATH.md section 3), so the steps would not converge; "
+    "(2) whatever the column marginals, a column step normalises key j over all queries, later "
+    "ones included, so the output at position i would depend on positions after i (a leak in "
+    "autoregressive training). There is no published causal Sinkhorn attention to match; use "
+    "steps=1 for causal layers."
 )
 
 
 def _check_causal(is_causal: bool, steps: int) -> None:
+    """Raises the ValueError above for causal attention with more than one step."""
     if is_causal and steps > 1:
         raise ValueError(_CAUSAL_ERROR.format(steps=steps))
 
@@ -57,7 +59,6 @@ def _sinkhorn_attention_with_weights(
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"sinkhorn_attention: expected 0 <= dropout_p <= 1, got {dropout_p}")
     _check_causal(is_causal, steps)
-
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (..., L, S)
@@ -120,9 +121,12 @@ def sinkhorn_attention(
             gives an all-zero output row (never NaN).
         dropout_p: dropout probability applied to P after normalisation. As in
             ``scaled_dot_product_attention`` it is applied whenever > 0 (pass 0.0 in eval).
-        is_causal: top-left causal mask, only with ``steps=1`` (ValueError otherwise: uniform
-            column marginals are infeasible under a causal mask, MATH.md section 3). Must not
-            be combined with ``attn_mask``.
+        is_causal: top-left causal mask (query i attends to keys j <= i), as SDPA; not with
+            ``attn_mask``. Only with ``steps=1`` (causal softmax); ValueError otherwise, because
+            more steps can neither meet the column marginals under a causal mask (MATH.md
+            section 3) nor keep position i independent of later positions (a column step
+            normalises each key over all queries). A causal pattern passed as ``attn_mask``
+            is not detected: it gets the same non-causal column normalisation.
         scale: score scale; default ``1 / sqrt(E)``.
         steps: Sinkhorn normalisations (half-iterations), starting with the rows.
         grad: backward of the Sinkhorn op, "unrolled" (exact gradient of the steps run, as

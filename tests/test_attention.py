@@ -100,6 +100,18 @@ def test_broadcasting_and_shapes():
     assert sinkhorn_attention(q[0, 0], k[0, 0], v[0, 0]).shape == (5, 3)
 
 
+def test_non_contiguous_and_empty():
+    q, k, v = qkv((3,), 5, 7, 4, 6, seed=4)
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    vt = v.transpose(-2, -1).contiguous().transpose(-2, -1)
+    assert not qt.is_contiguous() and not vt.is_contiguous()
+    assert_close(sinkhorn_attention(qt, k, vt, steps=3), sinkhorn_attention(q, k, v, steps=3),
+                 atol=1e-12, name="non-contiguous")
+    assert sinkhorn_attention(q[:, :0], k, v, steps=3).shape == (3, 0, 6)
+    out = sinkhorn_attention(q, k[:, :0], v[:, :0], steps=3)  # no keys: zero rows, not NaN
+    assert out.shape == (3, 5, 6) and (out == 0).all()
+
+
 def test_key_padding_is_exact():
     """Padded keys (MATH.md section 1 mask paragraph): the result equals the unpadded problem."""
     q, k, v = qkv((3,), 8, 8, 4, 4, seed=5)
@@ -200,17 +212,56 @@ def test_dropout():
 
 
 def test_causal():
-    q, k, v = qkv((1,), 5, 5, 4, 4)
-    with pytest.raises(ValueError, match="infeasible"):
+    """steps=1 is causal softmax; more steps raise, explaining why (MATH.md section 3)."""
+    q, k, v = qkv((1,), 5, 7, 4, 4)
+    assert_close(sinkhorn_attention(q, k, v, is_causal=True, steps=1),
+                 F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12,
+                 name="causal steps=1")
+    with pytest.raises(ValueError, match="infeasible.*positions after i"):
         sinkhorn_attention(q, k, v, is_causal=True, steps=3)
     with pytest.raises(ValueError, match="attn_mask"):
-        sinkhorn_attention(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool),
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool),
                            is_causal=True, steps=1)
     mha = SinkhornMultiheadAttention(8, 2, steps=3)
     x = torch.randn(5, 1, 8)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     with pytest.raises(ValueError, match="infeasible"):
         mha(x, x, x, attn_mask=causal, is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask"):  # as nn.MultiheadAttention
+        mha(x, x, x, is_causal=True)
+    mha.steps = 1
+    ref = nn.MultiheadAttention(8, 2)
+    ref.load_state_dict(mha.state_dict())
+    assert_close(mha(x, x, x, attn_mask=causal, is_causal=True)[0],
+                 ref(x, x, x, attn_mask=causal, is_causal=True)[0], atol=2e-6, name="mha causal")
+
+
+def test_causal_leak_is_why():
+    """The reason for the error: with column steps, the output at position i under a causal
+    pattern depends on later positions (here given as a plain attn_mask, which is not detected)."""
+    q, k, v = qkv((1,), 6, 6, 4, 4, seed=13)
+    keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, 4:] += 1.0  # change only later positions
+    k2[:, 4:] += 1.0
+    v2[:, 4:] += 1.0
+    for steps, leaks in ((1, False), (3, True)):
+        a = sinkhorn_attention(q, k, v, attn_mask=keep, steps=steps)[:, :4]
+        b = sinkhorn_attention(q2, k2, v2, attn_mask=keep, steps=steps)[:, :4]
+        assert ((a - b).abs().max() > 1e-6) == leaks, f"steps={steps}"
+
+
+def test_encoder_with_causal_mask():
+    """nn.TransformerEncoder detects a causal src mask and passes is_causal=True to the
+    converted attention: steps > 1 raise instead of leaking, steps=1 is the softmax model."""
+    ref = encoder()
+    model = convert_to_sinkhorn_attention(encoder(), steps=5)
+    x = torch.randn(2, 6, 8)
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    with pytest.raises(ValueError, match="infeasible"):
+        model(x, mask=causal)
+    convert_to_sinkhorn_attention(model, steps=1)
+    assert_close(model(x, mask=causal), ref(x, mask=causal), atol=1e-5, name="steps=1")
 
 
 # ---------------------------------------------------------------- module

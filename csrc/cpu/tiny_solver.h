@@ -277,10 +277,15 @@ bool backward_tiny(const sinkhorn::BwdParams& q) {
   const TinySolver<scalar_t, acc_t> fwd{view};
   const int64_t groups = (q.B + Back::L - 1) / Back::L;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<typename Back::V> hist(std::max<int64_t>(q.max_steps, 1) * kTinyMax);
+    // The LSE history of a group. std::vector would not honour the vectors' 64-byte alignment.
+    using V = typename Back::V;
+    const size_t bytes = sizeof(V) * std::max<int64_t>(q.max_steps, 1) * kTinyMax;
+    std::unique_ptr<V, void (*)(void*)> hist(static_cast<V*>(std::aligned_alloc(64, bytes)),
+                                             &std::free);
+    TORCH_CHECK(hist != nullptr, "sinkhorn_backward: out of memory for ", bytes, " bytes");
     const Back back{q, fwd};
     for (int64_t g = g0; g < g1; ++g)
-      back.solve_group(g * Back::L, std::min(Back::L, q.B - g * Back::L), hist.data());
+      back.solve_group(g * Back::L, std::min(Back::L, q.B - g * Back::L), hist.get());
   });
   return true;
 }

@@ -16,7 +16,6 @@ def _keep_python_forward(module: nn.Module, args: tuple) -> None:
     ``self_attn.forward`` and runs the fused softmax kernel ``torch._transformer_encoder_layer_fwd``
     on the attention's weights: that silently computes softmax attention. It takes that fast
     path only when no module of the layer has hooks, so this hook keeps our forward in use."""
-    return
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tensor | None:
@@ -48,6 +47,11 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
     ``batch_first``, or (L, E) unbatched; key (S, N, kdim), value (S, N, vdim) likewise.
     key_padding_mask (N, S) or (S,), attn_mask (L, S) or (N * num_heads, L, S); bool masks
     mark with True the positions NOT allowed to attend, float masks are added to the scores.
+
+    Causal masks: with ``steps > 1``, ``is_causal=True`` raises ValueError (see
+    :func:`sinkhorn_ops.sinkhorn_attention`: the column steps would make position i depend on
+    later positions); nn.TransformerEncoder sets it by itself when it detects a causal mask. A
+    causal attn_mask given without the hint is not detected and is normalised over all queries.
     """
 
     def __init__(
