@@ -38,9 +38,14 @@ def _sources(pattern: str) -> list:
 
 def extensions():
     sources = _sources("csrc/extension.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp")
-    # -fno-trapping-math lets the vectoriser turn the -inf guards into selects.
-    cxx = ["-O3", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+    # -fno-trapping-math lets the vectoriser turn the -inf guards into selects. -fopenmp: ATen's
+    # at::parallel_for is an OpenMP pragma in a header, serial in code compiled without it.
+    cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-std=c++17"]

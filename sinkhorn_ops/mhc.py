@@ -1,0 +1,120 @@
+"""Functional pieces of mHC, manifold-constrained hyper-connections (MATH.md section 4): the two
+Sinkhorn variants that make the residual mixing matrix H_res, and the two stream mixings."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ops import sinkhorn
+
+__all__ = ["mhc_sinkhorn", "mhc_v4_sinkhorn", "mhc_branch_input", "mhc_combine"]
+
+_GRADS = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
+
+
+def _sinkhorn_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The mHC paper runs the Sinkhorn in fp32 whatever the activation dtype; float64 stays
+    float64 so that the float64 tests compare like with like."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_logits(name: str, logits: Tensor, iters: int) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name}: expected logits to be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"{name}: expected logits of shape (..., n, n), got {tuple(logits.shape)}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{name}: expected iters to be an int >= 1, got {iters!r}")
+
+
+def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> Tensor:
+    """H_res = Sinkhorn-Knopp(H̃_res) of the mHC paper (Xie et al. 2025, eq. 9).
+
+    M⁰ = exp(H̃_res), M^t = T_r(T_c(M^{t-1})) for t = 1..iters: a column normalisation, then a
+    row one, ``iters`` times. That is our fused log-domain operator with ``steps = 2 * iters``,
+    ``start="col"`` and the default marginals, which for a square problem are a = b = 1
+    (MATH.md section 1, published-variants table). The rows sum to 1 exactly (the last step is a
+    row step); the columns to 1 up to the convergence error after ``iters`` iterations.
+
+    Args:
+        logits: (..., n, n) H̃_res, any floating dtype; cast to fp32 before the Sinkhorn (fp64
+            stays fp64), as the paper runs it in fp32 whatever the activation dtype.
+        iters: Sinkhorn-Knopp iterations t_max (each one column and one row normalisation).
+        grad: backward of the operator, "unrolled" (default: the exact gradient of the
+            iterations that ran, what the paper trains with), or "implicit" (the gradient at the
+            fixed point, MATH.md section 2.2; "implicit_dense" and "implicit_cg" force a solver).
+
+    Returns:
+        (..., n, n) doubly-stochastic H_res in fp32 (fp64 for fp64 logits).
+    """
+    _check_logits("mhc_sinkhorn", logits, iters)
+    if grad not in _GRADS:
+        raise ValueError(f"mhc_sinkhorn: expected grad in {_GRADS}, got {grad!r}")
+    return sinkhorn(logits.to(_sinkhorn_dtype(logits.dtype)), steps=2 * iters, start="col",
+                    grad=grad)
+
+
+def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tensor:
+    """The linear-domain Sinkhorn of DeepSeek-V4's production mHC (MATH.md section 1 table).
+
+    Literally::
+
+        comb = softmax(logits, dim=-1) + eps
+        comb = comb / (comb.sum(-2) + eps)                  # column sums
+        repeat iters - 1 times:
+            comb = comb / (comb.sum(-1) + eps)              # row sums
+            comb = comb / (comb.sum(-2) + eps)              # column sums
+
+    The model mixes the streams with combᵀ (x_{l+1} = combᵀ x_l + ...), which
+    :class:`sinkhorn_ops.nn.ManifoldConstrainedHyperConnections` does with ``variant="v4"``. It
+    differs from :func:`mhc_sinkhorn` by O(eps) and in its last step (columns, not rows).
+
+    This is pure PyTorch (about 4 * iters small kernels), not yet a fused kernel; autograd
+    through the loop gives the unrolled gradient.
+
+    Args:
+        logits: (..., n, n), any floating dtype; computed in fp32 (fp64 stays fp64).
+        iters: number of column normalisations (the first row normalisation is the softmax).
+        eps: added to the softmax and to every sum, as published (1e-6).
+
+    Returns:
+        (..., n, n) comb in fp32 (fp64 for fp64 logits), not transposed.
+    """
+    _check_logits("mhc_v4_sinkhorn", logits, iters)
+    comb = torch.softmax(logits.to(_sinkhorn_dtype(logits.dtype)), dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
+    """H_pre x_l: the sub-layer's input, a weighted sum of the n streams.
+
+    Args:
+        x: (..., n, C) streams in the activation dtype.
+        h_pre: (..., n) weights (any floating dtype; cast to x's dtype, the mixing dtype).
+
+    Returns:
+        (..., C) in x's dtype.
+    """
+    # A broadcast product and a sum rather than einsum: einsum becomes a bmm of (n x C) problems
+    # per token, several times slower for n <= 8 on the CPU.
+    return (h_pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
+
+
+def mhc_combine(x: Tensor, branch_output: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """x_{l+1} = H_res x_l + H_postᵀ F(H_pre x_l) (MATH.md section 4), mixed in x's dtype.
+
+    Args:
+        x: (..., n, C) streams x_l.
+        branch_output: (..., C) the sub-layer's output F(H_pre x_l).
+        h_post: (..., n) write-back weights of the output into each stream.
+        h_res: (..., n, n) residual mixing: stream i of the result takes Σ_j h_res[i, j] x_j.
+
+    Returns:
+        (..., n, C) x_{l+1} in x's dtype.
+    """
+    mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # see mhc_branch_input
+    return mixed + h_post.to(x.dtype).unsqueeze(-1) * branch_output.to(x.dtype).unsqueeze(-2)
