@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._ops import sinkhorn
 
-__all__ = ["mhc_sinkhorn", "mhc_v4_sinkhorn", "mhc_branch_input", "mhc_combine"]
+__all__ = ["mhc_branch_input", "mhc_combine", "mhc_sinkhorn", "mhc_v4_sinkhorn"]
 
 _GRADS = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
 
@@ -69,7 +69,7 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     :class:`sinkhorn_ops.nn.ManifoldConstrainedHyperConnections` does with ``variant="v4"``. It
     differs from :func:`mhc_sinkhorn` by O(eps) and in its last step (columns, not rows).
 
-    This is pure PyTorch (about 4 * iters small kernels), not yet a fused kernel; autograd
+    This is pure PyTorch (about 6 small ops per iteration), not yet a fused kernel; autograd
     through the loop gives the unrolled gradient.
 
     Args:

@@ -3,19 +3,26 @@ balanced self-labelling, with the N x K score matrix rebuilt chunk by chunk and 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["SinkhornAssignment", "sinkhorn_assign", "balanced_assignment",
-           "optvq_sinkhorn_reference", "optvq_normalize_reference",
-           "swav_sinkhorn_reference"]
+__all__ = [
+    "SinkhornAssignment",
+    "balanced_assignment",
+    "optvq_normalize_reference",
+    "optvq_sinkhorn_reference",
+    "sinkhorn_assign",
+    "swav_sinkhorn_reference",
+]
 
-# Default chunk: 2^24 score entries (64 MiB in fp32) per chunk, a GEMM large enough to run at full
-# speed and small enough that a 16384-code book leaves room for 1024-row chunks.
-_CHUNK_ELEMENTS = 1 << 24
+# Default chunk, in score entries: on GPUs 2^24 (64 MiB in fp32; 1024 rows of a 16384-code book),
+# a GEMM large enough to run at full speed; on CPUs 2^21 (8 MiB), so the chunk's ~10 elementwise
+# passes run from cache (measured 2x faster than 2^24 at N = K = 4096).
+_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 21}
 # The row log-sum-exp needs the chunk intact afterwards (the column step reuses it), so it works on
 # row slices of 1/_ROW_SPLIT of the chunk: its scratch stays an eighth of the chunk buffer.
 _ROW_SPLIT = 8
@@ -33,7 +40,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _use_distributed(distributed: Optional[bool]) -> bool:
+def _use_distributed(distributed: bool | None) -> bool:
     if distributed is None:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -41,9 +48,10 @@ def _use_distributed(distributed: Optional[bool]) -> bool:
     return bool(distributed)
 
 
-def _chunk_rows(n: int, k: int, chunk_size: Optional[int], op: str) -> int:
+def _chunk_rows(n: int, k: int, chunk_size: int | None, op: str, device: torch.device) -> int:
     if chunk_size is None:
-        return max(1, min(max(n, 1), _CHUNK_ELEMENTS // max(k, 1)))
+        elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"])
+        return max(1, min(max(n, 1), elements // max(k, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: expected chunk_size a positive int or None, got {chunk_size!r}")
     return min(chunk_size, max(n, 1))
@@ -99,34 +107,55 @@ def _global_count(n: int, device: torch.device, distributed: bool) -> float:
 
 
 def _streaming_sinkhorn(fill: Callable[[Tensor, int, int], Tensor], n: int, k: int, *,
-                        steps: int, chunk: int, dtype: torch.dtype, device: torch.device,
-                        distributed: bool) -> Tensor:
-    """g after `steps` column steps (starting with columns, a = 1, b = N/K; MATH.md section 1).
+                        iters: int, chunk: int, dtype: torch.dtype, device: torch.device,
+                        distributed: bool, guard: float = 0.0) -> Tensor:
+    """g after `iters` column steps (starting with columns, a = 1, b = N/K; MATH.md section 1).
 
     fill(buf, lo, hi) writes the scores of rows lo..hi-1 into buf[: hi - lo] and returns that view.
     Each step is one pass over the chunks: the row step of the chunk (with the previous g) is local,
     then the chunk's contribution to the column LSE, summed over chunks and ranks.
+
+    guard > 0 replays the published kernel-domain loop with its guards in the log domain: the
+    reference keeps Q = exp(S + f + g) scaled to total mass 1, and divides by (sum + guard), so
+    g_k -= log(exp(g_k + LSE_i(S_ik + f_i)) + guard) + log K, the same for f with N, after
+    f = -log(sum(exp S) + guard). With guard = 0 this is section 1 with f shifted by -log N.
     """
     g = torch.zeros(k, dtype=dtype, device=device)
-    if steps == 0:
+    if iters == 0:
         return g
-    log_b = math.log(_global_count(n, device, distributed) / k)
+    n_all = _global_count(n, device, distributed)
+    log_b, log_n, log_k = math.log(n_all / k), math.log(n_all), math.log(k)
+    log_guard = math.log(guard) if guard > 0 else None
     buf = torch.empty((chunk, k), dtype=dtype, device=device)
     f = torch.zeros(n, dtype=dtype, device=device)
-    for step in range(steps):
+    for step in range(iters):
         col = _ColumnLSE(k, g)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             s = fill(buf, lo, hi)
             if step > 0:  # row step f_i = log 1 - LSE_k (S_ik + g_k)
-                f[lo:hi] = -_row_lse(s, g)
+                r = _row_lse(s, g)
+                f[lo:hi] = -r if log_guard is None else (
+                    f[lo:hi] - torch.logaddexp(f[lo:hi] + r, _full(r, log_guard)) - log_n)
             col.add(s.add_(f[lo:hi, None]))
-        g = log_b - col.result(distributed)
+        lse = col.result(distributed)
+        if log_guard is None:
+            g = log_b - lse
+            continue
+        if step == 0:  # the published loop first scales Q to total mass 1 (guarded)
+            c = torch.logaddexp(torch.logsumexp(lse, 0), _full(lse[0], log_guard))
+            lse = lse - c
+            f.fill_(-c)
+        g = g - torch.logaddexp(g + lse, _full(lse, log_guard)) - log_k
     return g
 
 
+def _full(like: Tensor, value: float) -> Tensor:
+    return torch.full_like(like, value)
+
+
 def _assign_pass(fill, n: int, k: int, g: Tensor, *, chunk: int, sample: bool,
-                 generator: Optional[torch.Generator]) -> Tensor:
+                 generator: torch.Generator | None) -> Tensor:
     """index_i = argmax_k (S_ik + g_k) (MATH.md section 5), or a draw from the plan's row i."""
     idx = torch.empty(n, dtype=torch.int64, device=g.device)
     buf = torch.empty((min(chunk, max(n, 1)), k), dtype=g.dtype, device=g.device)
@@ -144,7 +173,7 @@ def _assign_pass(fill, n: int, k: int, g: Tensor, *, chunk: int, sample: bool,
 class _Distances:
     """Fills chunks of S = -epsilon * normalise(A), A_ik = ||x_i - e_k||_2 from the GEMM form."""
 
-    def __init__(self, x: Tensor, codebook: Tensor, epsilon: float, normalize: Optional[str],
+    def __init__(self, x: Tensor, codebook: Tensor, epsilon: float, normalize: str | None,
                  dtype: torch.dtype) -> None:
         self.x = x
         self.e = codebook.to(dtype)
@@ -152,7 +181,7 @@ class _Distances:
         self.dtype = dtype
         self.epsilon = epsilon
         self.normalize = normalize
-        self.shift = None  # (mean, std + 1e-6, min of the normalised matrix) for "all"
+        self.affine = None  # S = scale * A + shift for "all" (0-d float64 tensors)
 
     def distances(self, buf: Tensor, lo: int, hi: int) -> Tensor:
         xc = self.x[lo:hi].to(self.dtype)
@@ -192,18 +221,18 @@ class _Distances:
             count, mean = sums[0], g_mean
         # torch.std is unbiased (N K - 1); the reference normalises with it.
         std = (m2 / max(float(count) - 1.0, 1.0)).sqrt()
-        mean_t, den = mean.to(self.dtype), std.to(self.dtype) + 1e-6
-        # (a - mean) / den is monotone in a, so the normalised matrix's min is the normalised min,
-        # bit for bit when computed with the same operations in the same dtype.
-        self.shift = (mean_t, den, (amin - mean_t) / den)
+        # The normalised matrix's min is the normalised min ((a - mean) / den is monotone), and
+        # S = -eps ((A - mean) / den - min) = scale A + shift folds into two passes over a chunk.
+        den = std + 1e-6
+        self.affine = (-self.epsilon / den, self.epsilon * (mean / den + (amin.double() - mean) / den))
 
     def scores(self, buf: Tensor, lo: int, hi: int) -> Tensor:
         a = self.distances(buf, lo, hi)
         if self.normalize == "all":
-            mean, den, amin = self.shift
-            a.sub_(mean).div_(den).sub_(amin)
-        elif self.normalize == "dim":
-            a.div_(math.sqrt(self.e.shape[1]))
+            scale, shift = self.affine
+            return a.mul_(scale.to(a.dtype)).add_(shift.to(a.dtype))
+        if self.normalize == "dim":
+            return a.mul_(-self.epsilon / math.sqrt(self.e.shape[1]))
         return a.mul_(-self.epsilon)
 
 
@@ -221,12 +250,13 @@ def sinkhorn_assign(
     *,
     epsilon: float = 10.0,
     iters: int = 5,
-    normalize: Optional[str] = "all",
-    chunk_size: Optional[int] = None,
+    normalize: str | None = "all",
+    chunk_size: int | None = None,
     sample: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     return_potentials: bool = False,
-    distributed: Optional[bool] = None,
+    distributed: bool | None = None,
+    guard: float = 0.0,
 ):
     """OptVQ's Sinkhorn code assignment (MATH.md section 5), streamed over row chunks.
 
@@ -248,16 +278,22 @@ def sinkhorn_assign(
         iters: Sinkhorn iterations (each a column then a row normalisation; the row step of the
             last one is implied by the argmax).
         normalize: "all", "dim" or None, as in the reference.
-        chunk_size: rows per chunk; default 2^24 / K.
+        chunk_size: rows per chunk; default 2^21 / K on CPU, 2^24 / K on GPU.
         sample: draw index_i from the plan's row i (the reference's ``use_prob``) instead of argmax.
         generator: random generator for ``sample``.
         return_potentials: return ``SinkhornAssignment(indices, g)``.
         distributed: sum the column (per-code) reductions and the "all" statistics over the ranks
             of torch.distributed, N being the global count; row steps stay local. Default: when
             torch.distributed is initialised with more than one rank. Every rank must call it.
+        guard: 0 (default) runs MATH.md section 1 exactly. The published loop adds 1e-8 to every
+            sum it divides by; ``guard=1e-8`` replays that in the log domain (without its
+            underflow). The guard matters for codes or vectors whose kernel mass falls near 1e-8
+            (far from all data under epsilon = 10): it leaves them nearly unnormalised, where
+            exact Sinkhorn forces mass b = N/K onto them, and it can change assignments.
 
     Returns:
-        (N,) int64 indices, or ``SinkhornAssignment(indices, g)``.
+        (N,) int64 indices, or ``SinkhornAssignment(indices, g)`` (with guard > 0, g is in the
+        published loop's gauge, Q = N exp(S + f + g)).
     """
     op = "sinkhorn_assign"
     if not isinstance(x, Tensor) or not isinstance(codebook, Tensor):
@@ -276,18 +312,20 @@ def sinkhorn_assign(
     if normalize not in _NORMALIZE_MODES:
         raise ValueError(f"{op}: expected normalize 'all', 'dim' or None, got {normalize!r}")
     _check_iter_args(op, iters, epsilon)
+    if not isinstance(guard, (int, float)) or not guard >= 0 or not math.isfinite(guard):
+        raise ValueError(f"{op}: expected guard a finite number >= 0, got {guard!r}")
     n, k = x.shape[0], codebook.shape[0]
     distributed = _use_distributed(distributed) and iters > 0
     if n == 0 and not distributed:
         idx = torch.empty(0, dtype=torch.int64, device=x.device)
         g = torch.zeros(k, dtype=_accumulation_dtype(x.dtype), device=x.device)
         return SinkhornAssignment(idx, g) if return_potentials else idx
-    chunk = _chunk_rows(n, k, chunk_size, op)
+    chunk = _chunk_rows(n, k, chunk_size, op, x.device)
     dtype = _accumulation_dtype(torch.promote_types(x.dtype, codebook.dtype))
     src = _Distances(x, codebook, float(epsilon), normalize, dtype)
     src.fit(n, chunk, distributed)
-    g = _streaming_sinkhorn(src.scores, n, k, steps=iters, chunk=chunk, dtype=dtype,
-                            device=x.device, distributed=distributed)
+    g = _streaming_sinkhorn(src.scores, n, k, iters=iters, chunk=chunk, dtype=dtype,
+                            device=x.device, distributed=distributed, guard=float(guard))
     idx = _assign_pass(src.scores, n, k, g, chunk=chunk, sample=sample, generator=generator)
     return SinkhornAssignment(idx, g) if return_potentials else idx
 
@@ -298,8 +336,8 @@ def balanced_assignment(
     *,
     iters: int = 3,
     epsilon: float = 0.05,
-    chunk_size: Optional[int] = None,
-    distributed: Optional[bool] = None,
+    chunk_size: int | None = None,
+    distributed: bool | None = None,
 ) -> Tensor:
     """SwAV / SeLa balanced soft assignment (MATH.md section 1, table row OptVQ / SwAV).
 
@@ -313,7 +351,7 @@ def balanced_assignment(
         scores: (N, K) sample-prototype similarities (SwAV: normalised features times prototypes).
         iters: Sinkhorn iterations (SwAV: 3).
         epsilon: temperature (SwAV: 0.05).
-        chunk_size: rows per chunk; default 2^24 / K.
+        chunk_size: rows per chunk; default 2^21 / K on CPU, 2^24 / K on GPU.
         distributed: as in :func:`sinkhorn_assign`.
 
     Returns:
@@ -330,13 +368,13 @@ def balanced_assignment(
     _check_iter_args(op, iters, epsilon)
     n, k = scores.shape
     distributed = _use_distributed(distributed) and iters > 0
-    chunk = _chunk_rows(n, k, chunk_size, op)
+    chunk = _chunk_rows(n, k, chunk_size, op, scores.device)
     dtype = _accumulation_dtype(scores.dtype)
 
     def fill(buf: Tensor, lo: int, hi: int) -> Tensor:
         return buf[:hi - lo].copy_(scores[lo:hi]).div_(epsilon)
 
-    g = _streaming_sinkhorn(fill, n, k, steps=2 * iters, chunk=chunk, dtype=dtype,
+    g = _streaming_sinkhorn(fill, n, k, iters=iters, chunk=chunk, dtype=dtype,
                             device=scores.device, distributed=distributed)
     q = torch.empty((n, k), dtype=dtype, device=scores.device)
     for lo in range(0, n, chunk):  # final row step, written straight into the output
@@ -362,7 +400,7 @@ def optvq_sinkhorn_reference(cost: Tensor, epsilon: float = 10.0, iters: int = 5
     return q * n
 
 
-def optvq_normalize_reference(a: Tensor, mode: Optional[str], dim: int) -> Tensor:
+def optvq_normalize_reference(a: Tensor, mode: str | None, dim: int) -> Tensor:
     """The reference's cost normalisation: "all", "dim" or None."""
     if mode == "all":
         a = (a - a.mean()) / (a.std() + 1e-6)

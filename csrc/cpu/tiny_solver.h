@@ -12,6 +12,7 @@ namespace cpu {
 namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
 
 constexpr int64_t kTinyMax = 16;
+constexpr int64_t kRefreshEvery = 16;  // exact log-domain steps bound the scaling form's drift
 
 template <typename scalar_t, typename acc_t>
 struct TinySolver {
@@ -60,7 +61,7 @@ struct TinySolver {
 
   // Solves problems [b0, b0 + count), count <= L.
   void solve_group(int64_t b0, int64_t count) const {
-    const int64_t n = p.n, m = p.m;
+    const int64_t n = p.n, m = p.m, nm = n * m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
     V s[kTinyMax * kTinyMax];
@@ -81,15 +82,43 @@ struct TinySolver {
     for (int64_t i = 0; i < n; ++i) mass += target[0][i];
     const V threshold = mass * static_cast<acc_t>(p.tol);
 
+    // Steps run in the scaling form: K = exp(S + f (+) g) is kept, a step sums it along one
+    // axis and rescales by target / sum, and the potential gains log(target / sum): one log per
+    // row instead of one exp per entry, the same iterate as the log-domain step. Step 0, every
+    // kRefreshEvery-th step, any step where an allowed sum falls below floor_mass (where the
+    // linear form would lose mass to underflow), and groups with a +inf score take the exact
+    // log-domain step instead and rebuild K from the potentials.
+    V K[kTinyMax * kTinyMax];
+    V dpot[2][kTinyMax] = {};  // the potentials' increments since the last exact step
+    bool has_pinf = false;
+    for (int64_t k = 0; k < nm; ++k)
+      for (int64_t l = 0; l < L; ++l) has_pinf = has_pinf || s[k][l] == -ninf[0];
+    const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
     for (int64_t k = 0; k < p.steps; ++k) {
       const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
-      const int64_t len = ax ? m : n;
-      lse_pass(ax, s, pot, lse);
+      const int64_t len = ax ? m : n, other = ax ? n : m;
+      auto at = [&](int64_t i, int64_t j) -> V& { return K[ax ? j * m + i : i * m + j]; };
+      V got[kTinyMax];  // the marginal under the current potentials, along this step's axis
+      bool exact = k == 0 || has_pinf || k % kRefreshEvery == 0;
+      if (!exact) {
+        for (int64_t i = 0; i < len; ++i) {
+          V sum = zero;
+          for (int64_t j = 0; j < other; ++j) sum += at(i, j);
+          got[i] = sum;
+          const auto low = sum < floor_mass && target[ax][i] > zero;
+          for (int64_t l = 0; l < L; ++l) exact = exact || low[l];
+        }
+      }
+      if (exact) {
+        fold(pot, dpot);
+        lse_pass(ax, s, pot, lse);
+        for (int64_t i = 0; i < len; ++i)
+          got[i] = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
+      }
       if (p.tol > 0 && k >= 1) {
         V err = zero;
         for (int64_t i = 0; i < len; ++i) {
-          const V got = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
-          const V d = got - target[ax][i];
+          const V d = got[i] - target[ax][i];
           err += d < zero ? -d : d;
         }
         const auto stop = done == zero && err <= threshold;
@@ -104,10 +133,35 @@ struct TinySolver {
         for (int64_t l = 0; l < L; ++l) all_done = all_done && done[l] != 0;
         if (all_done) break;
       }
-      for (int64_t i = 0; i < len; ++i)
-        pot[ax][i] = done != zero ? pot[ax][i] : potential(lm[ax][i], lse[i]);
+      if (exact) {
+        for (int64_t i = 0; i < len; ++i)
+          pot[ax][i] = done != zero ? pot[ax][i] : potential(lm[ax][i], lse[i]);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < m; ++j)
+            K[i * m + j] = exp_vec(s[i * m + j] + pot[0][i] + pot[1][j]);
+        continue;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        // An empty row keeps its potential (math::potential); a zero target empties the row.
+        V ratio = got[i] > zero ? target[ax][i] / got[i] : one;
+        ratio = done != zero ? one : ratio;
+        dpot[ax][i] += ratio > zero ? log_vec(ratio) : ninf;
+        for (int64_t j = 0; j < other; ++j) at(i, j) *= ratio;
+      }
     }
+    fold(pot, dpot);
     write(b0, count, s, pot, target, used, done);
+  }
+
+  // Adds the scaling steps' increments to the potentials. They are kept apart in between:
+  // added one by one to a large potential (|f| ~ 1e4 for extreme logits) each would round at
+  // that potential's ulp.
+  void fold(V (*pot)[kTinyMax], V (*dpot)[kTinyMax]) const {
+    for (int ax = 0; ax < 2; ++ax)
+      for (int64_t i = 0; i < (ax ? p.m : p.n); ++i) {
+        pot[ax][i] += dpot[ax][i];
+        dpot[ax][i] = splat<V>(0);
+      }
   }
 
   void load_marginals(int64_t b0, int64_t count, const V* s, V (*lm)[kTinyMax]) const {

@@ -9,10 +9,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..mhc import mhc_branch_input, mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn
+from ..mhc import _GRADS, mhc_branch_input, mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn
 
-__all__ = ["ManifoldConstrainedHyperConnections", "MHCMappings", "expand_streams",
-           "reduce_streams"]
+__all__ = [
+    "MHCMappings",
+    "ManifoldConstrainedHyperConnections",
+    "expand_streams",
+    "reduce_streams",
+]
 
 _VARIANTS = ("paper", "v4")
 _REDUCTIONS = ("sum", "mean")
@@ -71,7 +75,9 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         iters: Sinkhorn iterations (20 in the paper and in DeepSeek-V4).
         variant: "paper" (the log-domain Sinkhorn above) or "v4", DeepSeek-V4's production
             variant: H_res = combᵀ with comb = :func:`sinkhorn_ops.mhc_v4_sinkhorn` (linear
-            domain, eps in every sum), and H_pre = σ(...) + eps.
+            domain, eps in every sum), and H_pre = σ(...) + eps, as in the public
+            re-implementations of DeepSeek-V4's inference code (MATH.md gives only its Sinkhorn).
+            Its learned final reduction of the streams is not provided (see reduce_streams).
         eps: the eps of the "v4" variant (1e-6 as published); unused by "paper".
         grad: backward of the Sinkhorn of "paper": "unrolled" (default, the paper's) or
             "implicit" (also "implicit_dense", "implicit_cg"). "v4" is differentiated by
@@ -93,21 +99,29 @@ class ManifoldConstrainedHyperConnections(nn.Module):
     Shapes: x is (..., n, C), any leading dimensions (e.g. (batch, time, n, C)); F receives and
     returns (..., C); the output is (..., n, C) in x's dtype.
 
-    Example::
+    Example (run by the tests)::
 
-        from sinkhorn_ops.nn import (ManifoldConstrainedHyperConnections, expand_streams,
-                                     reduce_streams)
-        n, C = 4, 64
-        mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
-        layer = ManifoldConstrainedHyperConnections(n, C, branch=mlp)
-        x = expand_streams(embedding(tokens), n)       # (B, T, C) -> (B, T, n, C)
-        x = layer(x)                                   # (B, T, n, C)
-        h = reduce_streams(x)                          # (B, T, C), then the final norm and head
+        >>> import torch
+        >>> from torch import nn
+        >>> from sinkhorn_ops.nn import (ManifoldConstrainedHyperConnections, expand_streams,
+        ...                              reduce_streams)
+        >>> n, C = 4, 64
+        >>> mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
+        >>> layer = ManifoldConstrainedHyperConnections(n, C, branch=mlp)
+        >>> h = torch.randn(2, 10, C)          # (batch, time, C), e.g. the token embeddings
+        >>> x = expand_streams(h, n)           # (2, 10, 4, 64)
+        >>> x = layer(x)                       # x_{l+1}, (2, 10, 4, 64)
+        >>> reduce_streams(x).shape            # then the final norm and the head
+        torch.Size([2, 10, 64])
 
-        # F with extra arguments, or called by hand:
-        attn_hc = ManifoldConstrainedHyperConnections(n, C)          # branch=None
-        h_in, maps = attn_hc.width_connection(x)                    # (B, T, C)
-        x = attn_hc.depth_connection(x, attn(h_in, mask=m), maps)   # (B, T, n, C)
+        A sub-layer with other arguments, called by hand between the two halves:
+
+        >>> attn = nn.MultiheadAttention(C, 4, batch_first=True)
+        >>> hc = ManifoldConstrainedHyperConnections(n, C)    # branch=None
+        >>> h_in, maps = hc.width_connection(x)               # H_pre x: (2, 10, 64)
+        >>> out, _ = attn(h_in, h_in, h_in, need_weights=False)
+        >>> hc.depth_connection(x, out, maps).shape
+        torch.Size([2, 10, 4, 64])
     """
 
     def __init__(
@@ -133,6 +147,8 @@ class ManifoldConstrainedHyperConnections(nn.Module):
                 raise ValueError(f"{name}: expected {arg} to be an int >= {low}, got {value!r}")
         if variant not in _VARIANTS:
             raise ValueError(f"{name}: expected variant in {_VARIANTS}, got {variant!r}")
+        if grad not in _GRADS:
+            raise ValueError(f"{name}: expected grad in {_GRADS}, got {grad!r}")
         if variant == "v4" and grad != "unrolled":
             raise ValueError(f"{name}: variant 'v4' is differentiated through its loop (the "
                              f"unrolled gradient); expected grad='unrolled', got {grad!r}")

@@ -2,8 +2,6 @@
 by the streaming Sinkhorn of sinkhorn_ops.sinkhorn_assign, straight-through output."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,7 +15,7 @@ _LOSSES = ("l2", "l1", "ce")
 
 
 @torch.no_grad()
-def codebook_stats(indices: Tensor, num_codes: int, distributed: Optional[bool] = None) -> dict:
+def codebook_stats(indices: Tensor, num_codes: int, distributed: bool | None = None) -> dict:
     """Code usage of a batch: counts (K,), utilisation (fraction of codes used at least once) and
     perplexity exp(-sum p log p) of the usage histogram (K when usage is uniform). Counts are summed
     over ranks under an initialised torch.distributed. No host synchronisation."""
@@ -43,8 +41,10 @@ class SinkhornVectorQuantizer(nn.Module):
     losses as the reference: "l2": mean((x - sg(x_q))^2) + beta mean((x_q - sg(x))^2), "l1" the
     same with absolute values, "ce": cross_entropy(-A, indices) (which forms the N x K distances).
 
-    Defaults follow the issue (argmax, "l2", beta = 0.25, no projection); the reference's own
-    defaults are ``sample=True`` (its use_prob), loss "ce", beta = 1 and ``use_proj=True``.
+    Defaults follow the issue (argmax, "l2", beta = 0.25, no projection) and MATH.md section 1
+    (exact log-domain Sinkhorn); the reference's own defaults are ``sample=True`` (its use_prob),
+    loss "ce", beta = 1 and ``use_proj=True``, and its loop adds 1e-8 to every sum it divides by:
+    ``guard=1e-8`` reproduces that (see :func:`sinkhorn_ops.sinkhorn_assign`).
     ``nearest_at_eval`` assigns by nearest neighbour in eval mode. Under an initialised
     torch.distributed the column reductions and the "all" statistics are global (the reference
     normalises with per-rank statistics), so every rank must call forward.
@@ -56,9 +56,9 @@ class SinkhornVectorQuantizer(nn.Module):
 
     def __init__(self, n_e: int = 1024, e_dim: int = 128, *, num_head: int = 1,
                  beta: float = 0.25, loss_q_type: str = "l2", epsilon: float = 10.0,
-                 n_iters: int = 5, normalize_mode: Optional[str] = "all", sample: bool = False,
+                 n_iters: int = 5, normalize_mode: str | None = "all", sample: bool = False,
                  nearest_at_eval: bool = False, use_proj: bool = False, fix_codes: bool = False,
-                 chunk_size: Optional[int] = None) -> None:
+                 chunk_size: int | None = None, guard: float = 0.0) -> None:
         super().__init__()
         if e_dim % num_head != 0:
             raise ValueError(f"SinkhornVectorQuantizer: expected e_dim divisible by num_head, got "
@@ -76,6 +76,7 @@ class SinkhornVectorQuantizer(nn.Module):
         self.beta, self.loss_q_type = beta, loss_q_type
         self.epsilon, self.n_iters, self.normalize_mode = epsilon, n_iters, normalize_mode
         self.sample, self.nearest_at_eval, self.chunk_size = sample, nearest_at_eval, chunk_size
+        self.guard = guard
         self.embedding = nn.Embedding(n_e, self.code_dim)
         self.proj = None
         if use_proj:  # the reference's learnt projection of the codes, same initialisation
@@ -90,17 +91,18 @@ class SinkhornVectorQuantizer(nn.Module):
         w = self.embedding.weight
         return self.proj(w) if self.proj is not None else w
 
-    def assign(self, x: Tensor, embed: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def assign(self, x: Tensor, embed: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Indices (N,) of the codes of the (N, code_dim) vectors x."""
         if self.nearest_at_eval and not self.training:  # argmax(-A) = argmin A exactly
             return sinkhorn_assign(x.detach(), embed.detach(), epsilon=1.0, iters=0,
                                    normalize=None, chunk_size=self.chunk_size)
         return sinkhorn_assign(x.detach(), embed.detach(), epsilon=self.epsilon,
                                iters=self.n_iters, normalize=self.normalize_mode,
-                               chunk_size=self.chunk_size, sample=self.sample, generator=generator)
+                               chunk_size=self.chunk_size, sample=self.sample, generator=generator,
+                               guard=self.guard)
 
     def forward(self, x: Tensor, *, return_stats: bool = False,
-                generator: Optional[torch.Generator] = None):
+                generator: torch.Generator | None = None):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._forward(x, return_stats, generator)
 
