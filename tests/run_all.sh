@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install -q "torch==2.13.0" numpy pytest hypothesis pot expecttest ninja cmake
+python -m pip install -q "torch==2.13.0" numpy pytest hypothesis pot expecttest ninja cmake \
+  scikit-learn matplotlib
 if ! [ -f /usr/include/gtest/gtest.h ]; then
   apt-get update -qq && apt-get install -y -qq libgtest-dev >/dev/null
 fi

@@ -213,17 +213,26 @@ struct Solver {
     acc_t* lb = la + n;
     acc_t* lse = lb + m;                    // LSE of the step in flight
     acc_t* scratch = lse + std::max(n, m);  // sums and error terms
+    // Default marginals need the allowed rows and columns. Started with rows and run for two
+    // steps or more, the first row step's LSEs (-inf exactly on empty rows, f being 0) and the
+    // first column step's (f finite) give them without a separate pass over S.
+    const bool from_steps = !p.log_a && p.start_row && p.steps >= 2;
+    int64_t rows_alive = 0;
     if (p.log_a) {
       std::copy_n(static_cast<const acc_t*>(p.log_a) + b * n, n, la);
       std::copy_n(static_cast<const acc_t*>(p.log_b) + b * m, m, lb);
-    } else {
+    } else if (!from_steps) {
       default_marginals(S, la, lb);
     }
     std::fill(f, f + n, acc_t(0));
     std::fill(g, g + m, acc_t(0));
-    acc_t mass = 0;
-    for (int64_t i = 0; i < n; ++i) mass += sinkhorn::math::exp_(la[i]);
-    const acc_t threshold = static_cast<acc_t>(p.tol) * mass;
+    acc_t threshold = 0;
+    auto set_threshold = [&] {
+      acc_t mass = 0;
+      for (int64_t i = 0; i < n; ++i) mass += sinkhorn::math::exp_(la[i]);
+      threshold = static_cast<acc_t>(p.tol) * mass;
+    };
+    if (!from_steps) set_threshold();
 
     int64_t k = 0;
     for (; k < p.steps; ++k) {
@@ -235,6 +244,20 @@ struct Solver {
         row_lse(S, g, lse);
       } else {
         col_lse(S, f, lse, scratch);
+      }
+      if (from_steps && k == 0) {
+        for (int64_t i = 0; i < n; ++i) {
+          const bool alive = lse[i] != neg_inf<acc_t>();
+          la[i] = sinkhorn::math::default_log_a<acc_t>(alive);
+          rows_alive += alive;
+        }
+        set_threshold();
+      } else if (from_steps && k == 1) {
+        const int64_t cols_alive = std::count_if(
+            lse, lse + m, [](acc_t v) { return v != neg_inf<acc_t>(); });
+        for (int64_t j = 0; j < m; ++j)
+          lb[j] = sinkhorn::math::default_log_b<acc_t>(lse[j] != neg_inf<acc_t>(), rows_alive,
+                                                       cols_alive);
       }
       if (p.tol > 0 && k >= 1) {
         acc_t err = 0;
