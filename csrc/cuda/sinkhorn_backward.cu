@@ -209,6 +209,7 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
     }
   }
 }
+
 // One block per problem, its size from block_size_switch (kernel_common.cuh).
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
