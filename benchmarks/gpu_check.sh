@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200, CUDA torch preinstalled, no network): build in
-# place, CUDA tests, compute-sanitizer memcheck and racecheck, forward benchmark. Every step runs
+# place, CUDA tests, compute-sanitizer memcheck and racecheck, the forward, backward and
+# attention benchmarks. Every step runs
 # even when an earlier one failed; its exit code and time go to $OUT/summary.txt.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh      # the device runner sets OUT
 #
-# Step time limits (seconds) can be overridden: T_BUILD, T_TESTS, T_SANITIZER (each tool), T_BENCH.
+# Step time limits (seconds) can be overridden: T_BUILD, T_TESTS, T_SANITIZER (each tool), T_BENCH,
+# T_BENCH_BACKWARD, T_BENCH_ATTENTION.
 # The defaults add up to under the device runner's 600 s per command. $OUT keeps at most 8 files:
-# env.txt build.log tests.log sanitizer.log bench.log summary.txt and the benchmark's csv and md.
+# env.txt build.log tests.log sanitizer.log bench.log summary.txt, the rest packed in extra.tar.gz.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +44,7 @@ step() {
 step build "$OUT/build.log" "${T_BUILD:-240}" \
   env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   python -m pip install --no-build-isolation -e . -v
-step tests "$OUT/tests.log" "${T_TESTS:-90}" \
+step tests "$OUT/tests.log" "${T_TESTS:-60}" \
   python -m pytest tests -x -q -k cuda -p no:cacheprovider
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
 # No caching allocator under memcheck, so that an overrun of one tensor is not hidden inside a
@@ -51,8 +53,12 @@ step memcheck "$OUT/sanitizer.log" "${T_SANITIZER:-75}" env PYTORCH_NO_CUDA_MEMO
   "$SANITIZER" --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
 step racecheck "$OUT/sanitizer.log" "${T_SANITIZER:-75}" \
   "$SANITIZER" --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step bench "$OUT/bench.log" "${T_BENCH:-90}" \
+step bench "$OUT/bench.log" "${T_BENCH:-60}" \
   python benchmarks/bench_forward.py --device cuda --out "$OUT"
+step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-45}" \
+  python benchmarks/bench_backward.py --device cuda --quick --out "$OUT"
+step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-30}" \
+  python benchmarks/bench_attention.py --device cuda --quick --out "$OUT"
 
 # The runner returns at most 8 files: pack anything beyond the expected set into one archive.
 files=$(find "$OUT" -type f | wc -l)
