@@ -229,9 +229,10 @@ struct TinySolver {
   }
 };
 
-// The unrolled backward (backward_solver.h) of kLanes tiny problems at a time: replay with every
-// step's LSE kept, then the reversed steps, all across lanes. A lane whose problem ran fewer
-// steps than the group's longest is frozen in the replay and inactive in the reverse.
+// The unrolled backward (backward_solver.h) of one SIMD vector of tiny problems at a time:
+// replay with every step's LSE kept, then the reversed steps, all across lanes. A lane whose
+// problem ran fewer steps than the group's longest is frozen in the replay and inactive in the
+// reverse. (The replay takes log-domain steps only: the exact LSEs are what the reverse needs.)
 template <typename scalar_t, typename acc_t>
 struct TinyBackward {
   using Fwd = TinySolver<scalar_t, acc_t>;
