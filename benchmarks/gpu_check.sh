@@ -41,10 +41,10 @@ step() {
   nvidia-smi
 } >"$OUT/env.txt" 2>&1
 
-step build "$OUT/build.log" "${T_BUILD:-240}" \
+step build "$OUT/build.log" "${T_BUILD:-210}" \
   env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   python -m pip install --no-build-isolation -e . -v
-step tests "$OUT/tests.log" "${T_TESTS:-60}" \
+step tests "$OUT/tests.log" "${T_TESTS:-90}" \
   python -m pytest tests -x -q -k cuda -p no:cacheprovider
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
 # No caching allocator under memcheck, so that an overrun of one tensor is not hidden inside a
