@@ -9,67 +9,9 @@ namespace sinkhorn_ops {
 namespace cpu {
 namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
 
-// exp(x) for float in a form the vectoriser accepts: x = k ln2 + r with |r| <= ln2/2 (Cody-Waite
-// split of ln2), exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), 2^k built
-// in the exponent bits. Below -87.3 (under FLT_MIN, -inf included) it returns 0; inputs are
-// clamped at 88 above, where float exp would overflow anyway. NaN propagates.
-inline float exp_vec(float x) {
-  float xc = x < -87.3f ? -87.3f : x;  // comparisons with NaN are false: NaN stays NaN
-  xc = xc > 88.0f ? 88.0f : xc;
-  const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
-inline double exp_vec(double x) {
-  return std::exp(x);
-}
-
-// log(x) for float in vectorisable form, for finite x >= FLT_MIN (the kernels pass sums of
-// exponentials that include exp(0) = 1): x = 2^e * u with u in [sqrt(1/2), sqrt(2)),
-// log u = 2 atanh(t), t = (u - 1) / (u + 1), |t| < 0.172, by its odd series to t^11
-// (truncation < 1e-9 relative). NaN propagates.
-inline float log_vec(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  int32_t ubits = (bits & 0x007fffff) | 0x3f800000;  // u in [1, 2)
-  float u;
-  std::memcpy(&u, &ubits, sizeof(u));
-  const bool big = u > 1.41421356f;
-  u = big ? 0.5f * u : u;
-  e = big ? e + 1 : e;
-  const float t = (u - 1.0f) / (u + 1.0f);
-  const float t2 = t * t;
-  float p = 1.0f / 11.0f;
-  p = p * t2 + 1.0f / 9.0f;
-  p = p * t2 + 1.0f / 7.0f;
-  p = p * t2 + 1.0f / 5.0f;
-  p = p * t2 + 1.0f / 3.0f;
-  p = p * t2 + 1.0f;
-  const float r = static_cast<float>(e) * 0.693147180559945309f + 2.0f * t * p;
-  return x != x ? x : r;
-}
-
-inline double log_vec(double x) {
-  return std::log(x);
-}
-
-// Explicit SIMD vectors (GCC vector extensions, lowered to whatever the ISA of the translation
-// unit offers) for the tiny-problem path, where the lanes are independent problems.
-// Their width is the ISA's register width (SK_VEC_BYTES, set by the forward_*.cpp that includes
-// this file): wider generic vectors are split badly by the compiler.
+// Explicit SIMD vectors (GCC vector extensions) for the loops whose lanes are independent
+// problems or entries. Their width is the ISA's register width (SK_VEC_BYTES, set by the
+// forward_*.cpp that includes this file): wider generic vectors are split badly by the compiler.
 #ifndef SK_VEC_BYTES
 #define SK_VEC_BYTES 16
 #endif
@@ -77,18 +19,54 @@ typedef float VecF __attribute__((vector_size(SK_VEC_BYTES)));
 typedef double VecD __attribute__((vector_size(SK_VEC_BYTES)));
 typedef int32_t VecI __attribute__((vector_size(SK_VEC_BYTES)));
 
+// A scalar or a vector with every lane set to c.
 template <typename V>
-inline V splat(typename std::remove_reference<decltype(V{}[0])>::type c) {
-  return V{} + c;
+struct ElemOf {
+  using type = float;  // float and VecF
+};
+template <>
+struct ElemOf<VecD> {
+  using type = double;
+};
+template <>
+struct ElemOf<double> {
+  using type = double;
+};
+template <typename V, typename E>
+inline V splat(E c) {
+  return V{} + static_cast<typename ElemOf<V>::type>(c);
 }
 
-// exp_vec and log_vec above, lane by lane in one vector.
-inline VecF exp_vec(VecF x) {
-  VecF xc = x < -87.3f ? splat<VecF>(-87.3f) : x;
-  xc = xc > 88.0f ? splat<VecF>(88.0f) : xc;
-  const VecF kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const VecF r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723e-6f;
-  VecF p = splat<VecF>(1.0f / 5040.0f);
+// Conversions that read the same for a float and for a vector of floats.
+inline int32_t round_to_int(float x) { return static_cast<int32_t>(x); }
+inline VecI round_to_int(VecF x) { return __builtin_convertvector(x, VecI); }
+inline float to_float(int32_t x) { return static_cast<float>(x); }
+inline VecF to_float(VecI x) { return __builtin_convertvector(x, VecF); }
+inline float bits_as_float(int32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+inline VecF bits_as_float(VecI b) { return (VecF)b; }
+inline int32_t float_bits(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+inline VecI float_bits(VecF f) { return (VecI)f; }
+
+// exp(x), lane by lane, in a form the vectoriser accepts: x = k ln2 + r with |r| <= ln2/2
+// (Cody-Waite split of ln2), exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8
+// relative), 2^k built in the exponent bits. Below -87.3 (under FLT_MIN, -inf included) it
+// returns 0; inputs are clamped at 88 above, where float exp would overflow anyway. NaN
+// propagates (comparisons with NaN are false).
+template <typename F>
+inline F exp_lanes(F x) {
+  F xc = x < -87.3f ? splat<F>(-87.3f) : x;
+  xc = xc > 88.0f ? splat<F>(88.0f) : xc;
+  const F kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const F r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723e-6f;
+  F p = splat<F>(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -96,29 +74,39 @@ inline VecF exp_vec(VecF x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const VecI bits = (__builtin_convertvector(kf, VecI) + 127) << 23;
-  return x < -87.3f ? splat<VecF>(0.0f) : p * (VecF)bits;
+  return x < -87.3f ? splat<F>(0.0f) : p * bits_as_float((round_to_int(kf) + 127) << 23);
 }
 
-inline VecF log_vec(VecF x) {
-  const VecI bits = (VecI)x;
-  VecI e = ((bits >> 23) & 0xff) - 127;
-  const VecI ubits = (bits & 0x007fffff) | 0x3f800000;
-  VecF u = (VecF)ubits;
+// log(x), lane by lane, for finite x >= FLT_MIN (the kernels pass sums of exponentials that
+// include exp(0) = 1, or ratios of positive masses): x = 2^e * u with u in [sqrt(1/2), sqrt(2)),
+// log u = 2 atanh(t), t = (u - 1) / (u + 1), |t| < 0.172, by its odd series to t^11
+// (truncation < 1e-9 relative). NaN propagates.
+template <typename F>
+inline F log_lanes(F x) {
+  const auto bits = float_bits(x);
+  auto e = ((bits >> 23) & 0xff) - 127;
+  F u = bits_as_float((bits & 0x007fffff) | 0x3f800000);  // u in [1, 2)
   const auto big = u > 1.41421356f;
   u = big ? u * 0.5f : u;
   e = big ? e + 1 : e;
-  const VecF t = (u - 1.0f) / (u + 1.0f);
-  const VecF t2 = t * t;
-  VecF p = splat<VecF>(1.0f / 11.0f);
+  const F t = (u - 1.0f) / (u + 1.0f);
+  const F t2 = t * t;
+  F p = splat<F>(1.0f / 11.0f);
   p = p * t2 + 1.0f / 9.0f;
   p = p * t2 + 1.0f / 7.0f;
   p = p * t2 + 1.0f / 5.0f;
   p = p * t2 + 1.0f / 3.0f;
   p = p * t2 + 1.0f;
-  const VecF r = __builtin_convertvector(e, VecF) * 0.693147180559945309f + 2.0f * t * p;
+  const F r = to_float(e) * 0.693147180559945309f + 2.0f * t * p;
   return x != x ? x : r;
 }
+
+inline float exp_vec(float x) { return exp_lanes(x); }
+inline VecF exp_vec(VecF x) { return exp_lanes(x); }
+inline float log_vec(float x) { return log_lanes(x); }
+inline VecF log_vec(VecF x) { return log_lanes(x); }
+inline double exp_vec(double x) { return std::exp(x); }
+inline double log_vec(double x) { return std::log(x); }
 
 inline VecD exp_vec(VecD x) {
   for (int l = 0; l < SK_VEC_BYTES / 8; ++l) x[l] = std::exp(x[l]);
