@@ -192,6 +192,19 @@ def write_markdown(path: Path, title: str, env: dict[str, str], body: Sequence[s
     path.write_text("\n".join(text).rstrip() + "\n")
 
 
+def write_results(out: Path, stem: str, title: str, rows: list[dict], env: dict[str, str],
+                  body: Sequence[str]) -> None:
+    """Writes <out>/<stem>.csv and <out>/<stem>.md (the environment closed by the end-of-run load
+    average) and prints the markdown."""
+    env["load average (end, includes this run)"] = load_average()
+    csv_path = out / f"{stem}.csv"
+    md_path = csv_path.with_suffix(".md")
+    write_csv(csv_path, rows, env)
+    write_markdown(md_path, title, env, body)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+
+
 class SavedBytes:
     """Context manager: bytes of the distinct storages autograd saves for backward while it is
     active (torch.autograd.graph.saved_tensors_hooks), each storage counted once and whole, a

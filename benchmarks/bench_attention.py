@@ -296,14 +296,9 @@ def main() -> int:
         for dtype in dtypes:
             rows += run_length(L, dtype, args.device, policy)
 
-    env["load average (end, includes this run)"] = bu.load_average()
-    csv_path = args.out / f"attention_{args.device}.csv"
-    md_path = csv_path.with_suffix(".md")
-    bu.write_csv(csv_path, rows, env)
     body = markdown(rows, args.device, args.quick)
-    bu.write_markdown(md_path, f"sinkhorn attention benchmark ({args.device})", env, body)
-    print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    bu.write_results(args.out, f"attention_{args.device}",
+                     f"sinkhorn attention benchmark ({args.device})", rows, env, body)
     failed = sorted({f"L={r['L']} {r['dtype']} steps={r['steps']}"
                      for r in rows if r.get("check") == "FAIL"})
     if failed:

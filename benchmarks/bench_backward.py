@@ -353,14 +353,9 @@ def main() -> int:
         for dtype in dtypes:
             rows += run_case(case, dtype, args.device, policy, skip)
 
-    env["load average (end, includes this run)"] = bu.load_average()
-    csv_path = args.out / f"backward_{args.device}.csv"
-    md_path = csv_path.with_suffix(".md")
-    bu.write_csv(csv_path, rows, env)
     body = markdown(rows, cases, args.device, skip)
-    bu.write_markdown(md_path, f"sinkhorn backward benchmark ({args.device})", env, body)
-    print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    bu.write_results(args.out, f"backward_{args.device}",
+                     f"sinkhorn backward benchmark ({args.device})", rows, env, body)
     failed = [f"{r['case']} {r['dtype']} K={r['steps']} {r['provider']}"
               for r in rows if r["check"] == "FAIL"]
     if failed:

@@ -344,14 +344,9 @@ def main() -> int:
         for dtype in dtypes:
             rows += run_case(case, dtype, args.device, policy)
 
-    env["load average (end, includes this run)"] = bu.load_average()
-    csv_path = args.out / f"forward_{args.device}.csv"
-    md_path = csv_path.with_suffix(".md")
-    bu.write_csv(csv_path, rows, env)
     body = markdown(rows, args.device)
-    bu.write_markdown(md_path, f"sinkhorn forward benchmark ({args.device})", env, body)
-    print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    bu.write_results(args.out, f"forward_{args.device}",
+                     f"sinkhorn forward benchmark ({args.device})", rows, env, body)
     failed = [f"{r['case']} {r['dtype']}" for r in rows if r["check"] == "FAIL"]
     if failed:
         print("correctness check FAILED for: " + ", ".join(failed), file=sys.stderr)

@@ -383,14 +383,9 @@ def main() -> int:
         rows += run_sinkhorn(tokens, args.device, policy)
     rows += run_layer(args.device, policy)
 
-    env["load average (end, includes this run)"] = bu.load_average()
-    csv_path = args.out / f"mhc_{args.device}.csv"
-    md_path = csv_path.with_suffix(".md")
-    bu.write_csv(csv_path, rows, env)
     body = markdown(rows, args.device, args.quick)
-    bu.write_markdown(md_path, f"mHC benchmark ({args.device})", env, body)
-    print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    bu.write_results(args.out, f"mhc_{args.device}",
+                     f"mHC benchmark ({args.device})", rows, env, body)
     failed = [f"{r['section']} T={r['tokens']} {r['mode']}" for r in rows
               if r.get("check") == "FAIL"]
     if failed:
