@@ -14,6 +14,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "../sinkhorn_math.h"
+#include "../sinkhorn_params.h"
 
 namespace sinkhorn {
 namespace dev {
@@ -156,6 +157,23 @@ void block_size_switch(int64_t entries, F&& fn) {
     fn(std::integral_constant<int, 128>{});
   } else {
     fn(std::integral_constant<int, 256>{});
+  }
+}
+
+
+// Calls fn with TypeTag<scalar_t> for the element type `dtype` names: the one place that maps
+// the params' dtype to the kernels' template argument.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <typename F>
+void dtype_switch(DType dtype, F&& fn) {
+  switch (dtype) {
+    case DType::Float32: fn(TypeTag<float>{}); break;
+    case DType::Float64: fn(TypeTag<double>{}); break;
+    case DType::Float16: fn(TypeTag<__half>{}); break;
+    case DType::BFloat16: fn(TypeTag<__nv_bfloat16>{}); break;
   }
 }
 

@@ -230,12 +230,8 @@ size_t backward_workspace_bytes(const BwdParams& p) {
 
 void launch_backward(const BwdParams& p, cudaStream_t stream) {
   if (p.B == 0) return;
-  switch (p.dtype) {
-    case DType::Float32: launch_typed<float>(p, stream); break;
-    case DType::Float64: launch_typed<double>(p, stream); break;
-    case DType::Float16: launch_typed<__half>(p, stream); break;
-    case DType::BFloat16: launch_typed<__nv_bfloat16>(p, stream); break;
-  }
+  dtype_switch(p.dtype,
+               [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
 }
 
 }  // namespace sinkhorn

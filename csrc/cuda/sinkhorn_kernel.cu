@@ -189,12 +189,8 @@ size_t forward_workspace_bytes(const FwdParams& p) {
 
 void launch_forward(const FwdParams& p, cudaStream_t stream) {
   if (p.B == 0) return;
-  switch (p.dtype) {
-    case DType::Float32: launch_typed<float>(p, stream); break;
-    case DType::Float64: launch_typed<double>(p, stream); break;
-    case DType::Float16: launch_typed<__half>(p, stream); break;
-    case DType::BFloat16: launch_typed<__nv_bfloat16>(p, stream); break;
-  }
+  dtype_switch(p.dtype,
+               [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
 }
 
 }  // namespace sinkhorn
