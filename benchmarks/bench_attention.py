@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,13 +133,6 @@ def row(s: Setup, dtype: torch.dtype, mode: str, provider: str, steps: int | Non
     return r
 
 
-def failure(exc: BaseException, device: str) -> str:
-    if not bu.is_oom(exc):
-        traceback.print_exc()
-    bu.free_memory(device)
-    return "OOM" if bu.is_oom(exc) else f"failed: {bf.reason(exc)}"
-
-
 def matmul_flops(s: Setup, mode: str) -> float:
     """Q Kᵀ and P V, 2·L²·d each per head; the backward's four (dV, dP, dQ, dK) double that."""
     b, h, L, d = s.q.shape
@@ -153,14 +145,14 @@ def run_length(L: int, dtype: torch.dtype, device: str, policy: dict) -> list[di
     try:
         s = make_setup(L, device, dtype)
     except Exception as exc:  # noqa: BLE001
-        note = failure(exc, device)
+        note = bf.failure(exc, device)
         return [{"L": L, "dtype": bf.DTYPE_NAMES[dtype], "provider": "ours", "note": note}]
     checks = {}
     for k in STEPS:
         try:
             checks[k] = check(s, k, dtype)
         except Exception as exc:  # noqa: BLE001 - recorded, the timings still run
-            why = failure(exc, device)
+            why = bf.failure(exc, device)
             checks[k] = {"check": "FAIL" if why != "OOM" else None, "note": f"check {why}"}
         bu.free_memory(device)
 
@@ -177,7 +169,7 @@ def run_length(L: int, dtype: torch.dtype, device: str, policy: dict) -> list[di
                     r["saved_bytes"] = saved_bytes(fn, s)
                 bf.timed(r, call(fn, s, mode), device, policy)
             except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the run
-                why = failure(exc, device)
+                why = bf.failure(exc, device)
                 r["note"] = f"{why}; {r['note']}" if r["note"] else why
             if r["ms_p50"]:
                 r["gflop_s"] = matmul_flops(s, mode) / (r["ms_p50"] * 1e-3) / 1e9

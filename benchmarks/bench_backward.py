@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import _bench_util as bu
@@ -140,13 +139,6 @@ def row(case: Case, dtype: torch.dtype, k: int, provider: str, **kw) -> dict:
     return r
 
 
-def failure(exc: BaseException, device: str) -> str:
-    if not bu.is_oom(exc):
-        traceback.print_exc()
-    bu.free_memory(device)
-    return "OOM" if bu.is_oom(exc) else f"failed: {bf.reason(exc)}"
-
-
 def run_steps(case: Case, dtype: torch.dtype, s: bf.Setup, upstream: torch.Tensor, k: int,
               device: str, policy: dict, skip: set) -> list[dict]:
     name = f"{case.name} {bf.DTYPE_NAMES[dtype]} K={k}"
@@ -166,7 +158,7 @@ def run_steps(case: Case, dtype: torch.dtype, s: bf.Setup, upstream: torch.Tenso
             graphs[p] = build(p, case, s, upstream, k, device)
             rows[p]["saved_bytes"] = graphs[p].saved
         except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the run
-            rows[p]["note"] = failure(exc, device)
+            rows[p]["note"] = bf.failure(exc, device)
 
     # Correctness before timing. Problems are independent, so the float64 check runs on the
     # first nb of them; the comparisons with the eager fp32 gradient use the whole batch.
@@ -194,7 +186,7 @@ def run_steps(case: Case, dtype: torch.dtype, s: bf.Setup, upstream: torch.Tenso
                                         diff_vs="unrolled")
         del truth
     except Exception as exc:  # noqa: BLE001
-        why = failure(exc, device)
+        why = bf.failure(exc, device)
         for p in MODES:
             rows[p]["check"] = "FAIL" if why != "OOM" else None
             rows[p]["note"] = f"check {why}"
@@ -221,7 +213,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str, policy: dict, skip: se
         gen = torch.Generator().manual_seed(1)
         upstream = torch.randn(s.scores.shape, generator=gen).to(device, dtype)  # Ḡ = dL/dP
     except Exception as exc:  # noqa: BLE001
-        note = failure(exc, device)
+        note = bf.failure(exc, device)
         return [row(case, dtype, k, p, note=note) for k in STEPS for p in PROVIDERS]
     rows = []
     for k in STEPS:

@@ -95,6 +95,15 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
 
 
+def failure(exc: BaseException, device: str) -> str:
+    """The note for a case that raised: "OOM", or "failed: <reason>" with the traceback printed;
+    frees the device's cached memory for the next case."""
+    if not bu.is_oom(exc):
+        traceback.print_exc()
+    bu.free_memory(device)
+    return "OOM" if bu.is_oom(exc) else f"failed: {reason(exc)}"
+
+
 def check(case: Case, s: Setup) -> dict:
     """Our plan against a float64 reference run for the steps our op used; passes when our error
     is at most twice the eager reference's in the same dtype (the FlashAttention rule). With tol,
@@ -188,10 +197,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str, policy: dict) -> list[
         s = make_setup(case, device, dtype)
         c = check(case, s)
     except Exception as exc:  # noqa: BLE001
-        note = "OOM" if bu.is_oom(exc) else f"failed: {reason(exc)}"
-        if not bu.is_oom(exc):
-            traceback.print_exc()
-        bu.free_memory(device)
+        note = failure(exc, device)
         return [row(case, dtype, "ours", note=note, check="FAIL" if note != "OOM" else None)]
     k, rows = c["steps"], []
 
