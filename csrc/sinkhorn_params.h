@@ -48,4 +48,16 @@ struct BwdParams {
   DType dtype = DType::Float32;
 };
 
+// One batched call of the DeepSeek-V4 mHC Sinkhorn (mhc_v4_math.h): B problems of n x n,
+// contiguous, float32 or float64 throughout (the layer runs it in fp32).
+struct V4Params {
+  const void* logits = nullptr;  // (B, n, n)
+  const void* grad = nullptr;    // (B, n, n) dL/dcomb; nullptr: the forward
+  void* out = nullptr;           // (B, n, n) comb (forward) or dL/dlogits (backward)
+  int64_t B = 0, n = 0;
+  int iters = 0;                 // 1 <= iters <= v4::kMaxIters
+  double eps = 0.0;
+  DType dtype = DType::Float32;  // Float32 or Float64
+};
+
 }  // namespace sinkhorn

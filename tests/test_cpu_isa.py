@@ -1,4 +1,4 @@
-"""Every CPU build of the solver (baseline, AVX2, AVX-512) against the float64 reference. The
+"""Every CPU build of the kernels (baseline, AVX2, AVX-512) against the float64 reference. The
 build is chosen once per process, so each runs in a subprocess with SINKHORN_CPU_ISA set."""
 import os
 import pathlib
@@ -46,6 +46,33 @@ for shape, kw in cases:
             assert torch.equal(r.steps, ref[3]), (shape, dtype, r.steps, ref[3])
         err = (r.plan.double() - ref[0]).abs().max().item()
         assert err <= tol, (shape, kw, dtype, err)
+# The unrolled backward's tiny paths: the scaling replay (40 x 16 and 9 x 256 history entries)
+# and the log-domain one (3000 x 35 entries, over kScaledHistory), and the V4 mHC kernel.
+for shape, kw in [((37, 4, 4), dict(steps=40, start="col")), ((5, 16, 16), dict(steps=9)),
+                  ((3, 7, 5), dict(steps=3000))]:
+    S = torch.randn(*shape, dtype=torch.float64) * 2
+    W = torch.randn(*shape, dtype=torch.float64)
+    ref = torch.autograd.grad((sinkhorn_reference(S.requires_grad_(True), **kw)[0] * W).sum(), S)[0]
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        x = S.detach().to(dtype).requires_grad_(True)
+        got = torch.autograd.grad((sinkhorn_ops.sinkhorn(x, **kw) * W.to(dtype)).sum(), x)[0]
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= tol, ("backward", shape, dtype, err)
+X = torch.randn(37, 4, 4, dtype=torch.float64) * 3
+W = torch.randn_like(X)
+def v4(t):
+    c = torch.softmax(t, -1) + 1e-6
+    c = c / (c.sum(-2, keepdim=True) + 1e-6)
+    for _ in range(19):
+        c = c / (c.sum(-1, keepdim=True) + 1e-6)
+        c = c / (c.sum(-2, keepdim=True) + 1e-6)
+    return c
+ref = torch.autograd.grad((v4(X.requires_grad_(True)) * W).sum(), X)[0]
+for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+    x = X.detach().to(dtype).requires_grad_(True)
+    got = torch.autograd.grad((sinkhorn_ops.mhc_v4_sinkhorn(x) * W.to(dtype)).sum(), x)[0]
+    err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= tol, ("v4", dtype, err)
 print("ok")
 """
 

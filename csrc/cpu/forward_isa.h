@@ -1,4 +1,5 @@
-// The per-ISA builds of the CPU forward and backward solvers and the choice between them at run time.
+// The per-ISA builds of the CPU kernels (Sinkhorn forward and backward, V4 mHC) and the choice
+// between them at run time.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,9 @@ void forward_avx512(const sinkhorn::FwdParams& p, at::ScalarType dtype);
 void backward_default(const sinkhorn::BwdParams& q, at::ScalarType dtype);
 void backward_avx2(const sinkhorn::BwdParams& q, at::ScalarType dtype);
 void backward_avx512(const sinkhorn::BwdParams& q, at::ScalarType dtype);
+void mhc_v4_default(const sinkhorn::V4Params& p);
+void mhc_v4_avx2(const sinkhorn::V4Params& p);
+void mhc_v4_avx512(const sinkhorn::V4Params& p);
 
 }  // namespace cpu
 }  // namespace sinkhorn_ops

@@ -1,9 +1,10 @@
-// Defines forward_<SK_ISA> and backward_<SK_ISA>, the entry points of one per-ISA build of the
+// Defines forward_<SK_ISA>, backward_<SK_ISA> and mhc_v4_<SK_ISA>, the entry points of one per-ISA build of the
 // CPU solvers (forward_*.cpp). Where SK_ISA_BUILT is not set (an ISA this architecture lacks),
 // they forward to the baseline build instead. Include once, after the #pragma GCC target.
 #include "isa_prelude.h"
 #if SK_ISA_BUILT
 #include "backward_solver.h"
+#include "mhc_v4.h"
 #include "solver.h"
 #endif
 
@@ -26,6 +27,14 @@ void SK_PASTE(backward_, SK_ISA)(const sinkhorn::BwdParams& q, at::ScalarType dt
   backward_any(q, dtype);
 #else
   backward_default(q, dtype);
+#endif
+}
+
+void SK_PASTE(mhc_v4_, SK_ISA)(const sinkhorn::V4Params& p) {
+#if SK_ISA_BUILT
+  mhc_v4_any(p);
+#else
+  mhc_v4_default(p);
 #endif
 }
 

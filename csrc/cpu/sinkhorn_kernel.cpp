@@ -1,10 +1,12 @@
-// CPU registration of the forward and unrolled backward operators: checks at the front door, then the solver built
-// for the best instruction set this processor has (forward_*.cpp).
+// CPU registration of the Sinkhorn forward and unrolled backward operators and of the V4 mHC
+// Sinkhorn: checks at the front door, then the build for the best instruction set this processor
+// has (forward_*.cpp).
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 
+#include "../ops/mhc_v4.h"
 #include "../ops/sinkhorn_backward.h"
 #include "forward_isa.h"
 
@@ -14,10 +16,12 @@ namespace {
 
 using ForwardFn = void (*)(const sinkhorn::FwdParams&, at::ScalarType);
 using BackwardFn = void (*)(const sinkhorn::BwdParams&, at::ScalarType);
+using V4Fn = void (*)(const sinkhorn::V4Params&);
 
 struct Kernels {
   ForwardFn forward;
   BackwardFn backward;
+  V4Fn mhc_v4;
 };
 
 bool cpu_has(const std::string& isa) {
@@ -41,11 +45,13 @@ Kernels best_kernels() {
                     isa, "\"");
   TORCH_CHECK_VALUE(isa.empty() || cpu_has(isa), "sinkhorn: SINKHORN_CPU_ISA=", isa,
                     " asks for instructions this processor lacks");
-  if (isa == "default") return {&forward_default, &backward_default};
+  const Kernels fallback{&forward_default, &backward_default, &mhc_v4_default};
+  if (isa == "default") return fallback;
   if (isa == "avx512" || (isa.empty() && cpu_has("avx512")))
-    return {&forward_avx512, &backward_avx512};
-  if (isa == "avx2" || (isa.empty() && cpu_has("avx2"))) return {&forward_avx2, &backward_avx2};
-  return {&forward_default, &backward_default};
+    return {&forward_avx512, &backward_avx512, &mhc_v4_avx512};
+  if (isa == "avx2" || (isa.empty() && cpu_has("avx2")))
+    return {&forward_avx2, &backward_avx2, &mhc_v4_avx2};
+  return fallback;
 }
 
 detail::ForwardResult sinkhorn_cpu(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
@@ -75,11 +81,28 @@ detail::BackwardResult sinkhorn_backward_unrolled_cpu(
   });
 }
 
+at::Tensor mhc_v4_sinkhorn_cpu(const at::Tensor& logits, int64_t iters, double eps) {
+  static const Kernels kernels = best_kernels();
+  auto call = detail::prepare_mhc_v4(logits, nullptr, iters, eps);
+  kernels.mhc_v4(call.params);
+  return call.out;
+}
+
+at::Tensor mhc_v4_sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                        int64_t iters, double eps) {
+  static const Kernels kernels = best_kernels();
+  auto call = detail::prepare_mhc_v4(logits, &grad, iters, eps);
+  kernels.mhc_v4(call.params);
+  return call.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cpu);
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cpu);
+  m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cpu);
+  m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cpu);
 }
 
 }  // namespace cpu

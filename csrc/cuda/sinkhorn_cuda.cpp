@@ -1,6 +1,6 @@
-// CUDA registrations of sinkhorn_ops::sinkhorn and sinkhorn_backward_unrolled: the ATen glue
-// (device guard, stream, workspace, launch check) around the ATen-free kernel launchers of
-// sinkhorn_kernel.cu and sinkhorn_backward.cu.
+// CUDA registrations of sinkhorn_ops::sinkhorn, sinkhorn_backward_unrolled and the V4 mHC
+// Sinkhorn: the ATen glue (device guard, stream, workspace, launch check) around the ATen-free
+// kernel launchers of sinkhorn_kernel.cu, sinkhorn_backward.cu and mhc_v4.cu.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS and
 // cuSPARSE), so CI can syntax-check this file against a CPU build of torch.
@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../ops/mhc_v4.h"
 #include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
 #include "sinkhorn_kernel.h"
@@ -61,11 +62,31 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   });
 }
 
+at::Tensor mhc_v4_call(const at::Tensor& logits, const at::Tensor* grad, int64_t iters,
+                       double eps) {
+  auto call = detail::prepare_mhc_v4(logits, grad, iters, eps);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  sinkhorn::launch_mhc_v4(call.params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return call.out;
+}
+
+at::Tensor mhc_v4_sinkhorn_cuda(const at::Tensor& logits, int64_t iters, double eps) {
+  return mhc_v4_call(logits, nullptr, iters, eps);
+}
+
+at::Tensor mhc_v4_sinkhorn_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                         int64_t iters, double eps) {
+  return mhc_v4_call(logits, &grad, iters, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cuda);
+  m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cuda);
+  m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cuda);
 }
 
 }  // namespace cuda

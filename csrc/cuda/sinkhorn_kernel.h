@@ -1,5 +1,5 @@
-// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu) and the unrolled backward
-// (sinkhorn_backward.cu). Plain params only, no ATen, so the kernel files compile standalone with
+// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu), the unrolled backward
+// (sinkhorn_backward.cu) and the V4 mHC Sinkhorn (mhc_v4.cu). Plain params only, no ATen, so the kernel files compile standalone with
 // nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
 #pragma once
 
@@ -26,5 +26,10 @@ size_t backward_workspace_bytes(const BwdParams& p);
 // grad_scores, grad_log_a and grad_log_b. Never synchronises; launch errors are left for the
 // caller to collect. Does nothing when p.B == 0.
 void launch_backward(const BwdParams& p, cudaStream_t stream);
+
+// Enqueues the DeepSeek-V4 mHC Sinkhorn (mhc_v4.cu): the forward when p.grad is null, else the
+// backward. p.n <= v4::kMaxN and p.iters <= v4::kMaxIters (checked at the front door). Never
+// synchronises. Does nothing when p.B == 0.
+void launch_mhc_v4(const V4Params& p, cudaStream_t stream);
 
 }  // namespace sinkhorn

@@ -66,6 +66,12 @@ TORCH_LIBRARY(sinkhorn_ops, m) {
       "Tensor plan, str solver, float cg_tol, int cg_max_iter) -> "
       "(Tensor grad_scores, Tensor grad_a, Tensor grad_b)",
       {at::Tag::pt2_compliant_tag});
+  // DeepSeek-V4's linear-domain mHC Sinkhorn (MATH.md section 1 table) and its unrolled
+  // backward (mhc_v4_math.h).
+  m.def("mhc_v4_sinkhorn(Tensor logits, int iters, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_v4_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CompositeExplicitAutograd, m) {

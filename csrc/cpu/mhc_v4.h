@@ -1,0 +1,87 @@
+// CPU kernel of the DeepSeek-V4 mHC Sinkhorn, forward and backward: the shared per-problem math
+// of mhc_v4_math.h run on one SIMD vector of problems at a time (structure of arrays, a lane
+// per problem), as the tiny Sinkhorn path does. Included once per ISA build (isa_entry.h).
+#pragma once
+
+#include "../mhc_v4_math.h"
+#include "isa_prelude.h"
+#include "vec_math.h"
+
+namespace sinkhorn_ops {
+namespace cpu {
+namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
+
+// exp and max across the lanes of a vector, for mhc_v4_math.h.
+template <typename V>
+struct LaneOps {
+  using E = typename ElemOf<V>::type;
+  static V exp(V x) { return exp_vec(x); }
+  static V max(V a, V b) { return a > b ? a : b; }
+};
+
+template <int N, typename acc_t>
+void mhc_v4_lanes(const sinkhorn::V4Params& p) {
+  using V = VecOf<acc_t>;
+  using Problem = sinkhorn::v4::Problem<N, V, LaneOps<V>>;
+  constexpr int64_t L = kVecLanes<acc_t>;
+  constexpr int64_t NN = N * N;
+  const acc_t* X = static_cast<const acc_t*>(p.logits);
+  const acc_t* G = static_cast<const acc_t*>(p.grad);
+  acc_t* Out = static_cast<acc_t*>(p.out);
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  const int64_t groups = (p.B + L - 1) / L;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 64 / NN), [&](int64_t g0, int64_t g1) {
+    V x[NN], g[NN];
+    V hist[(2 * sinkhorn::v4::kMaxIters - 1) * N];
+    // Loads problems [b0, b0 + count) into lanes; unused lanes repeat the last problem.
+    auto load = [&](const acc_t* src, int64_t b0, int64_t count, V* out) {
+      for (int64_t l = 0; l < L; ++l) {
+        const acc_t* s = src + (b0 + std::min(l, count - 1)) * NN;
+        for (int64_t k = 0; k < NN; ++k) out[k][l] = s[k];
+      }
+    };
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t b0 = grp * L, count = std::min(L, p.B - b0);
+      load(X, b0, count, x);
+      if (G) {
+        load(G, b0, count, g);
+        Problem::backward(x, g, p.iters, eps, hist);
+      } else {
+        for (int64_t k = 0; k < NN; ++k) g[k] = x[k];
+        Problem::forward(g, p.iters, eps, nullptr);
+      }
+      for (int64_t l = 0; l < count; ++l)
+        for (int64_t k = 0; k < NN; ++k) Out[(b0 + l) * NN + k] = g[k][l];
+    }
+  });
+}
+
+// The n this call has, as a template argument.
+template <typename acc_t>
+void mhc_v4_typed(const sinkhorn::V4Params& p) {
+  switch (p.n) {
+    case 1: return mhc_v4_lanes<1, acc_t>(p);
+    case 2: return mhc_v4_lanes<2, acc_t>(p);
+    case 3: return mhc_v4_lanes<3, acc_t>(p);
+    case 4: return mhc_v4_lanes<4, acc_t>(p);
+    case 5: return mhc_v4_lanes<5, acc_t>(p);
+    case 6: return mhc_v4_lanes<6, acc_t>(p);
+    case 7: return mhc_v4_lanes<7, acc_t>(p);
+    case 8: return mhc_v4_lanes<8, acc_t>(p);
+    default: TORCH_CHECK(false, "mhc_v4_sinkhorn: n = ", p.n, " has no kernel");
+  }
+}
+
+void mhc_v4_any(const sinkhorn::V4Params& p) {
+  static_assert(sinkhorn::v4::kMaxN == 8, "mhc_v4_typed instantiates n = 1..8");
+  if (p.B == 0) return;
+  if (p.dtype == sinkhorn::DType::Float64) {
+    mhc_v4_typed<double>(p);
+  } else {
+    mhc_v4_typed<float>(p);
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sinkhorn_ops

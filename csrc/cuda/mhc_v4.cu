@@ -1,0 +1,86 @@
+// CUDA kernel of the DeepSeek-V4 mHC Sinkhorn, forward and backward: a thread per problem, the
+// n x n problem in registers, the per-problem math of mhc_v4_math.h (the CPU kernel runs the
+// same functions on SIMD lanes, so the CPU tests check this math). One read of the logits (and
+// of dL/dcomb) and one write per problem; the backward recomputes the forward in the thread and
+// keeps its divisors in a local array of (2 kMaxIters - 1) x n.
+#include <climits>
+#include <cstdint>
+
+#include "../mhc_v4_math.h"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+template <typename T>
+struct DeviceOps {
+  using E = T;
+  static SK_HD T exp(T x) { return math::exp_(x); }
+  static SK_HD T max(T a, T b) { return a > b ? a : b; }
+};
+
+constexpr int kThreads = 128;
+
+// Problems [blockIdx.x * kThreads, ...) one per thread, in a grid-stride loop.
+template <int N, typename T>
+__global__ void __launch_bounds__(kThreads)
+    mhc_v4_kernel(const T* __restrict__ logits, const T* __restrict__ grad, T* __restrict__ out,
+                  int64_t B, int iters, T eps) {
+  using Problem = v4::Problem<N, T, DeviceOps<T>>;
+  constexpr int NN = N * N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; b < B; b += stride) {
+    T x[NN], g[NN];
+#pragma unroll
+    for (int k = 0; k < NN; ++k) x[k] = logits[b * NN + k];
+    if (grad != nullptr) {
+      T hist[(2 * v4::kMaxIters - 1) * N];
+#pragma unroll
+      for (int k = 0; k < NN; ++k) g[k] = grad[b * NN + k];
+      Problem::backward(x, g, iters, eps, hist);
+    } else {
+#pragma unroll
+      for (int k = 0; k < NN; ++k) g[k] = x[k];
+      Problem::forward(g, iters, eps, nullptr);
+    }
+#pragma unroll
+    for (int k = 0; k < NN; ++k) out[b * NN + k] = g[k];
+  }
+}
+
+template <int N, typename T>
+void launch_n(const V4Params& p, cudaStream_t stream) {
+  const int64_t blocks = (p.B + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
+  mhc_v4_kernel<N, T><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(p.logits), static_cast<const T*>(p.grad), static_cast<T*>(p.out),
+      p.B, p.iters, static_cast<T>(p.eps));
+}
+
+template <typename T>
+void launch_typed(const V4Params& p, cudaStream_t stream) {
+  static_assert(v4::kMaxN == 8, "launch_typed instantiates n = 1..8");
+  switch (p.n) {
+    case 1: return launch_n<1, T>(p, stream);
+    case 2: return launch_n<2, T>(p, stream);
+    case 3: return launch_n<3, T>(p, stream);
+    case 4: return launch_n<4, T>(p, stream);
+    case 5: return launch_n<5, T>(p, stream);
+    case 6: return launch_n<6, T>(p, stream);
+    case 7: return launch_n<7, T>(p, stream);
+    default: return launch_n<8, T>(p, stream);  // the front door admits n <= 8 only
+  }
+}
+
+}  // namespace
+
+void launch_mhc_v4(const V4Params& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  if (p.dtype == DType::Float64) {
+    launch_typed<double>(p, stream);
+  } else {
+    launch_typed<float>(p, stream);
+  }
+}
+
+}  // namespace sinkhorn
