@@ -1,11 +1,13 @@
 """mHC benchmark (MATH.md section 4): the mHC Sinkhorn alone, forward and forward+backward, at
-32768 and 1,048,576 tokens of 4×4 logits, against the eager pure-PyTorch reference of
-tests/test_mhc.py, torch.compile of it, and Liger-Kernel's mHC Sinkhorn (CUDA, when installed);
-then the whole ManifoldConstrainedHyperConnections layer against a plain residual x + F(x).
+32768 and 1,048,576 tokens of 4×4 logits, for both variants (the paper's log-domain one and
+DeepSeek-V4's linear-domain one), against the eager pure-PyTorch reference, torch.compile of
+it, and Liger-Kernel's mHC Sinkhorn (CUDA, when installed); then the whole
+ManifoldConstrainedHyperConnections layer against a plain residual x + F(x).
 
     python benchmarks/bench_mhc.py --device cpu|cuda [--quick] [--out DIR]
 
-Sinkhorn: ours is sinkhorn_ops.mhc_sinkhorn(logits) (20 iterations = 40 steps, start="col").
+Sinkhorn: ours is sinkhorn_ops.mhc_sinkhorn(logits) (20 iterations = 40 steps, start="col"), or
+the fused sinkhorn_ops.mhc_v4_sinkhorn(logits) against its PyTorch loop.
 forward+backward times H = sinkhorn(L); loss = (H * W).sum(); dL/dL by torch.autograd.grad, for a
 fixed random W. Correctness is checked before timing against the reference in float64. On CUDA a
 device-to-device copy of the bytes each mode must move is timed in the same run. Writes
@@ -57,6 +59,18 @@ def ours(logits: torch.Tensor) -> torch.Tensor:
     return sinkhorn_ops.mhc_sinkhorn(logits, ITERS)
 
 
+def v4_reference(logits: torch.Tensor) -> torch.Tensor:
+    return sinkhorn_ops.mhc_v4_sinkhorn_loop(logits, ITERS)
+
+
+def v4_ours(logits: torch.Tensor) -> torch.Tensor:
+    return sinkhorn_ops.mhc_v4_sinkhorn(logits, ITERS)
+
+
+# variant: (ours, the eager reference that compile also runs)
+VARIANTS = {"paper": (ours, reference), "v4": (v4_ours, v4_reference)}
+
+
 def liger_sinkhorn() -> tuple[Callable | None, str]:
     """Liger-Kernel's mHC Sinkhorn, or None and why not. Unverified against a live install: it
     takes the first callable named like a Sinkhorn in liger_kernel.ops.mhc."""
@@ -97,21 +111,22 @@ def copy_fn(nbytes: int, device: str) -> Callable[[], object]:
     return lambda: dst.copy_(src)
 
 
-def check(logits: torch.Tensor, weight: torch.Tensor, mode: str) -> dict:
+def check(logits: torch.Tensor, weight: torch.Tensor, mode: str, variant: str) -> dict:
     """Ours on the first CHECK_TOKENS problems against the float64 reference; passes when its
     error is at most twice the fp32 eager reference's, plus 1e-6 of the truth's largest value."""
+    mine, reference = VARIANTS[variant]
     cut = logits[:CHECK_TOKENS]
     w = weight[:CHECK_TOKENS]
     truth = step(reference, cut.double(), w.double(), mode)
-    got = step(ours, cut, w, mode)
+    got = step(mine, cut, w, mode)
     err = bf.max_abs_diff(got, truth)
     err_eager = bf.max_abs_diff(step(reference, cut, w, mode), truth)
     ok = err <= 2 * err_eager + 1e-6 * truth.abs().max().item()  # False on NaN
     return dict(err=err, err_eager=err_eager, ok=ok)
 
 
-def srow(tokens: int, mode: str, provider: str, **kw) -> dict:
-    r = dict(section="sinkhorn", tokens=tokens, problem=f"{tokens}x{N}x{N}", mode=mode,
+def srow(variant: str, tokens: int, mode: str, provider: str, **kw) -> dict:
+    r = dict(section="sinkhorn", variant=variant, tokens=tokens, problem=f"{tokens}x{N}x{N}", mode=mode,
              provider=provider, iters=ITERS, ms_p20=None, ms_p50=None, ms_p80=None, reps=None,
              speedup=None, gb_s=None, copy_share=None, peak_mb=None, err_fp64=None,
              err_fp64_eager=None, check=None, compile_s=None, note="")
@@ -119,7 +134,8 @@ def srow(tokens: int, mode: str, provider: str, **kw) -> dict:
     return r
 
 
-def compiled(mode: str, logits: torch.Tensor, weight: torch.Tensor) -> tuple[Callable, float]:
+def compiled(reference: Callable, mode: str, logits: torch.Tensor,
+             weight: torch.Tensor) -> tuple[Callable, float]:
     """torch.compile of the reference; the first call (compilation) is timed separately."""
     torch._dynamo.reset()
     fn = torch.compile(reference)
@@ -131,21 +147,25 @@ def compiled(mode: str, logits: torch.Tensor, weight: torch.Tensor) -> tuple[Cal
     return run, time.perf_counter() - t0
 
 
-def run_sinkhorn(tokens: int, device: str, policy: dict) -> list[dict]:
+def run_sinkhorn(variant: str, tokens: int, device: str, policy: dict) -> list[dict]:
+    mine, reference = VARIANTS[variant]
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(tokens, N, N, generator=gen).to(device)
     weight = torch.randn(tokens, N, N, generator=gen).to(device)
     liger, liger_note = liger_sinkhorn()
     if liger is not None and device != "cuda":
         liger, liger_note = None, "n/a: Triton, CUDA only"
+    if variant != "paper":
+        liger, liger_note = None, "n/a: Liger has the paper's variant"
+    row = functools.partial(srow, variant)
     rows = []
     for mode in MODES:
-        name = f"[sinkhorn T={tokens} {mode}]"
+        name = f"[sinkhorn {variant} T={tokens} {mode}]"
         nbytes = moved_bytes(logits, mode)
         print(f"{name} check", flush=True)
-        o = srow(tokens, mode, "ours")
+        o = row(tokens, mode, "ours")
         try:
-            c = check(logits, weight, mode)
+            c = check(logits, weight, mode, variant)
             o.update(err_fp64=c["err"], err_fp64_eager=c["err_eager"],
                      check="ok" if c["ok"] else "FAIL")
         except Exception as exc:  # noqa: BLE001 - a failed check is a row, not a crash
@@ -153,27 +173,27 @@ def run_sinkhorn(tokens: int, device: str, policy: dict) -> list[dict]:
             o.update(check="FAIL", note=f"check failed: {bf.reason(exc)}")
         bu.free_memory(device)
         print(f"{name} ours", flush=True)
-        bf.timed(o, functools.partial(step, ours, logits, weight, mode), device, policy)
+        bf.timed(o, functools.partial(step, mine, logits, weight, mode), device, policy)
         if o["ms_p50"]:
             o["gb_s"] = nbytes / (o["ms_p50"] * 1e-3) / 1e9
-        e = srow(tokens, mode, "eager", err_fp64=o["err_fp64_eager"])
+        e = row(tokens, mode, "eager", err_fp64=o["err_fp64_eager"])
         print(f"{name} eager", flush=True)
         bf.timed(e, functools.partial(step, reference, logits, weight, mode), device, policy)
-        comp = srow(tokens, mode, "compile")
+        comp = row(tokens, mode, "compile")
         print(f"{name} compile", flush=True)
         try:
-            fn, comp["compile_s"] = compiled(mode, logits, weight)
+            fn, comp["compile_s"] = compiled(reference, mode, logits, weight)
             bf.timed(comp, fn, device, policy)
         except Exception as exc:  # noqa: BLE001
             comp["note"] = "OOM" if bu.is_oom(exc) else f"compile failed: {bf.reason(exc)}"
             bu.free_memory(device)
-        lg = srow(tokens, mode, "liger", note=liger_note)
+        lg = row(tokens, mode, "liger", note=liger_note)
         if liger is not None:
             print(f"{name} liger", flush=True)
             bf.timed(lg, functools.partial(step, liger, logits, weight, mode), device, policy)
         rows += [o, e, comp, lg]
         if device == "cuda":
-            cp = srow(tokens, mode, "copy", note=f"copy_ of {nbytes // 2} bytes")
+            cp = row(tokens, mode, "copy", note=f"copy_ of {nbytes // 2} bytes")
             print(f"{name} copy", flush=True)
             bf.timed(cp, copy_fn(nbytes, device), device, policy)
             if cp["ms_p50"]:
@@ -274,17 +294,18 @@ def ms_cell(r: dict, spread: bool = False) -> str:
 
 
 def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
-    by = {(r["section"], r["tokens"], r["mode"], r["provider"]): r for r in rows}
-    header = ["T×n×n", "mode", "ours ms p50 (p20–p80)", "GB/s", "eager ms", "×eager",
+    by = {(r["section"], r.get("variant"), r["tokens"], r["mode"], r["provider"]): r
+          for r in rows}
+    header = ["variant", "T×n×n", "mode", "ours ms p50 (p20–p80)", "GB/s", "eager ms", "×eager",
               "compile ms", "×compile", "Liger ms", "×Liger", "err vs fp64 ours / eager",
               "check", "target"]
     if device == "cuda":
-        header[4:4] = ["copy ms", "share of copy GB/s"]
+        header[5:5] = ["copy ms", "share of copy GB/s"]
     big = max(r["tokens"] for r in rows if r["section"] == "sinkhorn")
     table, notes = [], []
-    for tokens, mode in dict.fromkeys((r["tokens"], r["mode"]) for r in rows
-                                      if r["section"] == "sinkhorn"):
-        get = lambda p: by.get(("sinkhorn", tokens, mode, p), {})  # noqa: E731
+    for variant, tokens, mode in dict.fromkeys((r["variant"], r["tokens"], r["mode"])
+                                               for r in rows if r["section"] == "sinkhorn"):
+        get = lambda p: by.get(("sinkhorn", variant, tokens, mode, p), {})  # noqa: E731
         o = get("ours")
         if device == "cpu":
             got, need, base = get("eager").get("speedup"), CPU_TARGET, "eager"
@@ -296,7 +317,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
             share = o.get("copy_share")
             goal += (f"; ≥{GPU_COPY_SHARE:.0%} of copy: " + ("no data" if share is None else
                      "met" if share >= GPU_COPY_SHARE else "NOT met"))
-        cells = [o.get("problem"), mode, ms_cell(o, True), o.get("gb_s"),
+        cells = [variant, o.get("problem"), mode, ms_cell(o, True), o.get("gb_s"),
                  ms_cell(get("eager")), get("eager").get("speedup"),
                  ms_cell(get("compile")), get("compile").get("speedup"),
                  ms_cell(get("liger")), get("liger").get("speedup"),
@@ -304,7 +325,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
                  o.get("check"), goal]
         if device == "cuda":
             share = o.get("copy_share")
-            cells[4:4] = [ms_cell(get("copy")), "—" if share is None else f"{share:.0%}"]
+            cells[5:5] = [ms_cell(get("copy")), "—" if share is None else f"{share:.0%}"]
         table.append(cells)
         for p in (*PROVIDERS, "copy"):
             r = get(p)
@@ -314,14 +335,14 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
             if r.get("reps") == 1:
                 text.append("one timed call (the warm-up exceeded the policy's slow_s)")
             if text:
-                notes.append(f"- T={tokens} {mode} {p}: " + "; ".join(text))
+                notes.append(f"- {variant} T={tokens} {mode} {p}: " + "; ".join(text))
 
     lheader = ["tokens", "C", "mode", "mHC ms p50 (p20–p80)", "x + F(x) ms", "overhead ×",
                "err vs fp64 mHC / reference", "check"]
     ltable = []
     for mode in MODES:
-        m, p = by.get(("layer", LAYER_TOKENS, mode, "mhc"), {}), \
-            by.get(("layer", LAYER_TOKENS, mode, "residual"), {})
+        m, p = by.get(("layer", None, LAYER_TOKENS, mode, "mhc"), {}), \
+            by.get(("layer", None, LAYER_TOKENS, mode, "residual"), {})
         ltable.append([LAYER_TOKENS, LAYER_DIM, mode, ms_cell(m, True), ms_cell(p),
                        m.get("overhead"),
                        f"{bu.fmt(m.get('err_fp64'))} / {bu.fmt(m.get('err_fp64_eager'))}",
@@ -333,10 +354,12 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
     sizes = sorted({r["tokens"] for r in rows if r["section"] == "sinkhorn"})
     legend = [
         f"- Sinkhorn: fp32 logits (T, {N}, {N}), {ITERS} iterations (40 steps, start=\"col\"). "
-        "ours: sinkhorn_ops.mhc_sinkhorn (unrolled gradient). eager: "
-        "tests/test_mhc.py sinkhorn_knopp_reference (logsumexp loop); compile: torch.compile "
-        "of it, compile time excluded (notes). Liger: Liger-Kernel's mHC Sinkhorn, CUDA only, "
-        "when importable.",
+        "paper: ours is sinkhorn_ops.mhc_sinkhorn (unrolled gradient), eager "
+        "tests/test_mhc.py sinkhorn_knopp_reference (logsumexp loop). v4: ours is the fused "
+        "sinkhorn_ops.mhc_v4_sinkhorn (eps = 1e-6), eager sinkhorn_ops.mhc_v4_sinkhorn_loop "
+        "(the published formula in PyTorch). compile: torch.compile of the eager one, compile "
+        "time excluded (notes). Liger: Liger-Kernel's mHC Sinkhorn, CUDA only, when "
+        "importable.",
         "- forward runs under no_grad; forward+backward times H = f(L), (H·W).sum(), "
         "torch.autograd.grad w.r.t. L, for a fixed random W.",
         "- Times: ms per call, p50. ×X = X ms / ours ms: above 1, ours is faster. GB/s = least "
@@ -379,8 +402,9 @@ def main() -> int:
     env = bu.environment(args.device)
     policy = bu.QUICK if args.quick else bu.FULL
     rows = []
-    for tokens in token_counts(args.device, args.quick):
-        rows += run_sinkhorn(tokens, args.device, policy)
+    for variant in VARIANTS:
+        for tokens in token_counts(args.device, args.quick):
+            rows += run_sinkhorn(variant, tokens, args.device, policy)
     rows += run_layer(args.device, policy)
 
     body = markdown(rows, args.device, args.quick)
