@@ -83,13 +83,14 @@ struct TinySolver {
     const V threshold = mass * static_cast<acc_t>(p.tol);
 
     // Steps run in the scaling form: K = exp(S + f (+) g) is kept, a step sums it along one
-    // axis and rescales by target / sum, and the potential gains log(target / sum): one log per
-    // row instead of one exp per entry, the same iterate as the log-domain step. Step 0, every
+    // axis and rescales by target / sum, and the potential gains log(target / sum), kept as a
+    // product (Pending): a multiplication per row instead of an exp per entry, the same iterate
+    // as the log-domain step. Step 0, every
     // kRefreshEvery-th step, any step where an allowed sum falls below floor_mass (where the
     // linear form would lose mass to underflow), and groups with a +inf score take the exact
     // log-domain step instead and rebuild K from the potentials.
     V K[kTinyMax * kTinyMax];
-    V dpot[2][kTinyMax] = {};  // the potentials' increments since the last exact step
+    Pending dpot;  // the potentials' increments since the last exact step
     bool has_pinf = false;
     for (int64_t k = 0; k < nm; ++k)
       for (int64_t l = 0; l < L; ++l) has_pinf = has_pinf || s[k][l] == -ninf[0];
@@ -101,13 +102,14 @@ struct TinySolver {
       V got[kTinyMax];  // the marginal under the current potentials, along this step's axis
       bool exact = k == 0 || has_pinf || k % kRefreshEvery == 0;
       if (!exact) {
+        auto low = zero < zero;  // no lane
         for (int64_t i = 0; i < len; ++i) {
           V sum = zero;
           for (int64_t j = 0; j < other; ++j) sum += at(i, j);
           got[i] = sum;
-          const auto low = sum < floor_mass && target[ax][i] > zero;
-          for (int64_t l = 0; l < L; ++l) exact = exact || low[l];
+          low = low | (sum < floor_mass && target[ax][i] > zero);
         }
+        exact = any_lane(low);
       }
       if (exact) {
         fold(pot, dpot);
@@ -141,26 +143,61 @@ struct TinySolver {
             K[i * m + j] = exp_vec(s[i * m + j] + pot[0][i] + pot[1][j]);
         continue;
       }
+      V ratio[kTinyMax];
       for (int64_t i = 0; i < len; ++i) {
         // An empty row keeps its potential (math::potential); a zero target empties the row.
-        V ratio = got[i] > zero ? target[ax][i] / got[i] : one;
-        ratio = done != zero ? one : ratio;
-        dpot[ax][i] += ratio > zero ? log_vec(ratio) : ninf;
-        for (int64_t j = 0; j < other; ++j) at(i, j) *= ratio;
+        ratio[i] = got[i] > zero ? target[ax][i] / got[i] : one;
+        ratio[i] = done != zero ? one : ratio[i];
+        for (int64_t j = 0; j < other; ++j) at(i, j) *= ratio[i];
       }
+      dpot.scale(ax, len, ratio);
     }
     fold(pot, dpot);
     write(b0, count, s, pot, target, used, done);
   }
 
-  // Adds the scaling steps' increments to the potentials. They are kept apart in between:
-  // added one by one to a large potential (|f| ~ 1e4 for extreme logits) each would round at
-  // that potential's ulp.
-  void fold(V (*pot)[kTinyMax], V (*dpot)[kTinyMax]) const {
+  // The scaling steps' increments of the potentials, kept apart from them until fold(): added
+  // one by one to a large potential (|f| ~ 1e4 for extreme logits) each would round at that
+  // potential's ulp. Each row keeps the product of its ratios (a multiplication a step, not a
+  // log); the product's log joins a running sum once some lane leaves [1/kRange, kRange], so
+  // it never overflows, and at fold().
+  struct Pending {
+    static constexpr acc_t kRange = std::is_same_v<acc_t, double> ? acc_t(1e100) : acc_t(1e12);
+    V sum[2][kTinyMax], prod[2][kTinyMax];
+    Pending() {
+      for (int ax = 0; ax < 2; ++ax)
+        for (int64_t i = 0; i < kTinyMax; ++i) {
+          sum[ax][i] = splat<V>(0);
+          prod[ax][i] = splat<V>(1);
+        }
+    }
+    // log x, and -inf for x = 0 (a zero target's ratio).
+    static V log0(V x) {
+      return x > splat<V>(0) ? log_vec(x) : splat<V>(sinkhorn::math::neg_inf<acc_t>());
+    }
+    // Multiplies the len rows of axis ax by their ratios.
+    void scale(int ax, int64_t len, const V* ratio) {
+      const V zero = splat<V>(0);
+      auto out = zero < zero;  // no lane
+      for (int64_t i = 0; i < len; ++i) {
+        prod[ax][i] *= ratio[i];
+        out = out | (prod[ax][i] > kRange || prod[ax][i] < 1 / kRange);
+      }
+      if (any_lane(out))
+        for (int64_t i = 0; i < len; ++i) {
+          sum[ax][i] += log0(prod[ax][i]);
+          prod[ax][i] = splat<V>(1);
+        }
+    }
+  };
+
+  // Adds the pending increments to the potentials and clears them.
+  void fold(V (*pot)[kTinyMax], Pending& d) const {
     for (int ax = 0; ax < 2; ++ax)
       for (int64_t i = 0; i < (ax ? p.m : p.n); ++i) {
-        pot[ax][i] += dpot[ax][i];
-        dpot[ax][i] = splat<V>(0);
+        pot[ax][i] += d.sum[ax][i] + Pending::log0(d.prod[ax][i]);
+        d.sum[ax][i] = splat<V>(0);
+        d.prod[ax][i] = splat<V>(1);
       }
   }
 
@@ -350,7 +387,8 @@ struct TinyBackward {
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
     const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
-    V target[2][kTinyMax], alive[2][kTinyMax] = {}, dpot[2][kTinyMax] = {};
+    V target[2][kTinyMax], alive[2][kTinyMax] = {};
+    typename Fwd::Pending dpot;
     for (int ax = 0; ax < 2; ++ax)
       for (int64_t i = 0; i < (ax ? m : n); ++i)
         target[ax][i] = lm[ax][i] > ninf ? exp_vec(lm[ax][i]) : zero;
@@ -370,13 +408,14 @@ struct TinyBackward {
       V got[kTinyMax];
       bool exact = t % kRefreshEvery == 0;
       if (!exact) {
+        auto low = zero < zero;  // no lane
         for (int64_t i = 0; i < len; ++i) {
           V sum = zero;
           for (int64_t j = 0; j < other; ++j) sum += Kmat[idx(i, j)];
           got[i] = sum;
-          const auto low = sum < floor_mass && alive[ax][i] > zero && act > zero;
-          for (int64_t l = 0; l < L; ++l) exact = exact || low[l];
+          low = low | (sum < floor_mass && alive[ax][i] > zero && act > zero);
         }
+        exact = any_lane(low);
       }
       if (exact) {
         fwd.fold(pot, dpot);
@@ -392,17 +431,18 @@ struct TinyBackward {
         }
         continue;
       }
+      V ratio[kTinyMax];
       for (int64_t i = 0; i < len; ++i) {
         const V inv = got[i] > zero ? one / got[i] : zero;
-        V ratio = got[i] > zero ? target[ax][i] * inv : one;  // an empty row keeps its potential
-        ratio = act != zero ? ratio : one;
-        dpot[ax][i] += ratio > zero ? log_vec(ratio) : ninf;
+        ratio[i] = got[i] > zero ? target[ax][i] * inv : one;  // an empty row keeps its potential
+        ratio[i] = act != zero ? ratio[i] : one;
         for (int64_t j = 0; j < other; ++j) {
           const int64_t k = idx(i, j);
           R[k] = Kmat[k] * inv;
-          Kmat[k] *= ratio;
+          Kmat[k] *= ratio[i];
         }
       }
+      dpot.scale(ax, len, ratio);
     }
     fwd.fold(pot, dpot);
   }

@@ -118,6 +118,15 @@ inline VecD log_vec(VecD x) {
   return x;
 }
 
+// Whether any lane of a vector comparison's mask is set. Callers OR the masks of a whole
+// step together and ask once: a horizontal test per row would cost as much as the row's math.
+template <typename M>
+inline bool any_lane(M mask) {
+  bool any = false;
+  for (size_t l = 0; l < sizeof(M) / sizeof(mask[0]); ++l) any = any || mask[l] != 0;
+  return any;
+}
+
 // The SIMD vector of an accumulation type, its lane count, unaligned loads and stores.
 template <typename T>
 using VecOf = std::conditional_t<std::is_same_v<T, double>, VecD, VecF>;
