@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200, CUDA torch preinstalled, no network): build in
-# place, CUDA tests, compute-sanitizer memcheck and racecheck, the forward, backward and
-# attention benchmarks. Every step runs
+# place, CUDA tests, compute-sanitizer memcheck and racecheck, the forward, backward, attention
+# and mHC benchmarks. Every step runs
 # even when an earlier one failed; its exit code and time go to $OUT/summary.txt.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh      # the device runner sets OUT
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_TESTS, T_SANITIZER (each tool), T_BENCH,
-# T_BENCH_BACKWARD, T_BENCH_ATTENTION.
+# T_BENCH_BACKWARD, T_BENCH_ATTENTION, T_BENCH_MHC.
 # The defaults add up to under the device runner's 600 s per command. $OUT keeps at most 8 files:
 # env.txt build.log tests.log sanitizer.log bench.log summary.txt, the rest packed in extra.tar.gz.
 set -uo pipefail
@@ -49,9 +49,9 @@ step tests "$OUT/tests.log" "${T_TESTS:-90}" \
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
 # No caching allocator under memcheck, so that an overrun of one tensor is not hidden inside a
 # larger cached block.
-step memcheck "$OUT/sanitizer.log" "${T_SANITIZER:-75}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+step memcheck "$OUT/sanitizer.log" "${T_SANITIZER:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step racecheck "$OUT/sanitizer.log" "${T_SANITIZER:-75}" \
+step racecheck "$OUT/sanitizer.log" "${T_SANITIZER:-60}" \
   "$SANITIZER" --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
 step bench "$OUT/bench.log" "${T_BENCH:-60}" \
   python benchmarks/bench_forward.py --device cuda --out "$OUT"
@@ -59,6 +59,8 @@ step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-45}" \
   python benchmarks/bench_backward.py --device cuda --quick --out "$OUT"
 step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-30}" \
   python benchmarks/bench_attention.py --device cuda --quick --out "$OUT"
+step bench_mhc "$OUT/bench.log" "${T_BENCH_MHC:-30}" \
+  python benchmarks/bench_mhc.py --device cuda --quick --out "$OUT"
 
 # The runner returns at most 8 files: pack anything beyond the expected set into one archive.
 files=$(find "$OUT" -type f | wc -l)

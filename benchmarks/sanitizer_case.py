@@ -1,5 +1,6 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
-CUDA forward and unrolled backward kernels, both stopping modes, default, masked and explicit
+CUDA forward and unrolled backward kernels, the tiny forward path, the V4 mHC kernel (forward
+and backward, n = 1..8), both stopping modes, default, masked and explicit
 marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely:
 a sanitizer run should fail on a wrong kernel too, not only on a memory error.
 
@@ -17,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works
 import sinkhorn_ops  # noqa: E402
 from sinkhorn_ops.reference import sinkhorn_reference  # noqa: E402
 
-# (batch, n, m): 4x4 and 33x65 as in mHC and odd attention tiles; the rest reach the 128- and
+# (batch, n, m): 4x4 and 33x65 as in mHC and odd attention tiles; 130x4x4 and 5x7x3 the tiny
+# path's two paddings (4 and 8) over more than one 128-thread block; the rest reach the 128- and
 # 256-thread blocks and the empty dimensions.
-SHAPES = [(8, 4, 4), (2, 33, 65), (2, 70, 100), (1, 200, 300), (2, 0, 5), (2, 5, 0)]
+SHAPES = [(8, 4, 4), (130, 4, 4), (5, 7, 3), (2, 33, 65), (2, 70, 100), (1, 200, 300), (2, 0, 5),
+          (2, 5, 0)]
 # Loose plan tolerances: this script hunts crashes and races; tests/ holds the precise checks.
 PLAN_ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -171,9 +174,35 @@ def cases():
                 yield (dtype, *shape, *mode)
 
 
+def run_v4_case(batch, n, dtype) -> str | None:
+    """The fused V4 mHC Sinkhorn, forward and backward, against its PyTorch loop in float64."""
+    x = torch.randn(batch, n, n, dtype=torch.float64) * 2
+    w = torch.randn_like(x)
+    leaf = x.to(dtype).cuda().requires_grad_(True)
+    out = sinkhorn_ops.mhc_v4_sinkhorn(leaf)
+    (grad,) = torch.autograd.grad((out * w.to(dtype).cuda()).sum(), leaf)
+    torch.cuda.synchronize()
+    ref_leaf = x.clone().requires_grad_(True)
+    ref = sinkhorn_ops.mhc_v4_sinkhorn_loop(ref_leaf)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), ref_leaf)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    problems = []
+    if (out.double().cpu() - ref).abs().max().item() > tol:
+        problems.append("comb differs from the loop")
+    if (grad.double().cpu() - ref_grad).abs().max().item() > tol * max(1.0, ref_grad.abs().max().item()):
+        problems.append("gradient differs from the loop")
+    return "; ".join(problems) or None
+
+
 def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures = 0
+    for dtype in (torch.float32, torch.float64):
+        for n in range(1, 9):
+            problem = run_v4_case(130, n, dtype)
+            name = f"v4 {str(dtype)[6:]} 130x{n}x{n}"
+            print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+            failures += problem is not None
     for dtype, batch, n, m, marginals, tol, start in cases():
         problem = run_case(batch, n, m, dtype, marginals, tol, start, gen)
         name = f"{str(dtype)[6:]} {batch}x{n}x{m} {marginals} tol={tol} start={start}"

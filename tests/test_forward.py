@@ -326,3 +326,38 @@ def test_property_matches_reference(
     out = run(S, a, b, **kwargs)
     assert_result_close(out, reference(S, a, b, **kwargs), dtype=torch.float64, name="property")
     assert bool(torch.isfinite(out.plan).all())
+
+
+CUDA_PATH_SCRIPT = r"""
+import torch, sinkhorn_ops
+from sinkhorn_ops.reference import sinkhorn_reference
+torch.manual_seed(0)
+# Both sides of the tiny path's limits: padding to 4 (4x4, 3x4), to 8 (5x4, 8x8), none (9x8).
+for n, m in [(4, 4), (3, 4), (5, 4), (8, 8), (8, 1), (9, 8)]:
+    for kw in (dict(steps=40, start="col"), dict(steps=300, tol=1e-5)):
+        S = torch.randn(300, n, m, dtype=torch.float64) * 2
+        S[0, 0, :] = float("-inf")
+        for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+            r = sinkhorn_ops.sinkhorn(S.to(dtype).cuda(), return_potentials=True, **kw)
+            ref = sinkhorn_reference(S, **kw)
+            err = (r.plan.double().cpu() - ref.plan).abs().max().item()
+            assert err <= tol, (n, m, kw, dtype, err)
+            assert (r.steps.cpu() - ref.steps).abs().max().item() <= (1 if kw.get("tol") else 0)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["auto", "block"])
+def test_cuda_tiny_and_block_paths_match_the_reference(path):
+    """The CUDA forward's tiny path (n, m <= 8, a thread per problem) and, forced by
+    SINKHORN_CUDA_FORWARD=block, the block path on the same sizes. The variable is read once per
+    process, hence the subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SINKHORN_CUDA_FORWARD=path)
+    out = subprocess.run([sys.executable, "-c", CUDA_PATH_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -27,6 +27,12 @@ size_t backward_workspace_bytes(const BwdParams& p);
 // caller to collect. Does nothing when p.B == 0.
 void launch_backward(const BwdParams& p, cudaStream_t stream);
 
+// The tiny path of the forward (tiny_forward.cu): n, m <= 8, a thread per problem in registers.
+// Whether p takes it (launch_forward decides with it; SINKHORN_CUDA_FORWARD=block turns the path
+// off, for tests and benchmarks of the block path), and its launch (no workspace).
+bool tiny_forward_applies(const FwdParams& p);
+void launch_tiny_forward(const FwdParams& p, cudaStream_t stream);
+
 // Enqueues the DeepSeek-V4 mHC Sinkhorn (mhc_v4.cu): the forward when p.grad is null, else the
 // backward. p.n <= v4::kMaxN and p.iters <= v4::kMaxIters (checked at the front door). Never
 // synchronises. Does nothing when p.B == 0.

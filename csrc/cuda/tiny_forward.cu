@@ -1,0 +1,96 @@
+// CUDA tiny path of the forward (n, m <= 8, e.g. mHC's 4 x 4, millions per call): a thread per
+// problem, padded to 4 x 4 or 8 x 8 and held in registers (tiny_problem.h, whose math the
+// GoogleTest suite checks on the host), all steps in one kernel, one read of S and one write of
+// P. Per-problem early stopping is the thread's own loop exit: no host synchronisation.
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../tiny_problem.h"
+#include "kernel_common.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using namespace dev;
+
+constexpr int kTinyThreads = 128;
+constexpr int64_t kTinyMaxSide = 8;
+
+template <int NMAX, typename scalar_t>
+__global__ void __launch_bounds__(kTinyThreads) tiny_forward_kernel(const FwdParams p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int n = static_cast<int>(p.n), m = static_cast<int>(p.m);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTinyThreads;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kTinyThreads + threadIdx.x; b < p.B;
+       b += stride) {
+    TinyProblem<NMAX, acc_t> q;
+    q.reset(n, m);
+    const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    // Predicated loops with compile-time bounds keep q in registers.
+    SK_UNROLL
+    for (int i = 0; i < NMAX; ++i)
+      SK_UNROLL
+      for (int j = 0; j < NMAX; ++j)
+        if (i < n && j < m) q.s[i * NMAX + j] = to_acc(S[i * m + j]);
+    if (p.log_a != nullptr) {
+      const acc_t* la = static_cast<const acc_t*>(p.log_a) + b * n;
+      const acc_t* lb = static_cast<const acc_t*>(p.log_b) + b * m;
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        if (a < n) q.la[a] = la[a];
+        if (a < m) q.lb[a] = lb[a];
+      }
+    } else {
+      q.default_marginals();
+    }
+    acc_t error;
+    const int64_t used = q.solve(p.steps, p.start_row, p.tol, &error);
+    scalar_t* P = static_cast<scalar_t*>(p.plan) + b * n * m;
+    SK_UNROLL
+    for (int i = 0; i < NMAX; ++i)
+      SK_UNROLL
+      for (int j = 0; j < NMAX; ++j)
+        if (i < n && j < m) store(P + i * m + j, q.plan(i, j));
+    acc_t* F = static_cast<acc_t*>(p.f) + b * n;
+    acc_t* G = static_cast<acc_t*>(p.g) + b * m;
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      if (a < n) F[a] = q.f[a];
+      if (a < m) G[a] = q.g[a];
+    }
+    p.steps_used[b] = used;
+    static_cast<acc_t*>(p.error)[b] = error;
+  }
+}
+
+template <typename scalar_t>
+void launch_typed(const FwdParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.B + kTinyThreads - 1) / kTinyThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
+  if (p.n <= 4 && p.m <= 4) {
+    tiny_forward_kernel<4, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
+  } else {
+    tiny_forward_kernel<8, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
+  }
+}
+
+}  // namespace
+
+bool tiny_forward_applies(const FwdParams& p) {
+  static const bool disabled = [] {
+    const char* path = std::getenv("SINKHORN_CUDA_FORWARD");
+    return path != nullptr && std::strcmp(path, "block") == 0;
+  }();
+  return !disabled && p.n >= 1 && p.m >= 1 && p.n <= kTinyMaxSide && p.m <= kTinyMaxSide;
+}
+
+void launch_tiny_forward(const FwdParams& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  dtype_switch(p.dtype,
+               [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
+}
+
+}  // namespace sinkhorn

@@ -1,0 +1,139 @@
+// One small Sinkhorn problem (n, m <= NMAX) solved start to finish by one thread: the
+// log-domain iteration of MATH.md section 1 with the formulas of sinkhorn_math.h. The scores are
+// padded to NMAX x NMAX with -inf (padded rows and columns are empty: zero marginal, potential
+// 0), so every loop has compile-time bounds and a GPU thread keeps the problem in registers.
+// The CUDA tiny path (cuda/tiny_forward.cu) runs it a thread per problem; the GoogleTest suite
+// runs it on the host against the CPU operator, which checks this math without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "sinkhorn_math.h"
+
+// Full unrolling in device code, where it keeps the arrays in registers; the host compiler
+// (including nvcc's host pass, which would warn about the pragma) decides for itself.
+#if defined(__CUDA_ARCH__)
+#define SK_UNROLL _Pragma("unroll")
+#else
+#define SK_UNROLL
+#endif
+
+namespace sinkhorn {
+
+template <int NMAX, typename T>
+struct TinyProblem {
+  T s[NMAX * NMAX];  // scores, -inf on masked and padded entries
+  T la[NMAX], lb[NMAX];  // log marginals, -inf on padding
+  T f[NMAX], g[NMAX];    // potentials
+  int n = 0, m = 0;
+
+  // Sets n, m and pads: s must then be filled for i < n, j < m.
+  SK_HD void reset(int rows, int cols) {
+    n = rows;
+    m = cols;
+SK_UNROLL
+    for (int k = 0; k < NMAX * NMAX; ++k) s[k] = math::neg_inf<T>();
+SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      la[a] = lb[a] = math::neg_inf<T>();
+      f[a] = g[a] = T(0);
+    }
+  }
+
+  // The default marginals of MATH.md section 1 from the finite pattern of s.
+  SK_HD void default_marginals() {
+    bool col_alive[NMAX];
+    long long rows = 0, cols = 0;
+SK_UNROLL
+    for (int j = 0; j < NMAX; ++j) col_alive[j] = false;
+SK_UNROLL
+    for (int i = 0; i < NMAX; ++i) {
+      bool alive = false;
+SK_UNROLL
+      for (int j = 0; j < NMAX; ++j) {
+        const bool allowed = s[i * NMAX + j] != math::neg_inf<T>();
+        alive = alive || allowed;
+        col_alive[j] = col_alive[j] || allowed;
+      }
+      la[i] = math::default_log_a<T>(alive);
+      rows += alive;
+    }
+SK_UNROLL
+    for (int j = 0; j < NMAX; ++j) cols += col_alive[j];
+SK_UNROLL
+    for (int j = 0; j < NMAX; ++j) lb[j] = math::default_log_b<T>(col_alive[j], rows, cols);
+  }
+
+  // LSE over the other axis of s + the other potential, for row (row = true) or column a: max
+  // shift, NaN sticky, NaN for a +inf score, -inf for an empty line.
+  SK_HD T lse(bool row, int a) const {
+    T mx = math::neg_inf<T>();
+SK_UNROLL
+    for (int b = 0; b < NMAX; ++b) {
+      const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
+      mx = (v > mx || v != v) ? v : mx;
+    }
+    if (!(mx > math::neg_inf<T>())) return mx;                      // empty line, or NaN
+    if (mx == -math::neg_inf<T>()) return mx - mx;                   // +inf score: NaN
+    T sum = T(0);
+SK_UNROLL
+    for (int b = 0; b < NMAX; ++b) {
+      const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
+      sum += v == math::neg_inf<T>() ? T(0) : math::exp_(v - mx);
+    }
+    return mx + math::log_(sum);
+  }
+
+  // P_ij = exp(s_ij + f_i + g_j).
+  SK_HD T plan(int i, int j) const { return math::exp_(s[i * NMAX + j] + f[i] + g[j]); }
+
+  // Runs at most `steps` steps from f = g = 0 (MATH.md section 1: alternating, per-problem
+  // stopping before step k >= 1 once the marginal that step fixes is within tol * sum(a)).
+  // Returns the steps run and sets *error to the error of the marginal the last step did not
+  // fix (the stopping error when it stopped early).
+  SK_HD int64_t solve(int64_t steps, bool start_row, double tol, T* error) {
+    T mass = T(0);
+SK_UNROLL
+    for (int i = 0; i < NMAX; ++i) mass += la[i] > math::neg_inf<T>() ? math::exp_(la[i]) : T(0);
+    const T threshold = static_cast<T>(tol) * mass;
+    for (int64_t k = 0; k < steps; ++k) {
+      const bool row = ((k % 2) == 0) == start_row;
+      T l[NMAX];
+      T err = T(0);
+SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        l[a] = lse(row, a);
+        err += math::marginal_error(row ? la[a] : lb[a], l[a], row ? f[a] : g[a]);
+      }
+      if (tol > 0 && k >= 1 && err <= threshold) {
+        *error = err;
+        return k;
+      }
+SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        if (row) {
+          f[a] = math::potential(la[a], l[a]);
+        } else {
+          g[a] = math::potential(lb[a], l[a]);
+        }
+      }
+    }
+    // The marginal the last step did not fix: the columns after a row step, and the rows when
+    // no step ran and the first would be a row step.
+    const bool last_row = steps == 0 ? !start_row : (((steps - 1) % 2) == 0) == start_row;
+    T err = T(0);
+SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      T sum = T(0);
+SK_UNROLL
+      for (int b = 0; b < NMAX; ++b) sum += last_row ? plan(b, a) : plan(a, b);
+      const T lm = last_row ? lb[a] : la[a];
+      const T d = sum - (lm > math::neg_inf<T>() ? math::exp_(lm) : T(0));
+      err += d < T(0) ? -d : d;
+    }
+    *error = err;
+    return steps;
+  }
+};
+
+}  // namespace sinkhorn

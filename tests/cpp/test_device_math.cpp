@@ -1,0 +1,152 @@
+// The per-problem math of the CUDA fast paths, run on the host: TinyProblem (tiny_problem.h, the
+// CUDA tiny forward's thread-per-problem solver) against the CPU operator, and the V4 mHC
+// Sinkhorn (mhc_v4_math.h, a CUDA thread per problem) against the literal formula in ATen and
+// finite differences. Without a GPU this is what checks those kernels' arithmetic; their
+// indexing and launches are checked only where a GPU runs the Python suite.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "mhc_v4_math.h"
+#include "sinkhorn_ops.h"
+#include "tiny_problem.h"
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+struct Case {
+  int64_t n, m, steps;
+  bool start_row, marginals, masked;
+  double tol;
+};
+
+// Solves every problem of S (B, n, m) float64 with TinyProblem<NMAX, double> and compares the
+// plan, potentials, steps and error with the CPU operator.
+template <int NMAX>
+void check_against_operator(const Case& c) {
+  at::manual_seed(c.n * 100 + c.m * 10 + c.steps);
+  const int64_t B = 23;
+  auto S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
+  if (c.masked) {
+    S.index_put_({0, 0, 0}, -kInf);
+    S.select(0, 1).select(0, c.n - 1).fill_(-kInf);  // an empty row in problem 1
+    S.select(0, 2).select(1, 0).fill_(-kInf);        // an empty column in problem 2
+  }
+  sinkhorn_ops::SinkhornOptions o;
+  o.steps = c.steps;
+  o.start = c.start_row ? "row" : "col";
+  o.tol = c.tol;
+  at::Tensor a, b;
+  if (c.marginals) {
+    a = at::rand({B, c.n}, at::kDouble) + 0.5;
+    b = at::rand({B, c.m}, at::kDouble) + 0.5;
+    b = b * (a.sum(-1, true) / b.sum(-1, true));
+    o.a = a;
+    o.b = b;
+  }
+  const auto r = sinkhorn_ops::sinkhorn(S, o);
+  const auto s = S.accessor<double, 3>();
+  for (int64_t p = 0; p < B; ++p) {
+    sinkhorn::TinyProblem<NMAX, double> q;
+    q.reset(static_cast<int>(c.n), static_cast<int>(c.m));
+    for (int64_t i = 0; i < c.n; ++i)
+      for (int64_t j = 0; j < c.m; ++j) q.s[i * NMAX + j] = s[p][i][j];
+    if (c.marginals) {
+      for (int64_t i = 0; i < c.n; ++i) q.la[i] = std::log(a[p][i].item<double>());
+      for (int64_t j = 0; j < c.m; ++j) q.lb[j] = std::log(b[p][j].item<double>());
+    } else {
+      q.default_marginals();
+    }
+    double error = -1;
+    const int64_t used = q.solve(c.steps, c.start_row, c.tol, &error);
+    EXPECT_EQ(used, r.steps[p].item<int64_t>()) << "problem " << p;
+    EXPECT_NEAR(error, r.error[p].item<double>(), 1e-10) << "problem " << p;
+    for (int64_t i = 0; i < c.n; ++i) {
+      EXPECT_NEAR(q.f[i], r.f[p][i].item<double>(), 1e-9) << "f, problem " << p;
+      for (int64_t j = 0; j < c.m; ++j)
+        EXPECT_NEAR(q.plan(static_cast<int>(i), static_cast<int>(j)),
+                    r.plan[p][i][j].item<double>(), 1e-11)
+            << "P, problem " << p << " entry " << i << ", " << j;
+    }
+    for (int64_t j = 0; j < c.m; ++j)
+      EXPECT_NEAR(q.g[j], r.g[p][j].item<double>(), 1e-9) << "g, problem " << p;
+  }
+}
+
+TEST(TinyProblem, MatchesTheCpuOperator) {
+  const std::vector<Case> cases = {
+      {4, 4, 40, false, false, false, 0.0},  // mHC
+      {4, 4, 0, true, false, false, 0.0},    // no step: P = exp(S)
+      {3, 2, 7, true, true, false, 0.0},     // rectangular, user marginals
+      {4, 3, 9, false, false, true, 0.0},    // masks: an empty row, an empty column
+      {2, 4, 500, true, false, false, 1e-6}, // early stopping
+  };
+  for (const auto& c : cases) check_against_operator<4>(c);
+  const std::vector<Case> wide = {
+      {8, 8, 40, false, false, false, 0.0},
+      {5, 8, 11, true, true, true, 0.0},
+      {8, 1, 3, true, false, false, 0.0},
+      {7, 6, 300, false, true, false, 1e-7},
+  };
+  for (const auto& c : wide) check_against_operator<8>(c);
+}
+
+struct HostOps {
+  using E = double;
+  static double exp(double x) { return std::exp(x); }
+  static double max(double a, double b) { return a > b ? a : b; }
+};
+
+// DeepSeek-V4's formula, literally, in ATen.
+at::Tensor v4_literal(const at::Tensor& x, int iters, double eps) {
+  auto c = at::softmax(x, -1) + eps;
+  c = c / (c.sum(-2, true) + eps);
+  for (int t = 1; t < iters; ++t) {
+    c = c / (c.sum(-1, true) + eps);
+    c = c / (c.sum(-2, true) + eps);
+  }
+  return c;
+}
+
+template <int N>
+void check_v4(int iters, double eps) {
+  using Problem = sinkhorn::v4::Problem<N, double, HostOps>;
+  at::manual_seed(N * 7 + iters);
+  const auto x = at::randn({N, N}, at::kDouble) * 3;
+  const auto w = at::randn({N, N}, at::kDouble);
+  const auto ref = v4_literal(x, iters, eps);
+  double c[N * N], xs[N * N], g[N * N];
+  std::vector<double> hist(sinkhorn::v4::normalisations(iters) * N);
+  for (int k = 0; k < N * N; ++k) xs[k] = c[k] = x.view(-1)[k].item<double>();
+  Problem::forward(c, iters, eps, nullptr);
+  for (int k = 0; k < N * N; ++k) EXPECT_NEAR(c[k], ref.view(-1)[k].item<double>(), 1e-14);
+  // Gradient of L = sum(w * comb) against central differences of the literal formula.
+  for (int k = 0; k < N * N; ++k) g[k] = w.view(-1)[k].item<double>();
+  Problem::backward(xs, g, iters, eps, hist.data());
+  const double h = 1e-6;
+  for (int k = 0; k < N * N; ++k) {
+    auto xp = x.clone(), xm = x.clone();
+    xp.view(-1)[k] += h;
+    xm.view(-1)[k] -= h;
+    const double fd = ((v4_literal(xp, iters, eps) - v4_literal(xm, iters, eps)) * w)
+                          .sum()
+                          .item<double>() /
+                      (2 * h);
+    EXPECT_NEAR(g[k], fd, 1e-7) << "n " << N << " entry " << k;
+  }
+}
+
+TEST(MhcV4Math, ForwardAndBackwardOnTheHost) {
+  check_v4<1>(20, 1e-6);
+  check_v4<2>(1, 1e-6);
+  check_v4<4>(20, 1e-6);
+  check_v4<4>(5, 1e-2);
+  check_v4<8>(32, 1e-6);
+}
+
+}  // namespace
