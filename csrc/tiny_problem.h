@@ -2,8 +2,9 @@
 // log-domain iteration of MATH.md section 1 with the formulas of sinkhorn_math.h. The scores are
 // padded to NMAX x NMAX with -inf (padded rows and columns are empty: zero marginal, potential
 // 0), so every loop has compile-time bounds and a GPU thread keeps the problem in registers.
-// The CUDA tiny path (cuda/tiny_forward.cu) runs it a thread per problem; the GoogleTest suite
-// runs it on the host against the CPU operator, which checks this math without a GPU.
+// The CUDA tiny paths (cuda/tiny_forward.cu, cuda/tiny_backward.cu) run it a thread per
+// problem; the GoogleTest suite runs it on the host against the CPU operator, which checks this
+// math without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -133,6 +134,80 @@ SK_UNROLL
     }
     *error = err;
     return steps;
+  }
+
+  // Most steps the backward takes: it keeps every step's LSEs (steps x NMAX values; a GPU
+  // thread's local array).
+  static constexpr int64_t kMaxBackwardSteps = 64;
+
+  // The unrolled backward (MATH.md section 2.1) of `steps` steps from f = g = 0 with the
+  // marginals la, lb: replays, keeping each step's LSEs in lse_hist (steps x NMAX), then
+  // reverses. In: ds = dL/dP, uf = dL/df and ug = dL/dg (zeros when absent; padding zero).
+  // Out: ds = dL/dS, dla = dL/d(log a), dlb = dL/d(log b).
+  SK_HD void backward(int64_t steps, bool start_row, T* lse_hist, T* ds, T* uf, T* ug, T* dla,
+                      T* dlb) {
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) f[a] = g[a] = dla[a] = dlb[a] = T(0);
+    for (int64_t t = 0; t < steps; ++t) {
+      const bool row = ((t % 2) == 0) == start_row;
+      T* l = lse_hist + t * NMAX;
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) l[a] = lse(row, a);
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        if (row) {
+          f[a] = math::potential(la[a], l[a]);
+        } else {
+          g[a] = math::potential(lb[a], l[a]);
+        }
+      }
+    }
+    // The output P = exp(S + f (+) g): dS += Gamma = dL/dP * P, and Gamma's sums join dL/df, dL/dg.
+    SK_UNROLL
+    for (int i = 0; i < NMAX; ++i)
+      SK_UNROLL
+      for (int j = 0; j < NMAX; ++j) {
+        const T gamma = ds[i * NMAX + j] * plan(i, j);
+        ds[i * NMAX + j] = gamma;
+        uf[i] += gamma;
+        ug[j] += gamma;
+      }
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const bool row = ((t % 2) == 0) == start_row;
+      const T* l = lse_hist + t * NMAX;
+      T before[NMAX];  // the other potential as step t read it: step t-1 set it
+      SK_UNROLL
+      for (int b = 0; b < NMAX; ++b)
+        before[b] = t > 0 ? math::potential(row ? lb[b] : la[b], lse_hist[(t - 1) * NMAX + b])
+                          : T(0);
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        const T u = row ? uf[a] : ug[a];
+        SK_UNROLL
+        for (int b = 0; b < NMAX; ++b) {
+          const int k = row ? a * NMAX + b : b * NMAX + a;
+          const T w = u * math::step_weight(s[k] + before[b], l[a]);
+          ds[k] -= w;
+          if (row) {
+            ug[b] -= w;
+          } else {
+            uf[b] -= w;
+          }
+        }
+        if (l[a] > math::neg_inf<T>()) {
+          if (row) {
+            dla[a] += u;
+          } else {
+            dlb[a] += u;
+          }
+        }
+        if (row) {
+          uf[a] = T(0);  // consumed: the step overwrote f
+        } else {
+          ug[a] = T(0);
+        }
+      }
+    }
   }
 };
 

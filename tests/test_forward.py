@@ -343,6 +343,20 @@ for n, m in [(4, 4), (3, 4), (5, 4), (8, 8), (8, 1), (9, 8)]:
             err = (r.plan.double().cpu() - ref.plan).abs().max().item()
             assert err <= tol, (n, m, kw, dtype, err)
             assert (r.steps.cpu() - ref.steps).abs().max().item() <= (1 if kw.get("tol") else 0)
+            # The backward: the tiny path takes max steps <= 64 (the first kw), the block path
+            # the rest; both against autograd through the reference.
+            if kw.get("tol"):
+                continue
+            W = torch.randn_like(S)
+            x = S.clone().requires_grad_(True)
+            want = torch.autograd.grad((sinkhorn_reference(x, **kw).plan * W).sum(), x)[0]
+            y = S.to(dtype).cuda().requires_grad_(True)
+            got = torch.autograd.grad((sinkhorn_ops.sinkhorn(y, **kw) * W.to(dtype).cuda()).sum(), y)[0]
+            # Problem 0 has an empty row, where autograd through the reference gives NaN.
+            scale = max(want[1:].abs().max().item(), 1e-3)  # 8 x 1 converges to a constant P
+            gerr = (got[1:].double().cpu() - want[1:]).abs().max().item() / scale
+            assert torch.isfinite(got).all(), (n, m, kw, dtype, "non-finite grad")
+            assert gerr <= 10 * tol, (n, m, kw, dtype, "grad", gerr)
 print("ok")
 """
 
@@ -350,14 +364,14 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("path", ["auto", "block"])
 def test_cuda_tiny_and_block_paths_match_the_reference(path):
-    """The CUDA forward's tiny path (n, m <= 8, a thread per problem) and, forced by
-    SINKHORN_CUDA_FORWARD=block, the block path on the same sizes. The variable is read once per
-    process, hence the subprocess."""
+    """The CUDA tiny paths (n, m <= 8, a thread per problem; the backward also needs steps <= 64)
+    and, forced by SINKHORN_CUDA_FORWARD=block and SINKHORN_CUDA_BACKWARD=block, the block paths
+    on the same sizes. The variables are read once per process, hence the subprocess."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SINKHORN_CUDA_FORWARD=path)
+    env = dict(os.environ, SINKHORN_CUDA_FORWARD=path, SINKHORN_CUDA_BACKWARD=path)
     out = subprocess.run([sys.executable, "-c", CUDA_PATH_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

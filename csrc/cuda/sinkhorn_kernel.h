@@ -33,6 +33,11 @@ void launch_backward(const BwdParams& p, cudaStream_t stream);
 bool tiny_forward_applies(const FwdParams& p);
 void launch_tiny_forward(const FwdParams& p, cudaStream_t stream);
 
+// The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 and max_steps <= 64, a
+// thread per problem. SINKHORN_CUDA_BACKWARD=block turns it off. No workspace.
+bool tiny_backward_applies(const BwdParams& p);
+void launch_tiny_backward(const BwdParams& p, cudaStream_t stream);
+
 // Enqueues the DeepSeek-V4 mHC Sinkhorn (mhc_v4.cu): the forward when p.grad is null, else the
 // backward. p.n <= v4::kMaxN and p.iters <= v4::kMaxIters (checked at the front door). Never
 // synchronises. Does nothing when p.B == 0.

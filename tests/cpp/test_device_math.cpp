@@ -1,5 +1,5 @@
 // The per-problem math of the CUDA fast paths, run on the host: TinyProblem (tiny_problem.h, the
-// CUDA tiny forward's thread-per-problem solver) against the CPU operator, and the V4 mHC
+// CUDA tiny forward's and backward's thread-per-problem solver) against the CPU operator, and the V4 mHC
 // Sinkhorn (mhc_v4_math.h, a CUDA thread per problem) against the literal formula in ATen and
 // finite differences. Without a GPU this is what checks those kernels' arithmetic; their
 // indexing and launches are checked only where a GPU runs the Python suite.
@@ -94,6 +94,75 @@ TEST(TinyProblem, MatchesTheCpuOperator) {
       {7, 6, 300, false, true, false, 1e-7},
   };
   for (const auto& c : wide) check_against_operator<8>(c);
+}
+
+// TinyProblem::backward against the CPU operator's unrolled backward, with per-problem step
+// counts from an early-stopped forward, upstream gradients for P, f and g, and masks.
+template <int NMAX>
+void check_backward_against_operator(const Case& c) {
+  at::manual_seed(c.n * 100 + c.m * 10 + c.steps + 1);
+  const int64_t B = 17;
+  auto S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
+  if (c.masked) {
+    S.index_put_({0, 0, 0}, -kInf);
+    S.select(0, 1).select(0, c.n - 1).fill_(-kInf);
+  }
+  sinkhorn_ops::SinkhornOptions o;
+  o.steps = c.steps;
+  o.start = c.start_row ? "row" : "col";
+  o.tol = c.tol;
+  at::Tensor a, b;
+  if (c.marginals) {
+    a = at::rand({B, c.n}, at::kDouble) + 0.5;
+    b = at::rand({B, c.m}, at::kDouble) + 0.5;
+    b = b * (a.sum(-1, true) / b.sum(-1, true));
+    o.a = a;
+    o.b = b;
+  }
+  const auto r = sinkhorn_ops::sinkhorn(S, o);
+  const auto G = at::randn_like(S), Gf = at::randn({B, c.n}, at::kDouble),
+             Gg = at::randn({B, c.m}, at::kDouble);
+  const auto grads = sinkhorn_ops::sinkhorn_backward(S, o, r, G, Gf, Gg);
+  // d log a from d a: the operator returns dL/da = dL/d(log a) / a.
+  const auto dla_ref = c.marginals ? grads.a * a : at::Tensor();
+  const auto dlb_ref = c.marginals ? grads.b * b : at::Tensor();
+  std::vector<double> hist(sinkhorn::TinyProblem<NMAX, double>::kMaxBackwardSteps * NMAX);
+  for (int64_t p = 0; p < B; ++p) {
+    sinkhorn::TinyProblem<NMAX, double> q;
+    q.reset(static_cast<int>(c.n), static_cast<int>(c.m));
+    double ds[NMAX * NMAX] = {}, uf[NMAX] = {}, ug[NMAX] = {}, dla[NMAX], dlb[NMAX];
+    for (int64_t i = 0; i < c.n; ++i)
+      for (int64_t j = 0; j < c.m; ++j) {
+        q.s[i * NMAX + j] = S[p][i][j].item<double>();
+        ds[i * NMAX + j] = G[p][i][j].item<double>();
+      }
+    for (int64_t i = 0; i < c.n; ++i) uf[i] = Gf[p][i].item<double>();
+    for (int64_t j = 0; j < c.m; ++j) ug[j] = Gg[p][j].item<double>();
+    if (c.marginals) {
+      for (int64_t i = 0; i < c.n; ++i) q.la[i] = std::log(a[p][i].item<double>());
+      for (int64_t j = 0; j < c.m; ++j) q.lb[j] = std::log(b[p][j].item<double>());
+    } else {
+      q.default_marginals();
+    }
+    q.backward(r.steps[p].item<int64_t>(), c.start_row, hist.data(), ds, uf, ug, dla, dlb);
+    for (int64_t i = 0; i < c.n; ++i) {
+      for (int64_t j = 0; j < c.m; ++j)
+        EXPECT_NEAR(ds[i * NMAX + j], grads.scores[p][i][j].item<double>(), 1e-10)
+            << "dS, problem " << p << " entry " << i << ", " << j;
+      if (c.marginals) EXPECT_NEAR(dla[i], dla_ref[p][i].item<double>(), 1e-10) << "problem " << p;
+    }
+    if (c.marginals)
+      for (int64_t j = 0; j < c.m; ++j)
+        EXPECT_NEAR(dlb[j], dlb_ref[p][j].item<double>(), 1e-10) << "problem " << p;
+  }
+}
+
+TEST(TinyProblem, BackwardMatchesTheCpuOperator) {
+  check_backward_against_operator<4>({4, 4, 40, false, false, false, 0.0});
+  check_backward_against_operator<4>({3, 4, 9, true, true, true, 0.0});
+  check_backward_against_operator<4>({4, 2, 60, true, false, false, 1e-4});
+  check_backward_against_operator<8>({8, 8, 40, false, true, false, 0.0});
+  check_backward_against_operator<8>({5, 7, 33, true, false, true, 1e-6});
 }
 
 struct HostOps {

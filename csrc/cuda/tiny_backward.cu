@@ -1,0 +1,108 @@
+// CUDA tiny path of the unrolled backward (n, m <= 8 and at most 64 steps, e.g. mHC's 4 x 4 with
+// 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, its step LSEs in a
+// local array, the replay and the reversed steps of tiny_problem.h (checked on the host by the
+// GoogleTest suite). One read of S and dL/dP, one write of dL/dS per problem; no workspace.
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../tiny_problem.h"
+#include "kernel_common.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using namespace dev;
+
+constexpr int kTinyThreads = 128;
+
+template <int NMAX, typename scalar_t>
+__global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdParams p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Problem = TinyProblem<NMAX, acc_t>;
+  const int n = static_cast<int>(p.n), m = static_cast<int>(p.m);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTinyThreads;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kTinyThreads + threadIdx.x; b < p.B;
+       b += stride) {
+    Problem q;
+    q.reset(n, m);
+    acc_t ds[NMAX * NMAX], uf[NMAX], ug[NMAX], dla[NMAX], dlb[NMAX];
+    acc_t hist[Problem::kMaxBackwardSteps * NMAX];
+    const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    const scalar_t* G = static_cast<const scalar_t*>(p.grad_plan) + b * n * m;
+    SK_UNROLL
+    for (int i = 0; i < NMAX; ++i)
+      SK_UNROLL
+      for (int j = 0; j < NMAX; ++j) {
+        const bool in = i < n && j < m;
+        if (in) q.s[i * NMAX + j] = to_acc(S[i * m + j]);
+        ds[i * NMAX + j] = in ? to_acc(G[i * m + j]) : acc_t(0);
+      }
+    const acc_t* gf = static_cast<const acc_t*>(p.grad_f);
+    const acc_t* gg = static_cast<const acc_t*>(p.grad_g);
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      uf[a] = (gf != nullptr && a < n) ? gf[b * n + a] : acc_t(0);
+      ug[a] = (gg != nullptr && a < m) ? gg[b * m + a] : acc_t(0);
+    }
+    if (p.log_a != nullptr) {
+      const acc_t* la = static_cast<const acc_t*>(p.log_a) + b * n;
+      const acc_t* lb = static_cast<const acc_t*>(p.log_b) + b * m;
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        if (a < n) q.la[a] = la[a];
+        if (a < m) q.lb[a] = lb[a];
+      }
+    } else {
+      q.default_marginals();
+    }
+    int64_t steps = p.steps_used[b];
+    steps = steps < 0 ? 0 : (steps > p.max_steps ? p.max_steps : steps);
+    q.backward(steps, p.start_row, hist, ds, uf, ug, dla, dlb);
+    scalar_t* dS = static_cast<scalar_t*>(p.grad_scores) + b * n * m;
+    SK_UNROLL
+    for (int i = 0; i < NMAX; ++i)
+      SK_UNROLL
+      for (int j = 0; j < NMAX; ++j)
+        if (i < n && j < m) store(dS + i * m + j, ds[i * NMAX + j]);
+    acc_t* DA = static_cast<acc_t*>(p.grad_log_a) + b * n;
+    acc_t* DB = static_cast<acc_t*>(p.grad_log_b) + b * m;
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      if (a < n) DA[a] = dla[a];
+      if (a < m) DB[a] = dlb[a];
+    }
+  }
+}
+
+template <typename scalar_t>
+void launch_typed(const BwdParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.B + kTinyThreads - 1) / kTinyThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
+  if (p.n <= 4 && p.m <= 4) {
+    tiny_backward_kernel<4, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
+  } else {
+    tiny_backward_kernel<8, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
+  }
+}
+
+}  // namespace
+
+bool tiny_backward_applies(const BwdParams& p) {
+  static const bool disabled = [] {
+    const char* path = std::getenv("SINKHORN_CUDA_BACKWARD");
+    return path != nullptr && std::strcmp(path, "block") == 0;
+  }();
+  return !disabled && p.n >= 1 && p.m >= 1 && p.n <= 8 && p.m <= 8 &&
+         p.max_steps <= TinyProblem<8, float>::kMaxBackwardSteps;
+}
+
+void launch_tiny_backward(const BwdParams& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  dtype_switch(p.dtype,
+               [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
+}
+
+}  // namespace sinkhorn
