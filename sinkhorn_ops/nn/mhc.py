@@ -80,9 +80,9 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             Its learned final reduction of the streams is not provided (see reduce_streams).
         eps: the eps of the "v4" variant (1e-6 as published); unused by "paper".
         grad: backward of the Sinkhorn of "paper": "unrolled" (default, the paper's) or
-            "implicit" (also "implicit_dense", "implicit_cg"). "v4" is differentiated by
-            autograd through its loop, which is the unrolled gradient; it accepts only
-            "unrolled".
+            "implicit" (also "implicit_dense", "implicit_cg"). "v4" has the unrolled gradient
+            only (its fused kernel's backward, or autograd through the loop beyond the kernel's
+            limits); it accepts only "unrolled".
         norm_eps: the eps of the RMSNorm over all nC values.
         alpha_init: initial value of the three gates α (0.01 in the paper).
 
@@ -150,8 +150,8 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         if grad not in _GRADS:
             raise ValueError(f"{name}: expected grad in {_GRADS}, got {grad!r}")
         if variant == "v4" and grad != "unrolled":
-            raise ValueError(f"{name}: variant 'v4' is differentiated through its loop (the "
-                             f"unrolled gradient); expected grad='unrolled', got {grad!r}")
+            raise ValueError(f"{name}: variant 'v4' has only the unrolled gradient (of its "
+                             f"iterations); expected grad='unrolled', got {grad!r}")
         if branch is not None and not callable(branch):
             raise TypeError(f"{name}: expected branch to be a module or None, got "
                             f"{type(branch).__name__}")
