@@ -73,7 +73,8 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     For n <= 8 and iters <= 32 on CPU and CUDA this is one fused kernel for all problems
     (``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn``), and its backward another: the exact gradient
     of the iterations (unrolled), recomputed from the logits, keeping only each normalisation's
-    divisors. Elsewhere it runs the loop above in PyTorch, with autograd through it.
+    divisors; it has no double backward (a clear error). Elsewhere it runs the loop above in
+    PyTorch, with autograd through it.
 
     Args:
         logits: (..., n, n), any floating dtype; computed in fp32 (fp64 stays fp64).
@@ -87,7 +88,7 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
         raise ValueError(f"mhc_v4_sinkhorn: expected a finite eps > 0, got {eps!r}")
     x = logits.to(_sinkhorn_dtype(logits.dtype))
-    if (x.shape[-1] <= _mhc_v4_ops.MAX_N and iters <= _mhc_v4_ops.MAX_ITERS
+    if (1 <= x.shape[-1] <= _mhc_v4_ops.MAX_N and iters <= _mhc_v4_ops.MAX_ITERS
             and x.device.type in ("cpu", "cuda")):
         return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn.default(x, iters, float(eps))
     return mhc_v4_sinkhorn_loop(x, iters, eps)

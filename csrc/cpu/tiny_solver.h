@@ -175,19 +175,24 @@ struct TinySolver {
     static V log0(V x) {
       return x > splat<V>(0) ? log_vec(x) : splat<V>(sinkhorn::math::neg_inf<acc_t>());
     }
-    // Multiplies the len rows of axis ax by their ratios.
+    // Multiplies the len rows of axis ax by their ratios. When a product would leave the range
+    // (or overflow: one ratio can reach target / floor_mass), the logs of the old products and
+    // of the ratios join the sums instead.
     void scale(int ax, int64_t len, const V* ratio) {
       const V zero = splat<V>(0);
       auto out = zero < zero;  // no lane
       for (int64_t i = 0; i < len; ++i) {
-        prod[ax][i] *= ratio[i];
-        out = out | (prod[ax][i] > kRange || prod[ax][i] < 1 / kRange);
+        const V next = prod[ax][i] * ratio[i];
+        out = out | (next > kRange || next < 1 / kRange);
       }
-      if (any_lane(out))
+      if (any_lane(out)) {
         for (int64_t i = 0; i < len; ++i) {
-          sum[ax][i] += log0(prod[ax][i]);
+          sum[ax][i] += log0(prod[ax][i]) + log0(ratio[i]);
           prod[ax][i] = splat<V>(1);
         }
+      } else {
+        for (int64_t i = 0; i < len; ++i) prod[ax][i] *= ratio[i];
+      }
     }
   };
 
@@ -373,8 +378,10 @@ struct TinyBackward {
       }
   }
 
-  // Scaling replay: TinySolver::solve_group's iteration with the lanes frozen at their own step
-  // counts instead of a tolerance, keeping each step's softmax R (n x m vectors a step) in hist.
+  // Scaling replay: TinySolver::solve_group's iteration (the same scaling steps and refresh
+  // points, up to rounding; its extra exact steps are below) with the lanes frozen at their own
+  // step counts instead of a tolerance, keeping each step's softmax R (n x m vectors a step) in
+  // hist.
   // R = K / (K's sums along the axis) in a scaling step; exp(S + before - lse) in an exact one,
   // after which K = target * R (= exp(S + f (+) g) with the new potential). Exact steps come at
   // the forward's points (step 0, every kRefreshEvery-th) and wherever an allowed row's sum falls
@@ -438,7 +445,8 @@ struct TinyBackward {
         ratio[i] = act != zero ? ratio[i] : one;
         for (int64_t j = 0; j < other; ++j) {
           const int64_t k = idx(i, j);
-          R[k] = Kmat[k] * inv;
+          // A frozen lane's sum may be denormal (inv = inf): its R, unused, stays 0, not NaN.
+          R[k] = act != zero ? Kmat[k] * inv : zero;
           Kmat[k] *= ratio[i];
         }
       }

@@ -33,8 +33,8 @@ void launch_backward(const BwdParams& p, cudaStream_t stream);
 bool tiny_forward_applies(const FwdParams& p);
 void launch_tiny_forward(const FwdParams& p, cudaStream_t stream);
 
-// The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 and max_steps <= 64, a
-// thread per problem. SINKHORN_CUDA_BACKWARD=block turns it off. No workspace.
+// The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 (4 in float64) and
+// max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block turns it off. No workspace.
 bool tiny_backward_applies(const BwdParams& p);
 void launch_tiny_backward(const BwdParams& p, cudaStream_t stream);
 

@@ -1,7 +1,8 @@
-// CUDA tiny path of the unrolled backward (n, m <= 8 and at most 64 steps, e.g. mHC's 4 x 4 with
-// 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, its step LSEs in a
-// local array, the replay and the reversed steps of tiny_problem.h (checked on the host by the
-// GoogleTest suite). One read of S and dL/dP, one write of dL/dS per problem; no workspace.
+// CUDA tiny path of the unrolled backward (n, m <= 8, 4 in float64, and at most 64 steps, e.g.
+// mHC's 4 x 4 with 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, its
+// step LSEs in a local array, the replay and the reversed steps of tiny_problem.h (checked on
+// the host by the GoogleTest suite). One read of S and dL/dP, one write of dL/dS per problem;
+// no workspace.
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -95,7 +96,10 @@ bool tiny_backward_applies(const BwdParams& p) {
     const char* path = std::getenv("SINKHORN_CUDA_BACKWARD");
     return path != nullptr && std::strcmp(path, "block") == 0;
   }();
-  return !disabled && p.n >= 1 && p.m >= 1 && p.n <= 8 && p.m <= 8 &&
+  // float64 up to 4 x 4 only: its 8 x 8 thread would need 4 KB of local memory, which the
+  // driver reserves for every resident thread.
+  const int64_t side = p.dtype == DType::Float64 ? 4 : 8;
+  return !disabled && p.n >= 1 && p.m >= 1 && p.n <= side && p.m <= side &&
          p.max_steps <= TinyProblem<8, float>::kMaxBackwardSteps;
 }
 
