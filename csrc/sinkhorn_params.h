@@ -60,4 +60,25 @@ struct V4Params {
   DType dtype = DType::Float32;  // Float32 or Float64
 };
 
+// One batched call of an mHC stream mixing (mhc_mix_math.h) over T tokens of n streams of width
+// C, all contiguous. The streams, the branch output and their gradients are in dtype; the
+// mappings and their gradients in the accumulation type.
+struct MixParams {
+  bool post = false;                // false: the pre mix (h = H_pre x); true: the post mix
+  bool backward = false;            // false: the forward; true: the backward (grad given)
+  const void* x = nullptr;          // (T, n, C)
+  const void* y = nullptr;          // (T, C) the branch output (post)
+  const void* h_pre = nullptr;      // (T, n) (pre)
+  const void* h_post = nullptr;     // (T, n) (post)
+  const void* h_res = nullptr;      // (T, n, n) (post)
+  const void* grad = nullptr;       // dL/d(output): (T, C) pre, (T, n, C) post (backward)
+  void* out = nullptr;              // forward: (T, C) pre, (T, n, C) post; backward: dL/dx
+  void* grad_y = nullptr;           // (T, C) (post backward)
+  void* grad_h_pre = nullptr;       // (T, n) (pre backward)
+  void* grad_h_post = nullptr;      // (T, n) (post backward)
+  void* grad_h_res = nullptr;       // (T, n, n) (post backward)
+  int64_t T = 0, n = 0, C = 0;      // 1 <= n <= mix::kMaxStreams
+  DType dtype = DType::Float32;
+};
+
 }  // namespace sinkhorn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _mhc_v4_ops
+from . import _mhc_mix_ops, _mhc_v4_ops
 from ._ops import sinkhorn
 
 __all__ = ["mhc_branch_input", "mhc_combine", "mhc_sinkhorn", "mhc_v4_sinkhorn", "mhc_v4_sinkhorn_loop"]
@@ -109,29 +109,50 @@ def mhc_v4_sinkhorn_loop(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> 
 def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
     """H_pre x_l: the sub-layer's input, a weighted sum of the n streams.
 
+    For n <= 8 on CPU and CUDA this is one fused kernel (``torch.ops.sinkhorn_ops.mhc_pre_mix``,
+    and its backward another) that reads x once; the sum is accumulated in fp32 (fp64 for
+    fp64) and rounded once to x's dtype. Elsewhere it is the same sum in PyTorch.
+
     Args:
         x: (..., n, C) streams in the activation dtype.
-        h_pre: (..., n) weights (any floating dtype; cast to x's dtype, the mixing dtype).
+        h_pre: (..., n) weights, broadcast against x's leading dimensions; any floating dtype
+            (the kernel takes them in the accumulation dtype).
 
     Returns:
         (..., C) in x's dtype.
     """
+    if _mhc_mix_ops.fused(x):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = torch.broadcast_to(h_pre.to(acc), x.shape[:-1])
+        return torch.ops.sinkhorn_ops.mhc_pre_mix.default(x, h)
     # A broadcast product and a sum rather than einsum: einsum becomes a bmm of (n x C) problems
     # per token, several times slower for n <= 8 on the CPU.
     return (h_pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
 
 
 def mhc_combine(x: Tensor, branch_output: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """x_{l+1} = H_res x_l + H_postᵀ F(H_pre x_l) (MATH.md section 4), mixed in x's dtype.
+    """x_{l+1} = H_res x_l + H_postᵀ F(H_pre x_l) (MATH.md section 4).
+
+    For n <= 8 on CPU and CUDA this is one fused kernel (``torch.ops.sinkhorn_ops.mhc_post_mix``,
+    and its backward another): each stream and the branch output are read once, the mixing is
+    accumulated in fp32 (fp64 for fp64) and rounded once to x's dtype. Elsewhere it runs in
+    PyTorch, in x's dtype.
 
     Args:
         x: (..., n, C) streams x_l.
-        branch_output: (..., C) the sub-layer's output F(H_pre x_l).
+        branch_output: (..., C) the sub-layer's output F(H_pre x_l) (cast to x's dtype).
         h_post: (..., n) write-back weights of the output into each stream.
         h_res: (..., n, n) residual mixing: stream i of the result takes Σ_j h_res[i, j] x_j.
 
     Returns:
         (..., n, C) x_{l+1} in x's dtype.
     """
+    if _mhc_mix_ops.fused(x):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n = x.shape[-2]
+        y = torch.broadcast_to(branch_output.to(x.dtype), (*x.shape[:-2], x.shape[-1]))
+        q = torch.broadcast_to(h_post.to(acc), x.shape[:-1])
+        r = torch.broadcast_to(h_res.to(acc), (*x.shape[:-2], n, n))
+        return torch.ops.sinkhorn_ops.mhc_post_mix.default(x, y, q, r)
     mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # see mhc_branch_input
     return mixed + h_post.to(x.dtype).unsqueeze(-1) * branch_output.to(x.dtype).unsqueeze(-2)

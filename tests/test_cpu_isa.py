@@ -73,6 +73,20 @@ for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
     got = torch.autograd.grad((sinkhorn_ops.mhc_v4_sinkhorn(x) * W.to(dtype)).sum(), x)[0]
     err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= tol, ("v4", dtype, err)
+# The mHC stream mixings (37 channels: whole SIMD vectors and a scalar tail).
+x, y = torch.randn(7, 4, 37, dtype=torch.float64), torch.randn(7, 37, dtype=torch.float64)
+hq, hr = torch.rand(7, 4, dtype=torch.float64), torch.rand(7, 4, 4, dtype=torch.float64)
+W = torch.randn_like(x)
+x.requires_grad_(True)
+ref = (hr.unsqueeze(-1) * x.unsqueeze(-3)).sum(-2) + hq.unsqueeze(-1) * y.unsqueeze(-2)
+want = torch.autograd.grad((ref * W).sum(), x)[0]
+for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xl = x.detach().to(dtype).requires_grad_(True)
+    out = sinkhorn_ops.mhc_combine(xl, y.to(dtype), hq.to(acc), hr.to(acc))
+    got = torch.autograd.grad((out * W.to(dtype)).sum(), xl)[0]
+    assert (out.double() - ref).abs().max().item() <= tol * 10, ("mix", dtype)
+    assert (got.double() - want).abs().max().item() <= tol * 10, ("mix grad", dtype)
 print("ok")
 """
 

@@ -1,4 +1,4 @@
-// The per-ISA builds of the CPU kernels (Sinkhorn forward and backward, V4 mHC) and the choice
+// The per-ISA builds of the CPU kernels (Sinkhorn forward and backward, mHC) and the choice
 // between them at run time.
 #pragma once
 
@@ -18,6 +18,9 @@ void backward_avx512(const sinkhorn::BwdParams& q, at::ScalarType dtype);
 void mhc_v4_default(const sinkhorn::V4Params& p);
 void mhc_v4_avx2(const sinkhorn::V4Params& p);
 void mhc_v4_avx512(const sinkhorn::V4Params& p);
+void mhc_mix_default(const sinkhorn::MixParams& p, at::ScalarType dtype);
+void mhc_mix_avx2(const sinkhorn::MixParams& p, at::ScalarType dtype);
+void mhc_mix_avx512(const sinkhorn::MixParams& p, at::ScalarType dtype);
 
 }  // namespace cpu
 }  // namespace sinkhorn_ops

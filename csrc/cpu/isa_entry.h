@@ -1,9 +1,10 @@
-// Defines forward_<SK_ISA>, backward_<SK_ISA> and mhc_v4_<SK_ISA>, the entry points of one per-ISA build of the
-// CPU solvers (forward_*.cpp). Where SK_ISA_BUILT is not set (an ISA this architecture lacks),
-// they forward to the baseline build instead. Include once, after the #pragma GCC target.
+// Defines forward_<SK_ISA>, backward_<SK_ISA>, mhc_v4_<SK_ISA> and mhc_mix_<SK_ISA>, the entry
+// points of one per-ISA build of the CPU kernels (forward_*.cpp). Where SK_ISA_BUILT is not
+// set (an ISA this architecture lacks), they forward to the baseline build instead. Include once, after the #pragma GCC target.
 #include "isa_prelude.h"
 #if SK_ISA_BUILT
 #include "backward_solver.h"
+#include "mhc_mix.h"
 #include "mhc_v4.h"
 #include "solver.h"
 #endif
@@ -35,6 +36,14 @@ void SK_PASTE(mhc_v4_, SK_ISA)(const sinkhorn::V4Params& p) {
   mhc_v4_any(p);
 #else
   mhc_v4_default(p);
+#endif
+}
+
+void SK_PASTE(mhc_mix_, SK_ISA)(const sinkhorn::MixParams& p, at::ScalarType dtype) {
+#if SK_ISA_BUILT
+  mhc_mix_any(p, dtype);
+#else
+  mhc_mix_default(p, dtype);
 #endif
 }
 

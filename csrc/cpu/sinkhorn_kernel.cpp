@@ -1,11 +1,12 @@
-// CPU registration of the Sinkhorn forward and unrolled backward operators and of the V4 mHC
-// Sinkhorn: checks at the front door, then the build for the best instruction set this processor
+// CPU registration of the Sinkhorn forward and unrolled backward operators and of the mHC ones
+// (V4 Sinkhorn, stream mixings): checks at the front door, then the build for the best instruction set this processor
 // has (forward_*.cpp).
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 
+#include "../ops/mhc_mix.h"
 #include "../ops/mhc_v4.h"
 #include "../ops/sinkhorn_backward.h"
 #include "forward_isa.h"
@@ -17,11 +18,13 @@ namespace {
 using ForwardFn = void (*)(const sinkhorn::FwdParams&, at::ScalarType);
 using BackwardFn = void (*)(const sinkhorn::BwdParams&, at::ScalarType);
 using V4Fn = void (*)(const sinkhorn::V4Params&);
+using MixFn = void (*)(const sinkhorn::MixParams&, at::ScalarType);
 
 struct Kernels {
   ForwardFn forward;
   BackwardFn backward;
   V4Fn mhc_v4;
+  MixFn mhc_mix;
 };
 
 bool cpu_has(const std::string& isa) {
@@ -45,12 +48,12 @@ Kernels best_kernels() {
                     isa, "\"");
   TORCH_CHECK_VALUE(isa.empty() || cpu_has(isa), "sinkhorn: SINKHORN_CPU_ISA=", isa,
                     " asks for instructions this processor lacks");
-  const Kernels fallback{&forward_default, &backward_default, &mhc_v4_default};
+  const Kernels fallback{&forward_default, &backward_default, &mhc_v4_default, &mhc_mix_default};
   if (isa == "default") return fallback;
   if (isa == "avx512" || (isa.empty() && cpu_has("avx512")))
-    return {&forward_avx512, &backward_avx512, &mhc_v4_avx512};
+    return {&forward_avx512, &backward_avx512, &mhc_v4_avx512, &mhc_mix_avx512};
   if (isa == "avx2" || (isa.empty() && cpu_has("avx2")))
-    return {&forward_avx2, &backward_avx2, &mhc_v4_avx2};
+    return {&forward_avx2, &backward_avx2, &mhc_v4_avx2, &mhc_mix_avx2};
   return fallback;
 }
 
@@ -96,6 +99,38 @@ at::Tensor mhc_v4_sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor
   return call.out;
 }
 
+detail::MixCall mix_cpu(bool post, const at::Tensor& x, const at::Tensor& y,
+                        const at::Tensor& h_pre, const at::Tensor& h_post, const at::Tensor& h_res,
+                        const at::Tensor& grad) {
+  static const Kernels kernels = best_kernels();
+  auto call = detail::prepare_mhc_mix(post, x, y, h_pre, h_post, h_res, grad);
+  kernels.mhc_mix(call.params, call.x.scalar_type());
+  return call;
+}
+
+at::Tensor mhc_pre_mix_cpu(const at::Tensor& x, const at::Tensor& h_pre) {
+  return mix_cpu(false, x, {}, h_pre, {}, {}, {}).out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mhc_pre_mix_backward_cpu(const at::Tensor& grad,
+                                                            const at::Tensor& x,
+                                                            const at::Tensor& h_pre) {
+  auto c = mix_cpu(false, x, {}, h_pre, {}, {}, grad);
+  return {c.out, c.grad_h_pre};
+}
+
+at::Tensor mhc_post_mix_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
+                            const at::Tensor& h_res) {
+  return mix_cpu(true, x, y, {}, h_post, h_res, {}).out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
+    const at::Tensor& h_res) {
+  auto c = mix_cpu(true, x, y, {}, h_post, h_res, grad);
+  return {c.out, c.grad_y, c.grad_h_post, c.grad_h_res};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CPU, m) {
@@ -103,6 +138,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, CPU, m) {
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cpu);
   m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cpu);
   m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cpu);
+  m.impl("mhc_pre_mix", &mhc_pre_mix_cpu);
+  m.impl("mhc_pre_mix_backward", &mhc_pre_mix_backward_cpu);
+  m.impl("mhc_post_mix", &mhc_post_mix_cpu);
+  m.impl("mhc_post_mix_backward", &mhc_post_mix_backward_cpu);
 }
 
 }  // namespace cpu

@@ -1,6 +1,6 @@
-// CUDA registrations of sinkhorn_ops::sinkhorn, sinkhorn_backward_unrolled and the V4 mHC
-// Sinkhorn: the ATen glue (device guard, stream, workspace, launch check) around the ATen-free
-// kernel launchers of sinkhorn_kernel.cu, sinkhorn_backward.cu and mhc_v4.cu.
+// CUDA registrations of sinkhorn_ops::sinkhorn, sinkhorn_backward_unrolled and the mHC ops (V4
+// Sinkhorn, stream mixings): the ATen glue (device guard, stream, workspace, launch check)
+// around the ATen-free kernel launchers (sinkhorn_kernel.h).
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS and
 // cuSPARSE), so CI can syntax-check this file against a CPU build of torch.
@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../ops/mhc_mix.h"
 #include "../ops/mhc_v4.h"
 #include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
@@ -80,6 +81,39 @@ at::Tensor mhc_v4_sinkhorn_backward_cuda(const at::Tensor& grad, const at::Tenso
   return mhc_v4_call(logits, &grad, iters, eps);
 }
 
+detail::MixCall mix_cuda(bool post, const at::Tensor& x, const at::Tensor& y,
+                         const at::Tensor& h_pre, const at::Tensor& h_post,
+                         const at::Tensor& h_res, const at::Tensor& grad) {
+  auto call = detail::prepare_mhc_mix(post, x, y, h_pre, h_post, h_res, grad);
+  const c10::cuda::CUDAGuard guard(x.device());
+  sinkhorn::launch_mhc_mix(call.params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return call;
+}
+
+at::Tensor mhc_pre_mix_cuda(const at::Tensor& x, const at::Tensor& h_pre) {
+  return mix_cuda(false, x, {}, h_pre, {}, {}, {}).out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mhc_pre_mix_backward_cuda(const at::Tensor& grad,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& h_pre) {
+  auto c = mix_cuda(false, x, {}, h_pre, {}, {}, grad);
+  return {c.out, c.grad_h_pre};
+}
+
+at::Tensor mhc_post_mix_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
+                             const at::Tensor& h_res) {
+  return mix_cuda(true, x, y, {}, h_post, h_res, {}).out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
+    const at::Tensor& h_res) {
+  auto c = mix_cuda(true, x, y, {}, h_post, h_res, grad);
+  return {c.out, c.grad_y, c.grad_h_post, c.grad_h_res};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m) {
@@ -87,6 +121,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m) {
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cuda);
   m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cuda);
   m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cuda);
+  m.impl("mhc_pre_mix", &mhc_pre_mix_cuda);
+  m.impl("mhc_pre_mix_backward", &mhc_pre_mix_backward_cuda);
+  m.impl("mhc_post_mix", &mhc_post_mix_cuda);
+  m.impl("mhc_post_mix_backward", &mhc_post_mix_backward_cuda);
 }
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
-// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu), the unrolled backward
-// (sinkhorn_backward.cu) and the V4 mHC Sinkhorn (mhc_v4.cu). Plain params only, no ATen, so the kernel files compile standalone with
+// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu, tiny_forward.cu), the
+// unrolled backward (sinkhorn_backward.cu, tiny_backward.cu), the V4 mHC Sinkhorn (mhc_v4.cu) and
+// the mHC stream mixings (mhc_mix.cu). Plain params only, no ATen, so the kernel files compile standalone with
 // nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
 #pragma once
 
@@ -42,5 +43,9 @@ void launch_tiny_backward(const BwdParams& p, cudaStream_t stream);
 // backward. p.n <= v4::kMaxN and p.iters <= v4::kMaxIters (checked at the front door). Never
 // synchronises. Does nothing when p.B == 0.
 void launch_mhc_v4(const V4Params& p, cudaStream_t stream);
+
+// Enqueues an mHC stream mixing (mhc_mix.cu), forward or backward as p says. p.n <= 8 (checked
+// at the front door). Never synchronises. Does nothing when p.T == 0.
+void launch_mhc_mix(const MixParams& p, cudaStream_t stream);
 
 }  // namespace sinkhorn

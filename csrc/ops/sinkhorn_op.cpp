@@ -72,6 +72,17 @@ TORCH_LIBRARY(sinkhorn_ops, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("mhc_v4_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // mHC's stream mixings (MATH.md section 4, mhc_mix_math.h): the branch input H_pre x and
+  // x_{l+1} = H_res x + H_post^T y, with their backwards.
+  m.def("mhc_pre_mix(Tensor x, Tensor h_pre) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_pre_mix_backward(Tensor grad, Tensor x, Tensor h_pre) -> "
+        "(Tensor grad_x, Tensor grad_h_pre)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_mix(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_mix_backward(Tensor grad, Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> "
+        "(Tensor grad_x, Tensor grad_y, Tensor grad_h_post, Tensor grad_h_res)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CompositeExplicitAutograd, m) {
