@@ -64,7 +64,8 @@ class ManifoldConstrainedHyperConnections(nn.Module):
 
     The Sinkhorn is :func:`sinkhorn_ops.mhc_sinkhorn`: 20 iterations, column then row, on our
     fused operator (steps = 40, start = "col", a = b = 1). All mappings are computed in fp32
-    (fp64 for fp64 streams) whatever the activation dtype; the mixing runs in the streams' dtype.
+    (fp64 for fp64 streams) whatever the activation dtype; the stream mixings are fused kernels
+    (n <= 8) that accumulate in fp32 and write the streams' dtype.
 
     Args:
         num_streams: n >= 2, the number of residual streams (the paper uses 4).
@@ -206,9 +207,11 @@ class ManifoldConstrainedHyperConnections(nn.Module):
                              f"(..., {n}, {dim}), got {tuple(x.shape)}")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         flat = x.reshape(*x.shape[:-2], n * dim).to(acc)
-        normed = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        # RMSNorm(x) φ = (x φ) / rms(x): the scale is applied to the n² + 2n projections rather
+        # than to the nC inputs, so the normalised copy of x is never materialised.
+        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1).to(acc)
-        pre, post, res = (normed @ phi).split([n, n, n * n], dim=-1)
+        pre, post, res = ((flat @ phi) * inv_rms).split([n, n, n * n], dim=-1)
         pre = self.alpha_pre.to(acc) * pre + self.b_pre.to(acc)
         post = self.alpha_post.to(acc) * post + self.b_post.to(acc)
         res = self.alpha_res.to(acc) * res.unflatten(-1, (n, n)) + self.b_res.to(acc)
