@@ -1,6 +1,6 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
 CUDA forward and unrolled backward kernels, the tiny forward path, the V4 mHC kernel (forward
-and backward, n = 1..8), both stopping modes, default, masked and explicit
+and backward, n = 1..8), the mHC stream mixings, both stopping modes, default, masked and explicit
 marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely:
 a sanitizer run should fail on a wrong kernel too, not only on a memory error.
 
@@ -194,9 +194,41 @@ def run_v4_case(batch, n, dtype) -> str | None:
     return "; ".join(problems) or None
 
 
+def run_mix_case(tokens, n, c, dtype) -> str | None:
+    """The fused mHC stream mixings, forward and backward, against their formulas in float64."""
+    x = torch.randn(tokens, n, c, dtype=torch.float64)
+    y = torch.randn(tokens, c, dtype=torch.float64)
+    hp, hq, hr = (torch.rand(tokens, n, dtype=torch.float64), torch.rand(tokens, n, dtype=torch.float64),
+                  torch.rand(tokens, n, n, dtype=torch.float64))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dev = [t.cuda() for t in (x.to(dtype), y.to(dtype), hp.to(acc), hq.to(acc), hr.to(acc))]
+    for t in dev:
+        t.requires_grad_(True)
+    out = sinkhorn_ops.mhc_combine(dev[0], dev[1], dev[3], dev[4]).sum() + \
+        sinkhorn_ops.mhc_branch_input(dev[0], dev[2]).square().sum()
+    grads = torch.autograd.grad(out, dev)
+    torch.cuda.synchronize()
+    ref_in = [t.clone().requires_grad_(True) for t in (x, y, hp, hq, hr)]
+    ref = ((ref_in[4].unsqueeze(-1) * ref_in[0].unsqueeze(-3)).sum(-2)
+           + ref_in[3].unsqueeze(-1) * ref_in[1].unsqueeze(-2)).sum() + \
+        (ref_in[2].unsqueeze(-1) * ref_in[0]).sum(-2).square().sum()
+    ref_grads = torch.autograd.grad(ref, ref_in)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 0.3}[dtype]
+    bad = [k for k, (g, r) in enumerate(zip(grads, ref_grads))
+           if (g.double().cpu() - r).abs().max().item() > tol * max(1.0, r.abs().max().item())]
+    return f"gradients {bad} differ" if bad else None
+
+
 def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for n in (1, 4, 8):
+            for c in (1, 33, 100):
+                problem = run_mix_case(37, n, c, dtype)
+                name = f"mix {str(dtype)[6:]} 37x{n}x{c}"
+                print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+                failures += problem is not None
     for dtype in (torch.float32, torch.float64):
         for n in range(1, 9):
             problem = run_v4_case(130, n, dtype)

@@ -21,6 +21,7 @@ struct FwdParams {
   int64_t* steps_used = nullptr; // (B)
   void* error = nullptr;         // (B), accumulation type
   void* workspace = nullptr;     // device scratch a kernel may ask its launcher for (CUDA)
+  bool staged = false;           // CUDA block kernel: S copied to shared memory (its launcher sets it)
   int64_t B = 0, n = 0, m = 0;
   int64_t steps = 0;             // normalisations (half-iterations) to run at most
   bool start_row = true;         // first step normalises rows (true) or columns (false)
@@ -42,6 +43,7 @@ struct BwdParams {
   void* grad_log_a = nullptr;        // (B, n), accumulation type: dL/d(log a)
   void* grad_log_b = nullptr;        // (B, m), accumulation type: dL/d(log b)
   void* workspace = nullptr;         // device scratch a kernel may ask its launcher for (CUDA)
+  bool staged = false;               // CUDA block kernel: S copied to shared memory (its launcher sets it)
   int64_t B = 0, n = 0, m = 0;
   int64_t max_steps = 0;             // an upper bound of steps_used (the forward's `steps`)
   bool start_row = true;

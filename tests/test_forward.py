@@ -375,3 +375,43 @@ def test_cuda_tiny_and_block_paths_match_the_reference(path):
     out = subprocess.run([sys.executable, "-c", CUDA_PATH_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+CUDA_STAGING_SCRIPT = r"""
+import torch, sinkhorn_ops
+from sinkhorn_ops.reference import sinkhorn_reference
+torch.manual_seed(0)
+# 33x65 .. 128x128 fp32 fit in shared memory (staged); 200x300 fp32 (234 KB) does not.
+for n, m in [(33, 65), (70, 100), (128, 128), (200, 300)]:
+    S = torch.randn(3, n, m, dtype=torch.float64) * 2
+    S[0, 1, :] = float("-inf")
+    W = torch.randn_like(S)
+    kw = dict(steps=9, start="row")
+    x = S.clone().requires_grad_(True)
+    ref = sinkhorn_reference(x, **kw).plan
+    want = torch.autograd.grad((ref * W).sum(), x)[0]
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)]:
+        y = S.to(dtype).cuda().requires_grad_(True)
+        plan = sinkhorn_ops.sinkhorn(y, **kw)
+        got = torch.autograd.grad((plan * W.to(dtype).cuda()).sum(), y)[0]
+        err = (plan.double().cpu() - ref.detach()).abs().max().item()
+        gerr = ((got.double().cpu() - want)[1:].abs().max() / want[1:].abs().max()).item()
+        assert err <= tol and gerr <= 10 * tol, (n, m, dtype, err, gerr)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("smem", ["1", "0"])
+def test_cuda_block_kernels_with_and_without_shared_memory_staging(smem):
+    """The block kernels read S from shared memory when it fits; SINKHORN_CUDA_SMEM=0 makes them
+    read global memory. Both against the reference, forward and backward, on both sides of the
+    size limit (read once per process, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SINKHORN_CUDA_SMEM=smem)
+    out = subprocess.run([sys.executable, "-c", CUDA_STAGING_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -161,6 +161,39 @@ void block_size_switch(int64_t entries, F&& fn) {
 }
 
 
+// On-chip problems: a block copies its problem's scores into dynamic shared memory once, and
+// every later pass reads them there instead of from global memory (one read of S per problem).
+// The bytes of dynamic shared memory the block kernels take for an n x m problem of elem-byte
+// scores, or 0 when S does not fit in kMaxStagedBytes (two blocks per SM stay resident on
+// Hopper), exceeds the device's opt-in limit, or SINKHORN_CUDA_SMEM=0 turns staging off.
+constexpr size_t kMaxStagedBytes = 96 * 1024;
+size_t staged_bytes(int64_t n, int64_t m, size_t elem);
+
+// Launches kernel<<<grid, block, smem, stream>>>(params), first raising the kernel's dynamic
+// shared-memory limit when smem exceeds the default 48 KB.
+template <typename Params>
+void launch_staged(void (*kernel)(const Params), unsigned grid, int block, size_t smem,
+                   cudaStream_t stream, const Params& params) {
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+  kernel<<<grid, block, smem, stream>>>(params);
+}
+
+// Copies a problem's scores to shared memory (when staged) and returns where the passes should
+// read them. Contains a barrier before the copy (earlier readers of the buffer are done) and
+// after it (the copy is complete): every thread of the block must call it.
+template <int BLOCK, typename scalar_t>
+__device__ const scalar_t* stage_scores(const scalar_t* S, int64_t nm, bool staged) {
+  if (!staged) return S;
+  extern __shared__ __align__(16) unsigned char staged_scores[];
+  scalar_t* dst = reinterpret_cast<scalar_t*>(staged_scores);
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < nm; k += BLOCK) dst[k] = S[k];
+  __syncthreads();
+  return dst;
+}
+
 // Calls fn with TypeTag<scalar_t> for the element type `dtype` names: the one place that maps
 // the params' dtype to the kernels' template argument.
 template <typename T>

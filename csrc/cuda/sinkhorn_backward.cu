@@ -157,7 +157,8 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
     acc_t* ws = static_cast<acc_t*>(p.workspace) + b * stride;
     Problem<scalar_t> q;
-    q.S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    q.S = stage_scores<BLOCK>(static_cast<const scalar_t*>(p.scores) + b * n * m, n * m,
+                              p.staged);
     q.G = static_cast<const scalar_t*>(p.grad_plan) + b * n * m;
     q.f = ws + n + m;
     q.g = q.f + n;
@@ -210,13 +211,17 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
   }
 }
 
-// One block per problem, its size from block_size_switch (kernel_common.cuh).
+// One block per problem, its size from block_size_switch (kernel_common.cuh), S staged in
+// shared memory when it fits (the replay and the reverse steps read it every step).
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
+  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
+  BwdParams q = p;
+  q.staged = smem > 0;
   block_size_switch(p.n * p.m, [&](auto block) {
     constexpr int kBlock = decltype(block)::value;
-    backward_kernel<scalar_t, kBlock><<<grid, kBlock, 0, stream>>>(p);
+    launch_staged(&backward_kernel<scalar_t, kBlock>, grid, kBlock, smem, stream, q);
   });
 }
 

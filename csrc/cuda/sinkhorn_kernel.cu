@@ -5,7 +5,8 @@
 // other and each stops on its own without leaving the device. Within a block, row passes give a
 // warp to each row and column passes a thread to each column, so loads of S are coalesced in
 // both. The potentials live in the outputs f and g; the workspace holds, per problem, the
-// default log-marginals and one LSE per row or column.
+// default log-marginals and one LSE per row or column. When S fits (kernel_common.cuh,
+// staged_bytes), the block first copies it to shared memory and every step reads it there.
 #include "sinkhorn_kernel.h"
 
 #include <algorithm>
@@ -113,7 +114,8 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const FwdParams p) {
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
     acc_t* ws = static_cast<acc_t*>(p.workspace) + b * ws_stride;
     Problem<scalar_t> q;
-    q.S = static_cast<const scalar_t*>(p.scores) + b * n * m;
+    q.S = stage_scores<BLOCK>(static_cast<const scalar_t*>(p.scores) + b * n * m, n * m,
+                              p.staged);
     q.P = static_cast<scalar_t*>(p.plan) + b * n * m;
     q.f = static_cast<acc_t*>(p.f) + b * n;
     q.g = static_cast<acc_t*>(p.g) + b * m;
@@ -169,13 +171,17 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const FwdParams p) {
   }
 }
 
-// One block per problem, its size from block_size_switch (kernel_common.cuh).
+// One block per problem, its size from block_size_switch (kernel_common.cuh), S staged in
+// shared memory when it fits.
 template <typename scalar_t>
 void launch_typed(const FwdParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
+  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
+  FwdParams q = p;
+  q.staged = smem > 0;
   block_size_switch(p.n * p.m, [&](auto block) {
     constexpr int kBlock = decltype(block)::value;
-    forward_kernel<scalar_t, kBlock><<<grid, kBlock, 0, stream>>>(p);
+    launch_staged(&forward_kernel<scalar_t, kBlock>, grid, kBlock, smem, stream, q);
   });
 }
 
