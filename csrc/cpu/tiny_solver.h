@@ -14,17 +14,22 @@ namespace {  // internal linkage: one copy per ISA translation unit (see solver.
 constexpr int64_t kTinyMax = 16;
 constexpr int64_t kRefreshEvery = 16;  // exact log-domain steps bound the scaling form's drift
 
-template <typename scalar_t, typename acc_t>
+// NF x MF > 0 fixes the problem size at compile time (mHC's 4 x 4), so that the loops over rows
+// and columns unroll; 0 x 0 takes it from the params.
+template <typename scalar_t, typename acc_t, int NF = 0, int MF = 0>
 struct TinySolver {
   using V = std::conditional_t<std::is_same_v<acc_t, double>, VecD, VecF>;
   static constexpr int64_t L = sizeof(V) / sizeof(acc_t);  // problems per group
   const sinkhorn::FwdParams& p;
 
+  int64_t rows() const { return NF > 0 ? NF : p.n; }
+  int64_t cols() const { return MF > 0 ? MF : p.m; }
+
   // Loads problems [b0, b0 + count) of a (B, n, m) array into lanes; unused lanes repeat the
   // last problem.
   template <typename T>
   void load(const T* X, int64_t b0, int64_t count, V* out) const {
-    const int64_t nm = p.n * p.m;
+    const int64_t nm = rows() * cols();
     for (int64_t l = 0; l < L; ++l) {
       const T* src = X + (b0 + std::min(l, count - 1)) * nm;
       for (int64_t k = 0; k < nm; ++k) out[k][l] = static_cast<acc_t>(src[k]);
@@ -34,7 +39,7 @@ struct TinySolver {
   // lse[i] = LSE over the other axis of S + the other potential (max shift, NaN sticky), for
   // every row (ax = 0) or column (ax = 1).
   void lse_pass(int ax, const V* s, const V (*pot)[kTinyMax], V* lse) const {
-    const int64_t m = p.m, len = ax ? p.m : p.n, other = ax ? p.n : p.m;
+    const int64_t m = cols(), len = ax ? cols() : rows(), other = ax ? rows() : cols();
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V pinf = -ninf, zero = splat<V>(0), one = splat<V>(1);
     for (int64_t i = 0; i < len; ++i) {
@@ -61,7 +66,7 @@ struct TinySolver {
 
   // Solves problems [b0, b0 + count), count <= L.
   void solve_group(int64_t b0, int64_t count) const {
-    const int64_t n = p.n, m = p.m, nm = n * m;
+    const int64_t n = rows(), m = cols(), nm = n * m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
     V s[kTinyMax * kTinyMax];
@@ -199,7 +204,7 @@ struct TinySolver {
   // Adds the pending increments to the potentials and clears them.
   void fold(V (*pot)[kTinyMax], Pending& d) const {
     for (int ax = 0; ax < 2; ++ax)
-      for (int64_t i = 0; i < (ax ? p.m : p.n); ++i) {
+      for (int64_t i = 0; i < (ax ? cols() : rows()); ++i) {
         pot[ax][i] += d.sum[ax][i] + Pending::log0(d.prod[ax][i]);
         d.sum[ax][i] = splat<V>(0);
         d.prod[ax][i] = splat<V>(1);
@@ -207,7 +212,7 @@ struct TinySolver {
   }
 
   void load_marginals(int64_t b0, int64_t count, const V* s, V (*lm)[kTinyMax]) const {
-    const int64_t n = p.n, m = p.m;
+    const int64_t n = rows(), m = cols();
     if (p.log_a) {
       const acc_t* la = static_cast<const acc_t*>(p.log_a);
       const acc_t* lb = static_cast<const acc_t*>(p.log_b);
@@ -241,7 +246,7 @@ struct TinySolver {
   // for the lanes that did not stop early.
   void write(int64_t b0, int64_t count, const V* s, const V (*pot)[kTinyMax],
              const V (*target)[kTinyMax], const int64_t* used, V done) const {
-    const int64_t n = p.n, m = p.m, nm = n * m;
+    const int64_t n = rows(), m = cols(), nm = n * m;
     V rs[kTinyMax] = {}, cs[kTinyMax] = {};
     scalar_t* P = static_cast<scalar_t*>(p.plan);
     for (int64_t i = 0; i < n; ++i)
@@ -282,9 +287,9 @@ struct TinySolver {
 // score, the log-domain replay keeps only each step's LSEs and the reverse recomputes R.
 constexpr int64_t kScaledHistory = 1 << 15;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int NF = 0, int MF = 0>
 struct TinyBackward {
-  using Fwd = TinySolver<scalar_t, acc_t>;
+  using Fwd = TinySolver<scalar_t, acc_t, NF, MF>;
   using V = typename Fwd::V;
   static constexpr int64_t L = Fwd::L;
   const sinkhorn::BwdParams& q;
@@ -299,7 +304,7 @@ struct TinyBackward {
   int axis(int64_t t) const { return ((t % 2 == 0) == q.start_row) ? 0 : 1; }
 
   void solve_group(int64_t b0, int64_t count, V* hist) const {
-    const int64_t n = q.n, m = q.m, nm = n * m;
+    const int64_t n = fwd.rows(), m = fwd.cols(), nm = n * m;
     V s[kTinyMax * kTinyMax], ds[kTinyMax * kTinyMax];
     V lm[2][kTinyMax], pot[2][kTinyMax] = {}, u[2][kTinyMax] = {}, dl[2][kTinyMax] = {};
     int64_t K[L], kmax = 0;
@@ -356,7 +361,7 @@ struct TinyBackward {
       V* lse = hist + t * kTinyMax;
       fwd.lse_pass(ax, s, pot, lse);
       const V act = active(t);
-      for (int64_t i = 0; i < (ax ? q.m : q.n); ++i)
+      for (int64_t i = 0; i < (ax ? fwd.cols() : fwd.rows()); ++i)
         pot[ax][i] = act != splat<V>(0) ? Fwd::potential(lm[ax][i], lse[i]) : pot[ax][i];
     }
   }
@@ -365,7 +370,7 @@ struct TinyBackward {
   // axis (math::step_weight), where before is the other potential, step t-1's.
   void softmax_log(int ax, const V* s, const V (*lm)[kTinyMax], const V* hist, int64_t t,
                    V* R) const {
-    const int64_t m = q.m, len = ax ? q.m : q.n, other = ax ? q.n : q.m;
+    const int64_t m = fwd.cols(), len = ax ? m : fwd.rows(), other = ax ? fwd.rows() : m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>()), zero = splat<V>(0);
     const V* lse = hist + t * kTinyMax;
     V before[kTinyMax];
@@ -390,7 +395,7 @@ struct TinyBackward {
   template <typename Active>
   void replay_scaled(const V* s, const V (*lm)[kTinyMax], int64_t kmax, const Active& active,
                      V (*pot)[kTinyMax], V* hist) const {
-    const int64_t n = q.n, m = q.m, nm = n * m;
+    const int64_t n = fwd.rows(), m = fwd.cols(), nm = n * m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
     const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
@@ -459,7 +464,7 @@ struct TinyBackward {
   // upstream of f and g, Gamma's sums plus dL/df and dL/dg, into u.
   void seed(int64_t b0, int64_t count, const V* s, const V (*pot)[kTinyMax], V* ds,
             V (*u)[kTinyMax]) const {
-    const int64_t n = q.n, m = q.m;
+    const int64_t n = fwd.rows(), m = fwd.cols();
     fwd.load(static_cast<const scalar_t*>(q.grad_plan), b0, count, ds);  // Gbar
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < m; ++j) {
@@ -484,7 +489,7 @@ struct TinyBackward {
   // (lse > -inf; without lse, R's rows sum to 1 or 0), and the step consumes u.
   void reverse_step(int ax, int64_t len, int64_t other, V act, const V* R, const V* lse,
                     V (*u)[kTinyMax], V* ds, V (*dl)[kTinyMax]) const {
-    const int64_t m = q.m;
+    const int64_t m = fwd.cols();
     const V zero = splat<V>(0), ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     for (int64_t i = 0; i < len; ++i) {
       const V ui = act != zero ? u[ax][i] : zero;
@@ -503,20 +508,10 @@ struct TinyBackward {
   }
 };
 
-template <typename scalar_t>
-bool backward_tiny(const sinkhorn::BwdParams& q) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (q.n > kTinyMax || q.m > kTinyMax || q.n == 0 || q.m == 0) return false;
-  using Back = TinyBackward<scalar_t, acc_t>;
-  sinkhorn::FwdParams view;  // what the forward's loaders read
-  view.scores = q.scores;
-  view.log_a = q.log_a;
-  view.log_b = q.log_b;
-  view.B = q.B;
-  view.n = q.n;
-  view.m = q.m;
-  const TinySolver<scalar_t, acc_t> fwd{view};
-  const bool scaled = std::max<int64_t>(q.max_steps, 1) * q.n * q.m <= kScaledHistory;
+template <typename Back>
+void backward_tiny_sized(const sinkhorn::BwdParams& q, const sinkhorn::FwdParams& view,
+                         bool scaled) {
+  const typename Back::Fwd fwd{view};
   const int64_t groups = (q.B + Back::L - 1) / Back::L;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     // A group's history. std::vector would not honour the vectors' 64-byte alignment.
@@ -529,20 +524,50 @@ bool backward_tiny(const sinkhorn::BwdParams& q) {
     for (int64_t g = g0; g < g1; ++g)
       back.solve_group(g * Back::L, std::min(Back::L, q.B - g * Back::L), hist.get());
   });
+}
+
+template <typename scalar_t>
+bool backward_tiny(const sinkhorn::BwdParams& q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (q.n > kTinyMax || q.m > kTinyMax || q.n == 0 || q.m == 0) return false;
+  using Back = TinyBackward<scalar_t, acc_t>;
+  sinkhorn::FwdParams view;  // what the forward's loaders read
+  view.scores = q.scores;
+  view.log_a = q.log_a;
+  view.log_b = q.log_b;
+  view.B = q.B;
+  view.n = q.n;
+  view.m = q.m;
+  const bool scaled = std::max<int64_t>(q.max_steps, 1) * q.n * q.m <= kScaledHistory;
+  if (q.n == 4 && q.m == 4) {
+    backward_tiny_sized<TinyBackward<scalar_t, acc_t, 4, 4>>(q, view, scaled);
+  } else {
+    backward_tiny_sized<Back>(q, view, scaled);
+  }
   return true;
+}
+
+// Solver is a TinySolver, its size fixed (4 x 4) or not.
+template <typename Solver>
+void forward_tiny_sized(const sinkhorn::FwdParams& p) {
+  const int64_t L = Solver::L;
+  const int64_t groups = (p.B + L - 1) / L;
+  const int64_t grain = std::max<int64_t>(1, 256 / (p.n * p.m));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    const Solver solver{p};
+    for (int64_t g = g0; g < g1; ++g) solver.solve_group(g * L, std::min(L, p.B - g * L));
+  });
 }
 
 template <typename scalar_t>
 bool forward_tiny(const sinkhorn::FwdParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.n > kTinyMax || p.m > kTinyMax || p.n == 0 || p.m == 0) return false;
-  const int64_t L = TinySolver<scalar_t, acc_t>::L;
-  const int64_t groups = (p.B + L - 1) / L;
-  const int64_t grain = std::max<int64_t>(1, 256 / (p.n * p.m));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    TinySolver<scalar_t, acc_t> solver{p};
-    for (int64_t g = g0; g < g1; ++g) solver.solve_group(g * L, std::min(L, p.B - g * L));
-  });
+  if (p.n == 4 && p.m == 4) {
+    forward_tiny_sized<TinySolver<scalar_t, acc_t, 4, 4>>(p);
+  } else {
+    forward_tiny_sized<TinySolver<scalar_t, acc_t>>(p);
+  }
   return true;
 }
 
