@@ -1,5 +1,5 @@
 // Public C++ API of sinkhorn_ops: at::Tensor in, at::Tensor out, the same semantics as the
-// Python entry point sinkhorn_ops.sinkhorn (MATH.md section 1).
+// Python entry points sinkhorn_ops.sinkhorn (MATH.md section 1) and the mHC pieces (section 4).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,5 +46,35 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
                                 const SinkhornResult& forward, const at::Tensor& grad_plan,
                                 const c10::optional<at::Tensor>& grad_f = c10::nullopt,
                                 const c10::optional<at::Tensor>& grad_g = c10::nullopt);
+
+// mHC (MATH.md section 4). Forward and backward are separate calls, as for sinkhorn: autograd
+// is registered by the Python package, not by the C++ library.
+
+// DeepSeek-V4's Sinkhorn (MATH.md section 1 table) of logits (..., n, n), float32 or float64,
+// n <= 8, 1 <= iters <= 32, eps > 0: comb, not transposed.
+at::Tensor mhc_v4_sinkhorn(const at::Tensor& logits, int64_t iters = 20, double eps = 1e-6);
+// dL/dlogits given dL/dcomb (the unrolled gradient of the iterations).
+at::Tensor mhc_v4_sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                    int64_t iters = 20, double eps = 1e-6);
+
+// The stream mixings, x (..., n, C) in any floating dtype, n <= 8, the mappings in the
+// accumulation dtype with x's leading dimensions: the branch input H_pre x, (..., C), and
+// x_{l+1} = H_res x + H_post^T y, (..., n, C), for the branch output y (..., C).
+at::Tensor mhc_pre_mix(const at::Tensor& x, const at::Tensor& h_pre);
+at::Tensor mhc_post_mix(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
+                        const at::Tensor& h_res);
+
+struct PreMixGrads {
+  at::Tensor x, h_pre;
+};
+struct PostMixGrads {
+  at::Tensor x, y, h_post, h_res;
+};
+// Their backwards given dL/d(output).
+PreMixGrads mhc_pre_mix_backward(const at::Tensor& grad, const at::Tensor& x,
+                                 const at::Tensor& h_pre);
+PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& y, const at::Tensor& h_post,
+                                   const at::Tensor& h_res);
 
 }  // namespace sinkhorn_ops

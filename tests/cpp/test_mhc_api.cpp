@@ -1,0 +1,88 @@
+// GoogleTest suite of the mHC C++ API (sinkhorn_ops.h): the V4 Sinkhorn and the stream mixings
+// against their formulas written in ATen here, and their backwards against ATen autograd, on CPU
+// and, when one is present, on CUDA.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <vector>
+
+#include "sinkhorn_ops.h"
+
+namespace {
+
+std::vector<at::Device> devices() {
+  std::vector<at::Device> d{at::kCPU};
+  if (at::hasCUDA()) d.emplace_back(at::kCUDA);
+  return d;
+}
+
+at::Tensor v4_formula(const at::Tensor& x, int64_t iters, double eps) {
+  auto c = at::softmax(x, -1) + eps;
+  c = c / (c.sum(-2, true) + eps);
+  for (int64_t t = 1; t < iters; ++t) {
+    c = c / (c.sum(-1, true) + eps);
+    c = c / (c.sum(-2, true) + eps);
+  }
+  return c;
+}
+
+// Gradients of sum(out * w) with respect to inputs, by ATen autograd through fn.
+template <typename Fn>
+std::vector<at::Tensor> autograd_grads(Fn fn, std::vector<at::Tensor> inputs, const at::Tensor& w) {
+  for (auto& t : inputs) t = t.detach().clone().set_requires_grad(true);
+  const auto out = fn(inputs);
+  return torch::autograd::grad({(out * w).sum()}, inputs);
+}
+
+TEST(MhcApi, V4SinkhornAndItsBackward) {
+  at::manual_seed(0);
+  for (auto dev : devices()) {
+    const auto x = at::randn({5, 4, 4}, at::dtype(at::kDouble).device(dev)) * 2;
+    const auto w = at::randn_like(x);
+    EXPECT_TRUE(at::allclose(sinkhorn_ops::mhc_v4_sinkhorn(x), v4_formula(x, 20, 1e-6), 1e-12,
+                             1e-14))
+        << dev;
+    const auto want = autograd_grads(
+        [](const std::vector<at::Tensor>& in) { return v4_formula(in[0], 20, 1e-6); }, {x}, w);
+    EXPECT_TRUE(at::allclose(sinkhorn_ops::mhc_v4_sinkhorn_backward(w, x), want[0], 1e-9, 1e-12))
+        << dev;
+    EXPECT_THROW(sinkhorn_ops::mhc_v4_sinkhorn(x, 0), c10::ValueError);
+  }
+}
+
+TEST(MhcApi, StreamMixingsAndTheirBackwards) {
+  at::manual_seed(1);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const auto x = at::randn({3, 4, 37}, opt), y = at::randn({3, 37}, opt);
+    const auto hp = at::rand({3, 4}, opt), hq = at::rand({3, 4}, opt) * 2,
+               hr = at::rand({3, 4, 4}, opt);
+    auto pre = [](const std::vector<at::Tensor>& in) {
+      return (in[1].unsqueeze(-1) * in[0]).sum(-2);
+    };
+    auto post = [](const std::vector<at::Tensor>& in) {
+      return (in[3].unsqueeze(-1) * in[0].unsqueeze(-3)).sum(-2) +
+             in[2].unsqueeze(-1) * in[1].unsqueeze(-2);
+    };
+    EXPECT_TRUE(at::allclose(sinkhorn_ops::mhc_pre_mix(x, hp), pre({x, hp}), 1e-12, 1e-13));
+    EXPECT_TRUE(
+        at::allclose(sinkhorn_ops::mhc_post_mix(x, y, hq, hr), post({x, y, hq, hr}), 1e-12, 1e-13));
+    const auto wp = at::randn({3, 37}, opt), wq = at::randn({3, 4, 37}, opt);
+    const auto gp = sinkhorn_ops::mhc_pre_mix_backward(wp, x, hp);
+    const auto want_p = autograd_grads(pre, {x, hp}, wp);
+    EXPECT_TRUE(at::allclose(gp.x, want_p[0], 1e-12, 1e-13)) << dev;
+    EXPECT_TRUE(at::allclose(gp.h_pre, want_p[1], 1e-12, 1e-13)) << dev;
+    const auto gq = sinkhorn_ops::mhc_post_mix_backward(wq, x, y, hq, hr);
+    const auto want_q = autograd_grads(post, {x, y, hq, hr}, wq);
+    EXPECT_TRUE(at::allclose(gq.x, want_q[0], 1e-12, 1e-13)) << dev;
+    EXPECT_TRUE(at::allclose(gq.y, want_q[1], 1e-12, 1e-13)) << dev;
+    EXPECT_TRUE(at::allclose(gq.h_post, want_q[2], 1e-12, 1e-13)) << dev;
+    EXPECT_TRUE(at::allclose(gq.h_res, want_q[3], 1e-12, 1e-13)) << dev;
+    EXPECT_THROW(sinkhorn_ops::mhc_pre_mix(x, hp.to(at::kFloat)), c10::TypeError);
+  }
+}
+
+}  // namespace
