@@ -415,3 +415,34 @@ def test_cuda_block_kernels_with_and_without_shared_memory_staging(smem):
     out = subprocess.run([sys.executable, "-c", CUDA_STAGING_SCRIPT], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,m,given,tol", [(1024, 1024, False, 0.0), (1100, 1000, True, 1e-5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_large_path_matches_the_cpu_operator(n, m, given, tol, dtype):
+    """n * m >= 2^20 takes the CUDA large-problem path (a few whole-GPU kernels per step):
+    masks (an empty row and column), given marginals, per-problem early stopping, against the
+    CPU operator in float64."""
+    g = torch.Generator().manual_seed(n + m)
+    S = torch.randn(2, n, m, generator=g, dtype=torch.float64) * 2
+    S[0, 3, :] = float("-inf")
+    S[1, :, 5] = float("-inf")
+    a = b = None
+    if given:
+        a = torch.rand(2, n, generator=g, dtype=torch.float64) + 0.5
+        b = torch.rand(2, m, generator=g, dtype=torch.float64) + 0.5
+        b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
+    kw = dict(steps=300 if tol else 41, start="col", tol=tol)
+    want = sinkhorn_ops.sinkhorn(S, a, b, return_potentials=True, **kw)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = sinkhorn_ops.sinkhorn(S.to(dtype).cuda(), *(None if t is None else t.to(acc).cuda()
+                                                      for t in (a, b)),
+                                return_potentials=True, **kw)
+    tol_plan = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    scale = want.plan.abs().max().item()
+    assert (got.plan.double().cpu() - want.plan).abs().max().item() <= tol_plan * max(scale, 1)
+    steps_gap = (got.steps.cpu() - want.steps).abs().max().item()
+    assert steps_gap <= (0 if dtype == torch.float64 or not tol else 5), (got.steps, want.steps)
+    if dtype == torch.float64:
+        assert torch.allclose(got.error.cpu(), want.error, rtol=1e-6, atol=1e-9)

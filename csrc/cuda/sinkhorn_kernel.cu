@@ -189,6 +189,7 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
 
 size_t forward_workspace_bytes(const FwdParams& p) {
   if (tiny_forward_applies(p)) return 0;
+  if (large_forward_applies(p)) return large_forward_workspace_bytes(p);
   const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
   // Per problem: default log a (n), default log b (m), and the LSE scratch (max(n, m)).
   return static_cast<size_t>(p.B * (p.n + p.m + std::max(p.n, p.m))) * acc_bytes;
@@ -197,6 +198,7 @@ size_t forward_workspace_bytes(const FwdParams& p) {
 void launch_forward(const FwdParams& p, cudaStream_t stream) {
   if (p.B == 0) return;
   if (tiny_forward_applies(p)) return launch_tiny_forward(p, stream);
+  if (large_forward_applies(p)) return launch_large_forward(p, stream);
   dtype_switch(p.dtype,
                [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
 }

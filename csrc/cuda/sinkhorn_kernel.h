@@ -1,7 +1,7 @@
-// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu, tiny_forward.cu), the
-// unrolled backward (sinkhorn_backward.cu, tiny_backward.cu), the V4 mHC Sinkhorn (mhc_v4.cu) and
-// the mHC stream mixings (mhc_mix.cu). Plain params only, no ATen, so the kernel files compile standalone with
-// nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
+// Entry points of the CUDA kernels: the forward (sinkhorn_kernel.cu, tiny_forward.cu,
+// large_forward.cu), the unrolled backward (sinkhorn_backward.cu, tiny_backward.cu), the V4 mHC
+// Sinkhorn (mhc_v4.cu) and the mHC stream mixings (mhc_mix.cu). Plain params only, no ATen, so
+// the kernel files compile standalone with nvcc and the ATen glue stays in sinkhorn_cuda.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,6 +33,12 @@ void launch_backward(const BwdParams& p, cudaStream_t stream);
 // off, for tests and benchmarks of the block path), and its launch (no workspace).
 bool tiny_forward_applies(const FwdParams& p);
 void launch_tiny_forward(const FwdParams& p, cudaStream_t stream);
+
+// The large-problem path of the forward (large_forward.cu): n * m >= 2^20, every step spread
+// over the whole GPU by a few kernels per step. SINKHORN_CUDA_FORWARD=block turns it off.
+bool large_forward_applies(const FwdParams& p);
+size_t large_forward_workspace_bytes(const FwdParams& p);
+void launch_large_forward(const FwdParams& p, cudaStream_t stream);
 
 // The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 (4 in float64) and
 // max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block turns it off. No workspace.

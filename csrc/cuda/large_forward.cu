@@ -1,0 +1,280 @@
+// CUDA path of the forward for large problems (n * m >= 2^20, e.g. OT at 2000 x 2000 or 8192 x
+// 8192): the whole GPU works on each step instead of one block per problem. Each step is a few
+// kernels enqueued by the host loop (no host synchronisation; CUDA graphs capture it):
+//   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse)
+//   column step: blocks of a row strip x 256 columns compute partial LSEs over their strip,
+//                a thread per column merges the strips                    (col_partial, col_merge)
+//   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
+//   the problem stops, updates the potentials                                       (update)
+// A stopped problem's flag makes every later kernel skip it. S is read once per step (twice
+// per iteration); fusing the two halves of an iteration is not done yet. Every formula comes
+// from sinkhorn_math.h. Never run on a GPU yet.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernel_common.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using namespace dev;
+
+constexpr int kThreads = 256;
+constexpr int kRowWarps = kThreads / 32;  // rows per block of the row pass
+constexpr int64_t kStripRows = 256;       // rows per strip of the column pass
+constexpr int64_t kMinEntries = int64_t(1) << 20;
+
+int64_t strips_of(int64_t n) { return (n + kStripRows - 1) / kStripRows; }
+
+// The workspace, in accumulation-type values: per problem log a (n), log b (m), one LSE per row
+// or column (L = max(n, m)), the column pass's strip partials (strips x m maxima and sums), and
+// three scalars: the stopped flag, the stopping threshold, the count of allowed rows.
+template <typename acc_t>
+struct Work {
+  acc_t *log_a, *log_b, *lse, *part_max, *part_sum, *done, *threshold, *rows;
+  int64_t L, strips;
+
+  __host__ __device__ Work(void* base, const FwdParams& p) {
+    acc_t* w = static_cast<acc_t*>(base);
+    L = p.n > p.m ? p.n : p.m;
+    strips = (p.n + kStripRows - 1) / kStripRows;
+    log_a = w;
+    log_b = log_a + p.B * p.n;
+    lse = log_b + p.B * p.m;
+    part_max = lse + p.B * L;
+    part_sum = part_max + p.B * strips * p.m;
+    done = part_sum + p.B * strips * p.m;
+    threshold = done + p.B;
+    rows = threshold + p.B;
+  }
+  static int64_t values(const FwdParams& p) {
+    const int64_t L = p.n > p.m ? p.n : p.m;
+    return p.B * (p.n + p.m + L + 2 * strips_of(p.n) * p.m + 3);
+  }
+};
+
+// Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
+// per row, into w.lse.
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
+                                                          const acc_t* g) {
+  const int64_t rows = p.B * p.n;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); r < rows;
+       r += warps) {  // warp-uniform: the merge needs every lane
+    const int64_t b = r / p.n, i = r % p.n;
+    if (w.done[b] != acc_t(0)) continue;
+    const scalar_t* row = static_cast<const scalar_t*>(p.scores) + (b * p.n + i) * p.m;
+    const acc_t* gb = g ? g + b * p.m : nullptr;
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t j = lane_id(); j < p.m; j += 32)
+      math::lse_push(s, to_acc(row[j]) + (gb ? gb[j] : acc_t(0)));
+    const acc_t lse = math::lse_value(warp_lse(s));
+    if (lane_id() == 0) w.lse[b * w.L + i] = lse;
+  }
+}
+
+// Column partial LSEs over one strip of rows, LSE_{i in strip}(S_ij + f_i) (f == nullptr: 0):
+// grid (column blocks, strips, problems), a thread per column, reading rows coalesced.
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p, Work<acc_t> w,
+                                                              const acc_t* f) {
+  const int64_t b = blockIdx.z, strip = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= p.m || w.done[b] != acc_t(0)) return;
+  const int64_t i0 = strip * kStripRows, i1 = i0 + kStripRows < p.n ? i0 + kStripRows : p.n;
+  const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * p.n * p.m;
+  const acc_t* fb = f ? f + b * p.n : nullptr;
+  Lse<acc_t> s = math::lse_empty<acc_t>();
+  for (int64_t i = i0; i < i1; ++i)
+    math::lse_push(s, to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0)));
+  const int64_t k = (b * w.strips + strip) * p.m + j;
+  w.part_max[k] = s.max;
+  w.part_sum[k] = s.sum;
+}
+
+// Merges the strips of every column into w.lse, a thread per (problem, column).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w) {
+  const int64_t total = p.B * p.m;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
+       t += stride) {
+    const int64_t b = t / p.m, j = t % p.m;
+    if (w.done[b] != acc_t(0)) continue;
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t strip = 0; strip < w.strips; ++strip) {
+      const int64_t k = (b * w.strips + strip) * p.m + j;
+      s = math::lse_merge(s, Lse<acc_t>{w.part_max[k], w.part_sum[k]});
+    }
+    w.lse[b * w.L + j] = math::lse_value(s);
+  }
+}
+
+// The default marginals (MATH.md section 1) from the LSEs of S itself (an empty row or column
+// has LSE -inf): phase 0 takes the row LSEs, writes log a and counts the allowed rows; phase 1
+// takes the column LSEs and writes log b. Then the stopping threshold tol * sum(a) (also for
+// given marginals: phase 2). A block per problem.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) marginals_kernel(const FwdParams p, Work<acc_t> w,
+                                                            int phase) {
+  const int64_t b = blockIdx.x;
+  const acc_t* lse = w.lse + b * w.L;
+  if (phase == 0) {
+    acc_t count = 0;
+    for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+      const bool alive = lse[i] > math::neg_inf<acc_t>();
+      w.log_a[b * p.n + i] = math::default_log_a<acc_t>(alive);
+      count += alive ? acc_t(1) : acc_t(0);
+    }
+    count = block_sum<kThreads>(count);
+    if (threadIdx.x == 0) w.rows[b] = count;
+    return;
+  }
+  if (phase == 1) {
+    acc_t count = 0;
+    for (int64_t j = threadIdx.x; j < p.m; j += kThreads)
+      count += lse[j] > math::neg_inf<acc_t>() ? acc_t(1) : acc_t(0);
+    const long long cols = static_cast<long long>(block_sum<kThreads>(count));
+    const long long rows = static_cast<long long>(w.rows[b]);
+    for (int64_t j = threadIdx.x; j < p.m; j += kThreads)
+      w.log_b[b * p.m + j] =
+          math::default_log_b<acc_t>(lse[j] > math::neg_inf<acc_t>(), rows, cols);
+    return;
+  }
+  const acc_t* la = p.log_a ? static_cast<const acc_t*>(p.log_a) + b * p.n : w.log_a + b * p.n;
+  acc_t mass = 0;
+  for (int64_t i = threadIdx.x; i < p.n; i += kThreads)
+    mass += la[i] > math::neg_inf<acc_t>() ? math::exp_(la[i]) : acc_t(0);
+  mass = block_sum<kThreads>(mass);
+  if (threadIdx.x == 0) {
+    w.threshold[b] = static_cast<acc_t>(p.tol) * mass;
+    w.done[b] = acc_t(0);
+  }
+}
+
+// Step k's stopping check and potential update, a block per problem (MATH.md section 1: before
+// a step k >= 1, the L1 error of the marginal it fixes, under the current potentials, decides
+// whether it runs). final: after the last step, record the steps and the error of the marginal
+// the last step did not fix for the problems that did not stop.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) update_kernel(const FwdParams p, Work<acc_t> w,
+                                                         bool row, int64_t k, bool check,
+                                                         bool final) {
+  const int64_t b = blockIdx.x;
+  if (w.done[b] != acc_t(0)) return;  // block-uniform
+  const int64_t len = row ? p.n : p.m;
+  acc_t* pot = static_cast<acc_t*>(row ? p.f : p.g) + b * len;
+  const acc_t* lm = row ? (p.log_a ? static_cast<const acc_t*>(p.log_a) : w.log_a)
+                        : (p.log_b ? static_cast<const acc_t*>(p.log_b) : w.log_b);
+  lm += b * len;
+  const acc_t* lse = w.lse + b * w.L;
+  if (check || final) {
+    acc_t err = 0;
+    for (int64_t t = threadIdx.x; t < len; t += kThreads)
+      err += math::marginal_error(lm[t], lse[t], pot[t]);
+    err = block_sum<kThreads>(err);  // also a barrier: every thread has read pot
+    if (final || err <= w.threshold[b]) {
+      if (threadIdx.x == 0) {
+        p.steps_used[b] = k;
+        static_cast<acc_t*>(p.error)[b] = err;
+        if (!final) w.done[b] = acc_t(1);
+      }
+      return;
+    }
+  }
+  for (int64_t t = threadIdx.x; t < len; t += kThreads) pot[t] = math::potential(lm[t], lse[t]);
+}
+
+// P = exp(S + f_i + g_j), elementwise over every problem.
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+__global__ void __launch_bounds__(kThreads) plan_kernel(const FwdParams p) {
+  const int64_t total = p.B * p.n * p.m;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const scalar_t* S = static_cast<const scalar_t*>(p.scores);
+  const acc_t* f = static_cast<const acc_t*>(p.f);
+  const acc_t* g = static_cast<const acc_t*>(p.g);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
+       t += stride) {
+    const int64_t b = t / (p.n * p.m), r = t % (p.n * p.m), i = r / p.m, j = r % p.m;
+    store(static_cast<scalar_t*>(p.plan) + t,
+          math::exp_(to_acc(S[t]) + f[b * p.n + i] + g[b * p.m + j]));
+  }
+}
+
+unsigned blocks_for(int64_t work, int64_t per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, INT_MAX)));
+}
+
+template <typename scalar_t>
+void launch_typed(const FwdParams& p, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Work<acc_t> w(p.workspace, p);
+  const unsigned row_grid = blocks_for(p.B * p.n, kRowWarps);
+  const dim3 col_grid(blocks_for(p.m, kThreads), static_cast<unsigned>(w.strips),
+                      static_cast<unsigned>(p.B));
+  const unsigned merge_grid = blocks_for(p.B * p.m, kThreads);
+  const unsigned problems = static_cast<unsigned>(p.B);
+  acc_t* f = static_cast<acc_t*>(p.f);
+  acc_t* g = static_cast<acc_t*>(p.g);
+  auto lse_pass = [&](bool row, const acc_t* pot) {
+    if (row) {
+      row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot);
+    } else {
+      col_partial_kernel<scalar_t><<<col_grid, kThreads, 0, stream>>>(p, w, pot);
+      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
+    }
+  };
+  cudaMemsetAsync(f, 0, sizeof(acc_t) * p.B * p.n, stream);
+  cudaMemsetAsync(g, 0, sizeof(acc_t) * p.B * p.m, stream);
+  cudaMemsetAsync(w.done, 0, sizeof(acc_t) * p.B, stream);  // 0.0 is all zero bits
+  if (p.log_a == nullptr) {  // the defaults from the LSEs of S (potentials still zero)
+    lse_pass(true, nullptr);
+    marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 0);
+    lse_pass(false, nullptr);
+    marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 1);
+  }
+  marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 2);
+  for (int64_t k = 0; k < p.steps; ++k) {
+    const bool row = ((k % 2) == 0) == p.start_row;
+    lse_pass(row, row ? g : f);
+    update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, row, k, p.tol > 0 && k >= 1,
+                                                            false);
+  }
+  // The marginal the last step did not fix is the one step `steps` would fix.
+  const bool next_row = ((p.steps % 2) == 0) == p.start_row;
+  lse_pass(next_row, next_row ? g : f);
+  update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, next_row, p.steps, false, true);
+  plan_kernel<scalar_t><<<blocks_for(p.B * p.n * p.m, kThreads), kThreads, 0, stream>>>(p);
+}
+
+}  // namespace
+
+bool large_forward_applies(const FwdParams& p) {
+  static const bool disabled = [] {
+    const char* path = std::getenv("SINKHORN_CUDA_FORWARD");
+    return path != nullptr && std::strcmp(path, "block") == 0;
+  }();
+  // The column pass puts problems on the grid's z dimension (at most 65535).
+  return !disabled && p.n * p.m >= kMinEntries && p.B <= 65535;
+}
+
+size_t large_forward_workspace_bytes(const FwdParams& p) {
+  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(p.dtype == DType::Float64 ? Work<double>::values(p)
+                                                       : Work<float>::values(p)) *
+         acc_bytes;
+}
+
+void launch_large_forward(const FwdParams& p, cudaStream_t stream) {
+  if (p.B == 0) return;
+  dtype_switch(p.dtype,
+               [&](auto tag) { launch_typed<typename decltype(tag)::type>(p, stream); });
+}
+
+}  // namespace sinkhorn
