@@ -7,8 +7,11 @@
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
 // A stopped problem's flag makes every later kernel skip it. S is read once per step (twice
-// per iteration); fusing the two halves of an iteration is not done yet. Every formula comes
-// from sinkhorn_math.h. Never run on a GPU yet.
+// per iteration); fusing the two halves of an iteration is not done yet. With tol > 0 the
+// launches continue after every problem has stopped (they return at once): deciding to stop
+// the loop would need the host to read the flags. The column LSEs are merged from 256-row
+// strips, so they can differ from the block kernel's (and the backward's replay) by rounding.
+// Every formula comes from sinkhorn_math.h. Never run on a GPU yet.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -125,21 +128,22 @@ __global__ void __launch_bounds__(kThreads) marginals_kernel(const FwdParams p, 
   const int64_t b = blockIdx.x;
   const acc_t* lse = w.lse + b * w.L;
   if (phase == 0) {
-    acc_t count = 0;
+    long long count = 0;
     for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
       const bool alive = lse[i] > math::neg_inf<acc_t>();
       w.log_a[b * p.n + i] = math::default_log_a<acc_t>(alive);
-      count += alive ? acc_t(1) : acc_t(0);
+      count += alive ? 1 : 0;
     }
     count = block_sum<kThreads>(count);
-    if (threadIdx.x == 0) w.rows[b] = count;
+    // Exact in acc_t: n < 2^24 (at most 65535 strips of 256 rows).
+    if (threadIdx.x == 0) w.rows[b] = static_cast<acc_t>(count);
     return;
   }
   if (phase == 1) {
-    acc_t count = 0;
+    long long count = 0;  // exact beyond 2^24 columns, unlike a float count
     for (int64_t j = threadIdx.x; j < p.m; j += kThreads)
-      count += lse[j] > math::neg_inf<acc_t>() ? acc_t(1) : acc_t(0);
-    const long long cols = static_cast<long long>(block_sum<kThreads>(count));
+      count += lse[j] > math::neg_inf<acc_t>() ? 1 : 0;
+    const long long cols = block_sum<kThreads>(count);
     const long long rows = static_cast<long long>(w.rows[b]);
     for (int64_t j = threadIdx.x; j < p.m; j += kThreads)
       w.log_b[b * p.m + j] =
@@ -260,8 +264,9 @@ bool large_forward_applies(const FwdParams& p) {
     const char* path = std::getenv("SINKHORN_CUDA_FORWARD");
     return path != nullptr && std::strcmp(path, "block") == 0;
   }();
-  // The column pass puts problems on the grid's z dimension (at most 65535).
-  return !disabled && p.n * p.m >= kMinEntries && p.B <= 65535;
+  // The column pass puts problems on the grid's z dimension and row strips on y (each at most
+  // 65535).
+  return !disabled && p.n * p.m >= kMinEntries && p.B <= 65535 && strips_of(p.n) <= 65535;
 }
 
 size_t large_forward_workspace_bytes(const FwdParams& p) {

@@ -49,7 +49,8 @@ struct Problem {
 };
 
 // Forward replay with tol = 0 for K steps, recording each step's LSE. The passes and their order
-// are the forward's, so the potentials are the forward's bit for bit.
+// are the block forward's, so the potentials are its bit for bit (the tiny and large forward
+// paths sum in other orders: equal up to rounding).
 template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __device__ void replay(const Problem<scalar_t>& q, int64_t K, bool start_row) {
   for (int64_t t = 0; t < K; ++t) {  // K is block-uniform: every thread meets each barrier
