@@ -110,7 +110,7 @@ def run_backward_case(batch, n, m, dtype, marginals, steps_from, start, upstream
     scores, a, b = make_case(batch, n, m, dtype, marginals, gen)
     # Different temperatures per problem, so that with tol > 0 each stops at its own step.
     scores = (scores.double() * torch.linspace(0.25, 2.5, batch, dtype=torch.float64,
-                                               device="cuda").view(-1, 1, 1)).to(dtype)
+                                               device=scores.device).view(-1, 1, 1)).to(dtype)
     if steps_from == "varied":
         steps_used = (torch.arange(batch) * 5 % (BWD_STEPS + 1)).cuda()
     else:
