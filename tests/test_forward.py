@@ -421,9 +421,9 @@ def test_cuda_block_kernels_with_and_without_shared_memory_staging(smem):
 @pytest.mark.parametrize("n,m,given,tol", [(1024, 1024, False, 0.0), (1100, 1000, True, 1e-5)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cuda_large_path_matches_the_cpu_operator(n, m, given, tol, dtype):
-    """n * m >= 2^20 takes the CUDA large-problem path (a few whole-GPU kernels per step):
-    masks (an empty row and column), given marginals, per-problem early stopping, against the
-    CPU operator in float64."""
+    """n * m >= 2^20 takes the CUDA large-problem paths (a few whole-GPU kernels per step, the
+    backward composed of ATen ops): masks (an empty row and column), given marginals,
+    per-problem early stopping, against the CPU operator in float64."""
     g = torch.Generator().manual_seed(n + m)
     S = torch.randn(2, n, m, generator=g, dtype=torch.float64) * 2
     S[0, 3, :] = float("-inf")
@@ -447,3 +447,15 @@ def test_cuda_large_path_matches_the_cpu_operator(n, m, given, tol, dtype):
     assert steps_gap <= (0 if dtype == torch.float64 or not tol else 5), (got.steps, want.steps)
     if dtype == torch.float64:
         assert torch.allclose(got.error.cpu(), want.error, rtol=1e-6, atol=1e-9)
+    if dtype == torch.bfloat16:
+        return
+    # The unrolled backward of large problems (ATen ops per step on CUDA) against the CPU kernel.
+    W = torch.randn(2, n, m, generator=g, dtype=torch.float64)
+    x = S.to(dtype).double().requires_grad_(True)
+    want_grad = torch.autograd.grad((sinkhorn_ops.sinkhorn(x, a, b, **kw) * W).sum(), x)[0]
+    y = S.to(dtype).cuda().requires_grad_(True)
+    ac, bc = (None if t is None else t.to(acc).cuda() for t in (a, b))
+    loss = (sinkhorn_ops.sinkhorn(y, ac, bc, **kw) * W.to(dtype).cuda()).sum()
+    got_grad = torch.autograd.grad(loss, y)[0]
+    rel = (got_grad.double().cpu() - want_grad).abs().max() / want_grad.abs().max()
+    assert rel.item() <= (1e-9 if dtype == torch.float64 else 1e-3), rel

@@ -79,6 +79,8 @@ detail::BackwardResult sinkhorn_backward_unrolled_cpu(
   static const Kernels kernels = best_kernels();
   const auto problem =
       detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start);
+  if (detail::composite_backward_applies(problem, /*cpu=*/true))
+    return detail::unrolled_backward_composite(problem);
   return detail::run_backward(problem, [&](const sinkhorn::BwdParams& params) {
     kernels.backward(params, problem.fwd.scores.scalar_type());
   });

@@ -52,6 +52,9 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   const auto problem = detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                                 steps_used, steps, start);
   const c10::cuda::CUDAGuard guard(scores.device());
+  // Large problems: whole-device ATen kernels per step instead of one block per problem.
+  if (detail::composite_backward_applies(problem, /*cpu=*/false))
+    return detail::unrolled_backward_composite(problem);
   return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
     // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
     const at::Tensor workspace =

@@ -42,6 +42,12 @@ BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
   return finish_backward(p, out);
 }
 
+// The unrolled backward composed of ATen ops (sinkhorn_backward_composite.cpp), on any device,
+// and whether a call takes it: on CUDA for n * m >= 2^20 unless SINKHORN_CUDA_BACKWARD=block; on
+// the CPU only when SINKHORN_CPU_BACKWARD=composite (for tests).
+bool composite_backward_applies(const BackwardProblem& p, bool cpu);
+BackwardResult unrolled_backward_composite(const BackwardProblem& p);
+
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,

@@ -1,0 +1,109 @@
+// The unrolled backward (MATH.md section 2.1) composed of ATen ops, every step a few kernels over
+// the whole device. The CUDA glue takes it for large problems (n * m >= 2^20), where the block
+// kernel would give a whole problem to one SM; being device-agnostic, it also runs on the CPU,
+// where the tests check it against the CPU kernel (SINKHORN_CPU_BACKWARD=composite).
+//
+// Same algorithm as the kernels: replay the steps, keeping each step's LSEs, then reverse them.
+// Problems that ran fewer steps (steps_used) are frozen in the replay and inactive in the
+// reverse, by masks on the device: no host synchronisation.
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "sinkhorn_backward.h"
+
+namespace sinkhorn_ops {
+namespace detail {
+
+bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
+  static const bool cpu_forced = [] {
+    const char* v = std::getenv("SINKHORN_CPU_BACKWARD");
+    return v != nullptr && std::strcmp(v, "composite") == 0;
+  }();
+  static const bool cuda_disabled = [] {
+    const char* v = std::getenv("SINKHORN_CUDA_BACKWARD");
+    return v != nullptr && std::strcmp(v, "block") == 0;
+  }();
+  if (cpu) return cpu_forced;
+  return !cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20);
+}
+
+BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
+  const auto& f = p.fwd;
+  BackwardOutputs out = allocate_backward(p);
+  if (f.B == 0) return finish_backward(p, out);
+  const auto acc = accumulation_type(f.scores.scalar_type());
+  const auto opts = f.scores.options().dtype(acc);
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const auto S = f.scores.to(acc);  // (B, n, m), masked entries -inf
+  const auto zero = at::zeros({}, opts), masked = at::full({}, ninf, opts);
+
+  at::Tensor la = f.log_a, lb = f.log_b;
+  if (!la.defined()) {  // the default marginals (MATH.md section 1, masks)
+    const auto allowed = S != ninf;
+    const auto alive_r = allowed.any(-1), alive_c = allowed.any(-2);
+    const auto rows = alive_r.sum(-1, true).to(acc), cols = alive_c.sum(-1, true).to(acc);
+    la = at::where(alive_r, zero, masked);
+    lb = at::where(alive_c & (rows > 0), at::log(rows / cols.clamp_min(1)), masked);
+  }
+  // math::potential: log(marginal) - LSE, and 0 for an empty line.
+  auto potential = [&](const at::Tensor& lm, const at::Tensor& lse) {
+    return at::where(lse > ninf, lm - lse, zero);
+  };
+  const int64_t K = f.steps;
+  const auto used = p.steps_used.clamp(0, K).unsqueeze(-1);  // (B, 1)
+  auto row_step = [&](int64_t t) { return ((t % 2) == 0) == f.start_row; };
+
+  at::Tensor pf = at::zeros({f.B, f.n}, opts), pg = at::zeros({f.B, f.m}, opts);
+  std::vector<at::Tensor> hist(K);
+  for (int64_t t = 0; t < K; ++t) {
+    const auto active = used > t;
+    if (row_step(t)) {
+      hist[t] = at::logsumexp(S + pg.unsqueeze(-2), -1);
+      pf = at::where(active, potential(la, hist[t]), pf);
+    } else {
+      hist[t] = at::logsumexp(S + pf.unsqueeze(-1), -2);
+      pg = at::where(active, potential(lb, hist[t]), pg);
+    }
+  }
+  // The output P = exp(S + f (+) g): dS = Gamma, and Gamma's sums join dL/df and dL/dg.
+  auto dS = p.grad_plan.to(acc) * at::exp(S + pf.unsqueeze(-1) + pg.unsqueeze(-2));
+  auto uf = dS.sum(-1), ug = dS.sum(-2);
+  if (p.grad_f.defined()) uf = uf + p.grad_f;
+  if (p.grad_g.defined()) ug = ug + p.grad_g;
+  auto dla = at::zeros({f.B, f.n}, opts), dlb = at::zeros({f.B, f.m}, opts);
+  for (int64_t t = K - 1; t >= 0; --t) {
+    const auto active = used > t;
+    const auto& lse = hist[t];
+    const auto live = lse > ninf;
+    if (row_step(t)) {  // R_ij = exp(S_ij + g_j - lse_i), g as step t read it (step t-1's)
+      const auto before = t > 0 ? potential(lb, hist[t - 1]) : at::zeros({f.B, f.m}, opts);
+      const auto u = at::where(active, uf, zero);
+      const auto w = at::where(live.unsqueeze(-1),
+                               at::exp(S + before.unsqueeze(-2) - lse.unsqueeze(-1)), zero) *
+                     u.unsqueeze(-1);
+      dS = dS - w;
+      ug = ug - w.sum(-2);
+      dla = dla + at::where(live, u, zero);
+      uf = at::where(active, zero, uf);  // consumed: the step overwrote f
+    } else {
+      const auto before = t > 0 ? potential(la, hist[t - 1]) : at::zeros({f.B, f.n}, opts);
+      const auto u = at::where(active, ug, zero);
+      const auto w = at::where(live.unsqueeze(-2),
+                               at::exp(S + before.unsqueeze(-1) - lse.unsqueeze(-2)), zero) *
+                     u.unsqueeze(-2);
+      dS = dS - w;
+      uf = uf - w.sum(-1);
+      dlb = dlb + at::where(live, u, zero);
+      ug = at::where(active, zero, ug);
+    }
+  }
+  out.grad_scores.copy_(dS);
+  out.grad_log_a.copy_(dla);
+  out.grad_log_b.copy_(dlb);
+  return finish_backward(p, out);
+}
+
+}  // namespace detail
+}  // namespace sinkhorn_ops
