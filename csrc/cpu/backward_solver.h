@@ -7,6 +7,7 @@
 
 #include "isa_prelude.h"
 #include "solver.h"
+#include "tiny_backward.h"
 
 namespace sinkhorn_ops {
 namespace cpu {
