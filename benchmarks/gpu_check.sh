@@ -6,8 +6,8 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh      # the device runner sets OUT
 #
-# Step time limits (seconds) can be overridden: T_BUILD, T_TESTS, T_SANITIZER (each tool), T_BENCH,
-# T_BENCH_BACKWARD, T_BENCH_ATTENTION, T_BENCH_MHC.
+# Step time limits (seconds) can be overridden: T_BUILD, T_TESTS, T_SANITIZER (memcheck),
+# T_RACECHECK, T_BENCH, T_BENCH_BACKWARD, T_BENCH_ATTENTION, T_BENCH_MHC.
 # The defaults add up to under the device runner's 600 s per command. $OUT keeps at most 8 files:
 # env.txt build.log tests.log sanitizer.log bench.log summary.txt, the rest packed in extra.tar.gz.
 set -uo pipefail
@@ -44,20 +44,20 @@ step() {
 step build "$OUT/build.log" "${T_BUILD:-210}" \
   env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   python -m pip install --no-build-isolation -e . -v
-step tests "$OUT/tests.log" "${T_TESTS:-90}" \
+step tests "$OUT/tests.log" "${T_TESTS:-120}" \
   python -m pytest tests -x -q -k cuda -p no:cacheprovider
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
 # No caching allocator under memcheck, so that an overrun of one tensor is not hidden inside a
 # larger cached block.
 step memcheck "$OUT/sanitizer.log" "${T_SANITIZER:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step racecheck "$OUT/sanitizer.log" "${T_SANITIZER:-60}" \
+step racecheck "$OUT/sanitizer.log" "${T_RACECHECK:-45}" \
   "$SANITIZER" --tool racecheck --error-exitcode 1 python benchmarks/sanitizer_case.py
-step bench "$OUT/bench.log" "${T_BENCH:-60}" \
+step bench "$OUT/bench.log" "${T_BENCH:-45}" \
   python benchmarks/bench_forward.py --device cuda --out "$OUT"
-step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-45}" \
+step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-40}" \
   python benchmarks/bench_backward.py --device cuda --quick --out "$OUT"
-step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-30}" \
+step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-25}" \
   python benchmarks/bench_attention.py --device cuda --quick --out "$OUT"
 step bench_mhc "$OUT/bench.log" "${T_BENCH_MHC:-30}" \
   python benchmarks/bench_mhc.py --device cuda --quick --out "$OUT"
