@@ -83,8 +83,8 @@ torch.library.register_autograd("sinkhorn_ops::mhc_pre_mix", _pre_backward,
                                 setup_context=_save_inputs)
 torch.library.register_autograd("sinkhorn_ops::mhc_post_mix", _post_backward,
                                 setup_context=_save_inputs)
-for _name in ("mhc_pre_mix_backward", "mhc_post_mix_backward"):
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _no_double_backward,
+for _name in ("mhc_pre_mix", "mhc_post_mix"):
+    torch.library.register_autograd(f"sinkhorn_ops::{_name}_backward", _no_double_backward(_name),
                                     setup_context=_no_context)
 
 

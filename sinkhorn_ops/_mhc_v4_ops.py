@@ -57,5 +57,5 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn", _backward,
                                 setup_context=_setup_context)
-torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn_backward", _no_double_backward,
-                                setup_context=_no_context)
+torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn_backward",
+                                _no_double_backward("mhc_v4_sinkhorn"), setup_context=_no_context)

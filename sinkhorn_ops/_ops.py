@@ -206,10 +206,13 @@ def _backward(ctx, grad_plan, grad_f, grad_g, _grad_steps, _grad_error):
 torch.library.register_autograd("sinkhorn_ops::sinkhorn", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "sinkhorn: double backward (differentiating the gradient) is not supported; "
-        "compute second-order terms by finite differences of the gradient instead")
+def _no_double_backward(op: str):
+    """The autograd formula of a backward op: double backward raises an error naming op."""
+    def formula(ctx, *grads):
+        raise NotImplementedError(
+            f"{op}: double backward (differentiating the gradient) is not supported; "
+            "compute second-order terms by finite differences of the gradient instead")
+    return formula
 
 
 def _no_context(ctx, inputs, output):
@@ -217,5 +220,5 @@ def _no_context(ctx, inputs, output):
 
 
 for _name in ("sinkhorn_backward_unrolled", "sinkhorn_backward_implicit"):
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _no_double_backward,
+    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _no_double_backward("sinkhorn"),
                                     setup_context=_no_context)
