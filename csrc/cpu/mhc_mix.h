@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../mhc_mix_math.h"
+#include "../n_switch.h"
 #include "isa_prelude.h"
 #include "vec_math.h"
 
@@ -122,26 +123,14 @@ void mhc_mix_typed(const sinkhorn::MixParams& p) {
   });
 }
 
-template <typename scalar_t>
-void mhc_mix_n(const sinkhorn::MixParams& p) {
-  static_assert(sinkhorn::mix::kMaxStreams == 8, "mhc_mix_n instantiates n = 1..8");
-  switch (p.n) {
-    case 1: return mhc_mix_typed<1, scalar_t>(p);
-    case 2: return mhc_mix_typed<2, scalar_t>(p);
-    case 3: return mhc_mix_typed<3, scalar_t>(p);
-    case 4: return mhc_mix_typed<4, scalar_t>(p);
-    case 5: return mhc_mix_typed<5, scalar_t>(p);
-    case 6: return mhc_mix_typed<6, scalar_t>(p);
-    case 7: return mhc_mix_typed<7, scalar_t>(p);
-    case 8: return mhc_mix_typed<8, scalar_t>(p);
-    default: TORCH_CHECK(false, "mhc_mix: n = ", p.n, " has no kernel");
-  }
-}
-
 void mhc_mix_any(const sinkhorn::MixParams& p, at::ScalarType dtype) {
   if (p.T == 0) return;  // C == 0 still writes the (zero) mapping gradients
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mhc_mix_cpu",
-                                  [&] { mhc_mix_n<scalar_t>(p); });
+  TORCH_CHECK(p.n >= 1 && p.n <= sinkhorn::mix::kMaxStreams, "mhc_mix: n = ", p.n,
+              " has no kernel");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mhc_mix_cpu", [&] {
+    sinkhorn::n_switch<sinkhorn::mix::kMaxStreams>(
+        p.n, [&](auto n) { mhc_mix_typed<decltype(n)::value, scalar_t>(p); });
+  });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../mhc_v4_math.h"
+#include "../n_switch.h"
 #include "isa_prelude.h"
 #include "vec_math.h"
 
@@ -56,30 +57,17 @@ void mhc_v4_lanes(const sinkhorn::V4Params& p) {
   });
 }
 
-// The n this call has, as a template argument.
-template <typename acc_t>
-void mhc_v4_typed(const sinkhorn::V4Params& p) {
-  switch (p.n) {
-    case 1: return mhc_v4_lanes<1, acc_t>(p);
-    case 2: return mhc_v4_lanes<2, acc_t>(p);
-    case 3: return mhc_v4_lanes<3, acc_t>(p);
-    case 4: return mhc_v4_lanes<4, acc_t>(p);
-    case 5: return mhc_v4_lanes<5, acc_t>(p);
-    case 6: return mhc_v4_lanes<6, acc_t>(p);
-    case 7: return mhc_v4_lanes<7, acc_t>(p);
-    case 8: return mhc_v4_lanes<8, acc_t>(p);
-    default: TORCH_CHECK(false, "mhc_v4_sinkhorn: n = ", p.n, " has no kernel");
-  }
-}
-
 void mhc_v4_any(const sinkhorn::V4Params& p) {
-  static_assert(sinkhorn::v4::kMaxN == 8, "mhc_v4_typed instantiates n = 1..8");
   if (p.B == 0) return;
-  if (p.dtype == sinkhorn::DType::Float64) {
-    mhc_v4_typed<double>(p);
-  } else {
-    mhc_v4_typed<float>(p);
-  }
+  TORCH_CHECK(p.n >= 1 && p.n <= sinkhorn::v4::kMaxN, "mhc_v4_sinkhorn: n = ", p.n,
+              " has no kernel");
+  sinkhorn::n_switch<sinkhorn::v4::kMaxN>(p.n, [&](auto n) {
+    if (p.dtype == sinkhorn::DType::Float64) {
+      mhc_v4_lanes<decltype(n)::value, double>(p);
+    } else {
+      mhc_v4_lanes<decltype(n)::value, float>(p);
+    }
+  });
 }
 
 }  // namespace

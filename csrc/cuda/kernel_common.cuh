@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 #include <cub/block/block_reduce.cuh>
@@ -169,17 +170,6 @@ void block_size_switch(int64_t entries, F&& fn) {
 constexpr size_t kMaxStagedBytes = 96 * 1024;
 size_t staged_bytes(int64_t n, int64_t m, size_t elem);
 
-// Launches kernel<<<grid, block, smem, stream>>>(params), first raising the kernel's dynamic
-// shared-memory limit when smem exceeds the default 48 KB.
-template <typename Params>
-void launch_staged(void (*kernel)(const Params), unsigned grid, int block, size_t smem,
-                   cudaStream_t stream, const Params& params) {
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
-  kernel<<<grid, block, smem, stream>>>(params);
-}
-
 // Copies a problem's scores to shared memory (when staged) and returns where the passes should
 // read them. Contains a barrier before the copy (earlier readers of the buffer are done) and
 // after it (the copy is complete): every thread of the block must call it.
@@ -192,6 +182,42 @@ __device__ const scalar_t* stage_scores(const scalar_t* S, int64_t nm, bool stag
   for (int64_t k = threadIdx.x; k < nm; k += BLOCK) dst[k] = S[k];
   __syncthreads();
   return dst;
+}
+
+// Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
+// over the rest), at least one.
+inline unsigned blocks_for(int64_t work, int64_t per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < INT_MAX ? blocks : INT_MAX));
+}
+
+// Launches a block-per-problem kernel (the forward's or the backward's): one block per problem
+// (grid-stride beyond INT_MAX), its size from block_size_switch, the scores staged in shared
+// memory when they fit (params.staged). kernel_for(block) names the instantiation for a block
+// size given as std::integral_constant.
+template <typename scalar_t, typename Params, typename KernelFor>
+void launch_per_problem(const Params& p, cudaStream_t stream, KernelFor&& kernel_for) {
+  const unsigned grid = blocks_for(p.B, 1);
+  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
+  Params q = p;
+  q.staged = smem > 0;
+  block_size_switch(p.n * p.m, [&](auto block) {
+    auto* kernel = kernel_for(block);
+    if (smem > 48 * 1024)  // above the default dynamic shared-memory limit
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
+    kernel<<<grid, decltype(block)::value, smem, stream>>>(q);
+  });
+}
+
+// The tiny paths' padding (tiny_problem.h): fn(std::integral_constant<int, 4 or 8>).
+template <typename F>
+void tiny_switch(int64_t n, int64_t m, F&& fn) {
+  if (n <= 4 && m <= 4) {
+    fn(std::integral_constant<int, 4>{});
+  } else {
+    fn(std::integral_constant<int, 8>{});
+  }
 }
 
 // Calls fn with TypeTag<scalar_t> for the element type `dtype` names: the one place that maps

@@ -12,12 +12,9 @@
 // the loop would need the host to read the flags. The column LSEs are merged from 256-row
 // strips, so they can differ from the block kernel's (and the backward's replay) by rounding.
 // Every formula comes from sinkhorn_math.h. Never run on a GPU yet.
-#include <algorithm>
-#include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "../env_flag.h"
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
 
@@ -210,11 +207,6 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const FwdParams p) {
   }
 }
 
-unsigned blocks_for(int64_t work, int64_t per_block) {
-  const int64_t blocks = (work + per_block - 1) / per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, INT_MAX)));
-}
-
 template <typename scalar_t>
 void launch_typed(const FwdParams& p, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -260,10 +252,7 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool large_forward_applies(const FwdParams& p) {
-  static const bool disabled = [] {
-    const char* path = std::getenv("SINKHORN_CUDA_FORWARD");
-    return path != nullptr && std::strcmp(path, "block") == 0;
-  }();
+  static const bool disabled = env_is("SINKHORN_CUDA_FORWARD", "block");
   // The column pass puts problems on the grid's z dimension and row strips on y (each at most
   // 65535).
   return !disabled && p.n * p.m >= kMinEntries && p.B <= 65535 && strips_of(p.n) <= 65535;

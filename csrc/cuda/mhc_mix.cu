@@ -2,10 +2,10 @@
 // token, its lanes striding over the channels (coalesced loads and stores of every stream), the
 // mappings' gradients summed over the channels by a warp reduction. Never run on a GPU yet; the
 // per-channel math is the CPU kernel's, which the tests check.
-#include <climits>
 #include <cstdint>
 
 #include "../mhc_mix_math.h"
+#include "../n_switch.h"
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
 
@@ -91,26 +91,12 @@ __global__ void __launch_bounds__(kMixThreads) mix_kernel(const MixParams p) {
   }
 }
 
-template <int N, typename scalar_t>
-void launch_n(const MixParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.T + kMixWarps - 1) / kMixWarps;
-  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
-  mix_kernel<N, scalar_t><<<grid, kMixThreads, 0, stream>>>(p);
-}
-
 template <typename scalar_t>
 void launch_typed(const MixParams& p, cudaStream_t stream) {
-  static_assert(mix::kMaxStreams == 8, "launch_typed instantiates n = 1..8");
-  switch (p.n) {
-    case 1: return launch_n<1, scalar_t>(p, stream);
-    case 2: return launch_n<2, scalar_t>(p, stream);
-    case 3: return launch_n<3, scalar_t>(p, stream);
-    case 4: return launch_n<4, scalar_t>(p, stream);
-    case 5: return launch_n<5, scalar_t>(p, stream);
-    case 6: return launch_n<6, scalar_t>(p, stream);
-    case 7: return launch_n<7, scalar_t>(p, stream);
-    default: return launch_n<8, scalar_t>(p, stream);  // the front door admits n <= 8 only
-  }
+  n_switch<mix::kMaxStreams>(p.n, [&](auto n) {  // the front door admits n <= kMaxStreams only
+    mix_kernel<decltype(n)::value, scalar_t>
+        <<<blocks_for(p.T, kMixWarps), kMixThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace

@@ -3,14 +3,17 @@
 // same functions on SIMD lanes, so the CPU tests check this math). One read of the logits (and
 // of dL/dcomb) and one write per problem; the backward recomputes the forward in the thread and
 // keeps its divisors in a local array of (2 kMaxIters - 1) x n.
-#include <climits>
 #include <cstdint>
 
 #include "../mhc_v4_math.h"
+#include "../n_switch.h"
+#include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
 namespace {
+
+using dev::blocks_for;
 
 template <typename T>
 struct DeviceOps {
@@ -48,28 +51,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int N, typename T>
-void launch_n(const V4Params& p, cudaStream_t stream) {
-  const int64_t blocks = (p.B + kThreads - 1) / kThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
-  mhc_v4_kernel<N, T><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(p.logits), static_cast<const T*>(p.grad), static_cast<T*>(p.out),
-      p.B, p.iters, static_cast<T>(p.eps));
-}
-
 template <typename T>
 void launch_typed(const V4Params& p, cudaStream_t stream) {
-  static_assert(v4::kMaxN == 8, "launch_typed instantiates n = 1..8");
-  switch (p.n) {
-    case 1: return launch_n<1, T>(p, stream);
-    case 2: return launch_n<2, T>(p, stream);
-    case 3: return launch_n<3, T>(p, stream);
-    case 4: return launch_n<4, T>(p, stream);
-    case 5: return launch_n<5, T>(p, stream);
-    case 6: return launch_n<6, T>(p, stream);
-    case 7: return launch_n<7, T>(p, stream);
-    default: return launch_n<8, T>(p, stream);  // the front door admits n <= 8 only
-  }
+  n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
+    mhc_v4_kernel<decltype(n)::value, T><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.logits), static_cast<const T*>(p.grad), static_cast<T*>(p.out),
+        p.B, p.iters, static_cast<T>(p.eps));
+  });
 }
 
 }  // namespace

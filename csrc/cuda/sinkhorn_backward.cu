@@ -212,17 +212,11 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BwdParams p) {
   }
 }
 
-// One block per problem, its size from block_size_switch (kernel_common.cuh), S staged in
-// shared memory when it fits (the replay and the reverse steps read it every step).
+// S staged in shared memory when it fits: the replay and the reverse steps read it every step.
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
-  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
-  BwdParams q = p;
-  q.staged = smem > 0;
-  block_size_switch(p.n * p.m, [&](auto block) {
-    constexpr int kBlock = decltype(block)::value;
-    launch_staged(&backward_kernel<scalar_t, kBlock>, grid, kBlock, smem, stream, q);
+  launch_per_problem<scalar_t>(p, stream, [](auto block) {
+    return &backward_kernel<scalar_t, decltype(block)::value>;
   });
 }
 

@@ -171,17 +171,10 @@ __global__ void __launch_bounds__(BLOCK) forward_kernel(const FwdParams p) {
   }
 }
 
-// One block per problem, its size from block_size_switch (kernel_common.cuh), S staged in
-// shared memory when it fits.
 template <typename scalar_t>
 void launch_typed(const FwdParams& p, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.B, INT_MAX));
-  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
-  FwdParams q = p;
-  q.staged = smem > 0;
-  block_size_switch(p.n * p.m, [&](auto block) {
-    constexpr int kBlock = decltype(block)::value;
-    launch_staged(&forward_kernel<scalar_t, kBlock>, grid, kBlock, smem, stream, q);
+  launch_per_problem<scalar_t>(p, stream, [](auto block) {
+    return &forward_kernel<scalar_t, decltype(block)::value>;
   });
 }
 

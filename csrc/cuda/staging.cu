@@ -1,18 +1,13 @@
 // Host side of the shared-memory staging of the block kernels (kernel_common.cuh): how many
 // bytes an n x m problem takes, within the current device's opt-in limit.
-#include <cstdlib>
-#include <cstring>
-
+#include "../env_flag.h"
 #include "kernel_common.cuh"
 
 namespace sinkhorn {
 namespace dev {
 
 size_t staged_bytes(int64_t n, int64_t m, size_t elem) {
-  static const bool disabled = [] {
-    const char* v = std::getenv("SINKHORN_CUDA_SMEM");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+  static const bool disabled = env_is("SINKHORN_CUDA_SMEM", "0");
   const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(m) * elem;
   if (disabled || bytes == 0 || bytes > kMaxStagedBytes) return 0;
   int device = 0, optin = 0;

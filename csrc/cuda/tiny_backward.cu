@@ -3,11 +3,9 @@
 // step LSEs in a local array, the replay and the reversed steps of tiny_problem.h (checked on
 // the host by the GoogleTest suite). One read of S and dL/dP, one write of dL/dS per problem;
 // no workspace.
-#include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "../env_flag.h"
 #include "../tiny_problem.h"
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
@@ -80,22 +78,16 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdPa
 
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.B + kTinyThreads - 1) / kTinyThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
-  if (p.n <= 4 && p.m <= 4) {
-    tiny_backward_kernel<4, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
-  } else {
-    tiny_backward_kernel<8, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
-  }
+  tiny_switch(p.n, p.m, [&](auto pad) {
+    tiny_backward_kernel<decltype(pad)::value, scalar_t>
+        <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace
 
 bool tiny_backward_applies(const BwdParams& p) {
-  static const bool disabled = [] {
-    const char* path = std::getenv("SINKHORN_CUDA_BACKWARD");
-    return path != nullptr && std::strcmp(path, "block") == 0;
-  }();
+  static const bool disabled = env_is("SINKHORN_CUDA_BACKWARD", "block");
   // float64 up to 4 x 4 only: its 8 x 8 thread would need 4 KB of local memory, which the
   // driver reserves for every resident thread.
   const int64_t side = p.dtype == DType::Float64 ? 4 : 8;

@@ -2,11 +2,9 @@
 // problem, padded to 4 x 4 or 8 x 8 and held in registers (tiny_problem.h, whose math the
 // GoogleTest suite checks on the host), all steps in one kernel, one read of S and one write of
 // P. Per-problem early stopping is the thread's own loop exit: no host synchronisation.
-#include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "../env_flag.h"
 #include "../tiny_problem.h"
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
@@ -68,22 +66,16 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_forward_kernel(const FwdPar
 
 template <typename scalar_t>
 void launch_typed(const FwdParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.B + kTinyThreads - 1) / kTinyThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
-  if (p.n <= 4 && p.m <= 4) {
-    tiny_forward_kernel<4, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
-  } else {
-    tiny_forward_kernel<8, scalar_t><<<grid, kTinyThreads, 0, stream>>>(p);
-  }
+  tiny_switch(p.n, p.m, [&](auto pad) {
+    tiny_forward_kernel<decltype(pad)::value, scalar_t>
+        <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace
 
 bool tiny_forward_applies(const FwdParams& p) {
-  static const bool disabled = [] {
-    const char* path = std::getenv("SINKHORN_CUDA_FORWARD");
-    return path != nullptr && std::strcmp(path, "block") == 0;
-  }();
+  static const bool disabled = env_is("SINKHORN_CUDA_FORWARD", "block");
   return !disabled && p.n >= 1 && p.m >= 1 && p.n <= kTinyMaxSide && p.m <= kTinyMaxSide;
 }
 

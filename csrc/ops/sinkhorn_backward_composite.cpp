@@ -6,25 +6,18 @@
 // Same algorithm as the kernels: replay the steps, keeping each step's LSEs, then reverse them.
 // Problems that ran fewer steps (steps_used) are frozen in the replay and inactive in the
 // reverse, by masks on the device: no host synchronisation.
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "../env_flag.h"
 #include "sinkhorn_backward.h"
 
 namespace sinkhorn_ops {
 namespace detail {
 
 bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
-  static const bool cpu_forced = [] {
-    const char* v = std::getenv("SINKHORN_CPU_BACKWARD");
-    return v != nullptr && std::strcmp(v, "composite") == 0;
-  }();
-  static const bool cuda_disabled = [] {
-    const char* v = std::getenv("SINKHORN_CUDA_BACKWARD");
-    return v != nullptr && std::strcmp(v, "block") == 0;
-  }();
+  static const bool cpu_forced = sinkhorn::env_is("SINKHORN_CPU_BACKWARD", "composite");
+  static const bool cuda_disabled = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "block");
   if (cpu) return cpu_forced;
   return !cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20);
 }
