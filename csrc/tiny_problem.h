@@ -32,9 +32,9 @@ struct TinyProblem {
   SK_HD void reset(int rows, int cols) {
     n = rows;
     m = cols;
-SK_UNROLL
+    SK_UNROLL
     for (int k = 0; k < NMAX * NMAX; ++k) s[k] = math::neg_inf<T>();
-SK_UNROLL
+    SK_UNROLL
     for (int a = 0; a < NMAX; ++a) {
       la[a] = lb[a] = math::neg_inf<T>();
       f[a] = g[a] = T(0);
@@ -45,12 +45,12 @@ SK_UNROLL
   SK_HD void default_marginals() {
     bool col_alive[NMAX];
     long long rows = 0, cols = 0;
-SK_UNROLL
+    SK_UNROLL
     for (int j = 0; j < NMAX; ++j) col_alive[j] = false;
-SK_UNROLL
+    SK_UNROLL
     for (int i = 0; i < NMAX; ++i) {
       bool alive = false;
-SK_UNROLL
+      SK_UNROLL
       for (int j = 0; j < NMAX; ++j) {
         const bool allowed = s[i * NMAX + j] != math::neg_inf<T>();
         alive = alive || allowed;
@@ -59,9 +59,9 @@ SK_UNROLL
       la[i] = math::default_log_a<T>(alive);
       rows += alive;
     }
-SK_UNROLL
+    SK_UNROLL
     for (int j = 0; j < NMAX; ++j) cols += col_alive[j];
-SK_UNROLL
+    SK_UNROLL
     for (int j = 0; j < NMAX; ++j) lb[j] = math::default_log_b<T>(col_alive[j], rows, cols);
   }
 
@@ -69,7 +69,7 @@ SK_UNROLL
   // shift, NaN sticky, NaN for a +inf score, -inf for an empty line.
   SK_HD T lse(bool row, int a) const {
     T mx = math::neg_inf<T>();
-SK_UNROLL
+    SK_UNROLL
     for (int b = 0; b < NMAX; ++b) {
       const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
       mx = (v > mx || v != v) ? v : mx;
@@ -77,12 +77,24 @@ SK_UNROLL
     if (!(mx > math::neg_inf<T>())) return mx;                      // empty line, or NaN
     if (mx == -math::neg_inf<T>()) return mx - mx;                   // +inf score: NaN
     T sum = T(0);
-SK_UNROLL
+    SK_UNROLL
     for (int b = 0; b < NMAX; ++b) {
       const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
       sum += v == math::neg_inf<T>() ? T(0) : math::exp_(v - mx);
     }
     return mx + math::log_(sum);
+  }
+
+  // A step's potential update from its LSEs l: f (row) or g (column) = log marginal - l.
+  SK_HD void set_potentials(bool row, const T* l) {
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      if (row) {
+        f[a] = math::potential(la[a], l[a]);
+      } else {
+        g[a] = math::potential(lb[a], l[a]);
+      }
+    }
   }
 
   // P_ij = exp(s_ij + f_i + g_j).
@@ -94,14 +106,14 @@ SK_UNROLL
   // fix (the stopping error when it stopped early).
   SK_HD int64_t solve(int64_t steps, bool start_row, double tol, T* error) {
     T mass = T(0);
-SK_UNROLL
+    SK_UNROLL
     for (int i = 0; i < NMAX; ++i) mass += la[i] > math::neg_inf<T>() ? math::exp_(la[i]) : T(0);
     const T threshold = static_cast<T>(tol) * mass;
     for (int64_t k = 0; k < steps; ++k) {
       const bool row = ((k % 2) == 0) == start_row;
       T l[NMAX];
       T err = T(0);
-SK_UNROLL
+      SK_UNROLL
       for (int a = 0; a < NMAX; ++a) {
         l[a] = lse(row, a);
         err += math::marginal_error(row ? la[a] : lb[a], l[a], row ? f[a] : g[a]);
@@ -110,23 +122,16 @@ SK_UNROLL
         *error = err;
         return k;
       }
-SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        if (row) {
-          f[a] = math::potential(la[a], l[a]);
-        } else {
-          g[a] = math::potential(lb[a], l[a]);
-        }
-      }
+      set_potentials(row, l);
     }
     // The marginal the last step did not fix: the columns after a row step, and the rows when
     // no step ran and the first would be a row step.
     const bool last_row = steps == 0 ? !start_row : (((steps - 1) % 2) == 0) == start_row;
     T err = T(0);
-SK_UNROLL
+    SK_UNROLL
     for (int a = 0; a < NMAX; ++a) {
       T sum = T(0);
-SK_UNROLL
+      SK_UNROLL
       for (int b = 0; b < NMAX; ++b) sum += last_row ? plan(b, a) : plan(a, b);
       const T lm = last_row ? lb[a] : la[a];
       const T d = sum - (lm > math::neg_inf<T>() ? math::exp_(lm) : T(0));
@@ -153,16 +158,9 @@ SK_UNROLL
       T* l = lse_hist + t * NMAX;
       SK_UNROLL
       for (int a = 0; a < NMAX; ++a) l[a] = lse(row, a);
-      SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        if (row) {
-          f[a] = math::potential(la[a], l[a]);
-        } else {
-          g[a] = math::potential(lb[a], l[a]);
-        }
-      }
+      set_potentials(row, l);
     }
-    // The output P = exp(S + f (+) g): dS += Gamma = dL/dP * P, and Gamma's sums join dL/df, dL/dg.
+    // The output P = exp(S + f (+) g): dS += Gamma = dL/dP * P; Gamma's sums join dL/df, dL/dg.
     SK_UNROLL
     for (int i = 0; i < NMAX; ++i)
       SK_UNROLL

@@ -70,13 +70,12 @@ def _save_inputs(ctx, inputs, output):
 
 def _pre_backward(ctx, grad):
     x, h_pre = ctx.saved_tensors
-    return torch.ops.sinkhorn_ops.mhc_pre_mix_backward.default(grad.contiguous(), x, h_pre)
+    return torch.ops.sinkhorn_ops.mhc_pre_mix_backward.default(grad, x, h_pre)
 
 
 def _post_backward(ctx, grad):
     x, y, h_post, h_res = ctx.saved_tensors
-    return torch.ops.sinkhorn_ops.mhc_post_mix_backward.default(grad.contiguous(), x, y, h_post,
-                                                                h_res)
+    return torch.ops.sinkhorn_ops.mhc_post_mix_backward.default(grad, x, y, h_post, h_res)
 
 
 torch.library.register_autograd("sinkhorn_ops::mhc_pre_mix", _pre_backward,

@@ -51,8 +51,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (logits,) = ctx.saved_tensors
     iters, eps = ctx.options
-    return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn_backward.default(
-        grad.contiguous(), logits, iters, eps), None, None
+    return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn_backward.default(grad, logits, iters, eps), \
+        None, None
 
 
 torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn", _backward,

@@ -122,8 +122,7 @@ def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
         (..., C) in x's dtype.
     """
     if _mhc_mix_ops.fused(x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = torch.broadcast_to(h_pre.to(acc), x.shape[:-1])
+        h = torch.broadcast_to(h_pre.to(_sinkhorn_dtype(x.dtype)), x.shape[:-1])
         return torch.ops.sinkhorn_ops.mhc_pre_mix.default(x, h)
     # A broadcast product and a sum rather than einsum: einsum becomes a bmm of (n x C) problems
     # per token, several times slower for n <= 8 on the CPU.
@@ -148,7 +147,7 @@ def mhc_combine(x: Tensor, branch_output: Tensor, h_post: Tensor, h_res: Tensor)
         (..., n, C) x_{l+1} in x's dtype.
     """
     if _mhc_mix_ops.fused(x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = _sinkhorn_dtype(x.dtype)
         n = x.shape[-2]
         y = torch.broadcast_to(branch_output.to(x.dtype), (*x.shape[:-2], x.shape[-1]))
         q = torch.broadcast_to(h_post.to(acc), x.shape[:-1])

@@ -8,16 +8,8 @@ from conftest import DEVICES, assert_close, assert_flash_rule, load_ops
 
 ops = load_ops()
 from sinkhorn_ops import _mhc_v4_ops  # noqa: E402  (after load_ops, which builds the extension)
-
-
-def published(x, iters=20, eps=1e-6):
-    """DeepSeek-V4's formula as the MATH.md section 1 table states it, in x's dtype."""
-    comb = torch.softmax(x, dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return comb
+# DeepSeek-V4's formula as the MATH.md section 1 table states it, in x's dtype.
+from test_mhc import v4_sinkhorn_reference as published  # noqa: E402
 
 
 def fused(x, iters=20, eps=1e-6):

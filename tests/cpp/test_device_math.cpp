@@ -13,6 +13,7 @@
 
 #include "mhc_v4_math.h"
 #include "sinkhorn_ops.h"
+#include "test_util.h"
 #include "tiny_problem.h"
 
 namespace {
@@ -25,43 +26,60 @@ struct Case {
   double tol;
 };
 
-// Solves every problem of S (B, n, m) float64 with TinyProblem<NMAX, double> and compares the
-// plan, potentials, steps and error with the CPU operator.
+// A batch of B random float64 problems for case c: the masks (a masked entry, an empty row in
+// problem 1, an empty column in problem 2) and marginals it asks for, and its options.
+struct Batch {
+  at::Tensor S, a, b;
+  sinkhorn_ops::SinkhornOptions o;
+};
+
+Batch make_batch(const Case& c, int64_t B, int64_t seed) {
+  at::manual_seed(seed);
+  Batch t;
+  t.S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
+  if (c.masked) {
+    t.S.index_put_({0, 0, 0}, -kInf);
+    t.S.select(0, 1).select(0, c.n - 1).fill_(-kInf);
+    t.S.select(0, 2).select(1, 0).fill_(-kInf);
+  }
+  t.o.steps = c.steps;
+  t.o.start = c.start_row ? "row" : "col";
+  t.o.tol = c.tol;
+  if (c.marginals) {
+    t.a = at::rand({B, c.n}, at::kDouble) + 0.5;
+    t.b = at::rand({B, c.m}, at::kDouble) + 0.5;
+    t.b = t.b * (t.a.sum(-1, true) / t.b.sum(-1, true));
+    t.o.a = t.a;
+    t.o.b = t.b;
+  }
+  return t;
+}
+
+// Problem p of the batch as a TinyProblem: padded scores and the marginals (or the defaults).
+template <int NMAX>
+sinkhorn::TinyProblem<NMAX, double> tiny_problem(const Batch& t, const Case& c, int64_t p) {
+  sinkhorn::TinyProblem<NMAX, double> q;
+  q.reset(static_cast<int>(c.n), static_cast<int>(c.m));
+  for (int64_t i = 0; i < c.n; ++i)
+    for (int64_t j = 0; j < c.m; ++j) q.s[i * NMAX + j] = t.S[p][i][j].item<double>();
+  if (c.marginals) {
+    for (int64_t i = 0; i < c.n; ++i) q.la[i] = std::log(t.a[p][i].item<double>());
+    for (int64_t j = 0; j < c.m; ++j) q.lb[j] = std::log(t.b[p][j].item<double>());
+  } else {
+    q.default_marginals();
+  }
+  return q;
+}
+
+// Solves every problem of a batch with TinyProblem<NMAX, double> and compares the plan,
+// potentials, steps and error with the CPU operator.
 template <int NMAX>
 void check_against_operator(const Case& c) {
-  at::manual_seed(c.n * 100 + c.m * 10 + c.steps);
   const int64_t B = 23;
-  auto S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
-  if (c.masked) {
-    S.index_put_({0, 0, 0}, -kInf);
-    S.select(0, 1).select(0, c.n - 1).fill_(-kInf);  // an empty row in problem 1
-    S.select(0, 2).select(1, 0).fill_(-kInf);        // an empty column in problem 2
-  }
-  sinkhorn_ops::SinkhornOptions o;
-  o.steps = c.steps;
-  o.start = c.start_row ? "row" : "col";
-  o.tol = c.tol;
-  at::Tensor a, b;
-  if (c.marginals) {
-    a = at::rand({B, c.n}, at::kDouble) + 0.5;
-    b = at::rand({B, c.m}, at::kDouble) + 0.5;
-    b = b * (a.sum(-1, true) / b.sum(-1, true));
-    o.a = a;
-    o.b = b;
-  }
-  const auto r = sinkhorn_ops::sinkhorn(S, o);
-  const auto s = S.accessor<double, 3>();
+  const auto t = make_batch(c, B, c.n * 100 + c.m * 10 + c.steps);
+  const auto r = sinkhorn_ops::sinkhorn(t.S, t.o);
   for (int64_t p = 0; p < B; ++p) {
-    sinkhorn::TinyProblem<NMAX, double> q;
-    q.reset(static_cast<int>(c.n), static_cast<int>(c.m));
-    for (int64_t i = 0; i < c.n; ++i)
-      for (int64_t j = 0; j < c.m; ++j) q.s[i * NMAX + j] = s[p][i][j];
-    if (c.marginals) {
-      for (int64_t i = 0; i < c.n; ++i) q.la[i] = std::log(a[p][i].item<double>());
-      for (int64_t j = 0; j < c.m; ++j) q.lb[j] = std::log(b[p][j].item<double>());
-    } else {
-      q.default_marginals();
-    }
+    auto q = tiny_problem<NMAX>(t, c, p);
     double error = -1;
     const int64_t used = q.solve(c.steps, c.start_row, c.tol, &error);
     EXPECT_EQ(used, r.steps[p].item<int64_t>()) << "problem " << p;
@@ -100,50 +118,23 @@ TEST(TinyProblem, MatchesTheCpuOperator) {
 // counts from an early-stopped forward, upstream gradients for P, f and g, and masks.
 template <int NMAX>
 void check_backward_against_operator(const Case& c) {
-  at::manual_seed(c.n * 100 + c.m * 10 + c.steps + 1);
   const int64_t B = 17;
-  auto S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
-  if (c.masked) {
-    S.index_put_({0, 0, 0}, -kInf);
-    S.select(0, 1).select(0, c.n - 1).fill_(-kInf);
-  }
-  sinkhorn_ops::SinkhornOptions o;
-  o.steps = c.steps;
-  o.start = c.start_row ? "row" : "col";
-  o.tol = c.tol;
-  at::Tensor a, b;
-  if (c.marginals) {
-    a = at::rand({B, c.n}, at::kDouble) + 0.5;
-    b = at::rand({B, c.m}, at::kDouble) + 0.5;
-    b = b * (a.sum(-1, true) / b.sum(-1, true));
-    o.a = a;
-    o.b = b;
-  }
-  const auto r = sinkhorn_ops::sinkhorn(S, o);
-  const auto G = at::randn_like(S), Gf = at::randn({B, c.n}, at::kDouble),
+  const auto t = make_batch(c, B, c.n * 100 + c.m * 10 + c.steps + 1);
+  const auto r = sinkhorn_ops::sinkhorn(t.S, t.o);
+  const auto G = at::randn_like(t.S), Gf = at::randn({B, c.n}, at::kDouble),
              Gg = at::randn({B, c.m}, at::kDouble);
-  const auto grads = sinkhorn_ops::sinkhorn_backward(S, o, r, G, Gf, Gg);
+  const auto grads = sinkhorn_ops::sinkhorn_backward(t.S, t.o, r, G, Gf, Gg);
   // d log a from d a: the operator returns dL/da = dL/d(log a) / a.
-  const auto dla_ref = c.marginals ? grads.a * a : at::Tensor();
-  const auto dlb_ref = c.marginals ? grads.b * b : at::Tensor();
+  const auto dla_ref = c.marginals ? grads.a * t.a : at::Tensor();
+  const auto dlb_ref = c.marginals ? grads.b * t.b : at::Tensor();
   std::vector<double> hist(sinkhorn::TinyProblem<NMAX, double>::kMaxBackwardSteps * NMAX);
   for (int64_t p = 0; p < B; ++p) {
-    sinkhorn::TinyProblem<NMAX, double> q;
-    q.reset(static_cast<int>(c.n), static_cast<int>(c.m));
+    auto q = tiny_problem<NMAX>(t, c, p);
     double ds[NMAX * NMAX] = {}, uf[NMAX] = {}, ug[NMAX] = {}, dla[NMAX], dlb[NMAX];
     for (int64_t i = 0; i < c.n; ++i)
-      for (int64_t j = 0; j < c.m; ++j) {
-        q.s[i * NMAX + j] = S[p][i][j].item<double>();
-        ds[i * NMAX + j] = G[p][i][j].item<double>();
-      }
+      for (int64_t j = 0; j < c.m; ++j) ds[i * NMAX + j] = G[p][i][j].item<double>();
     for (int64_t i = 0; i < c.n; ++i) uf[i] = Gf[p][i].item<double>();
     for (int64_t j = 0; j < c.m; ++j) ug[j] = Gg[p][j].item<double>();
-    if (c.marginals) {
-      for (int64_t i = 0; i < c.n; ++i) q.la[i] = std::log(a[p][i].item<double>());
-      for (int64_t j = 0; j < c.m; ++j) q.lb[j] = std::log(b[p][j].item<double>());
-    } else {
-      q.default_marginals();
-    }
     q.backward(r.steps[p].item<int64_t>(), c.start_row, hist.data(), ds, uf, ug, dla, dlb);
     for (int64_t i = 0; i < c.n; ++i) {
       for (int64_t j = 0; j < c.m; ++j)
@@ -171,24 +162,13 @@ struct HostOps {
   static double max(double a, double b) { return a > b ? a : b; }
 };
 
-// DeepSeek-V4's formula, literally, in ATen.
-at::Tensor v4_literal(const at::Tensor& x, int iters, double eps) {
-  auto c = at::softmax(x, -1) + eps;
-  c = c / (c.sum(-2, true) + eps);
-  for (int t = 1; t < iters; ++t) {
-    c = c / (c.sum(-1, true) + eps);
-    c = c / (c.sum(-2, true) + eps);
-  }
-  return c;
-}
-
 template <int N>
 void check_v4(int iters, double eps) {
   using Problem = sinkhorn::v4::Problem<N, double, HostOps>;
   at::manual_seed(N * 7 + iters);
   const auto x = at::randn({N, N}, at::kDouble) * 3;
   const auto w = at::randn({N, N}, at::kDouble);
-  const auto ref = v4_literal(x, iters, eps);
+  const auto ref = test_util::v4_formula(x, iters, eps);
   double c[N * N], xs[N * N], g[N * N];
   std::vector<double> hist(sinkhorn::v4::normalisations(iters) * N);
   for (int k = 0; k < N * N; ++k) xs[k] = c[k] = x.view(-1)[k].item<double>();
@@ -202,7 +182,7 @@ void check_v4(int iters, double eps) {
     auto xp = x.clone(), xm = x.clone();
     xp.view(-1)[k] += h;
     xm.view(-1)[k] -= h;
-    const double fd = ((v4_literal(xp, iters, eps) - v4_literal(xm, iters, eps)) * w)
+    const double fd = ((test_util::v4_formula(xp, iters, eps) - test_util::v4_formula(xm, iters, eps)) * w)
                           .sum()
                           .item<double>() /
                       (2 * h);

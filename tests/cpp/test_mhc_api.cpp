@@ -10,24 +10,12 @@
 #include <vector>
 
 #include "sinkhorn_ops.h"
+#include "test_util.h"
 
 namespace {
 
-std::vector<at::Device> devices() {
-  std::vector<at::Device> d{at::kCPU};
-  if (at::hasCUDA()) d.emplace_back(at::kCUDA);
-  return d;
-}
-
-at::Tensor v4_formula(const at::Tensor& x, int64_t iters, double eps) {
-  auto c = at::softmax(x, -1) + eps;
-  c = c / (c.sum(-2, true) + eps);
-  for (int64_t t = 1; t < iters; ++t) {
-    c = c / (c.sum(-1, true) + eps);
-    c = c / (c.sum(-2, true) + eps);
-  }
-  return c;
-}
+using test_util::devices;
+using test_util::v4_formula;
 
 // Gradients of sum(out * w) with respect to inputs, by ATen autograd through fn.
 template <typename Fn>

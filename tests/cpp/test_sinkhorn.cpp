@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "sinkhorn_ops.h"
+#include "test_util.h"
 
 namespace {
 
@@ -34,11 +35,7 @@ at::Tensor reference_plan(const at::Tensor& S, const at::Tensor& log_a, const at
   return at::exp(s + f.unsqueeze(-1) + g.unsqueeze(-2));
 }
 
-std::vector<at::Device> devices() {
-  std::vector<at::Device> d{at::kCPU};
-  if (at::hasCUDA()) d.emplace_back(at::kCUDA);
-  return d;
-}
+using test_util::devices;
 
 TEST(Sinkhorn, MatchesReferenceWithMarginals) {
   at::manual_seed(0);
