@@ -6,8 +6,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "../ops/mhc_mix.h"
-#include "../ops/mhc_v4.h"
+#include "../ops/mhc_ops.h"
 #include "../ops/sinkhorn_backward.h"
 #include "forward_isa.h"
 
@@ -86,64 +85,24 @@ detail::BackwardResult sinkhorn_backward_unrolled_cpu(
   });
 }
 
-at::Tensor mhc_v4_sinkhorn_cpu(const at::Tensor& logits, int64_t iters, double eps) {
-  static const Kernels kernels = best_kernels();
-  auto call = detail::prepare_mhc_v4(logits, nullptr, iters, eps);
-  kernels.mhc_v4(call.params);
-  return call.out;
-}
-
-at::Tensor mhc_v4_sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
-                                        int64_t iters, double eps) {
-  static const Kernels kernels = best_kernels();
-  auto call = detail::prepare_mhc_v4(logits, &grad, iters, eps);
-  kernels.mhc_v4(call.params);
-  return call.out;
-}
-
-detail::MixCall mix_cpu(bool post, const at::Tensor& x, const at::Tensor& y,
-                        const at::Tensor& h_pre, const at::Tensor& h_post, const at::Tensor& h_res,
-                        const at::Tensor& grad) {
-  static const Kernels kernels = best_kernels();
-  auto call = detail::prepare_mhc_mix(post, x, y, h_pre, h_post, h_res, grad);
-  kernels.mhc_mix(call.params, call.x.scalar_type());
-  return call;
-}
-
-at::Tensor mhc_pre_mix_cpu(const at::Tensor& x, const at::Tensor& h_pre) {
-  return mix_cpu(false, x, {}, h_pre, {}, {}, {}).out;
-}
-
-std::tuple<at::Tensor, at::Tensor> mhc_pre_mix_backward_cpu(const at::Tensor& grad,
-                                                            const at::Tensor& x,
-                                                            const at::Tensor& h_pre) {
-  auto c = mix_cpu(false, x, {}, h_pre, {}, {}, grad);
-  return {c.out, c.grad_h_pre};
-}
-
-at::Tensor mhc_post_mix_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
-                            const at::Tensor& h_res) {
-  return mix_cpu(true, x, y, {}, h_post, h_res, {}).out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
-    const at::Tensor& h_res) {
-  auto c = mix_cpu(true, x, y, {}, h_post, h_res, grad);
-  return {c.out, c.grad_y, c.grad_h_post, c.grad_h_res};
-}
+// The mHC operators' kernels (detail::register_mhc_ops).
+struct Cpu {
+  static void run(const detail::V4Call& call) {
+    static const Kernels kernels = best_kernels();
+    kernels.mhc_v4(call.params);
+  }
+  static void run(const detail::MixCall& call) {
+    static const Kernels kernels = best_kernels();
+    kernels.mhc_mix(call.params, call.x.scalar_type());
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cpu);
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cpu);
-  m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cpu);
-  m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cpu);
-  m.impl("mhc_pre_mix", &mhc_pre_mix_cpu);
-  m.impl("mhc_pre_mix_backward", &mhc_pre_mix_backward_cpu);
-  m.impl("mhc_post_mix", &mhc_post_mix_cpu);
-  m.impl("mhc_post_mix_backward", &mhc_post_mix_backward_cpu);
+  detail::register_mhc_ops<Cpu>(m);
 }
 
 }  // namespace cpu

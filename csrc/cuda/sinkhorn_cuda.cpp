@@ -10,8 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../ops/mhc_mix.h"
-#include "../ops/mhc_v4.h"
+#include "../ops/mhc_ops.h"
 #include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
 #include "sinkhorn_kernel.h"
@@ -66,68 +65,26 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   });
 }
 
-at::Tensor mhc_v4_call(const at::Tensor& logits, const at::Tensor* grad, int64_t iters,
-                       double eps) {
-  auto call = detail::prepare_mhc_v4(logits, grad, iters, eps);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  sinkhorn::launch_mhc_v4(call.params, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return call.out;
-}
-
-at::Tensor mhc_v4_sinkhorn_cuda(const at::Tensor& logits, int64_t iters, double eps) {
-  return mhc_v4_call(logits, nullptr, iters, eps);
-}
-
-at::Tensor mhc_v4_sinkhorn_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
-                                         int64_t iters, double eps) {
-  return mhc_v4_call(logits, &grad, iters, eps);
-}
-
-detail::MixCall mix_cuda(bool post, const at::Tensor& x, const at::Tensor& y,
-                         const at::Tensor& h_pre, const at::Tensor& h_post,
-                         const at::Tensor& h_res, const at::Tensor& grad) {
-  auto call = detail::prepare_mhc_mix(post, x, y, h_pre, h_post, h_res, grad);
-  const c10::cuda::CUDAGuard guard(x.device());
-  sinkhorn::launch_mhc_mix(call.params, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return call;
-}
-
-at::Tensor mhc_pre_mix_cuda(const at::Tensor& x, const at::Tensor& h_pre) {
-  return mix_cuda(false, x, {}, h_pre, {}, {}, {}).out;
-}
-
-std::tuple<at::Tensor, at::Tensor> mhc_pre_mix_backward_cuda(const at::Tensor& grad,
-                                                             const at::Tensor& x,
-                                                             const at::Tensor& h_pre) {
-  auto c = mix_cuda(false, x, {}, h_pre, {}, {}, grad);
-  return {c.out, c.grad_h_pre};
-}
-
-at::Tensor mhc_post_mix_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
-                             const at::Tensor& h_res) {
-  return mix_cuda(true, x, y, {}, h_post, h_res, {}).out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
-    const at::Tensor& h_res) {
-  auto c = mix_cuda(true, x, y, {}, h_post, h_res, grad);
-  return {c.out, c.grad_y, c.grad_h_post, c.grad_h_res};
-}
+// The mHC operators' kernels (detail::register_mhc_ops), on the inputs' device and stream.
+struct Cuda {
+  static void run(const detail::V4Call& call) {
+    const c10::cuda::CUDAGuard guard(call.logits.device());
+    sinkhorn::launch_mhc_v4(call.params, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  static void run(const detail::MixCall& call) {
+    const c10::cuda::CUDAGuard guard(call.x.device());
+    sinkhorn::launch_mhc_mix(call.params, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("sinkhorn_backward_unrolled", &sinkhorn_backward_unrolled_cuda);
-  m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_cuda);
-  m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_cuda);
-  m.impl("mhc_pre_mix", &mhc_pre_mix_cuda);
-  m.impl("mhc_pre_mix_backward", &mhc_pre_mix_backward_cuda);
-  m.impl("mhc_post_mix", &mhc_post_mix_cuda);
-  m.impl("mhc_post_mix_backward", &mhc_post_mix_backward_cuda);
+  detail::register_mhc_ops<Cuda>(m);
 }
 
 }  // namespace cuda
