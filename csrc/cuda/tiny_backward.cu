@@ -6,16 +6,13 @@
 #include <cstdint>
 
 #include "../env_flag.h"
-#include "../tiny_problem.h"
-#include "kernel_common.cuh"
+#include "tiny_common.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
 namespace {
 
 using namespace dev;
-
-constexpr int kTinyThreads = 128;
 
 template <int NMAX, typename scalar_t>
 __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdParams p) {
@@ -26,19 +23,15 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdPa
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kTinyThreads + threadIdx.x; b < p.B;
        b += stride) {
     Problem q;
-    q.reset(n, m);
+    load_tiny<scalar_t>(p, b, q);
     acc_t ds[NMAX * NMAX], uf[NMAX], ug[NMAX], dla[NMAX], dlb[NMAX];
     acc_t hist[Problem::kMaxBackwardSteps * NMAX];
-    const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * n * m;
     const scalar_t* G = static_cast<const scalar_t*>(p.grad_plan) + b * n * m;
     SK_UNROLL
     for (int i = 0; i < NMAX; ++i)
       SK_UNROLL
-      for (int j = 0; j < NMAX; ++j) {
-        const bool in = i < n && j < m;
-        if (in) q.s[i * NMAX + j] = to_acc(S[i * m + j]);
-        ds[i * NMAX + j] = in ? to_acc(G[i * m + j]) : acc_t(0);
-      }
+      for (int j = 0; j < NMAX; ++j)
+        ds[i * NMAX + j] = i < n && j < m ? to_acc(G[i * m + j]) : acc_t(0);
     const acc_t* gf = static_cast<const acc_t*>(p.grad_f);
     const acc_t* gg = static_cast<const acc_t*>(p.grad_g);
     SK_UNROLL
@@ -46,33 +39,13 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdPa
       uf[a] = (gf != nullptr && a < n) ? gf[b * n + a] : acc_t(0);
       ug[a] = (gg != nullptr && a < m) ? gg[b * m + a] : acc_t(0);
     }
-    if (p.log_a != nullptr) {
-      const acc_t* la = static_cast<const acc_t*>(p.log_a) + b * n;
-      const acc_t* lb = static_cast<const acc_t*>(p.log_b) + b * m;
-      SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        if (a < n) q.la[a] = la[a];
-        if (a < m) q.lb[a] = lb[a];
-      }
-    } else {
-      q.default_marginals();
-    }
     int64_t steps = p.steps_used[b];
     steps = steps < 0 ? 0 : (steps > p.max_steps ? p.max_steps : steps);
     q.backward(steps, p.start_row, hist, ds, uf, ug, dla, dlb);
-    scalar_t* dS = static_cast<scalar_t*>(p.grad_scores) + b * n * m;
-    SK_UNROLL
-    for (int i = 0; i < NMAX; ++i)
-      SK_UNROLL
-      for (int j = 0; j < NMAX; ++j)
-        if (i < n && j < m) store(dS + i * m + j, ds[i * NMAX + j]);
-    acc_t* DA = static_cast<acc_t*>(p.grad_log_a) + b * n;
-    acc_t* DB = static_cast<acc_t*>(p.grad_log_b) + b * m;
-    SK_UNROLL
-    for (int a = 0; a < NMAX; ++a) {
-      if (a < n) DA[a] = dla[a];
-      if (a < m) DB[a] = dlb[a];
-    }
+    store_tiny<NMAX>(static_cast<scalar_t*>(p.grad_scores) + b * n * m, n, m,
+                     [&](int i, int j) { return ds[i * NMAX + j]; },
+                     static_cast<acc_t*>(p.grad_log_a) + b * n, dla,
+                     static_cast<acc_t*>(p.grad_log_b) + b * m, dlb);
   }
 }
 

@@ -5,8 +5,7 @@
 #include <cstdint>
 
 #include "../env_flag.h"
-#include "../tiny_problem.h"
-#include "kernel_common.cuh"
+#include "tiny_common.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
@@ -14,7 +13,6 @@ namespace {
 
 using namespace dev;
 
-constexpr int kTinyThreads = 128;
 constexpr int64_t kTinyMaxSide = 8;
 
 template <int NMAX, typename scalar_t>
@@ -25,40 +23,12 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_forward_kernel(const FwdPar
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kTinyThreads + threadIdx.x; b < p.B;
        b += stride) {
     TinyProblem<NMAX, acc_t> q;
-    q.reset(n, m);
-    const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * n * m;
-    // Predicated loops with compile-time bounds keep q in registers.
-    SK_UNROLL
-    for (int i = 0; i < NMAX; ++i)
-      SK_UNROLL
-      for (int j = 0; j < NMAX; ++j)
-        if (i < n && j < m) q.s[i * NMAX + j] = to_acc(S[i * m + j]);
-    if (p.log_a != nullptr) {
-      const acc_t* la = static_cast<const acc_t*>(p.log_a) + b * n;
-      const acc_t* lb = static_cast<const acc_t*>(p.log_b) + b * m;
-      SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        if (a < n) q.la[a] = la[a];
-        if (a < m) q.lb[a] = lb[a];
-      }
-    } else {
-      q.default_marginals();
-    }
+    load_tiny<scalar_t>(p, b, q);
     acc_t error;
     const int64_t used = q.solve(p.steps, p.start_row, p.tol, &error);
-    scalar_t* P = static_cast<scalar_t*>(p.plan) + b * n * m;
-    SK_UNROLL
-    for (int i = 0; i < NMAX; ++i)
-      SK_UNROLL
-      for (int j = 0; j < NMAX; ++j)
-        if (i < n && j < m) store(P + i * m + j, q.plan(i, j));
-    acc_t* F = static_cast<acc_t*>(p.f) + b * n;
-    acc_t* G = static_cast<acc_t*>(p.g) + b * m;
-    SK_UNROLL
-    for (int a = 0; a < NMAX; ++a) {
-      if (a < n) F[a] = q.f[a];
-      if (a < m) G[a] = q.g[a];
-    }
+    store_tiny<NMAX>(static_cast<scalar_t*>(p.plan) + b * n * m, n, m,
+                     [&](int i, int j) { return q.plan(i, j); },
+                     static_cast<acc_t*>(p.f) + b * n, q.f, static_cast<acc_t*>(p.g) + b * m, q.g);
     p.steps_used[b] = used;
     static_cast<acc_t*>(p.error)[b] = error;
   }
