@@ -40,14 +40,16 @@ struct TinyBackward {
     const int64_t n = fwd.rows(), m = fwd.cols(), nm = n * m;
     V s[kTinyMax * kTinyMax], ds[kTinyMax * kTinyMax];
     V lm[2][kTinyMax], pot[2][kTinyMax] = {}, u[2][kTinyMax] = {}, dl[2][kTinyMax] = {};
-    int64_t K[L], kmax = 0;
+    int64_t K[L], kmax = 0, kmin = q.max_steps;
     fwd.load(static_cast<const scalar_t*>(q.scores), b0, count, s);
     fwd.load_marginals(b0, count, s, lm);
     for (int64_t l = 0; l < L; ++l) {
       K[l] = std::min(std::max<int64_t>(q.steps_used[b0 + std::min(l, count - 1)], 0), q.max_steps);
       kmax = std::max(kmax, K[l]);
+      kmin = std::min(kmin, K[l]);
     }
-    auto active = [&](int64_t t) {
+    auto active = [&](int64_t t) {  // every lane for the steps all of them ran
+      if (t < kmin) return splat<V>(1);
       V act = splat<V>(0);
       for (int64_t l = 0; l < L; ++l) act[l] = t < K[l] ? acc_t(1) : acc_t(0);
       return act;
@@ -164,14 +166,9 @@ struct TinyBackward {
       }
       if (exact) {
         fwd.fold(pot, dpot);
-        fwd.lse_pass(ax, s, pot, lse);
+        fwd.lse_pass(ax, s, pot, lse, R);
         for (int64_t i = 0; i < len; ++i) {
-          const auto live = lse[i] > ninf;
-          for (int64_t j = 0; j < other; ++j) {
-            const int64_t k = idx(i, j);
-            R[k] = live ? exp_vec(s[k] + pot[1 - ax][j] - lse[i]) : zero;
-            Kmat[k] = target[ax][i] * R[k];
-          }
+          for (int64_t j = 0; j < other; ++j) Kmat[idx(i, j)] = target[ax][i] * R[idx(i, j)];
           pot[ax][i] = act != zero ? Fwd::potential(lm[ax][i], lse[i]) : pot[ax][i];
         }
         continue;

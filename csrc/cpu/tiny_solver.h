@@ -38,24 +38,31 @@ struct TinySolver {
   }
 
   // lse[i] = LSE over the other axis of S + the other potential (max shift, NaN sticky), for
-  // every row (ax = 0) or column (ax = 1).
-  void lse_pass(int ax, const V* s, const V (*pot)[kTinyMax], V* lse) const {
+  // every row (ax = 0) or column (ax = 1). With R, also the softmax along the axis,
+  // R = exp(S + other potential - lse) (n x m layout; 0 on a row whose max is not finite),
+  // from the same exponentials.
+  void lse_pass(int ax, const V* s, const V (*pot)[kTinyMax], V* lse, V* R = nullptr) const {
     const int64_t m = cols(), len = ax ? cols() : rows(), other = ax ? rows() : cols();
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V pinf = -ninf, zero = splat<V>(0), one = splat<V>(1);
     for (int64_t i = 0; i < len; ++i) {
-      V mx = ninf, sum = zero;
+      V mx = ninf, sum = zero, e[kTinyMax];
       for (int64_t j = 0; j < other; ++j) {
         const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
         mx = (v > mx || v != v) ? v : mx;
       }
       for (int64_t j = 0; j < other; ++j) {
         const V v = s[ax ? j * m + i : i * m + j] + pot[1 - ax][j];
-        sum += v == ninf ? zero : exp_vec(v - mx);
+        e[j] = v == ninf ? zero : exp_vec(v - mx);
+        sum += e[j];
       }
       const auto finite = mx > ninf && mx < pinf;
       const V lg = log_vec(finite ? sum : one);
       lse[i] = finite ? mx + lg : (mx == pinf ? mx - mx : mx);  // +inf score: NaN
+      if (R) {
+        const V inv = finite ? one / sum : zero;  // sum >= 1: the max's own term
+        for (int64_t j = 0; j < other; ++j) R[ax ? j * m + i : i * m + j] = e[j] * inv;
+      }
     }
   }
 
@@ -119,9 +126,10 @@ struct TinySolver {
       }
       if (exact) {
         fold(pot, dpot);
-        lse_pass(ax, s, pot, lse);
-        for (int64_t i = 0; i < len; ++i)
-          got[i] = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
+        lse_pass(ax, s, pot, lse, K);  // K holds the step's softmax R until rebuilt below
+        if (p.tol > 0)
+          for (int64_t i = 0; i < len; ++i)
+            got[i] = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
       }
       if (p.tol > 0 && k >= 1) {
         V err = zero;
@@ -142,11 +150,12 @@ struct TinySolver {
         if (all_done) break;
       }
       if (exact) {
-        for (int64_t i = 0; i < len; ++i)
+        // K = exp(S + f (+) g) with the new potential is target * R (a stopped lane's K is
+        // no longer read).
+        for (int64_t i = 0; i < len; ++i) {
           pot[ax][i] = done != zero ? pot[ax][i] : potential(lm[ax][i], lse[i]);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < m; ++j)
-            K[i * m + j] = exp_vec(s[i * m + j] + pot[0][i] + pot[1][j]);
+          for (int64_t j = 0; j < other; ++j) at(i, j) *= target[ax][i];
+        }
         continue;
       }
       V ratio[kTinyMax];

@@ -120,11 +120,15 @@ inline VecD log_vec(VecD x) {
 
 // Whether any lane of a vector comparison's mask is set. Callers OR the masks of a whole
 // step together and ask once: a horizontal test per row would cost as much as the row's math.
+// The mask is OR-ed as 64-bit words (a lane-by-lane test compiles to a chain of extracts).
 template <typename M>
 inline bool any_lane(M mask) {
-  bool any = false;
-  for (size_t l = 0; l < sizeof(M) / sizeof(mask[0]); ++l) any = any || mask[l] != 0;
-  return any;
+  static_assert(sizeof(M) % sizeof(uint64_t) == 0, "any_lane: mask of whole 64-bit words");
+  uint64_t words[sizeof(M) / sizeof(uint64_t)];
+  std::memcpy(words, &mask, sizeof(M));
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
 }
 
 // The SIMD vector of an accumulation type, its lane count, unaligned loads and stores.
