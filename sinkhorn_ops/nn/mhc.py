@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._rms_projection import rms_projection
 from ..mhc import _GRADS, mhc_branch_input, mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn
 
 __all__ = [
@@ -208,10 +209,10 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         flat = x.reshape(*x.shape[:-2], n * dim).to(acc)
         # RMSNorm(x) φ = (x φ) / rms(x): the scale is applied to the n² + 2n projections rather
-        # than to the nC inputs, so the normalised copy of x is never materialised.
-        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        # than to the nC inputs, so the normalised copy of x is never materialised (nor x², nor
+        # in the backward: rms_projection).
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1).to(acc)
-        pre, post, res = ((flat @ phi) * inv_rms).split([n, n, n * n], dim=-1)
+        pre, post, res = rms_projection(flat, phi, self.norm_eps).split([n, n, n * n], dim=-1)
         pre = self.alpha_pre.to(acc) * pre + self.b_pre.to(acc)
         post = self.alpha_post.to(acc) * post + self.b_post.to(acc)
         res = self.alpha_res.to(acc) * res.unflatten(-1, (n, n)) + self.b_res.to(acc)
