@@ -1,8 +1,9 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
-CUDA forward and unrolled backward kernels, the tiny forward path, the V4 mHC kernel (forward
-and backward, n = 1..8), the mHC stream mixings, both stopping modes, default, masked and explicit
-marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely:
-a sanitizer run should fail on a wrong kernel too, not only on a memory error.
+CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
+(short-wide and tall-narrow), the V4 mHC kernel (forward and backward, n = 1..8), the mHC stream
+mixings, both stopping modes, default, masked and explicit marginals, empty dimensions, every
+dtype. Each case is also compared with the reference, loosely: a sanitizer run should fail on a
+wrong kernel too, not only on a memory error.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
 """
@@ -23,6 +24,10 @@ from sinkhorn_ops.reference import sinkhorn_reference  # noqa: E402
 # 256-thread blocks and the empty dimensions.
 SHAPES = [(8, 4, 4), (130, 4, 4), (5, 7, 3), (2, 33, 65), (2, 70, 100), (1, 200, 300), (2, 0, 5),
           (2, 5, 0)]
+# n * m >= 2^20 takes the large-problem path: short and wide (its row pass in chunks), tall and
+# narrow (several threads a column in its column pass). fp32 in two modes only: under the
+# sanitizers every launch is slow.
+LARGE_SHAPES = [(1, 16, 1 << 16), (1, 1 << 16, 20)]
 # Loose plan tolerances: this script hunts crashes and races; tests/ holds the precise checks.
 PLAN_ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -172,6 +177,8 @@ def cases():
         for shape in SHAPES:
             for mode in chosen:
                 yield (dtype, *shape, *mode)
+    for shape, mode in zip(LARGE_SHAPES, (modes[2], modes[5])):
+        yield (torch.float32, *shape, *mode)
 
 
 def run_v4_case(batch, n, dtype) -> str | None:

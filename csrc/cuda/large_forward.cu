@@ -1,16 +1,19 @@
 // CUDA path of the forward for large problems (n * m >= 2^20, e.g. OT at 2000 x 2000 or 8192 x
 // 8192): the whole GPU works on each step instead of one block per problem. Each step is a few
 // kernels enqueued by the host loop (no host synchronisation; CUDA graphs capture it):
-//   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse)
-//   column step: blocks of a row strip x 256 columns compute partial LSEs over their strip,
-//                a thread per column merges the strips                    (col_partial, col_merge)
+//   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse);
+//                with few rows (short, wide problems) a warp per chunk of a row, the chunks
+//                merged by a thread per row                                      (row_merge)
+//   column step: blocks of a row strip x up to 256 columns compute partial LSEs over their
+//                strip (with fewer columns, several threads per column, merged in shared
+//                memory), a thread per column merges the strips        (col_partial, col_merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
 // A stopped problem's flag makes every later kernel skip it. S is read once per step (twice
 // per iteration); fusing the two halves of an iteration is not done yet. With tol > 0 the
 // launches continue after every problem has stopped (they return at once): deciding to stop
-// the loop would need the host to read the flags. The column LSEs are merged from 256-row
-// strips, so they can differ from the block kernel's (and the backward's replay) by rounding.
+// the loop would need the host to read the flags. The LSEs are merged from strips and chunks,
+// so they can differ from the block kernel's (and the backward's replay) by rounding.
 // Every formula comes from sinkhorn_math.h. Never run on a GPU yet.
 #include <cstdint>
 
@@ -27,71 +30,139 @@ constexpr int kThreads = 256;
 constexpr int kRowWarps = kThreads / 32;  // rows per block of the row pass
 constexpr int64_t kStripRows = 256;       // rows per strip of the column pass
 constexpr int64_t kMinEntries = int64_t(1) << 20;
+// The row pass splits rows into chunks of at least kMinChunk columns until there are about
+// kTargetWarps (row, chunk) warps: enough to fill a GPU (H100: 132 SMs x 64 warps).
+constexpr int64_t kTargetWarps = 8192;
+constexpr int64_t kMinChunk = 1024;
 
-int64_t strips_of(int64_t n) { return (n + kStripRows - 1) / kStripRows; }
+__host__ __device__ inline int64_t strips_of(int64_t n) {
+  return (n + kStripRows - 1) / kStripRows;
+}
+
+// Columns per block of the column pass: the power of two >= m, at most kThreads; the block's
+// kThreads / that threads per column split the strip's rows.
+__host__ __device__ inline int64_t cols_per_block(int64_t m) {
+  int64_t c = 1;
+  while (c < m && c < kThreads) c *= 2;
+  return c;
+}
+
+// Chunks per row of the row pass for B * n rows of m columns (1: a warp per whole row).
+__host__ __device__ inline int64_t row_chunks_of(int64_t rows, int64_t m) {
+  const int64_t want = (kTargetWarps + rows - 1) / rows;
+  const int64_t most = (m + kMinChunk - 1) / kMinChunk;
+  const int64_t chunks = want < most ? want : most;
+  return chunks > 1 ? chunks : 1;
+}
 
 // The workspace, in accumulation-type values: per problem log a (n), log b (m), one LSE per row
-// or column (L = max(n, m)), the column pass's strip partials (strips x m maxima and sums), and
-// three scalars: the stopped flag, the stopping threshold, the count of allowed rows.
+// or column (L = max(n, m)), the column pass's strip partials (strips x m maxima and sums), the
+// row pass's chunk partials (n x chunks maxima and sums, when chunks > 1), and three scalars:
+// the stopped flag, the stopping threshold, the count of allowed rows.
 template <typename acc_t>
 struct Work {
-  acc_t *log_a, *log_b, *lse, *part_max, *part_sum, *done, *threshold, *rows;
-  int64_t L, strips;
+  acc_t *log_a, *log_b, *lse, *part_max, *part_sum, *row_max, *row_sum, *done, *threshold, *rows;
+  int64_t L, strips, chunks, chunk_cols;
 
   __host__ __device__ Work(void* base, const FwdParams& p) {
     acc_t* w = static_cast<acc_t*>(base);
     L = p.n > p.m ? p.n : p.m;
-    strips = (p.n + kStripRows - 1) / kStripRows;
+    strips = strips_of(p.n);
+    chunks = row_chunks_of(p.B * p.n, p.m);
+    chunk_cols = (p.m + chunks - 1) / chunks;
     log_a = w;
     log_b = log_a + p.B * p.n;
     lse = log_b + p.B * p.m;
     part_max = lse + p.B * L;
     part_sum = part_max + p.B * strips * p.m;
-    done = part_sum + p.B * strips * p.m;
+    row_max = part_sum + p.B * strips * p.m;
+    row_sum = row_max + (chunks > 1 ? p.B * p.n * chunks : 0);
+    done = row_sum + (chunks > 1 ? p.B * p.n * chunks : 0);
     threshold = done + p.B;
     rows = threshold + p.B;
   }
   static int64_t values(const FwdParams& p) {
     const int64_t L = p.n > p.m ? p.n : p.m;
-    return p.B * (p.n + p.m + L + 2 * strips_of(p.n) * p.m + 3);
+    const int64_t chunks = row_chunks_of(p.B * p.n, p.m);
+    return p.B * (p.n + p.m + L + 2 * strips_of(p.n) * p.m + (chunks > 1 ? 2 * p.n * chunks : 0) +
+                  3);
   }
 };
 
 // Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
-// per row, into w.lse.
+// per (row, chunk of w.chunk_cols columns): into w.lse when a row is one chunk, else into the
+// chunk partials (row_merge_kernel merges them).
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
                                                           const acc_t* g) {
-  const int64_t rows = p.B * p.n;
+  const int64_t segments = p.B * p.n * w.chunks;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); r < rows;
-       r += warps) {  // warp-uniform: the merge needs every lane
-    const int64_t b = r / p.n, i = r % p.n;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); t < segments;
+       t += warps) {  // warp-uniform: the merge needs every lane
+    const int64_t r = t / w.chunks, c = t % w.chunks, b = r / p.n, i = r % p.n;
     if (w.done[b] != acc_t(0)) continue;
     const scalar_t* row = static_cast<const scalar_t*>(p.scores) + (b * p.n + i) * p.m;
     const acc_t* gb = g ? g + b * p.m : nullptr;
+    const int64_t j0 = c * w.chunk_cols, j1 = j0 + w.chunk_cols < p.m ? j0 + w.chunk_cols : p.m;
     Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t j = lane_id(); j < p.m; j += 32)
+    for (int64_t j = j0 + lane_id(); j < j1; j += 32)
       math::lse_push(s, to_acc(row[j]) + (gb ? gb[j] : acc_t(0)));
-    const acc_t lse = math::lse_value(warp_lse(s));
-    if (lane_id() == 0) w.lse[b * w.L + i] = lse;
+    s = warp_lse(s);
+    if (lane_id() != 0) continue;
+    if (w.chunks == 1) {
+      w.lse[b * w.L + i] = math::lse_value(s);
+    } else {
+      w.row_max[t] = s.max;  // t = (b * n + i) * chunks + c
+      w.row_sum[t] = s.sum;
+    }
+  }
+}
+
+// Merges the chunks of every row into w.lse, a thread per (problem, row).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w) {
+  const int64_t total = p.B * p.n;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < total;
+       r += stride) {
+    const int64_t b = r / p.n, i = r % p.n;
+    if (w.done[b] != acc_t(0)) continue;
+    Lse<acc_t> s = math::lse_empty<acc_t>();
+    for (int64_t c = 0; c < w.chunks; ++c)
+      s = math::lse_merge(s, Lse<acc_t>{w.row_max[r * w.chunks + c], w.row_sum[r * w.chunks + c]});
+    w.lse[b * w.L + i] = math::lse_value(s);
   }
 }
 
 // Column partial LSEs over one strip of rows, LSE_{i in strip}(S_ij + f_i) (f == nullptr: 0):
-// grid (column blocks, strips, problems), a thread per column, reading rows coalesced.
+// grid (column blocks, strips, problems), cols_per_block(m) columns a block. Thread t takes
+// column t % cols and every (kThreads / cols)-th row of the strip from row t / cols, so a warp
+// reads consecutive addresses; the threads of a column merge in shared memory.
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p, Work<acc_t> w,
                                                               const acc_t* f) {
+  __shared__ acc_t smax[kThreads], ssum[kThreads];
   const int64_t b = blockIdx.z, strip = blockIdx.y;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= p.m || w.done[b] != acc_t(0)) return;
+  if (w.done[b] != acc_t(0)) return;  // block-uniform
+  const int64_t cols = cols_per_block(p.m), subs = kThreads / cols;
+  const int64_t c = threadIdx.x % cols, sub = threadIdx.x / cols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * cols + c;
   const int64_t i0 = strip * kStripRows, i1 = i0 + kStripRows < p.n ? i0 + kStripRows : p.n;
   const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * p.n * p.m;
   const acc_t* fb = f ? f + b * p.n : nullptr;
   Lse<acc_t> s = math::lse_empty<acc_t>();
-  for (int64_t i = i0; i < i1; ++i)
-    math::lse_push(s, to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0)));
+  if (j < p.m)
+    for (int64_t i = i0 + sub; i < i1; i += subs)
+      math::lse_push(s, to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0)));
+  if (subs > 1) {  // block-uniform
+    smax[threadIdx.x] = s.max;
+    ssum[threadIdx.x] = s.sum;
+    __syncthreads();
+    if (sub != 0) return;
+    for (int64_t k = 1; k < subs; ++k)
+      s = math::lse_merge(s, Lse<acc_t>{smax[k * cols + c], ssum[k * cols + c]});
+  }
+  if (j >= p.m) return;
   const int64_t k = (b * w.strips + strip) * p.m + j;
   w.part_max[k] = s.max;
   w.part_sum[k] = s.sum;
@@ -211,8 +282,9 @@ template <typename scalar_t>
 void launch_typed(const FwdParams& p, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Work<acc_t> w(p.workspace, p);
-  const unsigned row_grid = blocks_for(p.B * p.n, kRowWarps);
-  const dim3 col_grid(blocks_for(p.m, kThreads), static_cast<unsigned>(w.strips),
+  const unsigned row_grid = blocks_for(p.B * p.n * w.chunks, kRowWarps);
+  const unsigned row_merge_grid = blocks_for(p.B * p.n, kThreads);
+  const dim3 col_grid(blocks_for(p.m, cols_per_block(p.m)), static_cast<unsigned>(w.strips),
                       static_cast<unsigned>(p.B));
   const unsigned merge_grid = blocks_for(p.B * p.m, kThreads);
   const unsigned problems = static_cast<unsigned>(p.B);
@@ -221,6 +293,7 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   auto lse_pass = [&](bool row, const acc_t* pot) {
     if (row) {
       row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot);
+      if (w.chunks > 1) row_merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w);
     } else {
       col_partial_kernel<scalar_t><<<col_grid, kThreads, 0, stream>>>(p, w, pot);
       col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
