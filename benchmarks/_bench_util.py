@@ -121,21 +121,38 @@ def time_ms(fn: Callable[[], object], device: str, policy: dict,
         sync()
     reps = int(policy["budget_s"] / max(first, 1e-9))
     reps = max(policy["min_reps"], min(policy["max_reps"], reps))
-    samples = []
-    for _ in range(reps):
-        _flush_cache(device)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
+    return [call_ms(fn, device) for _ in range(reps)]
+
+
+def call_ms(fn: Callable[[], object], device: str) -> float:
+    """One call of fn in ms, from a cold cache: CUDA events on the GPU, wall time on the CPU."""
+    _flush_cache(device)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def paired_ratio(ours: Callable[[], object], base: Callable[[], object], device: str,
+                 ms: tuple[float, float], rounds: int,
+                 budget_ms: float = 1000.0) -> tuple[float, float, float]:
+    """base time / ours time, the two timed in alternation: each round times a few calls of ours,
+    then of base (each side's median; as many calls as fit budget_ms at the p50s in ms, 1 to 5),
+    so a machine whose speed drifts (a shared host) slows both sides of a round alike. Returns
+    the median, min and max of the rounds' ratios."""
+    reps = [max(1, min(5, int(budget_ms / max(t, 1e-6)))) for t in ms]
+    ratios = []
+    for _ in range(rounds):
+        mine, theirs = (float(np.median([call_ms(fn, device) for _ in range(k)]))
+                        for fn, k in zip((ours, base), reps))
+        ratios.append(theirs / mine)
+    return float(np.median(ratios)), min(ratios), max(ratios)
 
 
 def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
