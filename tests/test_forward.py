@@ -419,14 +419,14 @@ def test_cuda_block_kernels_with_and_without_shared_memory_staging(smem):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,m,given,tol", [(1024, 1024, False, 0.0), (1100, 1000, True, 1e-5),
-                                           (16, 1 << 16, False, 0.0), (1 << 16, 20, True, 1e-5)])
+                                           (16, 65537, False, 0.0), (1 << 16, 20, True, 1e-5)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cuda_large_path_matches_the_cpu_operator(n, m, given, tol, dtype):
     """n * m >= 2^20 takes the CUDA large-problem paths (a few whole-GPU kernels per step, the
     backward composed of ATen ops): masks (an empty row and column), given marginals,
     per-problem early stopping, against the CPU operator in float64. The short, wide shape takes
-    the row pass in chunks; the tall, narrow one the column pass with several threads a
-    column."""
+    the row pass in chunks (65 of 1009 columns, the last one shorter); the tall, narrow one the
+    column pass with several threads a column."""
     g = torch.Generator().manual_seed(n + m)
     S = torch.randn(2, n, m, generator=g, dtype=torch.float64) * 2
     S[0, 3, :] = float("-inf")

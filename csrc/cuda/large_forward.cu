@@ -49,6 +49,7 @@ __host__ __device__ inline int64_t cols_per_block(int64_t m) {
 
 // Chunks per row of the row pass for B * n rows of m columns (1: a warp per whole row).
 __host__ __device__ inline int64_t row_chunks_of(int64_t rows, int64_t m) {
+  if (rows <= 0) return 1;  // no problem (B = 0) or no row: nothing to split
   const int64_t want = (kTargetWarps + rows - 1) / rows;
   const int64_t most = (m + kMinChunk - 1) / kMinChunk;
   const int64_t chunks = want < most ? want : most;
