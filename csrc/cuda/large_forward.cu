@@ -3,10 +3,10 @@
 // kernels enqueued by the host loop (no host synchronisation; CUDA graphs capture it):
 //   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse);
 //                with few rows (short, wide problems) a warp per chunk of a row, the chunks
-//                merged by a thread per row                                      (row_merge)
+//                merged by a thread per row                                          (merge)
 //   column step: blocks of a row strip x up to 256 columns compute partial LSEs over their
 //                strip (with fewer columns, several threads per column, merged in shared
-//                memory), a thread per column merges the strips        (col_partial, col_merge)
+//                memory), a thread per column merges the strips            (col_partial, merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
 // A stopped problem's flag makes every later kernel skip it. S is read once per step (twice
@@ -92,7 +92,7 @@ struct Work {
 
 // Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
 // per (row, chunk of w.chunk_cols columns): into w.lse when a row is one chunk, else into the
-// chunk partials (row_merge_kernel merges them).
+// chunk partials (merge_kernel merges them).
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
                                                           const acc_t* g) {
@@ -116,22 +116,6 @@ __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Wo
       w.row_max[t] = s.max;  // t = (b * n + i) * chunks + c
       w.row_sum[t] = s.sum;
     }
-  }
-}
-
-// Merges the chunks of every row into w.lse, a thread per (problem, row).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  const int64_t total = p.B * p.n;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < total;
-       r += stride) {
-    const int64_t b = r / p.n, i = r % p.n;
-    if (w.done[b] != acc_t(0)) continue;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t c = 0; c < w.chunks; ++c)
-      s = math::lse_merge(s, Lse<acc_t>{w.row_max[r * w.chunks + c], w.row_sum[r * w.chunks + c]});
-    w.lse[b * w.L + i] = math::lse_value(s);
   }
 }
 
@@ -169,21 +153,25 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p
   w.part_sum[k] = s.sum;
 }
 
-// Merges the strips of every column into w.lse, a thread per (problem, column).
+// Merges the partial LSEs into w.lse, a thread per (problem, row or column): a row's chunks
+// (row_lse_kernel: consecutive) or a column's strips (col_partial_kernel: m apart).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  const int64_t total = p.B * p.m;
+__global__ void __launch_bounds__(kThreads) merge_kernel(const FwdParams p, Work<acc_t> w,
+                                                        bool row) {
+  const int64_t len = row ? p.n : p.m, parts = row ? w.chunks : w.strips, step = row ? 1 : p.m;
+  const acc_t* mx = row ? w.row_max : w.part_max;
+  const acc_t* sum = row ? w.row_sum : w.part_sum;
+  const int64_t total = p.B * len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
        t += stride) {
-    const int64_t b = t / p.m, j = t % p.m;
+    const int64_t b = t / len, x = t % len;
     if (w.done[b] != acc_t(0)) continue;
+    const int64_t first = row ? t * parts : b * parts * p.m + x;
     Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t strip = 0; strip < w.strips; ++strip) {
-      const int64_t k = (b * w.strips + strip) * p.m + j;
-      s = math::lse_merge(s, Lse<acc_t>{w.part_max[k], w.part_sum[k]});
-    }
-    w.lse[b * w.L + j] = math::lse_value(s);
+    for (int64_t k = 0; k < parts; ++k)
+      s = math::lse_merge(s, Lse<acc_t>{mx[first + k * step], sum[first + k * step]});
+    w.lse[b * w.L + x] = math::lse_value(s);
   }
 }
 
@@ -294,10 +282,10 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   auto lse_pass = [&](bool row, const acc_t* pot) {
     if (row) {
       row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot);
-      if (w.chunks > 1) row_merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w);
+      if (w.chunks > 1) merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w, true);
     } else {
       col_partial_kernel<scalar_t><<<col_grid, kThreads, 0, stream>>>(p, w, pot);
-      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
+      merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, false);
     }
   };
   cudaMemsetAsync(f, 0, sizeof(acc_t) * p.B * p.n, stream);
