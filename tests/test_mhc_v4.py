@@ -159,3 +159,20 @@ def test_compile_fullgraph_dynamic():
         ref, ref_grad = value_and_grad(lambda t: ops.mhc_v4_sinkhorn(t, 20), x, 2 * ops.mhc_v4_sinkhorn(x, 20).detach())
         assert_close(val.detach(), ref.square().sum(), atol=1e-6, rtol=1e-6, name="value")
         assert_close(x.grad, ref_grad, atol=1e-6, rtol=1e-5, name="grad")
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_paper_variant_is_v4_of_the_transpose_without_eps(n, device):
+    """mhc_sinkhorn(H, k) = mhc_v4_sinkhorn(Hᵀ, k, eps → 0)ᵀ: V4's row softmax of Hᵀ is the
+    paper's first column normalisation of exp(H), and each later normalisation of Hᵀ along one
+    axis is the paper's along the other. Two independent kernels (the log-domain operator and
+    the linear-domain V4 one) must agree, values and gradients."""
+    torch.manual_seed(10 + n)
+    x = torch.randn(29, n, n, dtype=torch.float64, device=device) * 2
+    w = torch.randn_like(x)
+    for iters in (1, 3, 20):
+        paper, paper_grad = value_and_grad(lambda t: ops.mhc_sinkhorn(t, iters), x, w)
+        v4, v4_grad = value_and_grad(lambda t: ops.mhc_v4_sinkhorn(t.mT, iters, 1e-300).mT, x, w)
+        assert_close(v4, paper, atol=1e-13, rtol=1e-12, name=f"H n={n} iters={iters}")
+        assert_close(v4_grad, paper_grad, atol=1e-11, rtol=1e-10, name=f"grad n={n} iters={iters}")
