@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Repeat policy: time `budget_s` worth of calls, clamped to [min_reps, max_reps]; a warm-up call
 # slower than `slow_s` is the only sample, so a run stays within minutes on a shared 2-core machine.
-QUICK = dict(budget_s=1.0, min_reps=3, max_reps=20, slow_s=5.0)
-FULL = dict(budget_s=5.0, min_reps=5, max_reps=100, slow_s=30.0)
+# paired_rounds: rounds of paired_ratio for the targets.
+QUICK = dict(budget_s=1.0, min_reps=3, max_reps=20, slow_s=5.0, paired_rounds=3)
+FULL = dict(budget_s=5.0, min_reps=5, max_reps=100, slow_s=30.0, paired_rounds=7)
 
 
 def git_commit() -> str:
@@ -153,6 +154,33 @@ def paired_ratio(ours: Callable[[], object], base: Callable[[], object], device:
                         for fn, k in zip((ours, base), reps))
         ratios.append(theirs / mine)
     return float(np.median(ratios)), min(ratios), max(ratios)
+
+
+# A result row's paired fields (set_paired), and the legend line of the tables that use them.
+PAIRED_FIELDS = dict(paired_speedup=None, paired_min=None, paired_max=None)
+PAIRED_LEGEND = ("- target: judged on the paired ratio, the median over rounds that time ours "
+                 "and the target's baseline in alternation (benchmarks/_bench_util.py "
+                 "paired_ratio; rounds' range in brackets), not on the ×X column, whose p50s "
+                 "come from different minutes of a shared host.")
+
+
+def set_paired(base_row: dict, ours: Callable[[], object], base: Callable[[], object],
+               device: str, ours_ms: float, policy: dict) -> None:
+    """Fills base_row's paired fields: paired_ratio of base against ours, policy's rounds."""
+    base_row.update(zip(("paired_speedup", "paired_min", "paired_max"), paired_ratio(
+        ours, base, device, (ours_ms, base_row["ms_p50"]), policy["paired_rounds"])))
+
+
+def target_cell(base_row: dict, need: float, base: str) -> str:
+    """"≥need× base: met / NOT met / no data", judged on the paired ratio when base_row has one
+    (else its p50 speedup), with the paired median and the rounds' range."""
+    got = base_row.get("paired_speedup") or base_row.get("speedup")
+    verdict = "no data" if got is None else ("met" if got >= need else "NOT met")
+    text = f"≥{need:g}× {base}: {verdict}"
+    if base_row.get("paired_speedup"):
+        text += (f" (paired {base_row['paired_speedup']:.1f}×, rounds "
+                 f"{base_row['paired_min']:.1f}–{base_row['paired_max']:.1f})")
+    return text
 
 
 def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:

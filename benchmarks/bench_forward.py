@@ -169,8 +169,8 @@ def pot_solver(case: Case, s: Setup, k: int, device: str) -> Callable[[], list]:
 def row(case: Case, dtype: torch.dtype, provider: str, **kw) -> dict:
     r = dict(case=case.name, problem=f"{case.batch}x{case.n}x{case.m}", dtype=DTYPE_NAMES[dtype],
              provider=provider, steps=None, ms_p20=None, ms_p50=None, ms_p80=None, reps=None,
-             speedup=None, paired_speedup=None, paired_min=None, paired_max=None, gb_s=None,
-             peak_mb=None, max_abs_diff=None, check=None, compile_s=None, note="")
+             speedup=None, **bu.PAIRED_FIELDS, gb_s=None, peak_mb=None, max_abs_diff=None,
+             check=None, compile_s=None, note="")
     r.update(kw)
     return r
 
@@ -266,9 +266,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str, policy: dict) -> list[
         print(f"[{name}] paired", flush=True)
         mine = lambda: sinkhorn_ops.sinkhorn(s.scores, s.a, s.b, steps=case.steps,  # noqa: E731
                                              start=case.start, tol=case.tol)
-        base.update(zip(("paired_speedup", "paired_min", "paired_max"), bu.paired_ratio(
-            mine, base_fns[base["provider"]], device, (ours["ms_p50"], base["ms_p50"]),
-            rounds=3 if policy is bu.QUICK else 7)))
+        bu.set_paired(base, mine, base_fns[base["provider"]], device, ours["ms_p50"], policy)
     del s, c
     bu.free_memory(device)
     return rows
@@ -310,13 +308,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
             goal = ""
             if case.target:
                 base, need = case.target
-                b = get(base)
-                got = b.get("paired_speedup") or b.get("speedup")
-                verdict = "no data" if got is None else ("met" if got >= need else "NOT met")
-                goal = f"≥{need:g}× {base}: {verdict}"
-                if b.get("paired_speedup"):
-                    goal += (f" (paired {b['paired_speedup']:.1f}×, rounds "
-                             f"{b['paired_min']:.1f}–{b['paired_max']:.1f})")
+                goal = bu.target_cell(get(base), need, base)
             cells.append(goal)
         table.append(cells)
         for p in PROVIDERS:
@@ -328,10 +320,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                 notes.append(f"- {key[0]} {key[1]} {p}: " + "; ".join(text))
     backend = "numpy" if device == "cpu" else "torch (CUDA tensors)"
     return [
-        "- target (CPU): judged on the paired ratio, the median over rounds that time ours and "
-        "the target's baseline in alternation (benchmarks/_bench_util.py paired_ratio; rounds' "
-        "range in brackets), not on the ×X column, whose p50s come from different minutes of a "
-        "shared host.",
+        bu.PAIRED_LEGEND,
         "- Times: ms per call, p50 (p20–p80 for ours). ×X = X ms / ours ms: above 1, ours is "
         "faster. GB/s = (one read of S + one write of P) / ours p50.",
         "- steps: the steps our op ran (with tol, where it stopped). The baselines run exactly "

@@ -43,7 +43,6 @@ PROVIDERS = ("ours", "eager", "compile", "liger")
 CHECK_TOKENS = 32768  # tokens in the float64 check (problems are independent)
 LAYER_TOKENS, LAYER_DIM = 4096, 256
 CPU_TARGET = 20.0  # Sinkhorn: ours ≥ 20× eager on CPU
-PAIRED_ROUNDS = {False: 7, True: 3}  # rounds of the paired ratio: full run, --quick
 GPU_TARGET, GPU_COPY_SHARE = 20.0, 0.8  # ≥ 20× compile and ≥ 80 % of copy bandwidth at 1M
 
 
@@ -129,9 +128,8 @@ def check(logits: torch.Tensor, weight: torch.Tensor, mode: str, variant: str) -
 def srow(variant: str, tokens: int, mode: str, provider: str, **kw) -> dict:
     r = dict(section="sinkhorn", variant=variant, tokens=tokens, problem=f"{tokens}x{N}x{N}", mode=mode,
              provider=provider, iters=ITERS, ms_p20=None, ms_p50=None, ms_p80=None, reps=None,
-             speedup=None, paired_speedup=None, paired_min=None, paired_max=None,
-             gb_s=None, copy_share=None, peak_mb=None, err_fp64=None,
-             err_fp64_eager=None, check=None, compile_s=None, note="")
+             speedup=None, **bu.PAIRED_FIELDS, gb_s=None, copy_share=None, peak_mb=None,
+             err_fp64=None, err_fp64_eager=None, check=None, compile_s=None, note="")
     r.update(kw)
     return r
 
@@ -213,9 +211,8 @@ def run_sinkhorn(variant: str, tokens: int, device: str, policy: dict) -> list[d
             if device == "cpu" else (comp, fn if comp["ms_p50"] else None)
         if base["ms_p50"] and o["ms_p50"]:
             print(f"{name} paired", flush=True)
-            base.update(zip(("paired_speedup", "paired_min", "paired_max"), bu.paired_ratio(
-                functools.partial(step, mine, logits, weight, mode), base_fn, device,
-                (o["ms_p50"], base["ms_p50"]), rounds=PAIRED_ROUNDS[policy is bu.QUICK])))
+            bu.set_paired(base, functools.partial(step, mine, logits, weight, mode), base_fn,
+                          device, o["ms_p50"], policy)
     del logits, weight
     bu.free_memory(device)
     return rows
@@ -320,13 +317,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         o = get("ours")
         base = "eager" if device == "cpu" else "compile"
         need = CPU_TARGET if device == "cpu" else GPU_TARGET
-        b = get(base)
-        got = b.get("paired_speedup") or b.get("speedup")
-        verdict = "no data" if got is None else ("met" if got >= need else "NOT met")
-        goal = f"≥{need:g}× {base}: {verdict}"
-        if b.get("paired_speedup"):
-            goal += (f" (paired {b['paired_speedup']:.1f}×, rounds {b['paired_min']:.1f}–"
-                     f"{b['paired_max']:.1f})")
+        goal = bu.target_cell(get(base), need, base)
         if device == "cuda" and tokens == big:
             share = o.get("copy_share")
             goal += (f"; ≥{GPU_COPY_SHARE:.0%} of copy: " + ("no data" if share is None else
@@ -376,10 +367,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         "importable.",
         "- forward runs under no_grad; forward+backward times H = f(L), (H·W).sum(), "
         "torch.autograd.grad w.r.t. L, for a fixed random W.",
-        "- target: judged on the paired ratio, the median over rounds that time ours and the "
-        "baseline in alternation (benchmarks/_bench_util.py paired_ratio; rounds' range in "
-        "brackets), not on the ×X column, whose p50s come from different minutes of a "
-        "shared host.",
+        bu.PAIRED_LEGEND,
         "- Times: ms per call, p50. ×X = X ms / ours ms: above 1, ours is faster. GB/s = least "
         "traffic / ours p50: read L + write H (forward); also read dH + write dL (backward)."
         + (" share of copy: ours GB/s over a device-to-device copy_ moving the same bytes, "
