@@ -18,6 +18,13 @@
 namespace sinkhorn {
 namespace v4 {
 
+// Largest spread (max - min) of a problem's logits that the linear-domain iterations take with
+// eps = 0 (the mHC paper's Sinkhorn, run as this one on the transpose). Every iterate is
+// D1 exp(x) D2 with lines summing to 1, and the ratio of two divisors of one step is within
+// exp(+-R), so every entry stays >= exp(-2 R) / n: for R = 32 and n <= 8 that is 2e-29, above
+// FLT_MIN, and no sum underflows. A wider or non-finite problem runs the log-domain twin.
+constexpr double kLinearSpread = 32;
+
 // Iterations the fused kernels take at most: the CUDA kernel keeps a thread's divisors in a
 // local array of (2 kMaxIters - 1) x n. DeepSeek-V4 runs 20.
 constexpr int kMaxIters = 32;
@@ -31,7 +38,11 @@ SK_HD int normalisations(int iters) { return 2 * iters - 1; }
 // and over rows when s is odd.
 SK_HD bool over_columns(int s) { return s % 2 == 0; }
 
-// Ops supplies the lane type's element type E, exp and max: scalar functions on the GPU, SIMD
+// Index in a problem stored row-major of entry k of its transpose (the mHC paper's Sinkhorn is
+// this one on the transpose, with eps = 0).
+SK_HD int transposed(int k, int n) { return (k % n) * n + k / n; }
+
+// Ops supplies the lane type's element type E, exp, log and max: scalar functions on the GPU, SIMD
 // vector ones on the CPU. c holds n x n lanes row-major.
 template <int N, typename T, typename Ops>
 struct Problem {
@@ -105,6 +116,96 @@ struct Problem {
       T dot = g[i * N] * y[i * N];
       for (int j = 1; j < N; ++j) dot = dot + g[i * N + j] * y[i * N + j];
       for (int j = 0; j < N; ++j) g[i * N + j] = y[i * N + j] * (g[i * N + j] - dot);
+    }
+  }
+
+  // ---- eps = 0 (the paper's Sinkhorn on the transpose) for logits of any spread ----
+
+  // Per lane: whether the logits are outside what the linear domain takes with eps = 0 (a
+  // non-finite entry, or a spread over kLinearSpread). A bool for a scalar T, a lane mask for
+  // a vector.
+  SK_HD static auto needs_log_domain(const T* x) {
+    T lo = x[0], hi = x[0];
+    auto bad = x[0] - x[0] != static_cast<E>(0);  // inf - inf and NaN - NaN are NaN
+    for (int k = 1; k < N * N; ++k) {
+      lo = x[k] < lo ? x[k] : lo;
+      hi = Ops::max(hi, x[k]);
+      bad = bad | (x[k] - x[k] != static_cast<E>(0));
+    }
+    return bad | (hi - lo > static_cast<E>(kLinearSpread));
+  }
+
+  // The same iterations as forward with eps = 0, in the log domain: z <- z - LSE + log(target)
+  // over each line, z holding log comb. Masked (-inf) entries follow the log-domain operator's
+  // default marginals (MATH.md section 1; here on the transpose): a line with no finite entry
+  // keeps its -inf, columns target 1 and rows (live columns) / (live rows). Returns the row
+  // target; hist, when given, receives normalisation s's shift at hist[s * N + a].
+  SK_HD static T log_iterate(T* z, int iters, T* hist) {
+    const T zero{};
+    const T ninf = zero + math::neg_inf<E>();
+    T live_rows = zero, live_cols = zero;
+    for (int a = 0; a < N; ++a) {
+      T row = z[a * N], col = z[a];
+      for (int b = 1; b < N; ++b) {
+        row = Ops::max(row, z[a * N + b]);
+        col = Ops::max(col, z[b * N + a]);
+      }
+      live_rows = live_rows + (row != ninf ? zero + static_cast<E>(1) : zero);
+      live_cols = live_cols + (col != ninf ? zero + static_cast<E>(1) : zero);
+    }
+    const T row_target = live_rows > zero ? live_cols / live_rows : zero + static_cast<E>(1);
+    const T log_row_target = Ops::log(row_target);
+    T scratch[N];
+    for (int s = -1; s < normalisations(iters); ++s) {  // s = -1: the softmax over rows
+      const bool columns = s >= 0 && over_columns(s);
+      T* shift = s >= 0 && hist ? hist + s * N : scratch;
+      for (int a = 0; a < N; ++a) {
+        T mx = z[columns ? a : a * N];
+        for (int b = 1; b < N; ++b) mx = Ops::max(mx, z[columns ? b * N + a : a * N + b]);
+        // A NaN line is live: its NaN spreads to the whole problem.
+        const T live = mx != ninf ? zero + static_cast<E>(1) : zero;
+        const T base = mx > ninf ? mx : zero;
+        T sum = zero;
+        for (int b = 0; b < N; ++b) sum = sum + Ops::exp(z[columns ? b * N + a : a * N + b] - base);
+        // sum >= 1 on a live line; a dead line shifts by 0 and stays -inf.
+        const T lse = base + Ops::log(live > zero ? sum : zero + static_cast<E>(1));
+        shift[a] = live * (lse - (columns ? zero : log_row_target));
+        for (int b = 0; b < N; ++b) {
+          T& v = z[columns ? b * N + a : a * N + b];
+          v = v - shift[a];
+        }
+      }
+    }
+    return row_target;
+  }
+
+  // c <- forward(c) with eps = 0, computed in the log domain.
+  SK_HD static void log_forward(T* c, int iters) {
+    log_iterate(c, iters, nullptr);
+    for (int k = 0; k < N * N; ++k) c[k] = Ops::exp(c[k]);
+  }
+
+  // backward with eps = 0, computed in the log domain. A step z' = z - LSE(z) + log t over a
+  // line has dL/dz = dL/dz' - exp(z') / t * sum(dL/dz'), and dL/dz = dL/dcomb * comb at the
+  // end; hist as in backward.
+  SK_HD static void log_backward(const T* x, T* g, int iters, T* hist) {
+    T z[N * N];
+    for (int k = 0; k < N * N; ++k) z[k] = x[k];
+    const T inv_row_target = static_cast<E>(1) / log_iterate(z, iters, hist);
+    for (int k = 0; k < N * N; ++k) g[k] = g[k] * Ops::exp(z[k]);
+    for (int s = normalisations(iters) - 1; s >= -1; --s) {
+      const bool columns = s >= 0 && over_columns(s);
+      const T inv_target = columns ? T{} + static_cast<E>(1) : inv_row_target;
+      for (int a = 0; a < N; ++a) {
+        T dot = g[columns ? a : a * N];
+        for (int b = 1; b < N; ++b) dot = dot + g[columns ? b * N + a : a * N + b];
+        dot = dot * inv_target;
+        for (int b = 0; b < N; ++b) {
+          const int k = columns ? b * N + a : a * N + b;
+          g[k] = g[k] - Ops::exp(z[k]) * dot;
+          if (s >= 0) z[k] = z[k] + hist[s * N + a];  // the step's input
+        }
+      }
     }
   }
 };

@@ -50,6 +50,14 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
 // mHC (MATH.md section 4). Forward and backward are separate calls, as for sinkhorn: autograd
 // is registered by the Python package, not by the C++ library.
 
+// The mHC paper's Sinkhorn-Knopp (MATH.md section 1 table) of logits (..., n, n), float32 or
+// float64, n <= 8, 1 <= iters <= 32: iters column and row normalisations of exp(logits), the
+// same as sinkhorn() with steps = 2 iters, start = "col", in one fused kernel.
+at::Tensor mhc_sinkhorn(const at::Tensor& logits, int64_t iters = 20);
+// dL/dlogits given dL/dH_res (the unrolled gradient of the iterations).
+at::Tensor mhc_sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                 int64_t iters = 20);
+
 // DeepSeek-V4's Sinkhorn (MATH.md section 1 table) of logits (..., n, n), float32 or float64,
 // n <= 8, 1 <= iters <= 32, eps > 0: comb, not transposed.
 at::Tensor mhc_v4_sinkhorn(const at::Tensor& logits, int64_t iters = 20, double eps = 1e-6);

@@ -59,6 +59,10 @@ struct V4Params {
   int64_t B = 0, n = 0;
   int iters = 0;                 // 1 <= iters <= v4::kMaxIters
   double eps = 0.0;
+  // The mHC paper's Sinkhorn (column step first, eps = 0): this one on the transpose. Kernels
+  // load and store each problem transposed and run a problem that the linear domain cannot take
+  // (v4::Problem::needs_log_domain) in the log domain.
+  bool paper = false;
   DType dtype = DType::Float32;  // Float32 or Float64
 };
 

@@ -1,6 +1,9 @@
-"""Fake kernels and autograd of the fused DeepSeek-V4 mHC Sinkhorn ops
-(``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn`` and its backward, csrc/mhc_v4_math.h)."""
+"""Fake kernels and autograd of the fused mHC Sinkhorn ops (csrc/mhc_v4_math.h): DeepSeek-V4's
+(``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn``) and the paper's (``mhc_sinkhorn``, the same kernel
+on the transpose with eps = 0), each with its backward."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -12,7 +15,13 @@ MAX_N = 8
 MAX_ITERS = 32
 
 
-def _check(op: str, logits, iters: int, eps: float) -> None:
+def fused(x: torch.Tensor, iters: int) -> bool:
+    """Whether the fused kernels take logits x (fp32/fp64, (..., n, n)) and iters."""
+    return 1 <= x.shape[-1] <= MAX_N and iters <= MAX_ITERS and x.device.type in ("cpu", "cuda")
+
+
+def _check(op: str, logits, iters: int, eps: Optional[float] = None) -> None:
+    """The front door's checks (csrc/ops/mhc_v4.cpp); eps is None for the paper's op."""
     torch._check_type(logits.dtype in (torch.float32, torch.float64),
                       lambda: f"{op}: expected logits of dtype float32 or float64, got {logits.dtype}")
     torch._check_value(logits.dim() >= 2 and logits.shape[-1] == logits.shape[-2],
@@ -21,8 +30,16 @@ def _check(op: str, logits, iters: int, eps: float) -> None:
                        lambda: f"{op}: expected 1 <= n <= {MAX_N}, got n = {logits.shape[-1]}")
     torch._check_value(1 <= iters <= MAX_ITERS,
                        lambda: f"{op}: expected 1 <= iters <= {MAX_ITERS}, got {iters}")
-    torch._check_value(eps > 0 and eps != float("inf"),
-                       lambda: f"{op}: expected a finite eps > 0, got {eps}")
+    if eps is not None:
+        torch._check_value(eps > 0 and eps != float("inf"),
+                           lambda: f"{op}: expected a finite eps > 0, got {eps}")
+
+
+def _check_grad(op: str, grad, logits) -> None:
+    torch._check_type(grad.dtype == logits.dtype, lambda: (
+        f"{op}: expected grad of the logits' dtype {logits.dtype}, got {grad.dtype}"))
+    torch._check_value(grad.shape == logits.shape, lambda: (
+        f"{op}: expected grad of the logits' shape {tuple(logits.shape)}, got {tuple(grad.shape)}"))
 
 
 @torch.library.register_fake("sinkhorn_ops::mhc_v4_sinkhorn")
@@ -34,28 +51,40 @@ def _forward_fake(logits, iters, eps):
 @torch.library.register_fake("sinkhorn_ops::mhc_v4_sinkhorn_backward")
 def _backward_fake(grad, logits, iters, eps):
     _check("mhc_v4_sinkhorn_backward", logits, iters, eps)
-    torch._check_type(grad.dtype == logits.dtype, lambda: (
-        f"mhc_v4_sinkhorn_backward: expected grad of the logits' dtype {logits.dtype}, got {grad.dtype}"))
-    torch._check_value(grad.shape == logits.shape, lambda: (
-        f"mhc_v4_sinkhorn_backward: expected grad of the logits' shape {tuple(logits.shape)}, "
-        f"got {tuple(grad.shape)}"))
+    _check_grad("mhc_v4_sinkhorn_backward", grad, logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sinkhorn_ops::mhc_sinkhorn")
+def _paper_forward_fake(logits, iters):
+    _check("mhc_sinkhorn", logits, iters)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sinkhorn_ops::mhc_sinkhorn_backward")
+def _paper_backward_fake(grad, logits, iters):
+    _check("mhc_sinkhorn_backward", logits, iters)
+    _check_grad("mhc_sinkhorn_backward", grad, logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, iters, eps = inputs
-    ctx.save_for_backward(logits)
-    ctx.options = (iters, eps)
+    ctx.save_for_backward(inputs[0])
+    ctx.options = inputs[1:]  # (iters, eps) or (iters,)
 
 
-def _backward(ctx, grad):
-    (logits,) = ctx.saved_tensors
-    iters, eps = ctx.options
-    return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn_backward.default(grad, logits, iters, eps), \
-        None, None
+def _backward_of(backward_op):
+    """The autograd formula of a fused forward whose backward op takes (grad, logits, *options)
+    and returns dL/dlogits."""
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return (backward_op(grad, logits, *ctx.options),) + (None,) * len(ctx.options)
+    return backward
 
 
-torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn", _backward,
-                                setup_context=_setup_context)
-torch.library.register_autograd("sinkhorn_ops::mhc_v4_sinkhorn_backward",
-                                _no_double_backward("mhc_v4_sinkhorn"), setup_context=_no_context)
+for _name in ("mhc_v4_sinkhorn", "mhc_sinkhorn"):
+    _backward_op = getattr(torch.ops.sinkhorn_ops, f"{_name}_backward").default
+    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _backward_of(_backward_op),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(f"sinkhorn_ops::{_name}_backward",
+                                    _no_double_backward(_name), setup_context=_no_context)

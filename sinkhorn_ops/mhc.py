@@ -32,10 +32,17 @@ def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> 
     """H_res = Sinkhorn-Knopp(H̃_res) of the mHC paper (Xie et al. 2025, eq. 9).
 
     M⁰ = exp(H̃_res), M^t = T_r(T_c(M^{t-1})) for t = 1..iters: a column normalisation, then a
-    row one, ``iters`` times. That is our fused log-domain operator with ``steps = 2 * iters``,
+    row one, ``iters`` times. That is our log-domain operator with ``steps = 2 * iters``,
     ``start="col"`` and the default marginals, which for a square problem are a = b = 1
     (MATH.md section 1, published-variants table). The rows sum to 1 exactly (the last step is a
     row step); the columns to 1 up to the convergence error after ``iters`` iterations.
+
+    With ``grad="unrolled"``, n <= 8 and iters <= 32 on CPU and CUDA it runs one fused kernel
+    for all problems (``torch.ops.sinkhorn_ops.mhc_sinkhorn``), and its backward another: the
+    iterations in the linear domain (the DeepSeek-V4 kernel on the transpose, with eps = 0),
+    and, for a problem whose logits span more than 32 or are not finite, where the linear
+    domain could underflow, the same iterations in the log domain, with the operator's
+    semantics for -inf entries. Elsewhere it runs the operator.
 
     Args:
         logits: (..., n, n) H̃_res, any floating dtype; cast to fp32 before the Sinkhorn (fp64
@@ -51,8 +58,10 @@ def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> 
     _check_logits("mhc_sinkhorn", logits, iters)
     if grad not in _GRADS:
         raise ValueError(f"mhc_sinkhorn: expected grad in {_GRADS}, got {grad!r}")
-    return sinkhorn(logits.to(_sinkhorn_dtype(logits.dtype)), steps=2 * iters, start="col",
-                    grad=grad)
+    x = logits.to(_sinkhorn_dtype(logits.dtype))
+    if grad == "unrolled" and _mhc_v4_ops.fused(x, iters):
+        return torch.ops.sinkhorn_ops.mhc_sinkhorn.default(x, iters)
+    return sinkhorn(x, steps=2 * iters, start="col", grad=grad)
 
 
 def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tensor:
@@ -88,8 +97,7 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
         raise ValueError(f"mhc_v4_sinkhorn: expected a finite eps > 0, got {eps!r}")
     x = logits.to(_sinkhorn_dtype(logits.dtype))
-    if (1 <= x.shape[-1] <= _mhc_v4_ops.MAX_N and iters <= _mhc_v4_ops.MAX_ITERS
-            and x.device.type in ("cpu", "cuda")):
+    if _mhc_v4_ops.fused(x, iters):
         return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn.default(x, iters, float(eps))
     return mhc_v4_sinkhorn_loop(x, iters, eps)
 

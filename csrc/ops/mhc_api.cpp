@@ -14,6 +14,18 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 }  // namespace
 
+at::Tensor mhc_sinkhorn(const at::Tensor& logits, int64_t iters) {
+  static auto h = op<at::Tensor(const at::Tensor&, int64_t)>("sinkhorn_ops::mhc_sinkhorn");
+  return h.call(logits, iters);
+}
+
+at::Tensor mhc_sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                 int64_t iters) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>(
+      "sinkhorn_ops::mhc_sinkhorn_backward");
+  return h.call(grad, logits, iters);
+}
+
 at::Tensor mhc_v4_sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
   static auto h =
       op<at::Tensor(const at::Tensor&, int64_t, double)>("sinkhorn_ops::mhc_v4_sinkhorn");

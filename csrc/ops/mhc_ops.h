@@ -1,4 +1,4 @@
-// The mHC operators' bodies (V4 Sinkhorn, stream mixings, their backwards), shared by the CPU
+// The mHC operators' bodies (the two fused Sinkhorns, the stream mixings, their backwards), shared by the CPU
 // and CUDA registrations: the front door's checks, then Device::run(call), which launches the
 // device's kernel on a checked call (a V4Call or a MixCall), then the outputs.
 #pragma once
@@ -24,6 +24,21 @@ template <typename Device>
 at::Tensor mhc_v4_sinkhorn_backward_op(const at::Tensor& grad, const at::Tensor& logits,
                                        int64_t iters, double eps) {
   auto call = prepare_mhc_v4(logits, &grad, iters, eps);
+  Device::run(call);
+  return call.out;
+}
+
+template <typename Device>
+at::Tensor mhc_sinkhorn_op(const at::Tensor& logits, int64_t iters) {
+  auto call = prepare_mhc_v4(logits, nullptr, iters, 0.0, /*paper=*/true);
+  Device::run(call);
+  return call.out;
+}
+
+template <typename Device>
+at::Tensor mhc_sinkhorn_backward_op(const at::Tensor& grad, const at::Tensor& logits,
+                                    int64_t iters) {
+  auto call = prepare_mhc_v4(logits, &grad, iters, 0.0, /*paper=*/true);
   Device::run(call);
   return call.out;
 }
@@ -61,9 +76,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward
   return {call.out, call.grad_y, call.grad_h_post, call.grad_h_res};
 }
 
-// Registers the six operators for one dispatch key with Device's kernels.
+// Registers the eight operators for one dispatch key with Device's kernels.
 template <typename Device>
 void register_mhc_ops(torch::Library& m) {
+  m.impl("mhc_sinkhorn", &mhc_sinkhorn_op<Device>);
+  m.impl("mhc_sinkhorn_backward", &mhc_sinkhorn_backward_op<Device>);
   m.impl("mhc_v4_sinkhorn", &mhc_v4_sinkhorn_op<Device>);
   m.impl("mhc_v4_sinkhorn_backward", &mhc_v4_sinkhorn_backward_op<Device>);
   m.impl("mhc_pre_mix", &mhc_pre_mix_op<Device>);

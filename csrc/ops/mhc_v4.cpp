@@ -1,4 +1,4 @@
-// Front door of the DeepSeek-V4 mHC Sinkhorn operators.
+// Front door of the fused mHC Sinkhorn operators (DeepSeek-V4's and the paper's).
 #include "mhc_v4.h"
 
 #include <cmath>
@@ -9,8 +9,9 @@ namespace sinkhorn_ops {
 namespace detail {
 
 V4Call prepare_mhc_v4(const at::Tensor& logits, const at::Tensor* grad, int64_t iters,
-                      double eps) {
-  const char* op = grad ? "mhc_v4_sinkhorn_backward" : "mhc_v4_sinkhorn";
+                      double eps, bool paper) {
+  const char* op = paper ? (grad ? "mhc_sinkhorn_backward" : "mhc_sinkhorn")
+                         : (grad ? "mhc_v4_sinkhorn_backward" : "mhc_v4_sinkhorn");
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
                    op, ": expected logits of dtype float32 or float64 (mHC runs its Sinkhorn in "
                    "fp32), got ", logits.scalar_type());
@@ -21,7 +22,8 @@ V4Call prepare_mhc_v4(const at::Tensor& logits, const at::Tensor* grad, int64_t 
                     sinkhorn::v4::kMaxN, " (the fused kernel's largest n), got n = ", n);
   TORCH_CHECK_VALUE(iters >= 1 && iters <= sinkhorn::v4::kMaxIters, op,
                     ": expected 1 <= iters <= ", sinkhorn::v4::kMaxIters, ", got ", iters);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": expected a finite eps > 0, got ", eps);
+  TORCH_CHECK_VALUE(paper || (std::isfinite(eps) && eps > 0), op,
+                    ": expected a finite eps > 0, got ", eps);
   V4Call c;
   c.logits = logits.contiguous();
   if (grad) {
@@ -44,7 +46,8 @@ V4Call prepare_mhc_v4(const at::Tensor& logits, const at::Tensor* grad, int64_t 
   p.n = n;
   p.B = n == 0 ? 0 : logits.numel() / (n * n);
   p.iters = static_cast<int>(iters);
-  p.eps = eps;
+  p.eps = paper ? 0.0 : eps;
+  p.paper = paper;
   p.dtype = logits.scalar_type() == at::kDouble ? sinkhorn::DType::Float64
                                                  : sinkhorn::DType::Float32;
   return c;

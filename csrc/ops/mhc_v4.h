@@ -1,4 +1,4 @@
-// Front door of the DeepSeek-V4 mHC Sinkhorn operators (mhc_v4_sinkhorn and its backward):
+// Front door of the fused mHC Sinkhorn operators (mhc_v4_sinkhorn, mhc_sinkhorn, their backwards):
 // the checks every device shares and the plain params handed to a kernel.
 #pragma once
 
@@ -17,9 +17,10 @@ struct V4Call {
 };
 
 // Checks the arguments of the forward (grad == nullptr) or of the backward and raises
-// ValueError/TypeError naming the op, the argument, what was expected and what came.
+// ValueError/TypeError naming the op, the argument, what was expected and what came. paper:
+// the mHC paper's Sinkhorn (mhc_sinkhorn, V4Params::paper), which ignores eps.
 V4Call prepare_mhc_v4(const at::Tensor& logits, const at::Tensor* grad, int64_t iters,
-                      double eps);
+                      double eps, bool paper = false);
 
 }  // namespace detail
 }  // namespace sinkhorn_ops

@@ -66,6 +66,12 @@ TORCH_LIBRARY(sinkhorn_ops, m) {
       "Tensor plan, str solver, float cg_tol, int cg_max_iter) -> "
       "(Tensor grad_scores, Tensor grad_a, Tensor grad_b)",
       {at::Tag::pt2_compliant_tag});
+  // The mHC paper's Sinkhorn (MATH.md section 1 table; column step first, iters column and row
+  // steps) and its unrolled backward, fused for n <= 8: DeepSeek-V4's kernel on the transpose
+  // with eps = 0, in the log domain for the problems the linear domain cannot take.
+  m.def("mhc_sinkhorn(Tensor logits, int iters) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_sinkhorn_backward(Tensor grad, Tensor logits, int iters) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // DeepSeek-V4's linear-domain mHC Sinkhorn (MATH.md section 1 table) and its unrolled
   // backward (mhc_v4_math.h).
   m.def("mhc_v4_sinkhorn(Tensor logits, int iters, float eps) -> Tensor",

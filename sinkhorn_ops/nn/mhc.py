@@ -63,8 +63,9 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         H_post = 2σ(α_post · x' φ_post + b_post)      (1 x n)
         H_res  = Sinkhorn-Knopp(α_res · mat(x' φ_res) + b_res)   (n x n)
 
-    The Sinkhorn is :func:`sinkhorn_ops.mhc_sinkhorn`: 20 iterations, column then row, on our
-    fused operator (steps = 40, start = "col", a = b = 1). All mappings are computed in fp32
+    The Sinkhorn is :func:`sinkhorn_ops.mhc_sinkhorn`: 20 iterations, column then row (steps =
+    40, start = "col", a = b = 1), one fused kernel for all tokens and another for the backward
+    (n <= 8, iters <= 32, the unrolled gradient). All mappings are computed in fp32
     (fp64 for fp64 streams) whatever the activation dtype; the stream mixings are fused kernels
     (n <= 8) that accumulate in fp32 and write the streams' dtype.
 
