@@ -81,16 +81,17 @@ SK_HD T lse_value(Lse<T> s) {
 
 // New potential after a step: log(marginal) - LSE. An all -inf LSE (a row or column with no
 // allowed entry) gives potential 0: the row stays zero, and no -inf + inf = NaN appears later.
+// A NaN LSE (a NaN or +inf score) gives NaN, which then spreads over its problem only.
 template <typename T>
 SK_HD T potential(T log_marginal, T lse) {
-  return (lse > neg_inf<T>()) ? log_marginal - lse : T(0);
+  return (lse == neg_inf<T>()) ? T(0) : log_marginal - lse;
 }
 
 // The mass the current potentials give a row or column, exp(LSE + old potential), and its
 // L1 distance to the target marginal, the stopping criterion of MATH.md section 1.
 template <typename T>
 SK_HD T marginal_error(T log_marginal, T lse, T old_potential) {
-  const T mass = (lse > neg_inf<T>()) ? exp_(lse + old_potential) : T(0);
+  const T mass = (lse == neg_inf<T>()) ? T(0) : exp_(lse + old_potential);  // NaN stays NaN
   const T target = (log_marginal > neg_inf<T>()) ? exp_(log_marginal) : T(0);
   const T d = mass - target;
   return d < T(0) ? -d : d;
@@ -101,7 +102,7 @@ SK_HD T marginal_error(T log_marginal, T lse, T old_potential) {
 // empty row or column (lse = -inf) left its potential constant: weight 0, not exp(NaN).
 template <typename T>
 SK_HD T step_weight(T x, T lse) {
-  return (lse > neg_inf<T>()) ? exp_(x - lse) : T(0);
+  return (lse == neg_inf<T>()) ? T(0) : exp_(x - lse);
 }
 
 // Default marginals (MATH.md section 1): a_i = 1 on rows with an allowed entry, and the same

@@ -60,8 +60,9 @@ def sinkhorn(
         return_potentials: also return potentials, steps used and the final error.
         validate: check values that need a host synchronisation (NaN or +inf scores,
             non-positive or non-finite marginals, ``sum(a) != sum(b)``) and raise ValueError.
-            Without it such inputs give a defined result (NaN only in the problems whose
-            scores hold NaN or +inf) and never a crash; keep it off under torch.compile and
+            Without it such inputs give a defined result (NaN over the plan, potentials and
+            gradients of each problem whose scores hold NaN or +inf, and nowhere else) and
+            never a crash; keep it off under torch.compile and
             CUDA graphs.
         grad: the backward (MATH.md section 2). "unrolled" (default) is the exact gradient of
             the steps that were run, what the Sinkformer and mHC references train with: choose

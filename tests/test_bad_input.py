@@ -241,6 +241,23 @@ def test_nan_inf_scores_do_not_leak(device, kind, dtype):
         )
 
 
+@pytest.mark.parametrize("kind", ["nan", "posinf"])
+@pytest.mark.parametrize("shape", [(3, 4, 4), (3, 33, 40), (2, 300, 260)], ids=str)
+@pytest.mark.parametrize("start", ["row", "col"])
+def test_nan_inf_score_makes_its_whole_problem_nan(device, kind, shape, start):
+    """Without validate, a NaN or +inf score gives NaN over its problem's plan and potentials,
+    never a finite plan that looks valid (before, a +inf score gave a plan entry of
+    exp(88) = 1.7e38 in fp32, and a NaN one a single NaN entry)."""
+    for dtype in (torch.float64, torch.float32):
+        S = random_scores(shape, seed=2, dtype=dtype).to(device)
+        S[1, 2, 3] = math.nan if kind == "nan" else math.inf
+        out = run(S, steps=6, start=start)
+        for name in ("plan", "f", "g"):
+            t = getattr(out, name)
+            assert bool(t[1].isnan().all()), f"{dtype} {name} of the spoiled problem: {t[1]}"
+            assert bool(t[0].isfinite().all()), f"{dtype} {name} of a clean problem"
+
+
 @pytest.mark.parametrize(
     "shape", [(0, 4, 5), (2, 0, 5), (2, 4, 0), (0, 0), (3, 0, 0), (2, 0, 3, 4)], ids=str
 )

@@ -54,10 +54,7 @@ struct TinyBackward {
       for (int64_t l = 0; l < L; ++l) act[l] = t < K[l] ? acc_t(1) : acc_t(0);
       return act;
     };
-    bool has_pinf = false;
-    for (int64_t k = 0; k < nm; ++k)
-      for (int64_t l = 0; l < L; ++l) has_pinf = has_pinf || s[k][l] == -sinkhorn::math::neg_inf<acc_t>();
-    const bool use_scaled = scaled && !has_pinf;
+    const bool use_scaled = scaled && !Fwd::has_nonfinite_score(s, nm);
 
     if (use_scaled) {
       replay_scaled(s, lm, kmax, active, pot, hist);

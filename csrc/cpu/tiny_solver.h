@@ -66,10 +66,18 @@ struct TinySolver {
     }
   }
 
+  // Whether any lane of a group's scores holds +inf or NaN (-inf is a mask).
+  static bool has_nonfinite_score(const V* s, int64_t nm) {
+    const V pinf = -splat<V>(sinkhorn::math::neg_inf<acc_t>());
+    auto bad = pinf < pinf;  // no lane
+    for (int64_t k = 0; k < nm; ++k) bad = bad | !(s[k] < pinf);
+    return any_lane(bad);
+  }
+
   // math::potential, lane by lane.
   static V potential(V log_marginal, V lse) {
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
-    return lse > ninf ? log_marginal - lse : splat<V>(0);
+    return lse == ninf ? splat<V>(0) : log_marginal - lse;
   }
 
   // Solves problems [b0, b0 + count), count <= L.
@@ -100,20 +108,19 @@ struct TinySolver {
     // product (Pending): a multiplication per row instead of an exp per entry, the same iterate
     // as the log-domain step. Step 0, every
     // kRefreshEvery-th step, any step where an allowed sum falls below floor_mass (where the
-    // linear form would lose mass to underflow), and groups with a +inf score take the exact
-    // log-domain step instead and rebuild K from the potentials.
+    // linear form would lose mass to underflow), and groups with a +inf or NaN score (whose
+    // NaN potentials must spread over their problem) take the exact log-domain step instead
+    // and rebuild K from the potentials.
     V K[kTinyMax * kTinyMax];
     Pending dpot;  // the potentials' increments since the last exact step
-    bool has_pinf = false;
-    for (int64_t k = 0; k < nm; ++k)
-      for (int64_t l = 0; l < L; ++l) has_pinf = has_pinf || s[k][l] == -ninf[0];
+    const bool nonfinite = has_nonfinite_score(s, nm);
     const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
     for (int64_t k = 0; k < p.steps; ++k) {
       const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
       const int64_t len = ax ? m : n, other = ax ? n : m;
       auto at = [&](int64_t i, int64_t j) -> V& { return K[ax ? j * m + i : i * m + j]; };
       V got[kTinyMax];  // the marginal under the current potentials, along this step's axis
-      bool exact = k == 0 || has_pinf || k % kRefreshEvery == 0;
+      bool exact = k == 0 || nonfinite || k % kRefreshEvery == 0;
       if (!exact) {
         auto low = zero < zero;  // no lane
         for (int64_t i = 0; i < len; ++i) {

@@ -40,9 +40,9 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
     la = at::where(alive_r, zero, masked);
     lb = at::where(alive_c & (rows > 0), at::log(rows / cols.clamp_min(1)), masked);
   }
-  // math::potential: log(marginal) - LSE, and 0 for an empty line.
+  // math::potential: log(marginal) - LSE, 0 for an empty line, NaN for a NaN LSE.
   auto potential = [&](const at::Tensor& lm, const at::Tensor& lse) {
-    return at::where(lse > ninf, lm - lse, zero);
+    return at::where(lse == ninf, zero, lm - lse);
   };
   const int64_t K = f.steps;
   const auto used = p.steps_used.clamp(0, K).unsqueeze(-1);  // (B, 1)
