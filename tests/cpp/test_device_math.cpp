@@ -1,7 +1,8 @@
 // The per-problem math of the CUDA fast paths, run on the host: TinyProblem (tiny_problem.h, the
 // CUDA tiny forward's and backward's thread-per-problem solver) against the CPU operator, and the V4 mHC
 // Sinkhorn (mhc_v4_math.h, a CUDA thread per problem) against the literal formula in ATen and
-// finite differences. Without a GPU this is what checks those kernels' arithmetic; their
+// finite differences, and the paper's Sinkhorn on the same header (linear and log domain)
+// against the CPU operator. Without a GPU this is what checks those kernels' arithmetic; their
 // indexing and launches are checked only where a GPU runs the Python suite.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "mhc_v4_math.h"
@@ -156,15 +158,18 @@ TEST(TinyProblem, BackwardMatchesTheCpuOperator) {
   check_backward_against_operator<8>({5, 7, 33, true, false, true, 1e-6});
 }
 
+// The scalar functions a CUDA thread gives mhc_v4_math.h (mhc_v4.cu's DeviceOps), on the host.
+template <typename T>
 struct HostOps {
-  using E = double;
-  static double exp(double x) { return std::exp(x); }
-  static double max(double a, double b) { return a > b ? a : b; }
+  using E = T;
+  static T exp(T x) { return std::exp(x); }
+  static T log(T x) { return std::log(x); }
+  static T max(T a, T b) { return a > b ? a : b; }
 };
 
 template <int N>
 void check_v4(int iters, double eps) {
-  using Problem = sinkhorn::v4::Problem<N, double, HostOps>;
+  using Problem = sinkhorn::v4::Problem<N, double, HostOps<double>>;
   at::manual_seed(N * 7 + iters);
   const auto x = at::randn({N, N}, at::kDouble) * 3;
   const auto w = at::randn({N, N}, at::kDouble);
@@ -196,6 +201,76 @@ TEST(MhcV4Math, ForwardAndBackwardOnTheHost) {
   check_v4<4>(20, 1e-6);
   check_v4<4>(5, 1e-2);
   check_v4<8>(32, 1e-6);
+}
+
+// The paper's Sinkhorn as a CUDA thread runs it (mhc_v4.cu with V4Params::paper; scalar T, so
+// the domain test is a bool where the CPU has lane masks): the problem transposed, eps = 0, the
+// log-domain twin where needs_log_domain says so; against the log-domain operator on the same
+// values, forward and unrolled gradient. scale spreads the logits; masked adds a -inf entry and
+// a dead row.
+template <int N, typename T>
+void check_paper(double scale, int iters, bool masked, bool want_log) {
+  using Problem = sinkhorn::v4::Problem<N, T, HostOps<T>>;
+  const at::ScalarType st = std::is_same_v<T, float> ? at::kFloat : at::kDouble;
+  at::manual_seed(N * 11 + iters);
+  auto H = (at::randn({1, N, N}, at::kDouble) * scale).to(st).to(at::kDouble);
+  if (masked) {
+    H.index_put_({0, 0, N - 1}, -kInf);
+    H.select(1, 1).fill_(-kInf);
+  }
+  const auto w = at::randn({1, N, N}, at::kDouble);
+  sinkhorn_ops::SinkhornOptions o;
+  o.steps = 2 * iters;
+  o.start = "col";
+  const auto r = sinkhorn_ops::sinkhorn(H, o);
+  const auto want = sinkhorn_ops::sinkhorn_backward(H, o, r, w).scores;
+  T x[N * N], c[N * N], g[N * N];
+  std::vector<T> hist(sinkhorn::v4::normalisations(iters) * N);
+  auto at_t = [](const at::Tensor& t, int k) {  // entry k of the transpose
+    return t.view(-1)[sinkhorn::v4::transposed(k, N)].item<double>();
+  };
+  for (int k = 0; k < N * N; ++k) c[k] = x[k] = static_cast<T>(at_t(H, k));
+  const bool in_log = Problem::needs_log_domain(x);
+  EXPECT_EQ(in_log, want_log) << "n " << N << " scale " << scale;
+  if (in_log) {
+    Problem::log_forward(c, iters);
+  } else {
+    Problem::forward(c, iters, T(0), nullptr);
+  }
+  const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  for (int k = 0; k < N * N; ++k) EXPECT_NEAR(c[k], at_t(r.plan, k), tol) << "n " << N << " " << k;
+  for (int k = 0; k < N * N; ++k) g[k] = static_cast<T>(at_t(w, k));
+  if (in_log) {
+    Problem::log_backward(x, g, iters, hist.data());
+  } else {
+    Problem::backward(x, g, iters, T(0), hist.data());
+  }
+  const double gtol = tol * (1 + want.abs().max().item<double>());
+  for (int k = 0; k < N * N; ++k) EXPECT_NEAR(g[k], at_t(want, k), gtol) << "n " << N << " " << k;
+}
+
+TEST(MhcPaperMath, LinearAndLogDomainOnTheHostAsACudaThread) {
+  check_paper<4, double>(1.0, 20, false, false);
+  check_paper<4, double>(40.0, 20, false, true);
+  check_paper<4, double>(1.0, 20, true, true);
+  check_paper<4, float>(1.0, 20, false, false);
+  check_paper<4, float>(40.0, 20, false, true);
+  check_paper<4, float>(1.0, 20, true, true);
+  check_paper<2, double>(100.0, 3, false, true);
+  check_paper<8, float>(1.0, 32, false, false);
+  check_paper<8, double>(1.0, 7, true, true);
+}
+
+TEST(MhcPaperMath, NonFiniteLogitsGiveNaNOverTheProblem) {
+  using Problem = sinkhorn::v4::Problem<4, float, HostOps<float>>;
+  for (float bad : {std::nanf(""), static_cast<float>(kInf)}) {
+    float c[16];
+    for (int k = 0; k < 16; ++k) c[k] = 0.1f * static_cast<float>(k % 5);
+    c[6] = bad;
+    EXPECT_TRUE(Problem::needs_log_domain(c));
+    Problem::log_forward(c, 20);
+    for (int k = 0; k < 16; ++k) EXPECT_TRUE(std::isnan(c[k])) << bad << " entry " << k;
+  }
 }
 
 }  // namespace
