@@ -143,12 +143,14 @@ struct Problem {
   SK_HD static T log_iterate(T* z, int iters, T* hist) {
     const T zero{};
     const T ninf = zero + math::neg_inf<E>();
+    // A NaN-sticky max: a NaN among masked entries must keep its line live.
+    auto nan_max = [](T m, T v) { return (v > m || v != v) ? v : m; };
     T live_rows = zero, live_cols = zero;
     for (int a = 0; a < N; ++a) {
       T row = z[a * N], col = z[a];
       for (int b = 1; b < N; ++b) {
-        row = Ops::max(row, z[a * N + b]);
-        col = Ops::max(col, z[b * N + a]);
+        row = nan_max(row, z[a * N + b]);
+        col = nan_max(col, z[b * N + a]);
       }
       live_rows = live_rows + (row != ninf ? zero + static_cast<E>(1) : zero);
       live_cols = live_cols + (col != ninf ? zero + static_cast<E>(1) : zero);
@@ -161,7 +163,7 @@ struct Problem {
       T* shift = s >= 0 && hist ? hist + s * N : scratch;
       for (int a = 0; a < N; ++a) {
         T mx = z[columns ? a : a * N];
-        for (int b = 1; b < N; ++b) mx = Ops::max(mx, z[columns ? b * N + a : a * N + b]);
+        for (int b = 1; b < N; ++b) mx = nan_max(mx, z[columns ? b * N + a : a * N + b]);
         // A NaN line is live: its NaN spreads to the whole problem.
         const T live = mx != ninf ? zero + static_cast<E>(1) : zero;
         const T base = mx > ninf ? mx : zero;

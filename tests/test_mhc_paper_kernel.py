@@ -145,6 +145,17 @@ def test_masked_and_non_finite_logits_follow_the_operator(device):
     out = fused(y)
     assert out[1].isnan().all() and out[2].isnan().all()
     assert_close(out[[0, 3]], fused(y[[0, 3]]), atol=0, name="untouched problems")
+    # A NaN or +inf alone in a masked row and column still spreads over its problem, at every
+    # position (the NaN must not be lost in a line max).
+    for bad in (float("nan"), INF):
+        z = torch.randn(16, 4, 4, dtype=torch.float64, device=device)
+        for p in range(16):
+            i, j = divmod(p, 4)
+            z[p, i, :] = -INF
+            z[p, :, j] = -INF
+            z[p, i, j] = bad
+        assert fused(z).isnan().all() and fused(z.float()).isnan().all(), bad
+        assert operator(z).isnan().all(), bad
 
 
 @pytest.mark.parametrize("device", DEVICES)
