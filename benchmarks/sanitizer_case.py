@@ -1,7 +1,7 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
 CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
-(short-wide and tall-narrow), the V4 mHC kernel (forward and backward, n = 1..8), the mHC stream
-mixings, both stopping modes, default, masked and explicit marginals, empty dimensions, every
+(short-wide and tall-narrow), the V4 and paper mHC Sinkhorn kernels (forward and backward,
+n = 1..8; the paper's on problems in both domains), the mHC stream mixings, both stopping modes, default, masked and explicit marginals, empty dimensions, every
 dtype. Each case is also compared with the reference, loosely: a sanitizer run should fail on a
 wrong kernel too, not only on a memory error.
 
@@ -181,23 +181,35 @@ def cases():
         yield (torch.float32, *shape, *mode)
 
 
-def run_v4_case(batch, n, dtype) -> str | None:
-    """The fused V4 mHC Sinkhorn, forward and backward, against its PyTorch loop in float64."""
+# The fused mHC Sinkhorns: (ours, its reference on CPU, the logits' scale in odd problems).
+# paper: odd problems spread wide enough for the kernel's log-domain twin.
+MHC_KERNELS = {
+    "v4": (sinkhorn_ops.mhc_v4_sinkhorn, sinkhorn_ops.mhc_v4_sinkhorn_loop, 2.0),
+    "paper": (sinkhorn_ops.mhc_sinkhorn,
+              lambda t: sinkhorn_ops.sinkhorn(t, steps=40, start="col"), 40.0),
+}
+
+
+def run_mhc_sinkhorn_case(variant, batch, n, dtype) -> str | None:
+    """A fused mHC Sinkhorn (20 iterations), forward and backward, against its reference in
+    float64 on the CPU."""
+    ours, reference, odd_scale = MHC_KERNELS[variant]
     x = torch.randn(batch, n, n, dtype=torch.float64) * 2
+    x[1::2] *= odd_scale / 2
     w = torch.randn_like(x)
     leaf = x.to(dtype).cuda().requires_grad_(True)
-    out = sinkhorn_ops.mhc_v4_sinkhorn(leaf)
+    out = ours(leaf)
     (grad,) = torch.autograd.grad((out * w.to(dtype).cuda()).sum(), leaf)
     torch.cuda.synchronize()
     ref_leaf = x.clone().requires_grad_(True)
-    ref = sinkhorn_ops.mhc_v4_sinkhorn_loop(ref_leaf)
+    ref = reference(ref_leaf)
     (ref_grad,) = torch.autograd.grad((ref * w).sum(), ref_leaf)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     problems = []
     if (out.double().cpu() - ref).abs().max().item() > tol:
-        problems.append("comb differs from the loop")
+        problems.append("H differs from the reference")
     if (grad.double().cpu() - ref_grad).abs().max().item() > tol * max(1.0, ref_grad.abs().max().item()):
-        problems.append("gradient differs from the loop")
+        problems.append("gradient differs from the reference")
     return "; ".join(problems) or None
 
 
@@ -236,12 +248,13 @@ def main() -> int:
                 name = f"mix {str(dtype)[6:]} 37x{n}x{c}"
                 print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
                 failures += problem is not None
-    for dtype in (torch.float32, torch.float64):
-        for n in range(1, 9):
-            problem = run_v4_case(130, n, dtype)
-            name = f"v4 {str(dtype)[6:]} 130x{n}x{n}"
-            print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
-            failures += problem is not None
+    for variant in MHC_KERNELS:
+        for dtype in (torch.float32, torch.float64):
+            for n in range(1, 9):
+                problem = run_mhc_sinkhorn_case(variant, 130, n, dtype)
+                name = f"{variant} {str(dtype)[6:]} 130x{n}x{n}"
+                print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+                failures += problem is not None
     for dtype, batch, n, m, marginals, tol, start in cases():
         problem = run_case(batch, n, m, dtype, marginals, tol, start, gen)
         name = f"{str(dtype)[6:]} {batch}x{n}x{m} {marginals} tol={tol} start={start}"
