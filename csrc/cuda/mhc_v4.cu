@@ -1,7 +1,7 @@
 // CUDA kernel of the DeepSeek-V4 mHC Sinkhorn and of the paper's (V4 on the transpose with
-// eps = 0), forward and backward: a thread per problem, the
-// n x n problem in registers, the per-problem math of mhc_v4_math.h (the CPU kernel runs the
-// same functions on SIMD lanes, so the CPU tests check this math). One read of the logits (and
+// eps = 0), forward and backward: a thread per problem, the n x n problem in registers, the
+// per-problem math of mhc_v4_math.h (the CPU kernel runs the same functions on SIMD lanes, so
+// the CPU tests check this math). One read of the logits (and
 // of dL/dcomb) and one write per problem; the backward recomputes the forward in the thread and
 // keeps its divisors in a local array of (2 kMaxIters - 1) x n.
 #include <cstdint>

@@ -1,6 +1,6 @@
-// The mHC operators' bodies (the two fused Sinkhorns, the stream mixings, their backwards), shared by the CPU
-// and CUDA registrations: the front door's checks, then Device::run(call), which launches the
-// device's kernel on a checked call (a V4Call or a MixCall), then the outputs.
+// The mHC operators' bodies (the two fused Sinkhorns, the stream mixings, their backwards),
+// shared by the CPU and CUDA registrations: the front door's checks, then Device::run(call),
+// which launches the device's kernel on a checked call (a V4Call or a MixCall), then the outputs.
 #pragma once
 
 #include <torch/library.h>
