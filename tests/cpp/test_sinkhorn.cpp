@@ -69,7 +69,11 @@ TEST(Sinkhorn, OneRowStepIsSoftmax) {
 TEST(Sinkhorn, EarlyStopPerProblemAndColumnStart) {
   for (auto dev : devices()) {
     auto easy = at::zeros({1, 8, 8}, at::dtype(at::kDouble).device(dev));
-    auto hard = at::randn({1, 8, 8}, easy.options()) * 3;
+    // A fixed problem, drawn on the CPU for every device: about 3% of random 8x8 problems at
+    // this scale need more than 500 steps to reach tol (the float64 reference too); this one
+    // takes 77.
+    at::manual_seed(1);
+    auto hard = (at::randn({1, 8, 8}, at::kDouble) * 3).to(dev);
     auto S = at::cat({easy, hard});
     sinkhorn_ops::SinkhornOptions o;
     o.steps = 500;
