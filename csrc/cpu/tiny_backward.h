@@ -111,7 +111,7 @@ struct TinyBackward {
     for (int64_t i = 0; i < len; ++i)
       for (int64_t j = 0; j < other; ++j) {
         const int64_t k = ax ? j * m + i : i * m + j;
-        R[k] = lse[i] > ninf ? exp_vec(s[k] + before[j] - lse[i]) : zero;
+        R[k] = lse[i] == ninf ? zero : exp_vec(s[k] + before[j] - lse[i]);  // math::step_weight
       }
   }
 

@@ -136,7 +136,7 @@ struct TinySolver {
         lse_pass(ax, s, pot, lse, K);  // K holds the step's softmax R until rebuilt below
         if (p.tol > 0)
           for (int64_t i = 0; i < len; ++i)
-            got[i] = lse[i] > ninf ? exp_vec(lse[i] + pot[ax][i]) : zero;
+            got[i] = lse[i] == ninf ? zero : exp_vec(lse[i] + pot[ax][i]);  // math::marginal_error
       }
       if (p.tol > 0 && k >= 1) {
         V err = zero;
