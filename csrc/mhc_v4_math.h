@@ -48,15 +48,18 @@ template <int N, typename T, typename Ops>
 struct Problem {
   using E = typename Ops::E;
 
+  // Index of entry b of line a: of row a, or of column a when columns is set.
+  SK_HD static int entry(bool columns, int a, int b) { return columns ? b * N + a : a * N + b; }
+
   // Divides every column (or row) of c by its sum + eps and writes the divisors to d.
   SK_HD static void normalise(T* c, bool columns, E eps, T* d) {
     for (int a = 0; a < N; ++a) {
-      T sum = c[columns ? a : a * N];
-      for (int b = 1; b < N; ++b) sum = sum + c[columns ? b * N + a : a * N + b];
+      T sum = c[entry(columns, a, 0)];
+      for (int b = 1; b < N; ++b) sum = sum + c[entry(columns, a, b)];
       d[a] = sum + eps;
       const T inv = static_cast<E>(1) / d[a];
       for (int b = 0; b < N; ++b) {
-        T& v = c[columns ? b * N + a : a * N + b];
+        T& v = c[entry(columns, a, b)];
         v = v * inv;
       }
     }
@@ -97,14 +100,14 @@ struct Problem {
       const bool columns = over_columns(s);
       const T* d = hist + s * N;
       for (int a = 0; a < N; ++a) {
-        T dot = g[columns ? a : a * N] * y[columns ? a : a * N];
+        T dot = g[entry(columns, a, 0)] * y[entry(columns, a, 0)];
         for (int b = 1; b < N; ++b) {
-          const int k = columns ? b * N + a : a * N + b;
+          const int k = entry(columns, a, b);
           dot = dot + g[k] * y[k];
         }
         const T inv = static_cast<E>(1) / d[a];
         for (int b = 0; b < N; ++b) {
-          const int k = columns ? b * N + a : a * N + b;
+          const int k = entry(columns, a, b);
           g[k] = (g[k] - dot) * inv;
           y[k] = y[k] * d[a];  // the step's input
         }
@@ -162,18 +165,18 @@ struct Problem {
       const bool columns = s >= 0 && over_columns(s);
       T* shift = s >= 0 && hist ? hist + s * N : scratch;
       for (int a = 0; a < N; ++a) {
-        T mx = z[columns ? a : a * N];
-        for (int b = 1; b < N; ++b) mx = nan_max(mx, z[columns ? b * N + a : a * N + b]);
+        T mx = z[entry(columns, a, 0)];
+        for (int b = 1; b < N; ++b) mx = nan_max(mx, z[entry(columns, a, b)]);
         // A NaN line is live: its NaN spreads to the whole problem.
         const T live = mx != ninf ? zero + static_cast<E>(1) : zero;
         const T base = mx > ninf ? mx : zero;
         T sum = zero;
-        for (int b = 0; b < N; ++b) sum = sum + Ops::exp(z[columns ? b * N + a : a * N + b] - base);
+        for (int b = 0; b < N; ++b) sum = sum + Ops::exp(z[entry(columns, a, b)] - base);
         // sum >= 1 on a live line; a dead line shifts by 0 and stays -inf.
         const T lse = base + Ops::log(live > zero ? sum : zero + static_cast<E>(1));
         shift[a] = live * (lse - (columns ? zero : log_row_target));
         for (int b = 0; b < N; ++b) {
-          T& v = z[columns ? b * N + a : a * N + b];
+          T& v = z[entry(columns, a, b)];
           v = v - shift[a];
         }
       }
@@ -199,11 +202,11 @@ struct Problem {
       const bool columns = s >= 0 && over_columns(s);
       const T inv_target = columns ? T{} + static_cast<E>(1) : inv_row_target;
       for (int a = 0; a < N; ++a) {
-        T dot = g[columns ? a : a * N];
-        for (int b = 1; b < N; ++b) dot = dot + g[columns ? b * N + a : a * N + b];
+        T dot = g[entry(columns, a, 0)];
+        for (int b = 1; b < N; ++b) dot = dot + g[entry(columns, a, b)];
         dot = dot * inv_target;
         for (int b = 0; b < N; ++b) {
-          const int k = columns ? b * N + a : a * N + b;
+          const int k = entry(columns, a, b);
           g[k] = g[k] - Ops::exp(z[k]) * dot;
           if (s >= 0) z[k] = z[k] + hist[s * N + a];  // the step's input
         }
