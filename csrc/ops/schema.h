@@ -1,0 +1,55 @@
+// The operators' schemas, one definition for the library (sinkhorn_op.cpp) and for the
+// emulated CUDA build of the tests (tests/emu), which registers the same operators under its own
+// namespace.
+#pragma once
+
+#include <torch/library.h>
+
+namespace sinkhorn_ops {
+namespace detail {
+
+inline void define_ops(torch::Library& m) {
+  // grad, cg_tol, cg_max_iter choose the backward (MATH.md section 2) and do not change the
+  // forward; they are arguments so that the autograd formula registered in Python sees them.
+  m.def(
+      "sinkhorn(Tensor scores, Tensor? a, Tensor? b, Tensor? mask, int steps, str start, "
+      "float tol, str grad=\"unrolled\", float cg_tol=1e-6, int cg_max_iter=100) -> "
+      "(Tensor plan, Tensor f, Tensor g, Tensor steps, Tensor error)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "sinkhorn_backward_unrolled(Tensor grad_plan, Tensor? grad_f, Tensor? grad_g, "
+      "Tensor scores, Tensor? a, Tensor? b, Tensor? mask, Tensor steps_used, int steps, "
+      "str start) -> (Tensor grad_scores, Tensor grad_a, Tensor grad_b)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "sinkhorn_backward_implicit(Tensor grad_plan, Tensor? grad_f, Tensor? grad_g, "
+      "Tensor plan, str solver, float cg_tol, int cg_max_iter) -> "
+      "(Tensor grad_scores, Tensor grad_a, Tensor grad_b)",
+      {at::Tag::pt2_compliant_tag});
+  // The mHC paper's Sinkhorn (MATH.md section 1 table; column step first, iters column and row
+  // steps) and its unrolled backward, fused for n <= 8: DeepSeek-V4's kernel on the transpose
+  // with eps = 0, in the log domain for the problems the linear domain cannot take.
+  m.def("mhc_sinkhorn(Tensor logits, int iters) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_sinkhorn_backward(Tensor grad, Tensor logits, int iters) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // DeepSeek-V4's linear-domain mHC Sinkhorn (MATH.md section 1 table) and its unrolled
+  // backward (mhc_v4_math.h).
+  m.def("mhc_v4_sinkhorn(Tensor logits, int iters, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_v4_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // mHC's stream mixings (MATH.md section 4, mhc_mix_math.h): the branch input H_pre x and
+  // x_{l+1} = H_res x + H_post^T y, with their backwards.
+  m.def("mhc_pre_mix(Tensor x, Tensor h_pre) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_pre_mix_backward(Tensor grad, Tensor x, Tensor h_pre) -> "
+        "(Tensor grad_x, Tensor grad_h_pre)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_mix(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_mix_backward(Tensor grad, Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> "
+        "(Tensor grad_x, Tensor grad_y, Tensor grad_h_post, Tensor grad_h_res)",
+        {at::Tag::pt2_compliant_tag});
+}
+
+}  // namespace detail
+}  // namespace sinkhorn_ops

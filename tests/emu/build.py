@@ -1,0 +1,127 @@
+"""Builds the emulated CUDA library of the tests: csrc/cuda compiled by the host compiler.
+
+The kernels, their launchers and the ATen glue of csrc/cuda are compiled unchanged except for
+three mechanical rewrites of a copy under build/emu/csrc (the host compiler cannot parse the
+first two):
+
+- ``kernel<<<config>>>(args)`` becomes ``::emu::launch(kernel, ::emu::Config(config))(args)``;
+- ``extern __shared__ T name[];`` becomes a pointer to the block's emulated dynamic shared memory;
+- sinkhorn_cuda.cpp registers its operators for ``sinkhorn_emu`` on the CPU key instead of
+  ``sinkhorn_ops`` on the CUDA key.
+
+tests/emu/include shadows the CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h, CUB's
+BlockReduce, c10/cuda) with the emulation of emu_runtime.h. ``load()`` builds (incrementally) and
+loads the library, after which ``torch.ops.sinkhorn_emu`` holds the same operators as
+``torch.ops.sinkhorn_ops``, computed by the CUDA kernels on CPU tensors.
+"""
+import glob
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EMU = os.path.join(ROOT, "tests", "emu")
+OUT = os.path.join(ROOT, "build", "emu")
+# The dispatcher-level C++ API and the schema registration belong to the real library only.
+SKIPPED_OPS = {"sinkhorn_op.cpp", "mhc_api.cpp"}
+_EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+_REGISTRATION = "TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m)"
+
+
+def _kernel_start(text: str, end: int) -> int:
+    """Start of the kernel expression (a name with optional template arguments) ending at end."""
+    k = end
+    if text[k - 1] == ">":
+        depth = 0
+        while True:
+            k -= 1
+            if text[k] == ">":
+                depth += 1
+            elif text[k] == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+    while k > 0 and (text[k - 1].isalnum() or text[k - 1] in "_:"):
+        k -= 1
+    return k
+
+
+def rewrite_launches(text: str) -> str:
+    out, pos = [], 0
+    while (i := text.find("<<<", pos)) >= 0:
+        j = text.index(">>>", i)
+        end = i
+        while text[end - 1].isspace():
+            end -= 1
+        start = _kernel_start(text, end)
+        if start == end:
+            raise ValueError(f"no kernel name before <<< at offset {i}")
+        out.append(text[pos:start])
+        out.append(f"::emu::launch({text[start:end]}, ::emu::Config({text[i + 3:j]}))")
+        pos = j + 3
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def rewrite(text: str, name: str) -> str:
+    text = _EXTERN_SHARED.sub(
+        r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_shared());", text)
+    text = rewrite_launches(text)
+    if name == "sinkhorn_cuda.cpp":
+        if _REGISTRATION not in text:
+            raise ValueError(f"sinkhorn_cuda.cpp no longer contains {_REGISTRATION}")
+        text = text.replace(_REGISTRATION, "TORCH_LIBRARY_IMPL(sinkhorn_emu, CPU, m)")
+    return text
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return  # keep the timestamp: ninja rebuilds only what changed
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def mirror() -> list:
+    """Writes the rewritten copy of csrc under build/emu/csrc; returns the sources to compile."""
+    sources = []
+    for src in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
+        if os.path.isdir(src):
+            continue
+        rel = os.path.relpath(src, os.path.join(ROOT, "csrc"))
+        with open(src) as f:
+            text = f.read()
+        top = rel.split(os.sep)[0]
+        name = os.path.basename(rel)
+        if top == "cuda":
+            text = rewrite(text, name)
+        dst = os.path.join(OUT, "csrc", rel + (".cpp" if rel.endswith(".cu") else ""))
+        _write_if_changed(dst, text)
+        if (top == "cuda" and dst.endswith(".cpp")) or (
+                top == "ops" and name.endswith(".cpp") and name not in SKIPPED_OPS):
+            sources.append(dst)
+    return sorted(sources) + [os.path.join(EMU, "emu_runtime.cpp"),
+                              os.path.join(EMU, "emu_library.cpp")]
+
+
+def load(verbose: bool = False) -> None:
+    """Builds (incrementally) and loads the library; torch.ops.sinkhorn_emu then has the ops."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    sources = mirror()
+    build_dir = os.path.join(OUT, "obj")
+    os.makedirs(build_dir, exist_ok=True)
+    load_extension(
+        name="sinkhorn_emu",
+        sources=sources,
+        extra_include_paths=[os.path.join(EMU, "include"), os.path.join(OUT, "csrc")],
+        extra_cflags=["-O1", "-Wno-unused-function", "-Wno-unknown-pragmas"],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+if __name__ == "__main__":
+    load(verbose=True)

@@ -1,0 +1,223 @@
+// The fiber scheduler behind emu_runtime.h (see there for what it emulates and checks).
+#include "emu_runtime.h"
+
+#include <ucontext.h>
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+enum class State { Ready, Barrier, Warp, Done };
+
+struct Fiber {
+  ucontext_t context;
+  uint3 tid{0, 0, 0};
+  State state = State::Ready;
+  int kind = 0, arg = 0;
+  unsigned mask = 0;
+  uint64_t in = 0, out = 0;
+};
+
+struct BlockRun {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  uint3 block{0, 0, 0};
+  dim3 block_dim, grid_dim;
+  std::vector<unsigned char> shared;
+  const std::function<void()>* body = nullptr;
+  Fiber* current = nullptr;
+  std::string error;
+};
+
+BlockRun* g_run = nullptr;
+
+std::map<const void*, int>& max_dynamic_shared() {
+  static std::map<const void*, int> limits;
+  return limits;
+}
+
+// Stacks, kept across launches (untouched pages cost nothing).
+char* stack_of(size_t thread) {
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (stacks.size() <= thread) stacks.emplace_back(new char[kStackBytes]);
+  return stacks[thread].get();
+}
+
+BlockRun& run() {
+  if (g_run == nullptr || g_run->current == nullptr)
+    throw std::logic_error("emulated CUDA: a device function was called outside a kernel");
+  return *g_run;
+}
+
+void fiber_main() {
+  BlockRun& r = *g_run;
+  (*r.body)();
+  r.current->state = State::Done;
+  // Returning resumes uc_link, the scheduler.
+}
+
+// Suspends the calling fiber in `state` until the scheduler releases it.
+void suspend(State state) {
+  BlockRun& r = run();
+  Fiber* f = r.current;
+  f->state = state;
+  swapcontext(&f->context, &r.scheduler);
+}
+
+void fail(BlockRun& r, const std::string& what) {
+  throw std::runtime_error("emulated CUDA, block (" + std::to_string(r.block.x) + ", " +
+                           std::to_string(r.block.y) + ", " + std::to_string(r.block.z) +
+                           "): " + what);
+}
+
+// Releases the warp collective of lanes [first, last) if all of them reached it; returns whether
+// it did. A collective that some lanes can never reach is an error.
+bool resolve_warp(BlockRun& r, size_t first, size_t last) {
+  size_t waiting = 0, done = 0;
+  for (size_t t = first; t < last; ++t) {
+    waiting += r.fibers[t].state == State::Warp;
+    done += r.fibers[t].state == State::Done;
+  }
+  if (waiting == 0) return false;
+  if (done > 0) fail(r, "a warp collective with lanes that exited (thread " + std::to_string(first) + "+)");
+  if (waiting < last - first) return false;  // the others wait at a barrier: a deadlock, unless...
+  const Fiber& lead = r.fibers[first];
+  const unsigned want = last - first == 32 ? kFullMask : (1u << (last - first)) - 1u;
+  uint64_t any = 0;
+  for (size_t t = first; t < last; ++t) {
+    const Fiber& f = r.fibers[t];
+    if (f.kind != lead.kind || f.mask != lead.mask)
+      fail(r, "the lanes of a warp are at different collectives (thread " + std::to_string(t) + ")");
+    if (f.mask != want)
+      fail(r, "a warp collective whose mask does not name exactly the warp's threads");
+    any |= f.in;
+  }
+  for (size_t t = first; t < last; ++t) {
+    Fiber& f = r.fibers[t];
+    if (f.kind == 0) {
+      const size_t src = first + ((t - first) ^ static_cast<size_t>(f.arg));
+      f.out = src < last ? r.fibers[src].in : f.in;
+    } else {
+      f.out = any != 0;
+    }
+    f.state = State::Ready;
+  }
+  return true;
+}
+
+void run_block(BlockRun& r) {
+  const size_t threads = size_t(r.block_dim.x) * r.block_dim.y * r.block_dim.z;
+  r.fibers.assign(threads, Fiber{});
+  for (size_t t = 0; t < threads; ++t) {
+    Fiber& f = r.fibers[t];
+    f.tid = {static_cast<unsigned>(t % r.block_dim.x),
+             static_cast<unsigned>((t / r.block_dim.x) % r.block_dim.y),
+             static_cast<unsigned>(t / (size_t(r.block_dim.x) * r.block_dim.y))};
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = stack_of(t);
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &r.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  const char* order = std::getenv("SINKHORN_EMU_ORDER");
+  const bool reverse = order != nullptr && std::string(order) == "reverse";
+  for (;;) {
+    for (size_t k = 0; k < threads; ++k) {
+      Fiber& f = r.fibers[reverse ? threads - 1 - k : k];
+      if (f.state != State::Ready) continue;
+      r.current = &f;
+      swapcontext(&r.scheduler, &f.context);
+      r.current = nullptr;
+    }
+    size_t done = 0, barrier = 0;
+    for (const Fiber& f : r.fibers) {
+      done += f.state == State::Done;
+      barrier += f.state == State::Barrier;
+    }
+    if (done == threads) return;
+    bool progress = false;
+    for (size_t first = 0; first < threads; first += 32)
+      progress |= resolve_warp(r, first, first + 32 < threads ? first + 32 : threads);
+    if (progress) continue;
+    if (barrier + done == threads) {
+      for (Fiber& f : r.fibers)
+        if (f.state == State::Barrier) f.state = State::Ready;
+      continue;
+    }
+    fail(r, "deadlock: threads wait at a warp collective that lanes of their warp reach only "
+            "after a __syncthreads the waiting threads never reach");
+  }
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return run().current->tid; }
+const uint3& block_idx() { return run().block; }
+const dim3& block_dim() { return run().block_dim; }
+const dim3& grid_dim() { return run().grid_dim; }
+unsigned char* dynamic_shared() { return run().shared.data(); }
+
+void syncthreads() { suspend(State::Barrier); }
+
+uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg) {
+  Fiber* f = run().current;
+  f->kind = kind;
+  f->mask = mask;
+  f->in = in;
+  f->arg = arg;
+  suspend(State::Warp);
+  return f->out;
+}
+
+void set_max_dynamic_shared(const void* kernel, int bytes) { max_dynamic_shared()[kernel] = bytes; }
+
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
+              const std::function<void()>& body) {
+  const size_t threads = size_t(block.x) * block.y * block.z;
+  auto bad = [](const std::string& what) {
+    throw std::runtime_error("emulated CUDA launch: " + what + " (cudaErrorInvalidConfiguration)");
+  };
+  if (threads == 0 || threads > 1024) bad("block of " + std::to_string(threads) + " threads");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u ||
+      grid.z > 65535u)
+    bad("grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+        std::to_string(grid.z) + ")");
+  const auto limit = max_dynamic_shared().find(kernel);
+  const size_t allowed = limit == max_dynamic_shared().end()
+                             ? size_t(kDefaultDynamicShared)
+                             : size_t(limit->second > kDefaultDynamicShared ? limit->second
+                                                                            : kDefaultDynamicShared);
+  if (shared > allowed || shared > size_t(kSharedOptin))
+    bad(std::to_string(shared) + " bytes of dynamic shared memory, " + std::to_string(allowed) +
+        " allowed for this kernel");
+  if (g_run != nullptr) throw std::logic_error("emulated CUDA: a launch inside a kernel");
+  BlockRun r;
+  r.block_dim = block;
+  r.grid_dim = grid;
+  r.body = &body;
+  g_run = &r;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          r.block = {x, y, z};
+          r.shared.assign(shared, 0xff);
+          run_block(r);
+        }
+  } catch (...) {
+    g_run = nullptr;
+    throw;
+  }
+  g_run = nullptr;
+}
+
+}  // namespace emu

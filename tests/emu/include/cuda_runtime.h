@@ -1,0 +1,38 @@
+// Emulated CUDA runtime (tests/emu): the types, launch syntax support and the few host calls
+// csrc/cuda uses. Shadows the real header when the kernels are built for emulation.
+#pragma once
+
+#include <cstring>
+
+#include "../emu_runtime.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = ::emu::kMultiprocessors; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = ::emu::kSharedOptin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+// The emulated stream runs everything at once, in order.
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value > ::emu::kSharedOptin)
+    return cudaErrorInvalidValue;
+  ::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
