@@ -315,9 +315,11 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
 
 bool large_forward_applies(const FwdParams& p) {
   static const bool disabled = env_is("SINKHORN_CUDA_FORWARD", "block");
+  static const bool forced = env_is("SINKHORN_CUDA_FORWARD", "large");
   // The column pass puts problems on the grid's z dimension and row strips on y (each at most
   // 65535).
-  return !disabled && p.n * p.m >= kMinEntries && p.B <= 65535 && strips_of(p.n) <= 65535;
+  const bool fits = p.B <= 65535 && strips_of(p.n) <= 65535;
+  return fits && (forced || (!disabled && p.n * p.m >= kMinEntries));
 }
 
 size_t large_forward_workspace_bytes(const FwdParams& p) {

@@ -29,19 +29,21 @@ size_t backward_workspace_bytes(const BwdParams& p);
 void launch_backward(const BwdParams& p, cudaStream_t stream);
 
 // The tiny path of the forward (tiny_forward.cu): n, m <= 8, a thread per problem in registers.
-// Whether p takes it (launch_forward decides with it; SINKHORN_CUDA_FORWARD=block turns the path
-// off, for tests and benchmarks of the block path), and its launch (no workspace).
+// Whether p takes it (launch_forward decides with it; SINKHORN_CUDA_FORWARD=block or =large turns
+// the path off, for tests and benchmarks of the other paths), and its launch (no workspace).
 bool tiny_forward_applies(const FwdParams& p);
 void launch_tiny_forward(const FwdParams& p, cudaStream_t stream);
 
 // The large-problem path of the forward (large_forward.cu): n * m >= 2^20, every step spread
-// over the whole GPU by a few kernels per step. SINKHORN_CUDA_FORWARD=block turns it off.
+// over the whole GPU by a few kernels per step. SINKHORN_CUDA_FORWARD=block turns it off,
+// SINKHORN_CUDA_FORWARD=large forces it at any size (for tests and benchmarks).
 bool large_forward_applies(const FwdParams& p);
 size_t large_forward_workspace_bytes(const FwdParams& p);
 void launch_large_forward(const FwdParams& p, cudaStream_t stream);
 
 // The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 (4 in float64) and
-// max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block turns it off. No workspace.
+// max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block (or =composite, which
+// forces the composite backward at any size) turns it off. No workspace.
 bool tiny_backward_applies(const BwdParams& p);
 void launch_tiny_backward(const BwdParams& p, cudaStream_t stream);
 

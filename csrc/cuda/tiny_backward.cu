@@ -60,7 +60,8 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool tiny_backward_applies(const BwdParams& p) {
-  static const bool disabled = env_is("SINKHORN_CUDA_BACKWARD", "block");
+  static const bool disabled =
+      env_is("SINKHORN_CUDA_BACKWARD", "block") || env_is("SINKHORN_CUDA_BACKWARD", "composite");
   // float64 up to 4 x 4 only: its 8 x 8 thread would need 4 KB of local memory, which the
   // driver reserves for every resident thread.
   const int64_t side = p.dtype == DType::Float64 ? 4 : 8;

@@ -45,7 +45,8 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool tiny_forward_applies(const FwdParams& p) {
-  static const bool disabled = env_is("SINKHORN_CUDA_FORWARD", "block");
+  static const bool disabled =
+      env_is("SINKHORN_CUDA_FORWARD", "block") || env_is("SINKHORN_CUDA_FORWARD", "large");
   return !disabled && p.n >= 1 && p.m >= 1 && p.n <= kTinyMaxSide && p.m <= kTinyMaxSide;
 }
 

@@ -43,8 +43,9 @@ BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
 }
 
 // The unrolled backward composed of ATen ops (sinkhorn_backward_composite.cpp), on any device,
-// and whether a call takes it: on CUDA for n * m >= 2^20 unless SINKHORN_CUDA_BACKWARD=block; on
-// the CPU only when SINKHORN_CPU_BACKWARD=composite (for tests).
+// and whether a call takes it: on CUDA for n * m >= 2^20 unless SINKHORN_CUDA_BACKWARD=block, or
+// at any size with SINKHORN_CUDA_BACKWARD=composite; on the CPU only when
+// SINKHORN_CPU_BACKWARD=composite (for tests).
 bool composite_backward_applies(const BackwardProblem& p, bool cpu);
 BackwardResult unrolled_backward_composite(const BackwardProblem& p);
 

@@ -18,8 +18,9 @@ namespace detail {
 bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
   static const bool cpu_forced = sinkhorn::env_is("SINKHORN_CPU_BACKWARD", "composite");
   static const bool cuda_disabled = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "block");
+  static const bool cuda_forced = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "composite");
   if (cpu) return cpu_forced;
-  return !cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20);
+  return cuda_forced || (!cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20));
 }
 
 BackwardResult unrolled_backward_composite(const BackwardProblem& p) {

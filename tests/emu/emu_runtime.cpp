@@ -1,8 +1,6 @@
 // The fiber scheduler behind emu_runtime.h (see there for what it emulates and checks).
 #include "emu_runtime.h"
 
-#include <ucontext.h>
-
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -10,8 +8,78 @@
 #include <string>
 #include <vector>
 
+// Context switches. On x86-64 a few instructions save the callee-saved registers and the
+// floating-point control words on the old stack and load them from the new one (glibc's
+// swapcontext makes a system call per switch, which made the emulation several times slower);
+// elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+.pushsection .text
+.globl emu_switch_stack
+.type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size emu_switch_stack, .-emu_switch_stack
+.popsection
+)");
+
 namespace emu {
 namespace {
+
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { emu_switch_stack(&from.sp, to.sp); }
+// A fresh context that enters `start` (which must never return) on the stack [base, base+bytes):
+// the frame emu_switch_stack pops, then start's address for its ret, then a null return
+// address, so that start begins with the stack alignment of a called function.
+inline void make_context(Context& c, char* base, size_t bytes, void (*start)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(base) + bytes) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;                                    // start's return address (never used)
+  *--sp = reinterpret_cast<uint64_t>(start);    // popped by ret
+  for (int r = 0; r < 6; ++r) *--sp = 0;        // rbp, rbx, r12-r15
+  *--sp = uint64_t(0x037f) << 32 | 0x1f80;      // x87 control word, MXCSR: the defaults
+  c.sp = sp;
+}
+#else
+}  // namespace emu
+#include <ucontext.h>
+namespace emu {
+namespace {
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make_context(Context& c, char* base, size_t bytes, void (*start)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = base;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, start, 0);
+}
+#endif
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -19,7 +87,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 enum class State { Ready, Barrier, Warp, Done };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   uint3 tid{0, 0, 0};
   State state = State::Ready;
   int kind = 0, arg = 0;
@@ -29,7 +97,7 @@ struct Fiber {
 
 struct BlockRun {
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  Context scheduler;
   uint3 block{0, 0, 0};
   dim3 block_dim, grid_dim;
   std::vector<unsigned char> shared;
@@ -62,7 +130,8 @@ void fiber_main() {
   BlockRun& r = *g_run;
   (*r.body)();
   r.current->state = State::Done;
-  // Returning resumes uc_link, the scheduler.
+  switch_context(r.current->context, r.scheduler);  // never resumed
+  std::abort();
 }
 
 // Suspends the calling fiber in `state` until the scheduler releases it.
@@ -70,7 +139,7 @@ void suspend(State state) {
   BlockRun& r = run();
   Fiber* f = r.current;
   f->state = state;
-  swapcontext(&f->context, &r.scheduler);
+  switch_context(f->context, r.scheduler);
 }
 
 void fail(BlockRun& r, const std::string& what) {
@@ -122,11 +191,7 @@ void run_block(BlockRun& r) {
     f.tid = {static_cast<unsigned>(t % r.block_dim.x),
              static_cast<unsigned>((t / r.block_dim.x) % r.block_dim.y),
              static_cast<unsigned>(t / (size_t(r.block_dim.x) * r.block_dim.y))};
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = stack_of(t);
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &r.scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    make_context(f.context, stack_of(t), kStackBytes, fiber_main);
   }
   const char* order = std::getenv("SINKHORN_EMU_ORDER");
   const bool reverse = order != nullptr && std::string(order) == "reverse";
@@ -135,7 +200,7 @@ void run_block(BlockRun& r) {
       Fiber& f = r.fibers[reverse ? threads - 1 - k : k];
       if (f.state != State::Ready) continue;
       r.current = &f;
-      swapcontext(&r.scheduler, &f.context);
+      switch_context(r.scheduler, f.context);
       r.current = nullptr;
     }
     size_t done = 0, barrier = 0;

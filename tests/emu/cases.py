@@ -1,0 +1,228 @@
+"""The emulated CUDA kernels (torch.ops.sinkhorn_emu, see build.py) against the CPU operator.
+
+Each case runs one operator of sinkhorn_emu and the same operator of sinkhorn_ops on the same CPU
+inputs (same dtype), and compares every output within the dtype's tolerance. The CPU operator is
+itself tested against the float64 reference, so a pass here means the CUDA kernel computes the
+contract. CASES covers every CUDA path and both sides of its size limits: the tiny paths
+(n, m <= 8), the block paths with and without shared-memory staging, the large-problem forward
+(n * m >= 2^20: square, short and wide, tall and narrow) and the composite backward, the fused mHC
+Sinkhorns (V4 and the paper's, both domains) and the stream mixings.
+
+``python tests/emu/cases.py [substring]`` builds and loads the library, runs the cases whose name
+contains the substring, and prints a line per failure; test_cuda_emulated.py runs them in pytest,
+and again in subprocesses under the environment switches (forced block paths, no staging, the
+reverse thread order), which the kernels read once per process.
+"""
+import os
+import sys
+
+import torch
+
+NEG_INF = float("-inf")
+# Same-dtype comparisons, relative to max(1, |want|max): the two sides differ only in the order of
+# their reductions.
+TOL = {torch.float64: 1e-9, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_close(got, want, tol, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape,
+                                                                 got.dtype, want.dtype)
+    got, want = got.double(), want.double()
+    same_pattern = torch.equal(torch.isfinite(got), torch.isfinite(want)) and torch.equal(
+        torch.isnan(got), torch.isnan(want))
+    assert same_pattern, f"{what}: the non-finite entries differ"
+    ok = torch.isfinite(want)
+    if not ok.any():
+        return
+    diff = (got[ok] - want[ok]).abs().max().item()
+    scale = max(1.0, want[ok].abs().max().item())
+    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.1g} x {scale:.3g}"
+
+
+def problem(B, n, m, dtype, seed, masked=False, given=False):
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(B, n, m, generator=g, dtype=torch.float64) * 2
+    if masked:
+        S[..., 0, 0] = NEG_INF
+        if n > 1:
+            S[0, n // 2, :] = NEG_INF  # an empty row
+        if m > 1:
+            S[-1, :, m // 2] = NEG_INF  # an empty column
+    a = b = None
+    if given:
+        a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5
+        b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.5
+        b = b * (a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True))
+        a, b = a.to(acc_of(dtype)), b.to(acc_of(dtype))
+    return S.to(dtype), a, b
+
+
+def emu():
+    return torch.ops.sinkhorn_emu
+
+
+def check_forward(B, n, m, dtype, steps=9, start="row", tol=0.0, masked=False, given=False,
+                  seed=0):
+    S, a, b = problem(B, n, m, dtype, seed, masked, given)
+    args = (S, a, b, None, steps, start, tol)
+    got = emu().sinkhorn(*args)
+    want = torch.ops.sinkhorn_ops.sinkhorn(*args)
+    # With tol, a low-precision problem may stop a step apart; its plan then differs by ~tol.
+    steps_gap = (got[3] - want[3]).abs().max().item()
+    assert steps_gap <= (0 if dtype == torch.float64 or tol == 0 else 2), (got[3], want[3])
+    close = TOL[dtype] if steps_gap == 0 else max(TOL[dtype], 50 * tol)
+    for name, x, y in zip(("plan", "f", "g"), got, want):
+        assert_close(x, y, close, name)
+    assert_close(got[4], want[4], max(close, 1e-6) * n, "error")
+
+
+def check_backward(B, n, m, dtype, steps=9, start="row", masked=False, given=False,
+                   potentials=False, seed=0):
+    S, a, b = problem(B, n, m, dtype, seed, masked, given)
+    fwd = torch.ops.sinkhorn_ops.sinkhorn(S, a, b, None, steps, start, 0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(B, n, m, generator=g, dtype=torch.float64).to(dtype)
+    gf = gg = None
+    if potentials:
+        gf = torch.randn(B, n, generator=g, dtype=torch.float64).to(acc_of(dtype))
+        gg = torch.randn(B, m, generator=g, dtype=torch.float64).to(acc_of(dtype))
+    args = (W, gf, gg, S, a, b, None, fwd[3], steps, start)
+    got = emu().sinkhorn_backward_unrolled(*args)
+    want = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(*args)
+    # The gradient sums a step's terms in a different order on each side.
+    for name, x, y in zip(("grad_scores", "grad_a", "grad_b"), got, want):
+        assert_close(x, y, 4 * TOL[dtype], name)
+
+
+def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, n, n, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if scale > 100:  # the paper kernel's log-domain twin, with a masked entry in problem 0
+        x[0, 0, 0] = NEG_INF
+    grad = torch.randn(B, n, n, generator=g, dtype=torch.float64).to(dtype)
+    extra = (eps,) if kind == "v4" else ()
+    name = "mhc_v4_sinkhorn" if kind == "v4" else "mhc_sinkhorn"
+    for suffix, args in (("", (x, iters) + extra), ("_backward", (grad, x, iters) + extra)):
+        got = getattr(emu(), name + suffix)(*args)
+        want = getattr(torch.ops.sinkhorn_ops, name + suffix)(*args)
+        assert_close(got, want, 4 * TOL[dtype], name + suffix)
+
+
+def check_mix(T, n, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
+
+    x, y, grad_pre, grad_post = rnd(T, n, C), rnd(T, C), rnd(T, C), rnd(T, n, C)
+    h_pre, h_post, h_res = rnd(T, n, dt=acc), rnd(T, n, dt=acc), rnd(T, n, n, dt=acc)
+    calls = [("mhc_pre_mix", (x, h_pre)), ("mhc_pre_mix_backward", (grad_pre, x, h_pre)),
+             ("mhc_post_mix", (x, y, h_post, h_res)),
+             ("mhc_post_mix_backward", (grad_post, x, y, h_post, h_res))]
+    for name, args in calls:
+        got = getattr(emu(), name)(*args)
+        want = getattr(torch.ops.sinkhorn_ops, name)(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for k, (u, v) in enumerate(zip(got, want)):
+            assert_close(u, v, 4 * TOL[dtype] * max(1, n), f"{name}[{k}]")
+
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+ALL = (F64, F32, F16, BF16)
+
+
+def _cases():
+    cases = []
+
+    def add(name, fn, **kw):
+        cases.append((name, fn, kw))
+
+    # Tiny forward (a thread per problem, n, m <= 8; padded to 4 or 8), every dtype.
+    for n, m in ((1, 1), (4, 4), (3, 7), (8, 8), (8, 1), (5, 4)):
+        for dtype in ALL:
+            for start in ("row", "col"):
+                add(f"fwd-tiny-{n}x{m}-{dtype}-{start}", check_forward, B=133, n=n, m=m,
+                    dtype=dtype, start=start, masked=True, seed=n * 10 + m)
+        add(f"fwd-tiny-{n}x{m}-given-tol", check_forward, B=7, n=n, m=m, dtype=F64,
+            steps=200, tol=1e-7, given=True)
+    # Block forward: staged in shared memory (<= 96 KiB: 33x65 and 128x128 fp32, the latter over
+    # the 48 KiB default), and not (200x300 fp32, 128x128 fp64); block sizes 32..256.
+    for n, m in ((9, 12), (33, 65), (70, 100), (128, 128), (200, 300), (1, 700), (700, 1),
+                 (4, 4100), (2000, 20)):
+        for dtype in (F64, F32, BF16):
+            add(f"fwd-block-{n}x{m}-{dtype}", check_forward, B=2, n=n, m=m, dtype=dtype,
+                masked=True, seed=n + m)
+        add(f"fwd-block-{n}x{m}-col-given-tol", check_forward, B=3, n=n, m=m, dtype=F64,
+            steps=300, start="col", tol=1e-6, given=True)
+        add(f"fwd-block-{n}x{m}-f16-tol", check_forward, B=2, n=n, m=m, dtype=F16, steps=60,
+            tol=1e-3)
+    # The large-problem forward at its natural size (n * m >= 2^20). The environment variant
+    # SINKHORN_CUDA_FORWARD=large runs every fwd case on it, among them the short, wide 4x4100
+    # (row pass in chunks) and the tall, narrow 2000x20 (several threads a column).
+    add("fwd-natural-large-1024x1024", check_forward, B=1, n=1024, m=1024, dtype=F32, steps=3,
+        start="col", masked=True)
+    # Unrolled backward: tiny (steps <= 64; float64 up to 4x4), block, composite (large).
+    for n, m in ((1, 1), (4, 4), (3, 7), (8, 8), (5, 4)):
+        for dtype in (F64, F32, BF16):
+            add(f"bwd-tiny-{n}x{m}-{dtype}", check_backward, B=131, n=n, m=m, dtype=dtype,
+                masked=True, potentials=True, seed=n + 3 * m)
+        add(f"bwd-tiny-{n}x{m}-col-given-64", check_backward, B=5, n=n, m=m, dtype=F32,
+            steps=64, start="col", given=True)
+        add(f"bwd-{n}x{m}-65-steps", check_backward, B=5, n=n, m=m, dtype=F32, steps=65)
+    for n, m in ((9, 12), (33, 65), (128, 128), (200, 300), (1, 700)):
+        for dtype in (F64, F32, BF16):
+            add(f"bwd-block-{n}x{m}-{dtype}", check_backward, B=2, n=n, m=m, dtype=dtype,
+                masked=True, potentials=True, seed=n * m)
+        add(f"bwd-block-{n}x{m}-col-given", check_backward, B=2, n=n, m=m, dtype=F32,
+            start="col", given=True, steps=8)
+    add("bwd-natural-large-1024x1024", check_backward, B=1, n=1024, m=1024, dtype=F32, steps=4)
+    # The fused mHC Sinkhorns: V4 (linear domain) and the paper's (linear, and the log-domain
+    # twin on wide logits), n = 1..8, fp32 and fp64, 1 to 32 iterations.
+    for kind in ("v4", "paper"):
+        for n in (1, 2, 3, 4, 8):
+            for dtype in (F32, F64):
+                add(f"mhc-{kind}-{n}-{dtype}", check_mhc, kind=kind, B=300, n=n, iters=20,
+                    dtype=dtype, seed=n)
+            add(f"mhc-{kind}-{n}-iters-1", check_mhc, kind=kind, B=5, n=n, iters=1)
+            add(f"mhc-{kind}-{n}-iters-32", check_mhc, kind=kind, B=5, n=n, iters=32)
+        add(f"mhc-{kind}-wide", check_mhc, kind=kind, B=130, n=4, iters=20, scale=300.0)
+    # The stream mixings, every n and dtype, C not a multiple of the vector width.
+    for n in (1, 2, 3, 4, 8):
+        for dtype in ALL:
+            add(f"mix-{n}-{dtype}", check_mix, T=19, n=n, C=37, dtype=dtype, seed=n)
+    add("mix-4-wide", check_mix, T=3, n=4, C=1031, dtype=F32)
+    return cases
+
+
+CASES = _cases()
+
+
+def main(argv):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import build
+
+    import sinkhorn_ops  # noqa: F401 (loads the CPU operator)
+
+    build.load()
+    pattern = argv[1] if len(argv) > 1 else ""
+    ran = failed = 0
+    for name, fn, kw in CASES:
+        if pattern not in name:
+            continue
+        ran += 1
+        try:
+            fn(**kw)
+        except Exception as exc:  # report every failure, not just the first
+            failed += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+    print(f"{ran - failed} of {ran} cases passed")
+    return 1 if failed or not ran else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
