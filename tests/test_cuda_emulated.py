@@ -37,6 +37,8 @@ VARIANTS = {
     "forced-block": ({"SINKHORN_CUDA_FORWARD": "block", "SINKHORN_CUDA_BACKWARD": "block"}, ""),
     "forced-large": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_BACKWARD": "composite"},
                      "wd-"),
+    "forced-large-unfused": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_FUSED": "0"},
+                             "fwd-"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
 }
@@ -68,10 +70,13 @@ def test_the_emulation_runs_shuffles_votes_and_barriers():
     ("exited_lane", "lanes that exited"),
     ("shared_limit", "65536 bytes of dynamic shared memory, 49152 allowed"),
     ("block_limit", "block of 2048 threads"),
+    ("throw", "thrown by thread 3"),
 ])
 def test_the_emulation_rejects_what_a_gpu_rejects(what, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.sinkhorn_emu.emu_selftest(what)
+    # The emulation is usable again after the failed launch.
+    assert torch.ops.sinkhorn_emu.emu_selftest("barrier")[0].item() == 63
 
 
 def test_launch_rewrite():
@@ -81,3 +86,6 @@ def test_launch_rewrite():
     assert "::emu::launch(k<T, 4>, ::emu::Config(grid, 32, 0, s))(p);" in out
     assert "::emu::launch(ker, ::emu::Config(g, b))(q);" in out
     assert "unsigned char* buf = reinterpret_cast<unsigned char*>(::emu::dynamic_shared());" in out
+    out = build.rewrite("  __shared__ float a[4], b;\n", "x.cu")
+    assert out == ("  __shared__ float a[4], b; ::emu::shared_variable(&a, sizeof(a));"
+                   " ::emu::shared_variable(&b, sizeof(b));\n")

@@ -169,6 +169,8 @@ void block_size_switch(int64_t entries, F&& fn) {
 // Hopper), exceeds the device's opt-in limit, or SINKHORN_CUDA_SMEM=0 turns staging off.
 constexpr size_t kMaxStagedBytes = 96 * 1024;
 size_t staged_bytes(int64_t n, int64_t m, size_t elem);
+// The current device's opt-in limit of shared memory per block in bytes (0 if the query fails).
+int shared_memory_optin();
 
 // Copies a problem's scores to shared memory (when staged) and returns where the passes should
 // read them. Contains a barrier before the copy (earlier readers of the buffer are done) and

@@ -4,91 +4,33 @@
 //   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse);
 //                with few rows (short, wide problems) a warp per chunk of a row, the chunks
 //                merged by a thread per row                                          (merge)
-//   column step: blocks of a row strip x up to 256 columns compute partial LSEs over their
-//                strip (with fewer columns, several threads per column, merged in shared
-//                memory), a thread per column merges the strips            (col_partial, merge)
+//   column step: blocks of a row strip (32 to 256 rows) x up to 256 columns compute partial
+//                LSEs over their strip (with fewer columns, several threads per column, merged
+//                in shared memory), a thread per column merges the strips  (col_partial, merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
-// A stopped problem's flag makes every later kernel skip it. S is read once per step (twice
-// per iteration); fusing the two halves of an iteration is not done yet. With tol > 0 the
-// launches continue after every problem has stopped (they return at once): deciding to stop
-// the loop would need the host to read the flags. The LSEs are merged from strips and chunks,
-// so they can differ from the block kernel's (and the backward's replay) by rounding.
-// Every formula comes from sinkhorn_math.h. Never run on a GPU yet.
+// A row step followed by a column step (every iteration but a lone first or last step) is fused
+// when 1024 <= m <= 16384 (8192 in float64): one kernel reads S once for both (large_fused.cuh), then the row
+// update, the column merge and the column update run, so an iteration reads S once instead of
+// twice. SINKHORN_CUDA_FUSED=0 turns the fusion off. A stopped problem's flag makes every later
+// kernel skip it. With tol > 0 the launches continue after every problem has stopped (they
+// return at once): deciding to stop the loop would need the host to read the flags. The LSEs
+// are merged from strips and chunks, so they can differ from the block kernel's (and the
+// backward's replay) by rounding. Every formula comes from sinkhorn_math.h. Never run on a GPU
+// yet; tests/emu runs every kernel here in emulation.
 #include <cstdint>
 
 #include "../env_flag.h"
 #include "kernel_common.cuh"
+#include "large_fused.cuh"
+#include "large_work.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
 namespace {
 
 using namespace dev;
-
-constexpr int kThreads = 256;
-constexpr int kRowWarps = kThreads / 32;  // rows per block of the row pass
-constexpr int64_t kStripRows = 256;       // rows per strip of the column pass
-constexpr int64_t kMinEntries = int64_t(1) << 20;
-// The row pass splits rows into chunks of at least kMinChunk columns until there are about
-// kTargetWarps (row, chunk) warps: enough to fill a GPU (H100: 132 SMs x 64 warps).
-constexpr int64_t kTargetWarps = 8192;
-constexpr int64_t kMinChunk = 1024;
-
-__host__ __device__ inline int64_t strips_of(int64_t n) {
-  return (n + kStripRows - 1) / kStripRows;
-}
-
-// Columns per block of the column pass: the power of two >= m, at most kThreads; the block's
-// kThreads / that threads per column split the strip's rows.
-__host__ __device__ inline int64_t cols_per_block(int64_t m) {
-  int64_t c = 1;
-  while (c < m && c < kThreads) c *= 2;
-  return c;
-}
-
-// Chunks per row of the row pass for B * n rows of m columns (1: a warp per whole row).
-__host__ __device__ inline int64_t row_chunks_of(int64_t rows, int64_t m) {
-  if (rows <= 0) return 1;  // no problem (B = 0) or no row: nothing to split
-  const int64_t want = (kTargetWarps + rows - 1) / rows;
-  const int64_t most = (m + kMinChunk - 1) / kMinChunk;
-  const int64_t chunks = want < most ? want : most;
-  return chunks > 1 ? chunks : 1;
-}
-
-// The workspace, in accumulation-type values: per problem log a (n), log b (m), one LSE per row
-// or column (L = max(n, m)), the column pass's strip partials (strips x m maxima and sums), the
-// row pass's chunk partials (n x chunks maxima and sums, when chunks > 1), and three scalars:
-// the stopped flag, the stopping threshold, the count of allowed rows.
-template <typename acc_t>
-struct Work {
-  acc_t *log_a, *log_b, *lse, *part_max, *part_sum, *row_max, *row_sum, *done, *threshold, *rows;
-  int64_t L, strips, chunks, chunk_cols;
-
-  __host__ __device__ Work(void* base, const FwdParams& p) {
-    acc_t* w = static_cast<acc_t*>(base);
-    L = p.n > p.m ? p.n : p.m;
-    strips = strips_of(p.n);
-    chunks = row_chunks_of(p.B * p.n, p.m);
-    chunk_cols = (p.m + chunks - 1) / chunks;
-    log_a = w;
-    log_b = log_a + p.B * p.n;
-    lse = log_b + p.B * p.m;
-    part_max = lse + p.B * L;
-    part_sum = part_max + p.B * strips * p.m;
-    row_max = part_sum + p.B * strips * p.m;
-    row_sum = row_max + (chunks > 1 ? p.B * p.n * chunks : 0);
-    done = row_sum + (chunks > 1 ? p.B * p.n * chunks : 0);
-    threshold = done + p.B;
-    rows = threshold + p.B;
-  }
-  static int64_t values(const FwdParams& p) {
-    const int64_t L = p.n > p.m ? p.n : p.m;
-    const int64_t chunks = row_chunks_of(p.B * p.n, p.m);
-    return p.B * (p.n + p.m + L + 2 * strips_of(p.n) * p.m + (chunks > 1 ? 2 * p.n * chunks : 0) +
-                  3);
-  }
-};
+using namespace large;
 
 // Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
 // per (row, chunk of w.chunk_cols columns): into w.lse when a row is one chunk, else into the
@@ -132,7 +74,8 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p
   const int64_t cols = cols_per_block(p.m), subs = kThreads / cols;
   const int64_t c = threadIdx.x % cols, sub = threadIdx.x / cols;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * cols + c;
-  const int64_t i0 = strip * kStripRows, i1 = i0 + kStripRows < p.n ? i0 + kStripRows : p.n;
+  const int64_t i0 = strip * w.strip_rows;
+  const int64_t i1 = i0 + w.strip_rows < p.n ? i0 + w.strip_rows : p.n;
   const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * p.n * p.m;
   const acc_t* fb = f ? f + b * p.n : nullptr;
   Lse<acc_t> s = math::lse_empty<acc_t>();
@@ -298,8 +241,21 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
     marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 1);
   }
   marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 2);
+  static const bool unfused = env_is("SINKHORN_CUDA_FUSED", "0");
+  const bool fuse = !unfused && fused_applies(p, sizeof(acc_t));
   for (int64_t k = 0; k < p.steps; ++k) {
     const bool row = ((k % 2) == 0) == p.start_row;
+    if (fuse && row && k + 1 < p.steps) {
+      // Step k's row LSEs and step k + 1's column partials in one read of S (large_fused.cuh).
+      launch_row_col<scalar_t>(p, w, stream);
+      update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, true, k, p.tol > 0 && k >= 1,
+                                                              false);
+      merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, false);
+      update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, false, k + 1, p.tol > 0,
+                                                              false);
+      ++k;
+      continue;
+    }
     lse_pass(row, row ? g : f);
     update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, row, k, p.tol > 0 && k >= 1,
                                                             false);
@@ -318,7 +274,7 @@ bool large_forward_applies(const FwdParams& p) {
   static const bool forced = env_is("SINKHORN_CUDA_FORWARD", "large");
   // The column pass puts problems on the grid's z dimension and row strips on y (each at most
   // 65535).
-  const bool fits = p.B <= 65535 && strips_of(p.n) <= 65535;
+  const bool fits = p.B <= 65535 && large::strips_of(p.B, p.n) <= 65535;
   return fits && (forced || (!disabled && p.n * p.m >= kMinEntries));
 }
 

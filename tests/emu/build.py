@@ -1,11 +1,13 @@
 """Builds the emulated CUDA library of the tests: csrc/cuda compiled by the host compiler.
 
 The kernels, their launchers and the ATen glue of csrc/cuda are compiled unchanged except for
-three mechanical rewrites of a copy under build/emu/csrc (the host compiler cannot parse the
+mechanical rewrites of a copy under build/emu/csrc (the host compiler cannot parse the
 first two):
 
 - ``kernel<<<config>>>(args)`` becomes ``::emu::launch(kernel, ::emu::Config(config))(args)``;
-- ``extern __shared__ T name[];`` becomes a pointer to the block's emulated dynamic shared memory;
+- ``extern __shared__ T name[];`` becomes a pointer to the block's emulated dynamic shared memory,
+  and every other ``__shared__`` declaration is followed by a call that poisons the variable
+  when a block first meets it;
 - sinkhorn_cuda.cpp registers its operators for ``sinkhorn_emu`` on the CPU key instead of
   ``sinkhorn_ops`` on the CUDA key.
 
@@ -62,9 +64,22 @@ def rewrite_launches(text: str) -> str:
     return "".join(out)
 
 
+_STATIC_SHARED = re.compile(r"^(\s*)__shared__ ([^;]+);", re.M)
+_DECLARATOR = re.compile(r"(\w+)\s*(?:\[[^\]]*\])?\s*$")
+
+
+def _register_shared(match) -> str:
+    """``__shared__ T a[4], b;`` -> the declaration, then a shared_variable call per name."""
+    indent, decl = match.group(1), match.group(2)
+    names = [_DECLARATOR.search(part).group(1) for part in decl.split(",")]
+    calls = "".join(f" ::emu::shared_variable(&{x}, sizeof({x}));" for x in names)
+    return f"{indent}__shared__ {decl};{calls}"
+
+
 def rewrite(text: str, name: str) -> str:
     text = _EXTERN_SHARED.sub(
         r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_shared());", text)
+    text = _STATIC_SHARED.sub(_register_shared, text)
     text = rewrite_launches(text)
     if name == "sinkhorn_cuda.cpp":
         if _REGISTRATION not in text:

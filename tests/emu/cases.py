@@ -19,18 +19,24 @@ import sys
 import torch
 
 NEG_INF = float("-inf")
-# Same-dtype comparisons, relative to max(1, |want|max): the two sides differ only in the order of
-# their reductions.
-TOL = {torch.float64: 1e-9, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# Same-dtype comparisons, by the dtype of each output (the plan and grad_scores in the scores'
+# dtype, the potentials, error and marginal gradients in the accumulation dtype): the two sides
+# differ only in the order of their reductions, which low-precision outputs see as at most a
+# rounding step or two (bf16: 2^-8, f16: 2^-11).
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def assert_close(got, want, tol, what):
+def assert_close(got, want, what, floor=1e-3, atol=0.0):
+    """|got - want| <= RTOL * (|want| + floor * max|want|) + atol, elementwise, and the same
+    non-finite entries. floor: the share of the largest entry below which entries count as
+    small (cancellations in gradients); atol: an absolute allowance (sums of many terms)."""
     assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape,
                                                                  got.dtype, want.dtype)
+    rtol = RTOL[want.dtype]
     got, want = got.double(), want.double()
     same_pattern = torch.equal(torch.isfinite(got), torch.isfinite(want)) and torch.equal(
         torch.isnan(got), torch.isnan(want))
@@ -38,9 +44,10 @@ def assert_close(got, want, tol, what):
     ok = torch.isfinite(want)
     if not ok.any():
         return
-    diff = (got[ok] - want[ok]).abs().max().item()
-    scale = max(1.0, want[ok].abs().max().item())
-    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.1g} x {scale:.3g}"
+    g, w = got[ok], want[ok]
+    allowed = rtol * (w.abs() + floor * w.abs().max()) + atol + 1e-300
+    ratio = ((g - w).abs() / allowed).max().item()
+    assert ratio <= 1, f"{what}: difference {ratio:.3g} x the allowed (rtol {rtol:g})"
 
 
 def problem(B, n, m, dtype, seed, masked=False, given=False):
@@ -74,28 +81,37 @@ def check_forward(B, n, m, dtype, steps=9, start="row", tol=0.0, masked=False, g
     # With tol, a low-precision problem may stop a step apart; its plan then differs by ~tol.
     steps_gap = (got[3] - want[3]).abs().max().item()
     assert steps_gap <= (0 if dtype == torch.float64 or tol == 0 else 2), (got[3], want[3])
-    close = TOL[dtype] if steps_gap == 0 else max(TOL[dtype], 50 * tol)
-    for name, x, y in zip(("plan", "f", "g"), got, want):
-        assert_close(x, y, close, name)
-    assert_close(got[4], want[4], max(close, 1e-6) * n, "error")
+    if steps_gap:  # a step apart: the plans differ by about tol
+        assert_close(got[0], want[0], "plan", atol=50 * tol)
+        return
+    assert_close(got[0], want[0], "plan")
+    # Potentials are log-domain values: their error is absolute, about eps x the scores' size.
+    finite = S.double()[torch.isfinite(S)]
+    size = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    for k, name in ((1, "f"), (2, "g")):
+        assert_close(got[k], want[k], name, atol=RTOL[got[k].dtype] * size)
+    # An L1 sum over the rows or the columns of exp(LSE + potential), each term off by about
+    # eps x the scores' size, relatively.
+    eps = torch.finfo(got[4].dtype).eps
+    assert_close(got[4], want[4], "error", atol=4 * max(n, m) * eps * size)
 
 
 def check_backward(B, n, m, dtype, steps=9, start="row", masked=False, given=False,
                    potentials=False, seed=0):
     S, a, b = problem(B, n, m, dtype, seed, masked, given)
-    fwd = torch.ops.sinkhorn_ops.sinkhorn(S, a, b, None, steps, start, 0.0)
+    # Problems that stopped early, after 1 to `steps` steps (the forward's early stopping).
+    steps_used = 1 + torch.arange(B) % steps
     g = torch.Generator().manual_seed(seed + 1)
     W = torch.randn(B, n, m, generator=g, dtype=torch.float64).to(dtype)
     gf = gg = None
     if potentials:
         gf = torch.randn(B, n, generator=g, dtype=torch.float64).to(acc_of(dtype))
         gg = torch.randn(B, m, generator=g, dtype=torch.float64).to(acc_of(dtype))
-    args = (W, gf, gg, S, a, b, None, fwd[3], steps, start)
+    args = (W, gf, gg, S, a, b, None, steps_used, steps, start)
     got = emu().sinkhorn_backward_unrolled(*args)
     want = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(*args)
-    # The gradient sums a step's terms in a different order on each side.
     for name, x, y in zip(("grad_scores", "grad_a", "grad_b"), got, want):
-        assert_close(x, y, 4 * TOL[dtype], name)
+        assert_close(x, y, name, floor=0.05)
 
 
 def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=0):
@@ -109,7 +125,7 @@ def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=
     for suffix, args in (("", (x, iters) + extra), ("_backward", (grad, x, iters) + extra)):
         got = getattr(emu(), name + suffix)(*args)
         want = getattr(torch.ops.sinkhorn_ops, name + suffix)(*args)
-        assert_close(got, want, 4 * TOL[dtype], name + suffix)
+        assert_close(got, want, name + suffix, floor=0.05)
 
 
 def check_mix(T, n, C, dtype, seed=0):
@@ -129,7 +145,7 @@ def check_mix(T, n, C, dtype, seed=0):
         want = getattr(torch.ops.sinkhorn_ops, name)(*args)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         for k, (u, v) in enumerate(zip(got, want)):
-            assert_close(u, v, 4 * TOL[dtype] * max(1, n), f"{name}[{k}]")
+            assert_close(u, v, f"{name}[{k}]", floor=0.05)
 
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
@@ -153,7 +169,7 @@ def _cases():
     # Block forward: staged in shared memory (<= 96 KiB: 33x65 and 128x128 fp32, the latter over
     # the 48 KiB default), and not (200x300 fp32, 128x128 fp64); block sizes 32..256.
     for n, m in ((9, 12), (33, 65), (70, 100), (128, 128), (200, 300), (1, 700), (700, 1),
-                 (4, 4100), (2000, 20)):
+                 (4, 4100), (2000, 20), (37, 1100), (300, 2100)):
         for dtype in (F64, F32, BF16):
             add(f"fwd-block-{n}x{m}-{dtype}", check_forward, B=2, n=n, m=m, dtype=dtype,
                 masked=True, seed=n + m)
@@ -161,23 +177,28 @@ def _cases():
             steps=300, start="col", tol=1e-6, given=True)
         add(f"fwd-block-{n}x{m}-f16-tol", check_forward, B=2, n=n, m=m, dtype=F16, steps=60,
             tol=1e-3)
-    # The large-problem forward at its natural size (n * m >= 2^20). The environment variant
-    # SINKHORN_CUDA_FORWARD=large runs every fwd case on it, among them the short, wide 4x4100
-    # (row pass in chunks) and the tall, narrow 2000x20 (several threads a column).
+    # The large-problem forward at its natural size (n * m >= 2^20), its iterations fused
+    # (1024 <= m <= 16384). The environment variant SINKHORN_CUDA_FORWARD=large runs every fwd
+    # case on it, among them the short, wide 4x4100 (row pass in chunks), the tall, narrow 2000x20
+    # (several threads a column), and 37x1100 and 300x2100 (fused); SINKHORN_CUDA_FUSED=0 also
+    # runs them all unfused.
     add("fwd-natural-large-1024x1024", check_forward, B=1, n=1024, m=1024, dtype=F32, steps=3,
         start="col", masked=True)
-    # Unrolled backward: tiny (steps <= 64; float64 up to 4x4), block, composite (large).
+    add("fwd-natural-large-1030x1030-f64-given-tol", check_forward, B=2, n=1030, m=1030,
+        dtype=F64, steps=12, tol=1e-4, given=True)
+    # Unrolled backward: tiny (steps <= 64; float64 up to 4x4, larger float64 on the block path),
+    # block, composite (large). Given marginals in float64 and bfloat16, the defaults in float32.
     for n, m in ((1, 1), (4, 4), (3, 7), (8, 8), (5, 4)):
         for dtype in (F64, F32, BF16):
-            add(f"bwd-tiny-{n}x{m}-{dtype}", check_backward, B=131, n=n, m=m, dtype=dtype,
-                masked=True, potentials=True, seed=n + 3 * m)
+            add(f"bwd-small-{n}x{m}-{dtype}", check_backward, B=131, n=n, m=m, dtype=dtype,
+                masked=True, given=dtype != F32, potentials=True, seed=n + 3 * m)
         add(f"bwd-tiny-{n}x{m}-col-given-64", check_backward, B=5, n=n, m=m, dtype=F32,
             steps=64, start="col", given=True)
         add(f"bwd-{n}x{m}-65-steps", check_backward, B=5, n=n, m=m, dtype=F32, steps=65)
     for n, m in ((9, 12), (33, 65), (128, 128), (200, 300), (1, 700)):
         for dtype in (F64, F32, BF16):
             add(f"bwd-block-{n}x{m}-{dtype}", check_backward, B=2, n=n, m=m, dtype=dtype,
-                masked=True, potentials=True, seed=n * m)
+                masked=True, given=dtype != F32, potentials=True, seed=n * m)
         add(f"bwd-block-{n}x{m}-col-given", check_backward, B=2, n=n, m=m, dtype=F32,
             start="col", given=True, steps=8)
     add("bwd-natural-large-1024x1024", check_backward, B=1, n=1024, m=1024, dtype=F32, steps=4)

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+
 #include "ops/schema.h"
 
 TORCH_LIBRARY(sinkhorn_emu, m) { sinkhorn_ops::detail::define_ops(m); }
@@ -44,6 +46,12 @@ __global__ void exited_lane_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+__global__ void throwing_kernel(float* out) {
+  if (threadIdx.x == 3) throw std::runtime_error("thrown by thread 3");
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
 at::Tensor selftest(c10::string_view what) {
   at::Tensor out = at::zeros({128}, at::kFloat);
   float* p = out.data_ptr<float>();
@@ -57,6 +65,8 @@ at::Tensor selftest(c10::string_view what) {
     ::emu::launch(partial_mask_kernel, ::emu::Config(1, 32))(p);
   } else if (what == "exited_lane") {
     ::emu::launch(exited_lane_kernel, ::emu::Config(1, 32))(p);
+  } else if (what == "throw") {
+    ::emu::launch(throwing_kernel, ::emu::Config(1, 32))(p);
   } else if (what == "shared_limit") {
     ::emu::launch(barrier_kernel, ::emu::Config(1, 64, 64 * 1024))(p);
   } else if (what == "block_limit") {

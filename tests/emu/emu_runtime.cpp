@@ -1,9 +1,13 @@
 // The fiber scheduler behind emu_runtime.h (see there for what it emulates and checks).
 #include "emu_runtime.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
+#include <exception>
 #include <map>
-#include <memory>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -101,9 +105,10 @@ struct BlockRun {
   uint3 block{0, 0, 0};
   dim3 block_dim, grid_dim;
   std::vector<unsigned char> shared;
+  std::set<const void*> shared_seen;  // static shared variables met in this block
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
-  std::string error;
+  std::exception_ptr error;  // thrown inside a thread; rethrown by the scheduler
 };
 
 BlockRun* g_run = nullptr;
@@ -113,11 +118,19 @@ std::map<const void*, int>& max_dynamic_shared() {
   return limits;
 }
 
-// Stacks, kept across launches (untouched pages cost nothing).
+// Stacks, kept across launches (untouched pages cost nothing), each above an inaccessible guard
+// page, so that an overflow faults instead of corrupting its neighbour.
 char* stack_of(size_t thread) {
-  static std::vector<std::unique_ptr<char[]>> stacks;
-  while (stacks.size() <= thread) stacks.emplace_back(new char[kStackBytes]);
-  return stacks[thread].get();
+  constexpr size_t kGuard = 4096;
+  static std::vector<char*> stacks;
+  while (stacks.size() <= thread) {
+    void* p = mmap(nullptr, kStackBytes + kGuard, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated CUDA: no memory for a thread stack");
+    mprotect(p, kGuard, PROT_NONE);
+    stacks.push_back(static_cast<char*>(p) + kGuard);
+  }
+  return stacks[thread];
 }
 
 BlockRun& run() {
@@ -128,7 +141,11 @@ BlockRun& run() {
 
 void fiber_main() {
   BlockRun& r = *g_run;
-  (*r.body)();
+  try {
+    (*r.body)();
+  } catch (...) {
+    r.error = std::current_exception();
+  }
   r.current->state = State::Done;
   switch_context(r.current->context, r.scheduler);  // never resumed
   std::abort();
@@ -183,6 +200,11 @@ bool resolve_warp(BlockRun& r, size_t first, size_t last) {
   return true;
 }
 
+bool reverse_order() {
+  const char* order = std::getenv("SINKHORN_EMU_ORDER");
+  return order != nullptr && std::string(order) == "reverse";
+}
+
 void run_block(BlockRun& r) {
   const size_t threads = size_t(r.block_dim.x) * r.block_dim.y * r.block_dim.z;
   r.fibers.assign(threads, Fiber{});
@@ -193,8 +215,7 @@ void run_block(BlockRun& r) {
              static_cast<unsigned>(t / (size_t(r.block_dim.x) * r.block_dim.y))};
     make_context(f.context, stack_of(t), kStackBytes, fiber_main);
   }
-  const char* order = std::getenv("SINKHORN_EMU_ORDER");
-  const bool reverse = order != nullptr && std::string(order) == "reverse";
+  const bool reverse = reverse_order();
   for (;;) {
     for (size_t k = 0; k < threads; ++k) {
       Fiber& f = r.fibers[reverse ? threads - 1 - k : k];
@@ -202,6 +223,7 @@ void run_block(BlockRun& r) {
       r.current = &f;
       switch_context(r.scheduler, f.context);
       r.current = nullptr;
+      if (r.error) std::rethrow_exception(r.error);  // the other fibers are abandoned
     }
     size_t done = 0, barrier = 0;
     for (const Fiber& f : r.fibers) {
@@ -232,6 +254,11 @@ const dim3& grid_dim() { return run().grid_dim; }
 unsigned char* dynamic_shared() { return run().shared.data(); }
 
 void syncthreads() { suspend(State::Barrier); }
+
+void shared_variable(void* address, size_t bytes) {
+  BlockRun& r = run();
+  if (r.shared_seen.insert(address).second) std::memset(address, 0xff, bytes);
+}
 
 uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg) {
   Fiber* f = run().current;
@@ -264,20 +291,34 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
   if (shared > allowed || shared > size_t(kSharedOptin))
     bad(std::to_string(shared) + " bytes of dynamic shared memory, " + std::to_string(allowed) +
         " allowed for this kernel");
-  if (g_run != nullptr) throw std::logic_error("emulated CUDA: a launch inside a kernel");
+  thread_local bool launching = false;
+  if (launching) throw std::logic_error("emulated CUDA: a launch inside a kernel");
+  // One launch at a time (the scheduler's state and the stacks are global); the real stream
+  // would serialise them too.
+  static std::mutex launches;
+  const std::lock_guard<std::mutex> lock(launches);
+  struct Flag {
+    bool& f;
+    ~Flag() { f = false; }
+  } flag{launching};
+  launching = true;
   BlockRun r;
   r.block_dim = block;
   r.grid_dim = grid;
   r.body = &body;
   g_run = &r;
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          r.block = {x, y, z};
-          r.shared.assign(shared, 0xff);
-          run_block(r);
-        }
+    // The blocks in order, or in reverse order with the threads (no block may wait for another).
+    const size_t blocks = size_t(grid.x) * grid.y * grid.z;
+    const bool reverse = reverse_order();
+    for (size_t k = 0; k < blocks; ++k) {
+      const size_t t = reverse ? blocks - 1 - k : k;
+      r.block = {static_cast<unsigned>(t % grid.x), static_cast<unsigned>((t / grid.x) % grid.y),
+                 static_cast<unsigned>(t / (size_t(grid.x) * grid.y))};
+      r.shared.assign(shared, 0xff);
+      r.shared_seen.clear();
+      run_block(r);
+    }
   } catch (...) {
     g_run = nullptr;
     throw;

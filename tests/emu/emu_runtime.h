@@ -8,12 +8,18 @@
 // Between two barriers the threads run in index order, or in reverse order when the environment
 // sets SINKHORN_EMU_ORDER=reverse, so a missing barrier shows as a difference between the orders.
 //
+// Blocks run in index order (reverse order too under SINKHORN_EMU_ORDER=reverse). A race that
+// no thread order reveals, such as several threads adding to one location without atomics, goes
+// unseen.
+//
 // What it checks that a GPU would also reject: a barrier or collective some threads never reach
 // (reported as a deadlock), a warp collective with exited or diverged lanes, a partial mask, more
 // than 48 KiB of dynamic shared memory without cudaFuncSetAttribute or more than the device's
 // opt-in limit, block sizes over 1024 and grid sizes over the limits. What it does not: data races
-// inside a barrier interval (beyond the two orders), out-of-bounds accesses, timing. Dynamic shared
-// memory starts filled with 0xff bytes (NaN floats), so a read before a write shows.
+// inside a barrier interval (beyond the two orders), out-of-bounds accesses, __launch_bounds__,
+// timing. Shared memory, dynamic and static, starts each block filled with 0xff bytes (NaN
+// floats), so a read before a write shows. One launch runs at a time; an exception thrown inside
+// a thread ends the launch and reaches its caller.
 #pragma once
 
 #include <cstddef>
@@ -46,6 +52,10 @@ const dim3& grid_dim();
 unsigned char* dynamic_shared();
 
 void syncthreads();
+// Called where a block's thread meets the declaration of a static shared variable (build.py adds
+// the calls): the first thread of each block to meet it fills it with 0xff bytes, as the dynamic
+// shared memory is, so a read before a write shows.
+void shared_variable(void* address, size_t bytes);
 // The warp collectives: every lane of the calling thread's warp passes `in` (at most 8 bytes);
 // returns the lane's result. kind: 0 shuffle xor (arg: the lane mask), 1 any.
 uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg);
