@@ -1,8 +1,8 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
 CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
-(short-wide and tall-narrow), the V4 and paper mHC Sinkhorn kernels (forward and backward,
-n = 1..8; the paper's on problems in both domains), the mHC stream mixings, both stopping modes, default, masked and explicit marginals, empty dimensions, every
-dtype. Each case is also compared with the reference, loosely: a sanitizer run should fail on a
+(short-wide, tall-narrow, fused iterations), the V4 and paper mHC Sinkhorn kernels (forward and
+backward, n = 1..8; the paper's on problems in both domains), the mHC stream mixings, both
+stopping modes, default, masked and explicit marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely: a sanitizer run should fail on a
 wrong kernel too, not only on a memory error.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
@@ -25,9 +25,11 @@ from sinkhorn_ops.reference import sinkhorn_reference  # noqa: E402
 SHAPES = [(8, 4, 4), (130, 4, 4), (5, 7, 3), (2, 33, 65), (2, 70, 100), (1, 200, 300), (2, 0, 5),
           (2, 5, 0)]
 # n * m >= 2^20 takes the large-problem path: short and wide (its row pass in chunks), tall and
-# narrow (several threads a column in its column pass). fp32 in two modes only: under the
-# sanitizers every launch is slow.
-LARGE_SHAPES = [(1, 16, 65537), (1, 1 << 16, 20)]  # 65 row chunks, the last one shorter
+# narrow (several threads a column in its column pass), and 1024 x 1100, whose iterations take the
+# fused row-and-column pass (large_fused.cuh). fp32 in one mode each: under the sanitizers every
+# launch is slow.
+# 16 x 65537: 65 row chunks, the last one shorter.
+LARGE_SHAPES = [(1, 16, 65537), (1, 1 << 16, 20), (1, 1024, 1100)]
 # Loose plan tolerances: this script hunts crashes and races; tests/ holds the precise checks.
 PLAN_ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -177,7 +179,7 @@ def cases():
         for shape in SHAPES:
             for mode in chosen:
                 yield (dtype, *shape, *mode)
-    for shape, mode in zip(LARGE_SHAPES, (modes[2], modes[5])):
+    for shape, mode in zip(LARGE_SHAPES, (modes[2], modes[5], modes[3])):
         yield (torch.float32, *shape, *mode)
 
 
