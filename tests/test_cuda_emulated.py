@@ -1,10 +1,12 @@
-"""The CUDA kernels of csrc/cuda, run on the CPU by the emulation in tests/emu, against the CPU
-operator: every path (tiny, block with and without shared-memory staging, large, composite
-backward, the mHC kernels), every dtype, and the environment switches that force a path. This is
-what checks the CUDA code on a machine without a GPU; it does not replace a GPU run (no races
-within a barrier interval beyond two thread orders, no timing, no out-of-bounds detection).
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulation in tests/emu: against the CPU
+operator on every path (tiny, block with and without shared-memory staging, large and its fused
+iterations, composite backward, the mHC kernels), every dtype, and the environment switches that
+force a path; then the package's whole CPU test suite with the CUDA kernels in place of the CPU
+ones. This is what checks the CUDA code on a machine without a GPU; it does not replace a GPU run
+(no races within a barrier interval beyond two thread orders, no timing, no out-of-bounds
+detection).
 
-The emulated library builds once (about a minute on two cores) into build/emu.
+The two emulated libraries build once (about a minute each on two cores) into build/emu.
 """
 import os
 import subprocess
@@ -53,6 +55,20 @@ def test_emulated_kernels_under_the_path_switches(variant):
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert " cases passed" in out.stdout
+
+
+def test_the_package_test_suite_on_the_emulated_cuda_kernels():
+    """Every CPU test of the package (this file aside), with sinkhorn_ops' operators computed by
+    the emulated CUDA kernels instead of the CPU kernels (tests/emu/run_emulated.py): the CUDA
+    paths against the float64 reference, autograd, torch.compile, DDP, bad inputs, the layers."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "emu" / "run_emulated.py"), str(ROOT / "tests"),
+         "-q", "-p", "no:cacheprovider", f"--ignore={ROOT / 'tests' / 'test_cuda_emulated.py'}"],
+        env=env, capture_output=True, text=True, timeout=2400, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout
 
 
 def test_the_emulation_runs_shuffles_votes_and_barriers():

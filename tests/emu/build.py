@@ -1,24 +1,25 @@
-"""Builds the emulated CUDA library of the tests: csrc/cuda compiled by the host compiler.
+"""Builds the emulated CUDA libraries of the tests: csrc/cuda compiled by the host compiler.
 
 The kernels, their launchers and the ATen glue of csrc/cuda are compiled unchanged except for
-mechanical rewrites of a copy under build/emu/csrc (the host compiler cannot parse the
+mechanical rewrites of a copy under build/emu/<variant>/csrc (the host compiler cannot parse the
 first two):
 
 - ``kernel<<<config>>>(args)`` becomes ``::emu::launch(kernel, ::emu::Config(config))(args)``;
 - ``extern __shared__ T name[];`` becomes a pointer to the block's emulated dynamic shared memory,
   and every other ``__shared__`` declaration is followed by a call that poisons the variable
   when a block first meets it;
-- sinkhorn_cuda.cpp registers its operators for ``sinkhorn_emu`` on the CPU key instead of
-  ``sinkhorn_ops`` on the CUDA key.
+- sinkhorn_cuda.cpp registers its operators on the CPU key instead of the CUDA key, under the
+  variant's namespace (VARIANTS).
 
 tests/emu/include shadows the CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h, CUB's
 BlockReduce, c10/cuda) with the emulation of emu_runtime.h. ``load()`` builds (incrementally) and
-loads the library, after which ``torch.ops.sinkhorn_emu`` holds the same operators as
+loads a variant; after ``load("emu")``, ``torch.ops.sinkhorn_emu`` holds the same operators as
 ``torch.ops.sinkhorn_ops``, computed by the CUDA kernels on CPU tensors.
 """
 import glob
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU = os.path.join(ROOT, "tests", "emu")
@@ -76,7 +77,7 @@ def _register_shared(match) -> str:
     return f"{indent}__shared__ {decl};{calls}"
 
 
-def rewrite(text: str, name: str) -> str:
+def rewrite(text: str, name: str, namespace: str = "sinkhorn_emu") -> str:
     text = _EXTERN_SHARED.sub(
         r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_shared());", text)
     text = _STATIC_SHARED.sub(_register_shared, text)
@@ -84,7 +85,7 @@ def rewrite(text: str, name: str) -> str:
     if name == "sinkhorn_cuda.cpp":
         if _REGISTRATION not in text:
             raise ValueError(f"sinkhorn_cuda.cpp no longer contains {_REGISTRATION}")
-        text = text.replace(_REGISTRATION, "TORCH_LIBRARY_IMPL(sinkhorn_emu, CPU, m)")
+        text = text.replace(_REGISTRATION, f"TORCH_LIBRARY_IMPL({namespace}, CPU, m)")
     return text
 
 
@@ -98,8 +99,19 @@ def _write_if_changed(path: str, text: str) -> None:
         f.write(text)
 
 
-def mirror() -> list:
-    """Writes the rewritten copy of csrc under build/emu/csrc; returns the sources to compile."""
+# The two builds: "emu" registers the CUDA glue as torch.ops.sinkhorn_emu beside the real
+# library (the cases compare the two); "replace" registers it as torch.ops.sinkhorn_ops itself,
+# with the schemas, the C++ API and the CPU-independent registrations of csrc/ops but without the
+# CPU kernels, to be loaded instead of sinkhorn_ops._C (run_emulated.py), so that the package and
+# its tests run on the CUDA kernels.
+VARIANTS = {"emu": "sinkhorn_emu", "replace": "sinkhorn_ops"}
+
+
+def mirror(variant: str = "emu") -> list:
+    """Writes the rewritten copy of csrc under build/emu/<variant>/csrc; returns the sources to
+    compile."""
+    namespace = VARIANTS[variant]
+    out = os.path.join(OUT, variant)
     sources = []
     for src in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
         if os.path.isdir(src):
@@ -110,27 +122,29 @@ def mirror() -> list:
         top = rel.split(os.sep)[0]
         name = os.path.basename(rel)
         if top == "cuda":
-            text = rewrite(text, name)
-        dst = os.path.join(OUT, "csrc", rel + (".cpp" if rel.endswith(".cu") else ""))
+            text = rewrite(text, name, namespace)
+        dst = os.path.join(out, "csrc", rel + (".cpp" if rel.endswith(".cu") else ""))
         _write_if_changed(dst, text)
-        if (top == "cuda" and dst.endswith(".cpp")) or (
-                top == "ops" and name.endswith(".cpp") and name not in SKIPPED_OPS):
+        if (top == "cuda" and dst.endswith(".cpp")) or (top == "ops" and name.endswith(".cpp") and (
+                variant == "replace" or name not in SKIPPED_OPS)):
             sources.append(dst)
-    return sorted(sources) + [os.path.join(EMU, "emu_runtime.cpp"),
-                              os.path.join(EMU, "emu_library.cpp")]
+    sources = sorted(sources) + [os.path.join(EMU, "emu_runtime.cpp")]
+    return sources + ([os.path.join(EMU, "emu_library.cpp")] if variant == "emu" else [])
 
 
-def load(verbose: bool = False) -> None:
-    """Builds (incrementally) and loads the library; torch.ops.sinkhorn_emu then has the ops."""
+def load(variant: str = "emu", verbose: bool = False) -> None:
+    """Builds (incrementally) and loads a variant (see VARIANTS): for "emu",
+    torch.ops.sinkhorn_emu then has the operators."""
     from torch.utils.cpp_extension import load as load_extension
 
-    sources = mirror()
-    build_dir = os.path.join(OUT, "obj")
+    sources = mirror(variant)
+    out = os.path.join(OUT, variant)
+    build_dir = os.path.join(out, "obj")
     os.makedirs(build_dir, exist_ok=True)
     load_extension(
-        name="sinkhorn_emu",
+        name=f"sinkhorn_{variant}_emulated",
         sources=sources,
-        extra_include_paths=[os.path.join(EMU, "include"), os.path.join(OUT, "csrc")],
+        extra_include_paths=[os.path.join(EMU, "include"), os.path.join(out, "csrc")],
         extra_cflags=["-O1", "-Wno-unused-function", "-Wno-unknown-pragmas"],
         build_directory=build_dir,
         is_python_module=False,
@@ -139,4 +153,4 @@ def load(verbose: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    load(verbose=True)
+    load(sys.argv[1] if len(sys.argv) > 1 else "emu", verbose=True)
