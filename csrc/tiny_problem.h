@@ -124,8 +124,13 @@ struct TinyProblem {
       }
       set_potentials(row, l);
     }
-    // The marginal the last step did not fix: the columns after a row step, and the rows when
-    // no step ran and the first would be a row step.
+    *error = unfixed_error(steps, start_row);
+    return steps;
+  }
+
+  // The error of the marginal that the last of `steps` steps did not fix: the columns after a
+  // row step, and the rows when no step ran and the first would be a row step.
+  SK_HD T unfixed_error(int64_t steps, bool start_row) const {
     const bool last_row = steps == 0 ? !start_row : (((steps - 1) % 2) == 0) == start_row;
     T err = T(0);
     SK_UNROLL
@@ -137,9 +142,127 @@ struct TinyProblem {
       const T d = sum - (lm > math::neg_inf<T>() ? math::exp_(lm) : T(0));
       err += d < T(0) ? -d : d;
     }
-    *error = err;
+    return err;
+  }
+
+  // Exact log-domain steps bound the scaling form's drift (solve_scaled).
+  static constexpr int64_t kRefreshEvery = 16;
+
+  // solve() in the stabilised scaling form (the CPU tiny solver's, csrc/cpu/tiny_solver.h, for
+  // one problem): K = exp(S + f (+) g) is kept, a step sums it along one axis and rescales each
+  // line by target / sum, a multiplication an entry instead of an exponential. The potentials'
+  // increments are kept apart as products (prod) and, once a product would leave
+  // [1/range, range], as sums of logs (acc), and join the potentials at the exact steps: step 0,
+  // every kRefreshEvery-th step, any step where an allowed line's sum falls below the floor
+  // (where the linear form would lose mass to underflow) or an allowed entry of K below the
+  // smallest normal number, and every step of a problem with a NaN or +inf score (whose NaN
+  // must spread as in the log domain). An exact step is the log-domain
+  // step, which also rebuilds K. The same iterates as solve() up to rounding; same stopping.
+  SK_HD int64_t solve_scaled(int64_t steps, bool start_row, double tol, T* error) {
+    const T ninf = math::neg_inf<T>();
+    const T floor = sizeof(T) == sizeof(double) ? T(1e-290) : T(1e-30);
+    const T range = sizeof(T) == sizeof(double) ? T(1e100) : T(1e12);
+    const T tiny = sizeof(T) == sizeof(double) ? T(2.2250738585072014e-308) : T(1.17549435e-38);
+    T target[2][NMAX], prod[2][NMAX], acc[2][NMAX], K[NMAX * NMAX];
+    T mass = T(0);
+    bool nonfinite = false;
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      target[0][a] = la[a] > ninf ? math::exp_(la[a]) : T(0);
+      target[1][a] = lb[a] > ninf ? math::exp_(lb[a]) : T(0);
+      mass += target[0][a];
+      prod[0][a] = prod[1][a] = T(1);
+      acc[0][a] = acc[1][a] = T(0);
+    }
+    SK_UNROLL
+    for (int k = 0; k < NMAX * NMAX; ++k) nonfinite = nonfinite || !(s[k] < -ninf);
+    const T threshold = static_cast<T>(tol) * mass;
+    // Adds the pending increments to the potentials.
+    auto fold = [&]() {
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        f[a] += acc[0][a] + log0(prod[0][a]);
+        g[a] += acc[1][a] + log0(prod[1][a]);
+        prod[0][a] = prod[1][a] = T(1);
+        acc[0][a] = acc[1][a] = T(0);
+      }
+    };
+    for (int64_t k = 0; k < steps; ++k) {
+      const bool row = ((k % 2) == 0) == start_row;
+      const int ax = row ? 0 : 1;
+      T got[NMAX], l[NMAX];  // the marginal under the current potentials; the exact step's LSEs
+      bool exact = k == 0 || nonfinite || k % kRefreshEvery == 0;
+      if (!exact) {  // K is set from step 0 on
+        SK_UNROLL
+        for (int a = 0; a < NMAX; ++a) {
+          T sum = T(0);
+          SK_UNROLL
+          for (int b = 0; b < NMAX; ++b) sum += K[row ? a * NMAX + b : b * NMAX + a];
+          got[a] = sum;
+          exact = exact || (sum < floor && target[ax][a] > T(0));
+        }
+        // An allowed entry below the smallest normal number has lost digits (or all of them),
+        // which later steps could scale up to matter: it must come from the potentials.
+        SK_UNROLL
+        for (int k2 = 0; k2 < NMAX * NMAX; ++k2)
+          exact = exact || (K[k2] < tiny && s[k2] != ninf);
+      }
+      if (exact) {
+        fold();
+        SK_UNROLL
+        for (int a = 0; a < NMAX; ++a) {
+          l[a] = lse(row, a);
+          got[a] = l[a] == ninf ? T(0) : math::exp_(l[a] + (row ? f[a] : g[a]));
+        }
+      }
+      if (tol > 0 && k >= 1) {
+        T err = T(0);
+        SK_UNROLL
+        for (int a = 0; a < NMAX; ++a) {
+          const T d = got[a] - target[ax][a];
+          err += d < T(0) ? -d : d;
+        }
+        if (err <= threshold) {
+          fold();
+          *error = err;
+          return k;
+        }
+      }
+      if (exact) {
+        set_potentials(row, l);
+        // K = exp(S + f (+) g) from the new potentials: for an empty line (LSE -inf) every
+        // entry is 0 (masked), and a NaN LSE makes its line NaN.
+        SK_UNROLL
+        for (int i = 0; i < NMAX; ++i)
+          SK_UNROLL
+          for (int j = 0; j < NMAX; ++j) {
+            const T x = s[i * NMAX + j];
+            K[i * NMAX + j] = x == ninf ? T(0) : math::exp_(x + f[i] + g[j]);
+          }
+        continue;
+      }
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        // An empty line keeps its potential (math::potential); a zero target empties the line.
+        const T ratio = got[a] > T(0) ? target[ax][a] / got[a] : T(1);
+        SK_UNROLL
+        for (int b = 0; b < NMAX; ++b) K[row ? a * NMAX + b : b * NMAX + a] *= ratio;
+        const T next = prod[ax][a] * ratio;
+        if (next > range || next < T(1) / range) {
+          acc[ax][a] += log0(prod[ax][a]) + log0(ratio);
+          prod[ax][a] = T(1);
+        } else {
+          prod[ax][a] = next;
+        }
+      }
+    }
+    fold();
+    *error = unfixed_error(steps, start_row);
     return steps;
   }
+
+  // log x, and -inf for x = 0 (a zero target's ratio).
+  static SK_HD T log0(T x) { return x > T(0) ? math::log_(x) : math::neg_inf<T>(); }
 
   // Most steps the backward takes: it keeps every step's LSEs (steps x NMAX values; a GPU
   // thread's local array).

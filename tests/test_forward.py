@@ -161,6 +161,45 @@ def test_early_stopping_per_problem(device, dtype, start, n, m):
         assert_close(alone.plan, out.plan[i], atol=0, name=f"problem {i} alone")
 
 
+@pytest.mark.parametrize("n,m", [(4, 4), (5, 7)])
+@pytest.mark.parametrize("steps,start", [(7, "row"), (15, "col"), (40, "col")])
+def test_tiny_scaling_form_on_wide_scores_and_marginals(device, n, m, steps, start):
+    """The tiny paths run most steps in the scaling form (K = exp(S + f (+) g) rescaled by
+    multiplications). An entry of K that underflows (scores spanning over 80, marginals over 8
+    decades) must not stay lost when later steps would scale it up: in fp32 the CPU path once
+    returned a row 56x its marginal after a row step. Every problem against the float64
+    reference on the same fp32-rounded inputs."""
+    g = torch.Generator().manual_seed(n * 100 + steps)
+    B = 2000
+    S = torch.randn(B, n, m, generator=g) * 20
+    a = torch.rand(B, n, generator=g) * 10 ** (torch.rand(B, n, generator=g) * 8 - 4)
+    b = torch.rand(B, m, generator=g) * 10 ** (torch.rand(B, m, generator=g) * 8 - 4)
+    b = b * a.sum(-1, keepdim=True) / b.sum(-1, keepdim=True)
+    W = torch.randn(B, n, m, generator=g, dtype=torch.float64)
+    x = S.double().requires_grad_(True)
+    want = reference(x, a.double(), b.double(), steps=steps, start=start).plan
+    (want_grad,) = torch.autograd.grad((want * W).sum(), x)
+    y = S.to(device).requires_grad_(True)
+    got = sinkhorn_ops.sinkhorn(y, a.to(device), b.to(device), steps=steps, start=start)
+    (got_grad,) = torch.autograd.grad((got * W.float().to(device)).sum(), y)
+    got, got_grad, want = got.double().cpu(), got_grad.double().cpu(), want.detach()
+    # fp32 potentials carry an absolute error of about eps x |S + f + g| (up to ~200 here).
+    scale = want.abs().amax((-2, -1), keepdim=True)
+    err = ((got - want).abs() / (want.abs() + 1e-30 * scale)).amax((-2, -1))
+    assert err.max().item() <= 1e-3, ("plan", err.max().item(), err.argmax().item())
+    # The backward replays the forward's steps (the CPU's in the scaling form too). Its terms
+    # (P times the upstream, up to ~1e3) cancel to gradients as small as 1e-11: the rule is
+    # FlashAttention's, per problem, against autograd through the reference in fp32.
+    z = S.clone().requires_grad_(True)
+    lowp = reference(z, a, b, steps=steps, start=start).plan
+    (lowp_grad,) = torch.autograd.grad((lowp * W.float()).sum(), z)
+    err = (got_grad - want_grad).abs().amax((-2, -1))
+    ref_err = (lowp_grad.double() - want_grad).abs().amax((-2, -1))
+    floor = 1e-6 * (want.abs().amax((-2, -1)) * W.abs().amax((-2, -1)))
+    excess = err / (2 * ref_err + floor)
+    assert excess.max().item() <= 1, ("grad", excess.max().item(), excess.argmax().item())
+
+
 @pytest.fixture
 def num_threads():
     saved = torch.get_num_threads()

@@ -123,7 +123,8 @@ struct TinyBackward {
   // after which K = target * R (= exp(S + f (+) g) with the new potential). Exact steps come at
   // the forward's points (step 0, every kRefreshEvery-th) and wherever an allowed row's sum falls
   // below floor_mass: there K / sum would lose R to underflow (a zero target makes every step
-  // of that group exact: its rows of K are zero, but R is a softmax all the same).
+  // of that group exact: its rows of K are zero, but R is a softmax all the same), or an allowed
+  // entry of K below the smallest normal number (the forward's rule).
   template <typename Active>
   void replay_scaled(const V* s, const V (*lm)[kTinyMax], int64_t kmax, const Active& active,
                      V (*pot)[kTinyMax], V* hist) const {
@@ -131,6 +132,7 @@ struct TinyBackward {
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
     const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
+    const V tiny = splat<V>(std::numeric_limits<acc_t>::min());
     V target[2][kTinyMax], alive[2][kTinyMax] = {};
     typename Fwd::Pending dpot;
     for (int ax = 0; ax < 2; ++ax)
@@ -155,7 +157,11 @@ struct TinyBackward {
         auto low = zero < zero;  // no lane
         for (int64_t i = 0; i < len; ++i) {
           V sum = zero;
-          for (int64_t j = 0; j < other; ++j) sum += Kmat[idx(i, j)];
+          for (int64_t j = 0; j < other; ++j) {
+            sum += Kmat[idx(i, j)];
+            // An allowed entry that lost digits to underflow (the forward's rule).
+            low = low | (Kmat[idx(i, j)] < tiny && s[idx(i, j)] > ninf && act > zero);
+          }
           got[i] = sum;
           low = low | (sum < floor_mass && alive[ax][i] > zero && act > zero);
         }

@@ -5,6 +5,8 @@
 // P. The backward is tiny_backward.h.
 #pragma once
 
+#include <limits>
+
 #include "isa_prelude.h"
 #include "vec_math.h"
 
@@ -108,24 +110,32 @@ struct TinySolver {
     // product (Pending): a multiplication per row instead of an exp per entry, the same iterate
     // as the log-domain step. Step 0, every
     // kRefreshEvery-th step, any step where an allowed sum falls below floor_mass (where the
-    // linear form would lose mass to underflow), and groups with a +inf or NaN score (whose
-    // NaN potentials must spread over their problem) take the exact log-domain step instead
-    // and rebuild K from the potentials.
+    // linear form would lose mass to underflow) or an allowed entry of K below the smallest
+    // normal number (where it lost digits, or all of them, which later steps could scale up to
+    // matter), and groups with a +inf or NaN score (whose NaN potentials must spread over their
+    // problem) take the exact log-domain step instead and rebuild K from the potentials.
     V K[kTinyMax * kTinyMax];
     Pending dpot;  // the potentials' increments since the last exact step
     const bool nonfinite = has_nonfinite_score(s, nm);
     const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
+    const V tiny = splat<V>(std::numeric_limits<acc_t>::min());
     for (int64_t k = 0; k < p.steps; ++k) {
       const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
       const int64_t len = ax ? m : n, other = ax ? n : m;
       auto at = [&](int64_t i, int64_t j) -> V& { return K[ax ? j * m + i : i * m + j]; };
+      auto allowed = [&](int64_t i, int64_t j) { return s[ax ? j * m + i : i * m + j] > ninf; };
       V got[kTinyMax];  // the marginal under the current potentials, along this step's axis
       bool exact = k == 0 || nonfinite || k % kRefreshEvery == 0;
       if (!exact) {
         auto low = zero < zero;  // no lane
         for (int64_t i = 0; i < len; ++i) {
           V sum = zero;
-          for (int64_t j = 0; j < other; ++j) sum += at(i, j);
+          for (int64_t j = 0; j < other; ++j) {
+            sum += at(i, j);
+            // An allowed entry below the smallest normal has lost its digits (or all of it):
+            // later steps may scale it up to matter, so it must come from the potentials.
+            low = low | (at(i, j) < tiny && allowed(i, j) && done == zero);
+          }
           got[i] = sum;
           low = low | (sum < floor_mass && target[ax][i] > zero);
         }

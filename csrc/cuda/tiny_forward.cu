@@ -25,7 +25,9 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_forward_kernel(const FwdPar
     TinyProblem<NMAX, acc_t> q;
     load_tiny<scalar_t>(p, b, q);
     acc_t error;
-    const int64_t used = q.solve(p.steps, p.start_row, p.tol, &error);
+    // The scaling form: a multiplication an entry a step instead of an exponential, which
+    // bounds a log-domain step on problems this small.
+    const int64_t used = q.solve_scaled(p.steps, p.start_row, p.tol, &error);
     store_tiny<NMAX>(static_cast<scalar_t*>(p.plan) + b * n * m, n, m,
                      [&](int i, int j) { return q.plan(i, j); },
                      static_cast<acc_t*>(p.f) + b * n, q.f, static_cast<acc_t*>(p.g) + b * m, q.g);

@@ -26,6 +26,7 @@ struct Case {
   int64_t n, m, steps;
   bool start_row, marginals, masked;
   double tol;
+  double scale = 2;  // of the random scores
 };
 
 // A batch of B random float64 problems for case c: the masks (a masked entry, an empty row in
@@ -38,7 +39,7 @@ struct Batch {
 Batch make_batch(const Case& c, int64_t B, int64_t seed) {
   at::manual_seed(seed);
   Batch t;
-  t.S = at::randn({B, c.n, c.m}, at::kDouble) * 2;
+  t.S = at::randn({B, c.n, c.m}, at::kDouble) * c.scale;
   if (c.masked) {
     t.S.index_put_({0, 0, 0}, -kInf);
     t.S.select(0, 1).select(0, c.n - 1).fill_(-kInf);
@@ -73,17 +74,19 @@ sinkhorn::TinyProblem<NMAX, double> tiny_problem(const Batch& t, const Case& c, 
   return q;
 }
 
-// Solves every problem of a batch with TinyProblem<NMAX, double> and compares the plan,
-// potentials, steps and error with the CPU operator.
+// Solves every problem of a batch with TinyProblem<NMAX, double> (solve, or with `scaled` the
+// scaling form solve_scaled of the CUDA tiny forward) and compares the plan, potentials, steps
+// and error with the CPU operator.
 template <int NMAX>
-void check_against_operator(const Case& c) {
+void check_against_operator(const Case& c, bool scaled = false) {
   const int64_t B = 23;
   const auto t = make_batch(c, B, c.n * 100 + c.m * 10 + c.steps);
   const auto r = sinkhorn_ops::sinkhorn(t.S, t.o);
   for (int64_t p = 0; p < B; ++p) {
     auto q = tiny_problem<NMAX>(t, c, p);
     double error = -1;
-    const int64_t used = q.solve(c.steps, c.start_row, c.tol, &error);
+    const int64_t used = scaled ? q.solve_scaled(c.steps, c.start_row, c.tol, &error)
+                                : q.solve(c.steps, c.start_row, c.tol, &error);
     EXPECT_EQ(used, r.steps[p].item<int64_t>()) << "problem " << p;
     EXPECT_NEAR(error, r.error[p].item<double>(), 1e-10) << "problem " << p;
     for (int64_t i = 0; i < c.n; ++i) {
@@ -114,6 +117,32 @@ TEST(TinyProblem, MatchesTheCpuOperator) {
       {7, 6, 300, false, true, false, 1e-7},
   };
   for (const auto& c : wide) check_against_operator<8>(c);
+}
+
+TEST(TinyProblem, ScalingFormMatchesTheCpuOperator) {
+  const std::vector<Case> cases = {
+      {4, 4, 40, false, false, false, 0.0},          // mHC: refreshes at steps 16 and 32
+      {4, 4, 0, true, false, false, 0.0},            // no step
+      {4, 4, 1, true, false, false, 0.0},            // the exact step 0 alone
+      {3, 2, 7, true, true, false, 0.0},             // rectangular, user marginals
+      {4, 3, 9, false, false, true, 0.0},            // an empty row, an empty column
+      {2, 4, 500, true, false, false, 1e-6},         // early stopping on scaled steps
+      {4, 4, 60, false, false, false, 0.0, 40.0},    // wide scores: sums under the floor
+      {4, 4, 300, true, true, true, 1e-9, 300.0},    // extreme, to convergence
+      // Extreme scores between refreshes: lines whose sums underflow, ratios whose products
+      // leave their range.
+      {4, 4, 10, true, false, false, 0.0, 300.0},
+      {4, 4, 15, false, true, false, 0.0, 600.0},
+  };
+  for (const auto& c : cases) check_against_operator<4>(c, true);
+  const std::vector<Case> wide = {
+      {8, 8, 40, false, false, false, 0.0},
+      {5, 8, 11, true, true, true, 0.0},
+      {7, 6, 300, false, true, false, 1e-7},
+      {8, 8, 50, true, false, true, 0.0, 60.0},
+      {8, 8, 13, true, false, true, 0.0, 400.0},
+  };
+  for (const auto& c : wide) check_against_operator<8>(c, true);
 }
 
 // TinyProblem::backward against the CPU operator's unrolled backward, with per-problem step
