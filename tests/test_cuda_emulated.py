@@ -102,6 +102,9 @@ def test_launch_rewrite():
     assert "::emu::launch(k<T, 4>, ::emu::Config(grid, 32, 0, s))(p);" in out
     assert "::emu::launch(ker, ::emu::Config(g, b))(q);" in out
     assert "unsigned char* buf = reinterpret_cast<unsigned char*>(::emu::dynamic_shared());" in out
+    out = build.rewrite("__global__ void __launch_bounds__(f(4), 2) k(int p) {\n  x;", "x.cu")
+    assert out == ("__global__ void __launch_bounds__(f(4), 2) k(int p) {"
+                   " ::emu::check_launch_bounds(f(4));\n  x;")
     out = build.rewrite("  __shared__ float a[4], b;\n", "x.cu")
     assert out == ("  __shared__ float a[4], b; ::emu::shared_variable(&a, sizeof(a));"
                    " ::emu::shared_variable(&b, sizeof(b));\n")

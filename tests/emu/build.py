@@ -8,6 +8,8 @@ first two):
 - ``extern __shared__ T name[];`` becomes a pointer to the block's emulated dynamic shared memory,
   and every other ``__shared__`` declaration is followed by a call that poisons the variable
   when a block first meets it;
+- each kernel with ``__launch_bounds__(B)`` starts with a check that fails a launch of more
+  than B threads, as a GPU would;
 - sinkhorn_cuda.cpp registers its operators on the CPU key instead of the CUDA key, under the
   variant's namespace (VARIANTS).
 
@@ -77,7 +79,31 @@ def _register_shared(match) -> str:
     return f"{indent}__shared__ {decl};{calls}"
 
 
+def rewrite_launch_bounds(text: str) -> str:
+    """After ``__launch_bounds__(B) ... {``, a call that fails a launch of more than B threads
+    (on a GPU, such a launch fails)."""
+    out, pos = [], 0
+    while (i := text.find("__launch_bounds__(", pos)) >= 0:
+        k, depth, bound = i + len("__launch_bounds__("), 1, None
+        start = k
+        while depth:
+            if text[k] == "(":
+                depth += 1
+            elif text[k] == ")":
+                depth -= 1
+            elif text[k] == "," and depth == 1 and bound is None:
+                bound = text[start:k]
+            k += 1
+        bound = bound if bound is not None else text[start:k - 1]
+        body = text.index("{", k) + 1
+        out.append(text[pos:body] + f" ::emu::check_launch_bounds({bound.strip()});")
+        pos = body
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def rewrite(text: str, name: str, namespace: str = "sinkhorn_emu") -> str:
+    text = rewrite_launch_bounds(text)
     text = _EXTERN_SHARED.sub(
         r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_shared());", text)
     text = _STATIC_SHARED.sub(_register_shared, text)

@@ -272,6 +272,15 @@ uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg) {
 
 void set_max_dynamic_shared(const void* kernel, int bytes) { max_dynamic_shared()[kernel] = bytes; }
 
+void check_launch_bounds(long long bound) {
+  const BlockRun& r = run();
+  const long long threads = 1LL * r.block_dim.x * r.block_dim.y * r.block_dim.z;
+  if (threads > bound)
+    throw std::runtime_error("emulated CUDA launch: a block of " + std::to_string(threads) +
+                             " threads for a kernel declared __launch_bounds__(" +
+                             std::to_string(bound) + ") (cudaErrorInvalidConfiguration)");
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
               const std::function<void()>& body) {
   const size_t threads = size_t(block.x) * block.y * block.z;

@@ -15,11 +15,11 @@
 // What it checks that a GPU would also reject: a barrier or collective some threads never reach
 // (reported as a deadlock), a warp collective with exited or diverged lanes, a partial mask, more
 // than 48 KiB of dynamic shared memory without cudaFuncSetAttribute or more than the device's
-// opt-in limit, block sizes over 1024 and grid sizes over the limits. What it does not: data races
-// inside a barrier interval (beyond the two orders), out-of-bounds accesses, __launch_bounds__,
-// timing. Shared memory, dynamic and static, starts each block filled with 0xff bytes (NaN
-// floats), so a read before a write shows. One launch runs at a time; an exception thrown inside
-// a thread ends the launch and reaches its caller.
+// opt-in limit, block sizes over 1024 or over the kernel's __launch_bounds__, and grid sizes over
+// the limits. What it does not: data races inside a barrier interval (beyond the two orders),
+// out-of-bounds accesses, timing. Shared memory, dynamic and static, starts each block filled
+// with 0xff bytes (NaN floats), so a read before a write shows. One launch runs at a time; an
+// exception thrown inside a thread ends the launch and reaches its caller.
 #pragma once
 
 #include <cstddef>
@@ -61,6 +61,9 @@ void shared_variable(void* address, size_t bytes);
 uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg);
 
 void set_max_dynamic_shared(const void* kernel, int bytes);
+// Called at the start of a kernel declared with __launch_bounds__(bound) (build.py adds the
+// call): a block of more threads would not launch on a GPU.
+void check_launch_bounds(long long bound);
 // Runs body once per thread of every block of the grid (the blocks in order).
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
               const std::function<void()>& body);
