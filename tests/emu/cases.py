@@ -186,6 +186,14 @@ def _cases():
         start="col", masked=True)
     add("fwd-natural-large-1030x1030-f64-given-tol", check_forward, B=2, n=1030, m=1030,
         dtype=F64, steps=12, tol=1e-4, given=True)
+    # Both sides of the boundaries: the large path at n * m = 2^20 (1023 x 1025 is one entry
+    # short, on the block path); under SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and
+    # m = 16384 (fp32; 8192 in fp64) and the fused kernel's row-register buckets (2048 | 2049).
+    add("fwd-natural-block-1023x1025", check_forward, B=1, n=1023, m=1025, dtype=F32, steps=3)
+    for m in (1023, 1024, 2048, 2049, 16384, 16385):
+        add(f"fwd-edge-3x{m}-f32", check_forward, B=2, n=3, m=m, dtype=F32, steps=5, seed=m)
+    for m in (8192, 8193):
+        add(f"fwd-edge-3x{m}-f64", check_forward, B=1, n=3, m=m, dtype=F64, steps=4, seed=m)
     # Unrolled backward: tiny (steps <= 64; float64 up to 4x4, larger float64 on the block path),
     # block, composite (large). Given marginals in float64 and bfloat16, the defaults in float32.
     for n, m in ((1, 1), (4, 4), (3, 7), (8, 8), (5, 4)):
