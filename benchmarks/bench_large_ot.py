@@ -126,6 +126,13 @@ def main() -> None:
              .split(",")]
     policy = dict(slow_s=2.0, budget_s=0.5, min_reps=3, max_reps=20)
     fused = os.environ.get("SINKHORN_CUDA_FUSED", "1") != "0"
+    env = bu.environment(device)
+    env["SINKHORN_CUDA_FUSED"] = "1 (fused iterations)" if fused else "0 (unfused)"
+    header = ["n", "dtype", "S MiB", "provider", "ms p50", "GB/s", "× one read of S", "steps",
+              "L1 marginal error", "×POT", "target", "note"]
+    keys = ["n", "dtype", "s_mib", "provider", "ms_p50", "gb_s", "ratio_to_read", "steps",
+            "l1_error", "speedup", "target", "note"]
+    stem = f"large_ot_{device}" + ("" if fused else "_unfused")
     rows: list[dict] = []
     for n in sizes:
         for dtype in (torch.float32, torch.bfloat16):
@@ -137,18 +144,13 @@ def main() -> None:
                 rows.append(dict(n=n, dtype=str(dtype), provider="ours",
                                  note=("OOM" if bu.is_oom(exc) else f"failed: {exc}")[:200]))
             bu.free_memory(device)
-    env = bu.environment(device)
-    env["SINKHORN_CUDA_FUSED"] = "1 (fused iterations)" if fused else "0 (unfused)"
-    header = ["n", "dtype", "S MiB", "provider", "ms p50", "GB/s", "× one read of S", "steps",
-              "L1 marginal error", "×POT", "target", "note"]
-    keys = ["n", "dtype", "s_mib", "provider", "ms_p50", "gb_s", "ratio_to_read", "steps",
-            "l1_error", "speedup", "target", "note"]
-    body = [bu.markdown_table(header, [[r.get(k) for k in keys] for r in rows]), "",
-            f"- eps = {EPS}, tol = {args.tol}; iteration = (t(K + 2I) - t(K)) / I with I = "
-            f"{args.iters}; one read of S = half the copy's time (same run)."]
-    stem = f"large_ot_{device}" + ("" if fused else "_unfused")
-    bu.write_results(args.out, stem, f"Large OT ({device}, "
-                     f"{'fused' if fused else 'unfused'} iterations)", rows, env, body)
+            # Written after every size, so that a run cut short keeps what it measured.
+            body = [bu.markdown_table(header, [[r.get(k) for k in keys] for r in rows]), "",
+                    f"- eps = {EPS}, tol = {args.tol}; iteration = (t(K + 2I) - t(K)) / I with "
+                    f"I = {args.iters}; one read of S = half the copy's time (same run)."]
+            bu.write_results(args.out, stem, f"Large OT ({device}, "
+                             f"{'fused' if fused else 'unfused'} iterations)", rows, dict(env),
+                             body)
 
 
 if __name__ == "__main__":
