@@ -154,113 +154,137 @@ struct TinyProblem {
   // increments are kept apart as products (prod) and, once a product would leave
   // [1/range, range], as sums of logs (acc), and join the potentials at the exact steps: step 0,
   // every kRefreshEvery-th step, any step where an allowed line's sum falls below the floor
-  // (where the linear form would lose mass to underflow) or an allowed entry of K below the
-  // smallest normal number, and every step of a problem with a NaN or +inf score (whose NaN
-  // must spread as in the log domain). An exact step is the log-domain
+  // (where the linear form would lose mass to underflow) or an allowed entry of K between two
+  // lines with nonzero targets falls below the smallest normal number, and every step of a
+  // problem with a NaN or +inf score (whose NaN must spread as in the log domain). An exact step is the log-domain
   // step, which also rebuilds K. The same iterates as solve() up to rounding; same stopping.
   SK_HD int64_t solve_scaled(int64_t steps, bool start_row, double tol, T* error) {
     const T ninf = math::neg_inf<T>();
-    const T floor = sizeof(T) == sizeof(double) ? T(1e-290) : T(1e-30);
-    const T range = sizeof(T) == sizeof(double) ? T(1e100) : T(1e12);
-    const T tiny = sizeof(T) == sizeof(double) ? T(2.2250738585072014e-308) : T(1.17549435e-38);
-    T target[2][NMAX], prod[2][NMAX], acc[2][NMAX], K[NMAX * NMAX];
+    Scaled st;
     T mass = T(0);
-    bool nonfinite = false;
+    st.nonfinite = false;
     SK_UNROLL
     for (int a = 0; a < NMAX; ++a) {
-      target[0][a] = la[a] > ninf ? math::exp_(la[a]) : T(0);
-      target[1][a] = lb[a] > ninf ? math::exp_(lb[a]) : T(0);
-      mass += target[0][a];
-      prod[0][a] = prod[1][a] = T(1);
-      acc[0][a] = acc[1][a] = T(0);
+      st.target[0][a] = la[a] > ninf ? math::exp_(la[a]) : T(0);
+      st.target[1][a] = lb[a] > ninf ? math::exp_(lb[a]) : T(0);
+      mass += st.target[0][a];
+      st.prod[0][a] = st.prod[1][a] = T(1);
+      st.acc[0][a] = st.acc[1][a] = T(0);
     }
     SK_UNROLL
-    for (int k = 0; k < NMAX * NMAX; ++k) nonfinite = nonfinite || !(s[k] < -ninf);
-    const T threshold = static_cast<T>(tol) * mass;
-    // Adds the pending increments to the potentials.
-    auto fold = [&]() {
-      SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        f[a] += acc[0][a] + log0(prod[0][a]);
-        g[a] += acc[1][a] + log0(prod[1][a]);
-        prod[0][a] = prod[1][a] = T(1);
-        acc[0][a] = acc[1][a] = T(0);
-      }
-    };
+    for (int k = 0; k < NMAX * NMAX; ++k) st.nonfinite = st.nonfinite || !(s[k] < -ninf);
+    st.tol = tol;
+    st.threshold = static_cast<T>(tol) * mass;
     for (int64_t k = 0; k < steps; ++k) {
+      // The axis as a template argument: every array index is then a compile-time constant,
+      // which keeps the arrays in a GPU thread's registers.
       const bool row = ((k % 2) == 0) == start_row;
-      const int ax = row ? 0 : 1;
-      T got[NMAX], l[NMAX];  // the marginal under the current potentials; the exact step's LSEs
-      bool exact = k == 0 || nonfinite || k % kRefreshEvery == 0;
-      if (!exact) {  // K is set from step 0 on
-        SK_UNROLL
-        for (int a = 0; a < NMAX; ++a) {
-          T sum = T(0);
-          SK_UNROLL
-          for (int b = 0; b < NMAX; ++b) sum += K[row ? a * NMAX + b : b * NMAX + a];
-          got[a] = sum;
-          exact = exact || (sum < floor && target[ax][a] > T(0));
-        }
-        // An allowed entry below the smallest normal number has lost digits (or all of them),
-        // which later steps could scale up to matter: it must come from the potentials.
-        SK_UNROLL
-        for (int k2 = 0; k2 < NMAX * NMAX; ++k2)
-          exact = exact || (K[k2] < tiny && s[k2] != ninf);
-      }
-      if (exact) {
-        fold();
-        SK_UNROLL
-        for (int a = 0; a < NMAX; ++a) {
-          l[a] = lse(row, a);
-          got[a] = l[a] == ninf ? T(0) : math::exp_(l[a] + (row ? f[a] : g[a]));
-        }
-      }
-      if (tol > 0 && k >= 1) {
-        T err = T(0);
-        SK_UNROLL
-        for (int a = 0; a < NMAX; ++a) {
-          const T d = got[a] - target[ax][a];
-          err += d < T(0) ? -d : d;
-        }
-        if (err <= threshold) {
-          fold();
-          *error = err;
-          return k;
-        }
-      }
-      if (exact) {
-        set_potentials(row, l);
-        // K = exp(S + f (+) g) from the new potentials: for an empty line (LSE -inf) every
-        // entry is 0 (masked), and a NaN LSE makes its line NaN.
-        SK_UNROLL
-        for (int i = 0; i < NMAX; ++i)
-          SK_UNROLL
-          for (int j = 0; j < NMAX; ++j) {
-            const T x = s[i * NMAX + j];
-            K[i * NMAX + j] = x == ninf ? T(0) : math::exp_(x + f[i] + g[j]);
-          }
-        continue;
-      }
-      SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) {
-        // An empty line keeps its potential (math::potential); a zero target empties the line.
-        const T ratio = got[a] > T(0) ? target[ax][a] / got[a] : T(1);
-        SK_UNROLL
-        for (int b = 0; b < NMAX; ++b) K[row ? a * NMAX + b : b * NMAX + a] *= ratio;
-        const T next = prod[ax][a] * ratio;
-        if (next > range || next < T(1) / range) {
-          acc[ax][a] += log0(prod[ax][a]) + log0(ratio);
-          prod[ax][a] = T(1);
-        } else {
-          prod[ax][a] = next;
-        }
-      }
+      if (row ? scaled_step<true>(st, k, error) : scaled_step<false>(st, k, error)) return k;
     }
-    fold();
+    fold(st);
     *error = unfixed_error(steps, start_row);
     return steps;
   }
 
+ private:
+  // solve_scaled's state: the targets a and b, K, the pending increments of f and g.
+  struct Scaled {
+    T target[2][NMAX], prod[2][NMAX], acc[2][NMAX], K[NMAX * NMAX];
+    T threshold;
+    double tol;
+    bool nonfinite;
+  };
+
+  // Adds the pending increments to the potentials.
+  SK_HD void fold(Scaled& st) {
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      f[a] += st.acc[0][a] + log0(st.prod[0][a]);
+      g[a] += st.acc[1][a] + log0(st.prod[1][a]);
+      st.prod[0][a] = st.prod[1][a] = T(1);
+      st.acc[0][a] = st.acc[1][a] = T(0);
+    }
+  }
+
+  // Step k of solve_scaled, a row step (ROW) or a column step. Returns whether the problem
+  // stopped before it (then *error is the stopping error and the potentials are final).
+  template <bool ROW>
+  SK_HD bool scaled_step(Scaled& st, int64_t k, T* error) {
+    constexpr int ax = ROW ? 0 : 1;
+    const T ninf = math::neg_inf<T>();
+    const T floor = sizeof(T) == sizeof(double) ? T(1e-290) : T(1e-30);
+    const T range = sizeof(T) == sizeof(double) ? T(1e100) : T(1e12);
+    const T tiny = sizeof(T) == sizeof(double) ? T(2.2250738585072014e-308) : T(1.17549435e-38);
+    T got[NMAX], l[NMAX];  // the marginal under the current potentials; the exact step's LSEs
+    bool exact = k == 0 || st.nonfinite || k % kRefreshEvery == 0;
+    if (!exact) {  // K is set from step 0 on
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        T sum = T(0);
+        SK_UNROLL
+        for (int b = 0; b < NMAX; ++b) {
+          const int e = ROW ? a * NMAX + b : b * NMAX + a;
+          sum += st.K[e];
+          // An allowed entry of two live lines below the smallest normal number has lost
+          // digits (or all of them), which later steps could scale up to matter: it must come
+          // from the potentials.
+          exact = exact || (st.K[e] < tiny && s[e] != ninf && st.target[ax][a] > T(0) &&
+                            st.target[1 - ax][b] > T(0));
+        }
+        got[a] = sum;
+        exact = exact || (sum < floor && st.target[ax][a] > T(0));
+      }
+    }
+    if (exact) {
+      fold(st);
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        l[a] = lse(ROW, a);
+        got[a] = l[a] == ninf ? T(0) : math::exp_(l[a] + (ROW ? f[a] : g[a]));
+      }
+    }
+    if (st.tol > 0 && k >= 1) {
+      T err = T(0);
+      SK_UNROLL
+      for (int a = 0; a < NMAX; ++a) {
+        const T d = got[a] - st.target[ax][a];
+        err += d < T(0) ? -d : d;
+      }
+      if (err <= st.threshold) {
+        fold(st);
+        *error = err;
+        return true;
+      }
+    }
+    if (exact) {
+      set_potentials(ROW, l);
+      // K = exp(S + f (+) g) from the new potentials: for an empty line (LSE -inf) every entry
+      // is 0 (masked), and a NaN LSE makes its line NaN.
+      SK_UNROLL
+      for (int e = 0; e < NMAX * NMAX; ++e) {
+        const T x = s[e];
+        st.K[e] = x == ninf ? T(0) : math::exp_(x + f[e / NMAX] + g[e % NMAX]);
+      }
+      return false;
+    }
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      // An empty line keeps its potential (math::potential); a zero target empties the line.
+      const T ratio = got[a] > T(0) ? st.target[ax][a] / got[a] : T(1);
+      SK_UNROLL
+      for (int b = 0; b < NMAX; ++b) st.K[ROW ? a * NMAX + b : b * NMAX + a] *= ratio;
+      const T next = st.prod[ax][a] * ratio;
+      if (next > range || next < T(1) / range) {
+        st.acc[ax][a] += log0(st.prod[ax][a]) + log0(ratio);
+        st.prod[ax][a] = T(1);
+      } else {
+        st.prod[ax][a] = next;
+      }
+    }
+    return false;
+  }
+
+ public:
   // log x, and -inf for x = 0 (a zero target's ratio).
   static SK_HD T log0(T x) { return x > T(0) ? math::log_(x) : math::neg_inf<T>(); }
 

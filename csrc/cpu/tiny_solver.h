@@ -110,9 +110,9 @@ struct TinySolver {
     // product (Pending): a multiplication per row instead of an exp per entry, the same iterate
     // as the log-domain step. Step 0, every
     // kRefreshEvery-th step, any step where an allowed sum falls below floor_mass (where the
-    // linear form would lose mass to underflow) or an allowed entry of K below the smallest
-    // normal number (where it lost digits, or all of them, which later steps could scale up to
-    // matter), and groups with a +inf or NaN score (whose NaN potentials must spread over their
+    // linear form would lose mass to underflow) or an allowed entry of K between two lines
+    // with nonzero targets below the smallest normal number (where it lost digits, or all of
+    // them, which later steps could scale up to matter), and groups with a +inf or NaN score (whose NaN potentials must spread over their
     // problem) take the exact log-domain step instead and rebuild K from the potentials.
     V K[kTinyMax * kTinyMax];
     Pending dpot;  // the potentials' increments since the last exact step
@@ -132,9 +132,11 @@ struct TinySolver {
           V sum = zero;
           for (int64_t j = 0; j < other; ++j) {
             sum += at(i, j);
-            // An allowed entry below the smallest normal has lost its digits (or all of it):
-            // later steps may scale it up to matter, so it must come from the potentials.
-            low = low | (at(i, j) < tiny && allowed(i, j) && done == zero);
+            // An allowed entry of two lines with nonzero targets below the smallest normal has
+            // lost its digits (or all of them): later steps may scale it up to matter, so it
+            // must come from the potentials. (A zero target's line is 0 for good.)
+            low = low | (at(i, j) < tiny && allowed(i, j) && done == zero &&
+                         target[ax][i] > zero && target[1 - ax][j] > zero);
           }
           got[i] = sum;
           low = low | (sum < floor_mass && target[ax][i] > zero);

@@ -274,7 +274,7 @@ bool large_forward_applies(const FwdParams& p) {
   static const bool forced = env_is("SINKHORN_CUDA_FORWARD", "large");
   // The column pass puts problems on the grid's z dimension and row strips on y (each at most
   // 65535).
-  const bool fits = p.B <= 65535 && large::strips_of(p.B, p.n) <= 65535;
+  const bool fits = p.n >= 1 && p.m >= 1 && p.B <= 65535 && large::strips_of(p.B, p.n) <= 65535;
   return fits && (forced || (!disabled && p.n * p.m >= kMinEntries));
 }
 

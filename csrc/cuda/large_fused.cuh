@@ -128,7 +128,8 @@ void launch_row_col(const FwdParams& p, const Work<acc_t>& w, cudaStream_t strea
     case 8: return go(row_col_kernel<8, scalar_t>);
     case 16: return go(row_col_kernel<16, scalar_t>);
     case 32: return go(row_col_kernel<32, scalar_t>);
-    default: return go(row_col_kernel<64, scalar_t>);
+    default:  // 64 (fp64 never gets here: its partials fit only up to m = 8192)
+      if constexpr (sizeof(acc_t) == sizeof(float)) return go(row_col_kernel<64, scalar_t>);
   }
 }
 

@@ -26,8 +26,15 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_forward_kernel(const FwdPar
     load_tiny<scalar_t>(p, b, q);
     acc_t error;
     // The scaling form: a multiplication an entry a step instead of an exponential, which
-    // bounds a log-domain step on problems this small.
-    const int64_t used = q.solve_scaled(p.steps, p.start_row, p.tol, &error);
+    // bounds a log-domain step on problems this small. Not for 8 x 8 in float64, whose K would
+    // not fit in a thread's registers (ptxas: about 1 KB of local memory); it steps in the log
+    // domain.
+    int64_t used;
+    if constexpr (NMAX == 4 || sizeof(acc_t) == sizeof(float)) {
+      used = q.solve_scaled(p.steps, p.start_row, p.tol, &error);
+    } else {
+      used = q.solve(p.steps, p.start_row, p.tol, &error);
+    }
     store_tiny<NMAX>(static_cast<scalar_t*>(p.plan) + b * n * m, n, m,
                      [&](int i, int j) { return q.plan(i, j); },
                      static_cast<acc_t*>(p.f) + b * n, q.f, static_cast<acc_t*>(p.g) + b * m, q.g);
