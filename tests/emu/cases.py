@@ -79,7 +79,7 @@ def check_forward(B, n, m, dtype, steps=9, start="row", tol=0.0, masked=False, g
     got = emu().sinkhorn(*args)
     want = torch.ops.sinkhorn_ops.sinkhorn(*args)
     # With tol, a low-precision problem may stop a step apart; its plan then differs by ~tol.
-    steps_gap = (got[3] - want[3]).abs().max().item()
+    steps_gap = (got[3] - want[3]).abs().max().item() if B else 0
     assert steps_gap <= (0 if dtype == torch.float64 or tol == 0 else 2), (got[3], want[3])
     if steps_gap:  # a step apart: the plans differ by about tol
         assert_close(got[0], want[0], "plan", atol=50 * tol)
@@ -190,6 +190,9 @@ def _cases():
     # short, on the block path); under SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and
     # m = 16384 (fp32; 8192 in fp64) and the fused kernel's row-register buckets (2048 | 2049).
     add("fwd-natural-block-1023x1025", check_forward, B=1, n=1023, m=1025, dtype=F32, steps=3)
+    # Empty problems (every forced path must leave them alone), and an empty batch.
+    for B, n, m in ((2, 0, 5), (2, 5, 0), (0, 3, 4)):
+        add(f"fwd-empty-{B}x{n}x{m}", check_forward, B=B, n=n, m=m, dtype=F32, steps=4)
     for m in (1023, 1024, 2048, 2049, 16384, 16385):
         add(f"fwd-edge-3x{m}-f32", check_forward, B=2, n=3, m=m, dtype=F32, steps=5, seed=m)
     for m in (8192, 8193):
