@@ -82,7 +82,8 @@ def bench_size(n: int, dtype: torch.dtype, device: str, policy: dict, iters: int
                      ratio_to_read=per_iter / read_ms,
                      target=f"<= {ITER_TARGET}x one read: "
                             f"{'met' if per_iter <= ITER_TARGET * read_ms else 'NOT met'}",
-                     note=f"({k0 + 2 * iters} steps {t1:.3g} ms - {k0} steps {t0:.3g} ms) / {iters}"))
+                     note=f"({k0 + 2 * iters} steps {t1:.3g} ms - {k0} steps {t0:.3g} ms)"
+                          f" / {iters}"))
 
     cap = 4000
     res = sinkhorn_ops.sinkhorn(S, a, b, steps=cap, start="col", tol=tol, return_potentials=True)

@@ -2,8 +2,9 @@
 CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
 (short-wide, tall-narrow, fused iterations), the V4 and paper mHC Sinkhorn kernels (forward and
 backward, n = 1..8; the paper's on problems in both domains), the mHC stream mixings, both
-stopping modes, default, masked and explicit marginals, empty dimensions, every dtype. Each case is also compared with the reference, loosely: a sanitizer run should fail on a
-wrong kernel too, not only on a memory error.
+stopping modes, default, masked and explicit marginals, empty dimensions, every dtype. Each case
+is also compared with the reference, loosely: a sanitizer run should fail on a wrong kernel too,
+not only on a memory error.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
 """

@@ -186,6 +186,15 @@ __device__ const scalar_t* stage_scores(const scalar_t* S, int64_t nm, bool stag
   return dst;
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory: above the default 48 KiB a kernel
+// must opt in (up to the device's limit, which the callers check).
+template <typename... P>
+void allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
+}
+
 // Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
 // over the rest), at least one.
 inline unsigned blocks_for(int64_t work, int64_t per_block) {
@@ -205,9 +214,7 @@ void launch_per_problem(const Params& p, cudaStream_t stream, KernelFor&& kernel
   q.staged = smem > 0;
   block_size_switch(p.n * p.m, [&](auto block) {
     auto* kernel = kernel_for(block);
-    if (smem > 48 * 1024)  // above the default dynamic shared-memory limit
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
+    allow_dynamic_shared(kernel, smem);
     kernel<<<grid, decltype(block)::value, smem, stream>>>(q);
   });
 }

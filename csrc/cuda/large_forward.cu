@@ -10,9 +10,9 @@
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
 // A row step followed by a column step (every iteration but a lone first or last step) is fused
-// when 1024 <= m <= 16384 (8192 in float64): one kernel reads S once for both (large_fused.cuh), then the row
-// update, the column merge and the column update run, so an iteration reads S once instead of
-// twice. SINKHORN_CUDA_FUSED=0 turns the fusion off. A stopped problem's flag makes every later
+// when 1024 <= m <= 16384 (8192 in float64): one kernel reads S once for both
+// (large_fused.cuh), then the row update, the column merge and the column update run, so an
+// iteration reads S once instead of twice. SINKHORN_CUDA_FUSED=0 turns the fusion off. A stopped problem's flag makes every later
 // kernel skip it. With tol > 0 the launches continue after every problem has stopped (they
 // return at once): deciding to stop the loop would need the host to read the flags. The LSEs
 // are merged from strips and chunks, so they can differ from the block kernel's (and the

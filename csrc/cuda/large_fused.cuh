@@ -88,7 +88,8 @@ __global__ void __launch_bounds__(kThreads) row_col_kernel(const FwdParams p, Wo
     }
     __syncthreads();
     Lse<acc_t> total = math::lse_empty<acc_t>();
-    for (int q = 0; q < kRowWarps; ++q) total = math::lse_merge(total, Lse<acc_t>{warp_max[q], warp_sum[q]});
+    for (int q = 0; q < kRowWarps; ++q)
+      total = math::lse_merge(total, Lse<acc_t>{warp_max[q], warp_sum[q]});
     __syncthreads();  // every thread has read the warp partials before the next row's writes
     const acc_t lse = math::lse_value(total);
     if (threadIdx.x == 0) w.lse[b * w.L + i] = lse;
@@ -118,9 +119,7 @@ void launch_row_col(const FwdParams& p, const Work<acc_t>& w, cudaStream_t strea
   const dim3 grid(static_cast<unsigned>(w.strips), static_cast<unsigned>(p.B));
   const size_t shared = fused_shared_bytes(p.m, sizeof(acc_t));
   auto go = [&](auto kernel) {
-    if (shared > 48 * 1024)  // above the default dynamic shared-memory limit
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(shared));
+    dev::allow_dynamic_shared(kernel, shared);
     kernel<<<grid, kThreads, shared, stream>>>(p, w);
   };
   switch (fused_vals(p.m)) {
