@@ -92,6 +92,14 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def copy_fn(nbytes: int, device: str) -> Callable[[], object]:
+    """A device-to-device copy that reads nbytes / 2 and writes nbytes / 2: the bandwidth baseline
+    of a kernel that must move nbytes (timed in the same run as the kernel)."""
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 _L2_FLUSH: dict[str, torch.Tensor] = {}
 
 

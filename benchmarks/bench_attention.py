@@ -287,10 +287,10 @@ def main() -> int:
     for L in lengths(args.device, args.quick):
         for dtype in dtypes:
             rows += run_length(L, dtype, args.device, policy)
-
-    body = markdown(rows, args.device, args.quick)
-    bu.write_results(args.out, f"attention_{args.device}",
-                     f"sinkhorn attention benchmark ({args.device})", rows, env, body)
+            # After every length, so that a run cut short keeps what it measured.
+            bu.write_results(args.out, f"attention_{args.device}",
+                             f"sinkhorn attention benchmark ({args.device})", rows, dict(env),
+                             markdown(rows, args.device, args.quick))
     failed = sorted({f"L={r['L']} {r['dtype']} steps={r['steps']}"
                      for r in rows if r.get("check") == "FAIL"})
     if failed:

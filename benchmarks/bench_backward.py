@@ -344,10 +344,10 @@ def main() -> int:
     for case in cases:
         for dtype in dtypes:
             rows += run_case(case, dtype, args.device, policy, skip)
-
-    body = markdown(rows, cases, args.device, skip)
-    bu.write_results(args.out, f"backward_{args.device}",
-                     f"sinkhorn backward benchmark ({args.device})", rows, env, body)
+            # After every case, so that a run cut short keeps what it measured.
+            bu.write_results(args.out, f"backward_{args.device}",
+                             f"sinkhorn backward benchmark ({args.device})", rows, dict(env),
+                             markdown(rows, cases, args.device, skip))
     failed = [f"{r['case']} {r['dtype']} K={r['steps']} {r['provider']}"
               for r in rows if r["check"] == "FAIL"]
     if failed:

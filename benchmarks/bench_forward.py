@@ -169,8 +169,8 @@ def pot_solver(case: Case, s: Setup, k: int, device: str) -> Callable[[], list]:
 def row(case: Case, dtype: torch.dtype, provider: str, **kw) -> dict:
     r = dict(case=case.name, problem=f"{case.batch}x{case.n}x{case.m}", dtype=DTYPE_NAMES[dtype],
              provider=provider, steps=None, ms_p20=None, ms_p50=None, ms_p80=None, reps=None,
-             speedup=None, **bu.PAIRED_FIELDS, gb_s=None, peak_mb=None, max_abs_diff=None,
-             check=None, compile_s=None, note="")
+             speedup=None, **bu.PAIRED_FIELDS, gb_s=None, copy_share=None, peak_mb=None,
+             max_abs_diff=None, check=None, compile_s=None, note="")
     r.update(kw)
     return r
 
@@ -207,9 +207,18 @@ def run_case(case: Case, dtype: torch.dtype, device: str, policy: dict) -> list[
     timed(ours, lambda: sinkhorn_ops.sinkhorn(s.scores, s.a, s.b, steps=case.steps,
                                               start=case.start, tol=case.tol), device, policy)
     rows.append(ours)
+    io_bytes = 2 * s.scores.numel() * s.scores.element_size()  # one read of S, one write of P
     if ours["ms_p50"]:
-        io_bytes = 2 * s.scores.numel() * s.scores.element_size()  # one read of S, one write of P
         ours["gb_s"] = io_bytes / (ours["ms_p50"] * 1e-3) / 1e9
+    if device == "cuda":  # the bandwidth baseline: a copy moving the same bytes, same run
+        print(f"[{name}] copy", flush=True)
+        cp = timed(row(case, dtype, "copy", note=f"copy_ of {io_bytes // 2} bytes"),
+                   bu.copy_fn(io_bytes, device), device, policy)
+        if cp["ms_p50"]:
+            cp["gb_s"] = io_bytes / (cp["ms_p50"] * 1e-3) / 1e9
+            if ours["gb_s"]:
+                ours["copy_share"] = ours["gb_s"] / cp["gb_s"]
+        rows.append(cp)
 
     # Baselines run the k steps our op used, without tol: the reference's tol loop would run all
     # case.steps steps (it masks finished problems rather than leaving the loop).
@@ -279,7 +288,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
               "×eager", "compile ms", "×compile", "POT ms", "×POT", "max abs ΔP ours / eager",
               "check"]
     if device == "cuda":
-        header.insert(6, "peak MiB ours / eager / compile / POT")
+        header[6:6] = ["copy ms", "share of copy GB/s", "peak MiB ours / eager / compile / POT"]
     if device == "cpu":
         header.append("target")
     table, notes = [], []
@@ -302,7 +311,9 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                  f"{bu.fmt(o.get('max_abs_diff'))} / {bu.fmt(get('eager').get('max_abs_diff'))}",
                  o.get("check")]
         if device == "cuda":
-            cells.insert(6, " / ".join(bu.fmt(get(p).get("peak_mb")) for p in PROVIDERS))
+            share = o.get("copy_share")
+            cells[6:6] = [ms("copy"), "—" if share is None else f"{share:.0%}",
+                          " / ".join(bu.fmt(get(p).get("peak_mb")) for p in PROVIDERS)]
         if device == "cpu":
             case = cases[key[0]]
             goal = ""
@@ -322,7 +333,9 @@ def markdown(rows: list[dict], device: str) -> list[str]:
     return [
         bu.PAIRED_LEGEND,
         "- Times: ms per call, p50 (p20–p80 for ours). ×X = X ms / ours ms: above 1, ours is "
-        "faster. GB/s = (one read of S + one write of P) / ours p50.",
+        "faster. GB/s = (one read of S + one write of P) / ours p50. On CUDA, copy: a "
+        "device-to-device copy_ moving the same bytes in the same run; share of copy GB/s = "
+        "ours GB/s / the copy's.",
         "- steps: the steps our op ran (with tol, where it stopped). The baselines run exactly "
         "that many steps with tol = 0: the reference's tol loop masks finished problems and "
         "would run all of its cap.",
@@ -358,10 +371,10 @@ def main() -> int:
     for case in (c for c in CASES if c.name in wanted):
         for dtype in dtypes:
             rows += run_case(case, dtype, args.device, policy)
-
-    body = markdown(rows, args.device)
-    bu.write_results(args.out, f"forward_{args.device}",
-                     f"sinkhorn forward benchmark ({args.device})", rows, env, body)
+            # After every case, so that a run cut short keeps what it measured.
+            bu.write_results(args.out, f"forward_{args.device}",
+                             f"sinkhorn forward benchmark ({args.device})", rows, dict(env),
+                             markdown(rows, args.device))
     failed = [f"{r['case']} {r['dtype']}" for r in rows if r["check"] == "FAIL"]
     if failed:
         print("correctness check FAILED for: " + ", ".join(failed), file=sys.stderr)

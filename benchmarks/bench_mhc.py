@@ -110,13 +110,6 @@ def moved_bytes(logits: torch.Tensor, mode: str) -> int:
     return (2 if mode == "forward" else 4) * size
 
 
-def copy_fn(nbytes: int, device: str) -> Callable[[], object]:
-    """A device-to-device copy that reads nbytes / 2 and writes nbytes / 2: the same traffic."""
-    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
 def check(logits: torch.Tensor, weight: torch.Tensor, mode: str, variant: str) -> dict:
     """Ours on the first CHECK_TOKENS problems against the float64 reference; passes when its
     error is at most twice the fp32 eager reference's, plus 1e-6 of the truth's largest value."""
@@ -201,7 +194,7 @@ def run_sinkhorn(variant: str, tokens: int, device: str, policy: dict) -> list[d
         if device == "cuda":
             cp = row(tokens, mode, "copy", note=f"copy_ of {nbytes // 2} bytes")
             print(f"{name} copy", flush=True)
-            bf.timed(cp, copy_fn(nbytes, device), device, policy)
+            bf.timed(cp, bu.copy_fn(nbytes, device), device, policy)
             if cp["ms_p50"]:
                 cp["gb_s"] = nbytes / (cp["ms_p50"] * 1e-3) / 1e9
                 if o["gb_s"]:
@@ -416,14 +409,17 @@ def main() -> int:
     env = bu.environment(args.device)
     policy = bu.QUICK if args.quick else bu.FULL
     rows = []
+
+    def write() -> None:  # after every part, so that a run cut short keeps what it measured
+        bu.write_results(args.out, f"mhc_{args.device}", f"mHC benchmark ({args.device})", rows,
+                         dict(env), markdown(rows, args.device, args.quick))
+
     for variant in VARIANTS:
         for tokens in token_counts(args.device, args.quick)[:1 if variant == "paper-wide" else None]:
             rows += run_sinkhorn(variant, tokens, args.device, policy)
+            write()
     rows += run_layer(args.device, policy)
-
-    body = markdown(rows, args.device, args.quick)
-    bu.write_results(args.out, f"mhc_{args.device}",
-                     f"mHC benchmark ({args.device})", rows, env, body)
+    write()
     failed = [f"{r['section']} T={r['tokens']} {r['mode']}" for r in rows
               if r.get("check") == "FAIL"]
     if failed:
