@@ -70,6 +70,14 @@ step() {
 step build "$OUT/build.log" "${T_BUILD:-200}" \
   env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   python setup.py build_ext --inplace
+# Without the extension nothing below can run: stop at once and show why, so that a lease is not
+# spent on steps that fail on import.
+if ! ls sinkhorn_ops/_C*.so >/dev/null 2>&1 || ! grep -q "^build rc=0 " "$SUMMARY"; then
+  grep -E "error|Error" "$OUT/build.log" | head -40
+  tail -40 "$OUT/build.log"
+  cat "$SUMMARY"
+  exit 1
+fi
 # Eight workers: the CUDA tests are many small cases, and the torch.compile ones spend their time
 # compiling on the CPU. --timeout: a hung test fails alone instead of eating the step.
 PYTEST_EXTRA=()
