@@ -18,9 +18,9 @@ copy bandwidth, and the solve to tol 1e-4 at least 3x faster than POT's torch ba
   Both plans' L1 marginal errors are then measured the same way, in float64, and reported with
   the times.
 
-SINKHORN_CUDA_FUSED=0 (read once per process) turns off the fused iteration of the CUDA large
-path; the run records the setting, and gpu_check.sh runs it both ways. Writes
-<out>/large_ot_<device>[_unfused].csv and .md.
+SINKHORN_CUDA_FUSED=1 (read once per process) turns on the fused iteration of the CUDA large
+path (off by default); the run records the setting, and gpu_check.sh runs it both ways. Writes
+<out>/large_ot_<device>[_fused].csv and .md.
 """
 
 from __future__ import annotations
@@ -125,21 +125,21 @@ def main() -> None:
                    "CUDA, 1024 on CPU)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--no-pot", action="store_true", help="skip POT (e.g. for the unfused run)")
+    p.add_argument("--no-pot", action="store_true", help="skip POT (e.g. for the fused run)")
     p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
     args = p.parse_args()
     device = args.device
     sizes = [int(s) for s in (args.sizes or ("8192,16384" if device == "cuda" else "1024"))
              .split(",")]
     policy = dict(slow_s=2.0, budget_s=0.5, min_reps=3, max_reps=20)
-    fused = os.environ.get("SINKHORN_CUDA_FUSED", "1") != "0"
+    fused = os.environ.get("SINKHORN_CUDA_FUSED", "0") == "1"
     env = bu.environment(device)
     env["SINKHORN_CUDA_FUSED"] = "1 (fused iterations)" if fused else "0 (unfused)"
     header = ["n", "dtype", "S MiB", "provider", "ms p50", "GB/s", "× one read of S", "steps",
               "L1 marginal error", "×POT", "target", "note"]
     keys = ["n", "dtype", "s_mib", "provider", "ms_p50", "gb_s", "ratio_to_read", "steps",
             "l1_error", "speedup", "target", "note"]
-    stem = f"large_ot_{device}" + ("" if fused else "_unfused")
+    stem = f"large_ot_{device}" + ("_fused" if fused else "")
     rows: list[dict] = []
     for n in sizes:
         for dtype in (torch.float32, torch.bfloat16):

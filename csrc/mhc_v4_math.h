@@ -48,19 +48,44 @@ template <int N, typename T, typename Ops>
 struct Problem {
   using E = typename Ops::E;
 
-  // Index of entry b of line a: of row a, or of column a when columns is set.
-  SK_HD static int entry(bool columns, int a, int b) { return columns ? b * N + a : a * N + b; }
+  // Index of entry b of line a: of row a, or of column a when COLUMNS. The axis is a template
+  // argument everywhere below, so that after unrolling every index into a problem is a
+  // compile-time constant and a GPU thread keeps its problem in registers (a runtime axis put it
+  // in local memory: 1216 bytes of stack a thread at n = 4, the first H100 run's slow mHC
+  // kernels). Loops over the normalisations pick the axis with a branch, the same in every thread.
+  template <bool COLUMNS>
+  SK_HD static int entry(int a, int b) { return COLUMNS ? b * N + a : a * N + b; }
 
   // Divides every column (or row) of c by its sum + eps and writes the divisors to d.
-  SK_HD static void normalise(T* c, bool columns, E eps, T* d) {
+  template <bool COLUMNS>
+  SK_HD static void normalise(T* c, E eps, T* d) {
     for (int a = 0; a < N; ++a) {
-      T sum = c[entry(columns, a, 0)];
-      for (int b = 1; b < N; ++b) sum = sum + c[entry(columns, a, b)];
+      T sum = c[entry<COLUMNS>(a, 0)];
+      for (int b = 1; b < N; ++b) sum = sum + c[entry<COLUMNS>(a, b)];
       d[a] = sum + eps;
       const T inv = static_cast<E>(1) / d[a];
       for (int b = 0; b < N; ++b) {
-        T& v = c[entry(columns, a, b)];
+        T& v = c[entry<COLUMNS>(a, b)];
         v = v * inv;
+      }
+    }
+  }
+
+  // The backward of normalise over one axis: g <- (g - sum(g * y)) / d along each line, and y
+  // (the step's output) <- y * d, the step's input.
+  template <bool COLUMNS>
+  SK_HD static void unnormalise(T* g, T* y, const T* d) {
+    for (int a = 0; a < N; ++a) {
+      T dot = g[entry<COLUMNS>(a, 0)] * y[entry<COLUMNS>(a, 0)];
+      for (int b = 1; b < N; ++b) {
+        const int k = entry<COLUMNS>(a, b);
+        dot = dot + g[k] * y[k];
+      }
+      const T inv = static_cast<E>(1) / d[a];
+      for (int b = 0; b < N; ++b) {
+        const int k = entry<COLUMNS>(a, b);
+        g[k] = (g[k] - dot) * inv;
+        y[k] = y[k] * d[a];
       }
     }
   }
@@ -85,9 +110,16 @@ struct Problem {
     for (int k = 0; k < N * N; ++k) x[k] = c[k];
     softmax(x, c);
     for (int k = 0; k < N * N; ++k) c[k] = c[k] + eps;
-    T scratch[N];
-    for (int s = 0; s < normalisations(iters); ++s)
-      normalise(c, over_columns(s), eps, hist ? hist + s * N : scratch);
+    for (int s = 0; s < normalisations(iters); ++s) {
+      T d[N];
+      if (over_columns(s)) {
+        normalise<true>(c, eps, d);
+      } else {
+        normalise<false>(c, eps, d);
+      }
+      if (hist)
+        for (int a = 0; a < N; ++a) hist[s * N + a] = d[a];
+    }
   }
 
   // g <- dL/dx given g = dL/dcomb and the logits x. hist has room for the divisors
@@ -97,20 +129,12 @@ struct Problem {
     for (int k = 0; k < N * N; ++k) y[k] = x[k];
     forward(y, iters, eps, hist);
     for (int s = normalisations(iters) - 1; s >= 0; --s) {
-      const bool columns = over_columns(s);
-      const T* d = hist + s * N;
-      for (int a = 0; a < N; ++a) {
-        T dot = g[entry(columns, a, 0)] * y[entry(columns, a, 0)];
-        for (int b = 1; b < N; ++b) {
-          const int k = entry(columns, a, b);
-          dot = dot + g[k] * y[k];
-        }
-        const T inv = static_cast<E>(1) / d[a];
-        for (int b = 0; b < N; ++b) {
-          const int k = entry(columns, a, b);
-          g[k] = (g[k] - dot) * inv;
-          y[k] = y[k] * d[a];  // the step's input
-        }
+      T d[N];
+      for (int a = 0; a < N; ++a) d[a] = hist[s * N + a];
+      if (over_columns(s)) {
+        unnormalise<true>(g, y, d);
+      } else {
+        unnormalise<false>(g, y, d);
       }
     }
     // g is now dL/d(softmax); the eps added to it has no gradient.
@@ -138,6 +162,9 @@ struct Problem {
     return bad | (hi - lo > static_cast<E>(kLinearSpread));
   }
 
+  // A NaN-sticky max: a NaN among masked entries must keep its line live.
+  SK_HD static T nan_max(T m, T v) { return (v > m || v != v) ? v : m; }
+
   // The same iterations as forward with eps = 0, in the log domain: z <- z - LSE + log(target)
   // over each line, z holding log comb. Masked (-inf) entries follow the log-domain operator's
   // default marginals (MATH.md section 1; here on the transpose): a line with no finite entry
@@ -146,8 +173,6 @@ struct Problem {
   SK_HD static T log_iterate(T* z, int iters, T* hist) {
     const T zero{};
     const T ninf = zero + math::neg_inf<E>();
-    // A NaN-sticky max: a NaN among masked entries must keep its line live.
-    auto nan_max = [](T m, T v) { return (v > m || v != v) ? v : m; };
     T live_rows = zero, live_cols = zero;
     for (int a = 0; a < N; ++a) {
       T row = z[a * N], col = z[a];
@@ -160,28 +185,41 @@ struct Problem {
     }
     const T row_target = live_rows > zero ? live_cols / live_rows : zero + static_cast<E>(1);
     const T log_row_target = Ops::log(row_target);
-    T scratch[N];
     for (int s = -1; s < normalisations(iters); ++s) {  // s = -1: the softmax over rows
-      const bool columns = s >= 0 && over_columns(s);
-      T* shift = s >= 0 && hist ? hist + s * N : scratch;
-      for (int a = 0; a < N; ++a) {
-        T mx = z[entry(columns, a, 0)];
-        for (int b = 1; b < N; ++b) mx = nan_max(mx, z[entry(columns, a, b)]);
-        // A NaN line is live: its NaN spreads to the whole problem.
-        const T live = mx != ninf ? zero + static_cast<E>(1) : zero;
-        const T base = mx > ninf ? mx : zero;
-        T sum = zero;
-        for (int b = 0; b < N; ++b) sum = sum + Ops::exp(z[entry(columns, a, b)] - base);
-        // sum >= 1 on a live line; a dead line shifts by 0 and stays -inf.
-        const T lse = base + Ops::log(live > zero ? sum : zero + static_cast<E>(1));
-        shift[a] = live * (lse - (columns ? zero : log_row_target));
-        for (int b = 0; b < N; ++b) {
-          T& v = z[entry(columns, a, b)];
-          v = v - shift[a];
-        }
+      T shift[N];
+      if (s >= 0 && over_columns(s)) {
+        log_normalise<true>(z, zero, shift);
+      } else {
+        log_normalise<false>(z, log_row_target, shift);
       }
+      if (s >= 0 && hist)
+        for (int a = 0; a < N; ++a) hist[s * N + a] = shift[a];
     }
     return row_target;
+  }
+
+  // One step of log_iterate over each line along the axis: z <- z - (LSE - log_target), the
+  // shifts to shift (0 on a line with no finite entry, which stays -inf).
+  template <bool COLUMNS>
+  SK_HD static void log_normalise(T* z, T log_target, T* shift) {
+    const T zero{};
+    const T ninf = zero + math::neg_inf<E>();
+    for (int a = 0; a < N; ++a) {
+      T mx = z[entry<COLUMNS>(a, 0)];
+      for (int b = 1; b < N; ++b) mx = nan_max(mx, z[entry<COLUMNS>(a, b)]);
+      // A NaN line is live: its NaN spreads to the whole problem.
+      const T live = mx != ninf ? zero + static_cast<E>(1) : zero;
+      const T base = mx > ninf ? mx : zero;
+      T sum = zero;
+      for (int b = 0; b < N; ++b) sum = sum + Ops::exp(z[entry<COLUMNS>(a, b)] - base);
+      // sum >= 1 on a live line; a dead line shifts by 0 and stays -inf.
+      const T lse = base + Ops::log(live > zero ? sum : zero + static_cast<E>(1));
+      shift[a] = live * (lse - log_target);
+      for (int b = 0; b < N; ++b) {
+        T& v = z[entry<COLUMNS>(a, b)];
+        v = v - shift[a];
+      }
+    }
   }
 
   // c <- forward(c) with eps = 0, computed in the log domain.
@@ -199,17 +237,28 @@ struct Problem {
     const T inv_row_target = static_cast<E>(1) / log_iterate(z, iters, hist);
     for (int k = 0; k < N * N; ++k) g[k] = g[k] * Ops::exp(z[k]);
     for (int s = normalisations(iters) - 1; s >= -1; --s) {
-      const bool columns = s >= 0 && over_columns(s);
-      const T inv_target = columns ? T{} + static_cast<E>(1) : inv_row_target;
-      for (int a = 0; a < N; ++a) {
-        T dot = g[entry(columns, a, 0)];
-        for (int b = 1; b < N; ++b) dot = dot + g[entry(columns, a, b)];
-        dot = dot * inv_target;
-        for (int b = 0; b < N; ++b) {
-          const int k = entry(columns, a, b);
-          g[k] = g[k] - Ops::exp(z[k]) * dot;
-          if (s >= 0) z[k] = z[k] + hist[s * N + a];  // the step's input
-        }
+      T shift[N];  // step s's shifts, added back to recover its input (none before the softmax)
+      for (int a = 0; a < N; ++a) shift[a] = s >= 0 ? hist[s * N + a] : T{};
+      if (s >= 0 && over_columns(s)) {
+        log_unnormalise<true>(g, z, T{} + static_cast<E>(1), shift);
+      } else {
+        log_unnormalise<false>(g, z, inv_row_target, shift);
+      }
+    }
+  }
+
+  // The backward of one log_normalise step along the axis: g <- g - exp(z) / t * sum(g) over
+  // each line, then z (the step's output) <- z + shift, the step's input.
+  template <bool COLUMNS>
+  SK_HD static void log_unnormalise(T* g, T* z, T inv_target, const T* shift) {
+    for (int a = 0; a < N; ++a) {
+      T dot = g[entry<COLUMNS>(a, 0)];
+      for (int b = 1; b < N; ++b) dot = dot + g[entry<COLUMNS>(a, b)];
+      dot = dot * inv_target;
+      for (int b = 0; b < N; ++b) {
+        const int k = entry<COLUMNS>(a, b);
+        g[k] = g[k] - Ops::exp(z[k]) * dot;
+        z[k] = z[k] + shift[a];
       }
     }
   }

@@ -65,13 +65,16 @@ struct TinyProblem {
     for (int j = 0; j < NMAX; ++j) lb[j] = math::default_log_b<T>(col_alive[j], rows, cols);
   }
 
-  // LSE over the other axis of s + the other potential, for row (row = true) or column a: max
-  // shift, NaN sticky, NaN for a +inf score, -inf for an empty line.
-  SK_HD T lse(bool row, int a) const {
+  // LSE over the other axis of s + the other potential, for row (ROW) or column a: max shift,
+  // NaN sticky, NaN for a +inf score, -inf for an empty line. The axis is a template argument
+  // so that every index is a compile-time constant once unrolled (a GPU thread then keeps s, f
+  // and g in registers); lse(row, a) picks it at run time.
+  template <bool ROW>
+  SK_HD T lse_along(int a) const {
     T mx = math::neg_inf<T>();
     SK_UNROLL
     for (int b = 0; b < NMAX; ++b) {
-      const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
+      const T v = ROW ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
       mx = (v > mx || v != v) ? v : mx;
     }
     if (!(mx > math::neg_inf<T>())) return mx;                      // empty line, or NaN
@@ -79,11 +82,12 @@ struct TinyProblem {
     T sum = T(0);
     SK_UNROLL
     for (int b = 0; b < NMAX; ++b) {
-      const T v = row ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
+      const T v = ROW ? s[a * NMAX + b] + g[b] : s[b * NMAX + a] + f[b];
       sum += v == math::neg_inf<T>() ? T(0) : math::exp_(v - mx);
     }
     return mx + math::log_(sum);
   }
+  SK_HD T lse(bool row, int a) const { return row ? lse_along<true>(a) : lse_along<false>(a); }
 
   // A step's potential update from its LSEs l: f (row) or g (column) = log marginal - l.
   SK_HD void set_potentials(bool row, const T* l) {
@@ -302,9 +306,12 @@ struct TinyProblem {
     for (int a = 0; a < NMAX; ++a) f[a] = g[a] = dla[a] = dlb[a] = T(0);
     for (int64_t t = 0; t < steps; ++t) {
       const bool row = ((t % 2) == 0) == start_row;
-      T* l = lse_hist + t * NMAX;
+      T l[NMAX];
       SK_UNROLL
-      for (int a = 0; a < NMAX; ++a) l[a] = lse(row, a);
+      for (int a = 0; a < NMAX; ++a) {
+        l[a] = lse(row, a);
+        lse_hist[t * NMAX + a] = l[a];
+      }
       set_potentials(row, l);
     }
     // The output P = exp(S + f (+) g): dS += Gamma = dL/dP * P; Gamma's sums join dL/df, dL/dg.
@@ -319,38 +326,53 @@ struct TinyProblem {
       }
     for (int64_t t = steps - 1; t >= 0; --t) {
       const bool row = ((t % 2) == 0) == start_row;
-      const T* l = lse_hist + t * NMAX;
-      T before[NMAX];  // the other potential as step t read it: step t-1 set it
-      SK_UNROLL
-      for (int b = 0; b < NMAX; ++b)
-        before[b] = t > 0 ? math::potential(row ? lb[b] : la[b], lse_hist[(t - 1) * NMAX + b])
-                          : T(0);
+      T l[NMAX], before[NMAX];  // before: the other potential as step t read it (step t-1's)
       SK_UNROLL
       for (int a = 0; a < NMAX; ++a) {
-        const T u = row ? uf[a] : ug[a];
-        SK_UNROLL
-        for (int b = 0; b < NMAX; ++b) {
-          const int k = row ? a * NMAX + b : b * NMAX + a;
-          const T w = u * math::step_weight(s[k] + before[b], l[a]);
-          ds[k] -= w;
-          if (row) {
-            ug[b] -= w;
-          } else {
-            uf[b] -= w;
-          }
-        }
-        if (l[a] > math::neg_inf<T>()) {
-          if (row) {
-            dla[a] += u;
-          } else {
-            dlb[a] += u;
-          }
-        }
-        if (row) {
-          uf[a] = T(0);  // consumed: the step overwrote f
+        l[a] = lse_hist[t * NMAX + a];
+        before[a] = t > 0 ? math::potential(row ? lb[a] : la[a], lse_hist[(t - 1) * NMAX + a])
+                          : T(0);
+      }
+      if (row) {
+        reverse_step<true>(l, before, ds, uf, ug, dla, dlb);
+      } else {
+        reverse_step<false>(l, before, ds, uf, ug, dla, dlb);
+      }
+    }
+  }
+
+ private:
+  // The backward of one step over rows (ROW) or columns, given its LSEs l and the other
+  // potential as it read it: dS -= u_a * w_ab, the other side's adjoint -= the same, the
+  // marginal's adjoint += u_a on a live line, and u (consumed: the step overwrote it) = 0.
+  template <bool ROW>
+  SK_HD void reverse_step(const T* l, const T* before, T* ds, T* uf, T* ug, T* dla,
+                          T* dlb) const {
+    SK_UNROLL
+    for (int a = 0; a < NMAX; ++a) {
+      const T u = ROW ? uf[a] : ug[a];
+      SK_UNROLL
+      for (int b = 0; b < NMAX; ++b) {
+        const int k = ROW ? a * NMAX + b : b * NMAX + a;
+        const T w = u * math::step_weight(s[k] + before[b], l[a]);
+        ds[k] -= w;
+        if (ROW) {
+          ug[b] -= w;
         } else {
-          ug[a] = T(0);
+          uf[b] -= w;
         }
+      }
+      if (l[a] > math::neg_inf<T>()) {
+        if (ROW) {
+          dla[a] += u;
+        } else {
+          dlb[a] += u;
+        }
+      }
+      if (ROW) {
+        uf[a] = T(0);
+      } else {
+        ug[a] = T(0);
       }
     }
   }

@@ -39,8 +39,8 @@ VARIANTS = {
     "forced-block": ({"SINKHORN_CUDA_FORWARD": "block", "SINKHORN_CUDA_BACKWARD": "block"}, ""),
     "forced-large": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_BACKWARD": "composite"},
                      "wd-"),
-    "forced-large-unfused": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_FUSED": "0"},
-                             "fwd-"),
+    "forced-large-fused": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_FUSED": "1"},
+                           "fwd-"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
 }

@@ -9,15 +9,17 @@
 //                in shared memory), a thread per column merges the strips  (col_partial, merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
-// A row step followed by a column step (every iteration but a lone first or last step) is fused
-// when 1024 <= m <= 16384 (8192 in float64): one kernel reads S once for both
-// (large_fused.cuh), then the row update, the column merge and the column update run, so an
-// iteration reads S once instead of twice. SINKHORN_CUDA_FUSED=0 turns the fusion off. A stopped problem's flag makes every later
+// With SINKHORN_CUDA_FUSED=1, a row step followed by a column step (every iteration but a lone
+// first or last step) is fused when 1024 <= m <= 16384 (8192 in float64): one kernel reads S
+// once for both (large_fused.cuh), then the row update, the column merge and the column update
+// run, so an iteration reads S once instead of twice. It is off by default: on an H100 it was
+// the slower of the two (n = m = 8192: 0.80 ms an iteration fused, 0.47 unfused;
+// benchmarks/results/large_ot_cuda*.md). A stopped problem's flag makes every later
 // kernel skip it. With tol > 0 the launches continue after every problem has stopped (they
 // return at once): deciding to stop the loop would need the host to read the flags. The LSEs
 // are merged from strips and chunks, so they can differ from the block kernel's (and the
-// backward's replay) by rounding. Every formula comes from sinkhorn_math.h. Never run on a GPU
-// yet; tests/emu runs every kernel here in emulation.
+// backward's replay) by rounding. Every formula comes from sinkhorn_math.h. tests/emu runs every
+// kernel here in emulation.
 #include <cstdint>
 
 #include "../env_flag.h"
@@ -241,8 +243,8 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
     marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 1);
   }
   marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 2);
-  static const bool unfused = env_is("SINKHORN_CUDA_FUSED", "0");
-  const bool fuse = !unfused && fused_applies(p, sizeof(acc_t));
+  static const bool fused_on = env_is("SINKHORN_CUDA_FUSED", "1");  // opt-in (see the top)
+  const bool fuse = fused_on && fused_applies(p, sizeof(acc_t));
   for (int64_t k = 0; k < p.steps; ++k) {
     const bool row = ((k % 2) == 0) == p.start_row;
     if (fuse && row && k + 1 < p.steps) {

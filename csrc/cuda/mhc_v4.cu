@@ -1,9 +1,9 @@
 // CUDA kernel of the DeepSeek-V4 mHC Sinkhorn and of the paper's (V4 on the transpose with
 // eps = 0), forward and backward: a thread per problem, the n x n problem in registers, the
 // per-problem math of mhc_v4_math.h (the CPU kernel runs the same functions on SIMD lanes, so
-// the CPU tests check this math). One read of the logits (and
-// of dL/dcomb) and one write per problem; the backward recomputes the forward in the thread and
-// keeps its divisors in a local array of (2 kMaxIters - 1) x n.
+// the CPU tests check this math). One read of the logits (and of dL/dcomb) and one write per
+// problem; the backward recomputes the forward in the thread and keeps its divisors in a local
+// array of (2 kMaxIters - 1) x n. The forward keeps everything in registers (ptxas: no stack).
 #include <cstdint>
 
 #include "../mhc_v4_math.h"
@@ -28,8 +28,9 @@ constexpr int kThreads = 128;
 
 // Problems [blockIdx.x * kThreads, ...) one per thread, in a grid-stride loop. With paper set,
 // each problem is loaded and stored transposed, eps is 0, and a problem the linear domain
-// cannot take runs the log-domain twin (V4Params::paper).
-template <int N, typename T>
+// cannot take runs the log-domain twin (V4Params::paper). BACKWARD: out = dL/dlogits from
+// grad = dL/dcomb, with the divisors in a local array; the forward has no local array at all.
+template <int N, typename T, bool BACKWARD>
 __global__ void __launch_bounds__(kThreads)
     mhc_v4_kernel(const T* __restrict__ logits, const T* __restrict__ grad, T* __restrict__ out,
                   int64_t B, int iters, T eps, bool paper) {
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < NN; ++k) x[k] = logits[b * NN + (paper ? v4::transposed(k, N) : k)];
     const bool in_log = paper && Problem::needs_log_domain(x);
-    if (grad != nullptr) {
+    if constexpr (BACKWARD) {
       T hist[(2 * v4::kMaxIters - 1) * N];
 #pragma unroll
       for (int k = 0; k < NN; ++k) g[k] = grad[b * NN + (paper ? v4::transposed(k, N) : k)];
@@ -67,7 +68,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 void launch_typed(const V4Params& p, cudaStream_t stream) {
   n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
-    mhc_v4_kernel<decltype(n)::value, T><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
+    constexpr int N = decltype(n)::value;
+    auto kernel = p.grad != nullptr ? &mhc_v4_kernel<N, T, true> : &mhc_v4_kernel<N, T, false>;
+    kernel<<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
         static_cast<const T*>(p.logits), static_cast<const T*>(p.grad), static_cast<T*>(p.out),
         p.B, p.iters, static_cast<T>(p.eps), p.paper);
   });

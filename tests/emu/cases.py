@@ -177,11 +177,11 @@ def _cases():
             steps=300, start="col", tol=1e-6, given=True)
         add(f"fwd-block-{n}x{m}-f16-tol", check_forward, B=2, n=n, m=m, dtype=F16, steps=60,
             tol=1e-3)
-    # The large-problem forward at its natural size (n * m >= 2^20), its iterations fused
-    # (1024 <= m <= 16384). The environment variant SINKHORN_CUDA_FORWARD=large runs every fwd
-    # case on it, among them the short, wide 4x4100 (row pass in chunks), the tall, narrow 2000x20
-    # (several threads a column), and 37x1100 and 300x2100 (fused); SINKHORN_CUDA_FUSED=0 also
-    # runs them all unfused.
+    # The large-problem forward at its natural size (n * m >= 2^20). The environment variant
+    # SINKHORN_CUDA_FORWARD=large runs every fwd case on it, among them the short, wide 4x4100
+    # (row pass in chunks), the tall, narrow 2000x20 (several threads a column), and 37x1100 and
+    # 300x2100 (fused when SINKHORN_CUDA_FUSED=1, 1024 <= m <= 16384); a second variant adds
+    # SINKHORN_CUDA_FUSED=1 and runs them all with fused iterations.
     add("fwd-natural-large-1024x1024", check_forward, B=1, n=1024, m=1024, dtype=F32, steps=3,
         start="col", masked=True)
     add("fwd-natural-large-1030x1030-f64-given-tol", check_forward, B=2, n=1030, m=1030,
