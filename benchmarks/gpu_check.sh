@@ -103,6 +103,8 @@ step racecheck "$OUT/sanitizer.log" "${T_RACECHECK:-40}" \
 # Where the time goes (kernels against wall time, the top kernels) for one case of each path.
 step profile "$OUT/bench.log" "${T_PROFILE:-40}" \
   python benchmarks/profile_cuda.py --out "$OUT"
+step profile_large "$OUT/bench.log" "${T_PROFILE:-40}" env SINKHORN_CUDA_FORWARD=large \
+  python benchmarks/profile_cuda.py --out "$OUT" --tag large
 # Benchmarks in order of importance; each writes its table after every case.
 step bench_mhc "$OUT/bench.log" "${T_BENCH_MHC:-70}" \
   python benchmarks/bench_mhc.py --device cuda --quick --out "$OUT"

@@ -1,17 +1,21 @@
 """Where the CUDA time goes: a few cases of each path under torch.profiler, each call's wall time
 against the sum of its kernels' device times, and the kernels that take the most.
 
-    python benchmarks/profile_cuda.py [--out DIR]     # a GPU; writes DIR/profile_cuda.txt
+    python benchmarks/profile_cuda.py [--out DIR] [--tag T]  # writes DIR/profile_cuda[_T].txt
+    SINKHORN_CUDA_FORWARD=large python benchmarks/profile_cuda.py --tag large   # forced path
 
 The first H100 run (benchmarks/results/*_cuda.md) found most paths far from the copy bandwidth.
 This tells the next GPU session, in seconds of device time, whether a case is bound by its
 kernels (device time close to the wall time: look at the top kernel) or by the host (launch
-count and per-call overhead: wall time far above the device time).
+count and per-call overhead: wall time far above the device time). Run again with a path forced
+(SINKHORN_CUDA_FORWARD=large), it says whether the block cases (a block per problem, which leaves
+most of the GPU idle when there are few problems) would be faster on the large path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,10 +88,13 @@ def profile_case(fn: Callable[[], object]) -> tuple[float, float, int, list[Kern
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--tag", default="", help="suffix of the output file's name")
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs CUDA")
-    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}",
+    forced = {k: v for k, v in os.environ.items() if k.startswith("SINKHORN_")}
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"switches: {forced or 'none'}",
              f"per call, over {REPEATS} calls under torch.profiler (its overhead included in wall)",
              ""]
     for name, fn in cases("cuda").items():
@@ -101,8 +108,9 @@ def main() -> int:
         print("\n".join(lines[-len(top) - 1:]), flush=True)
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_cuda.txt").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'profile_cuda.txt'}")
+    path = args.out / f"profile_cuda{'_' + args.tag if args.tag else ''}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
