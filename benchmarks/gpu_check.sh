@@ -90,7 +90,7 @@ step crash_probe "$OUT/tests.log" "${T_CRASH_PROBE:-60}" bash benchmarks/crash_p
 PYTEST_EXTRA=()
 python -c 'import xdist' 2>/dev/null && PYTEST_EXTRA+=(-n 8)
 python -c 'import pytest_timeout' 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
-step tests "$OUT/tests.log" "${T_TESTS:-120}" \
+step tests "$OUT/tests.log" "${T_TESTS:-150}" \
   python -m pytest tests -v -k "cuda and not emulated" -p no:cacheprovider --tb=short -rfE \
   "${PYTEST_EXTRA[@]}"
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
