@@ -134,13 +134,28 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
 
 // Column LSEs, LSE_i(S_ij + f_i): a thread per column, so consecutive threads read consecutive
 // entries of each row (coalesced); f_i is a broadcast load. The thread then calls use(j, lse).
+// A thread walks its column in four independent running LSEs (rows i, i + 1, i + 2, i + 3),
+// merged at the end: one chain of dependent pushes would leave the thread waiting on each
+// exponential (the first H100 run found the block kernels latency-bound, with a block per
+// problem and few warps per SM).
 template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
 __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, int64_t n,
                                              int64_t m, Use&& use) {
+  constexpr int kChains = 4;
   for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t i = 0; i < n; ++i) math::lse_push(s, to_acc(S[i * m + j]) + f[i]);
-    use(j, math::lse_value(s));
+    Lse<acc_t> s[kChains];
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
+    int64_t i = 0;
+    for (; i + kChains <= n; i += kChains) {
+#pragma unroll
+      for (int c = 0; c < kChains; ++c)
+        math::lse_push(s[c], to_acc(S[(i + c) * m + j]) + f[i + c]);
+    }
+    for (; i < n; ++i) math::lse_push(s[0], to_acc(S[i * m + j]) + f[i]);
+    const Lse<acc_t> total =
+        math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
+    use(j, math::lse_value(total));
   }
 }
 
