@@ -22,13 +22,17 @@ if [ "$rc" -lt 128 ] && ! grep -q "Fatal Python error" "$LOG"; then
   tail -3 "$LOG"
   exit "$rc"
 fi
-# The test running at the crash: verbose mode prints its node id before its outcome.
-last=$(grep -oE "^$FILE::[^ ]+" "$LOG" | tail -1)
+# The test running at the crash: verbose mode prints its node id (which can hold spaces, e.g.
+# "[cpu-row-(3, 4, 4)-nan]") before its outcome, or before the fault handler's report.
+last=$(grep -E "^$FILE::" "$LOG" | tail -1 |
+  sed -E 's/ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS|Fatal Python error).*$//')
 echo "crash_probe: the process died (rc=$rc) in: ${last:-unknown}"
 grep -A12 "Fatal Python error" "$LOG" | head -30
 GDB="$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)"
+# No timeout of its own: a nested timeout would leave the process group that the caller's
+# timeout (gpu_check.sh's step limit) kills; what is printed above is already in the log.
 if [ -n "$last" ] && [ -x "$GDB" ]; then
-  timeout 60 "$GDB" -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" \
+  "$GDB" -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" \
     --args python -m pytest "$last" -q -p no:cacheprovider -p no:xdist 2>&1 |
     grep -vE "^\[New Thread|^\[Thread .* exited|^\[Detaching" | tail -80
 fi

@@ -1,10 +1,10 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck): every block-size bucket of the
 CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
-(short-wide, tall-narrow, fused iterations), the V4 and paper mHC Sinkhorn kernels (forward and
-backward, n = 1..8; the paper's on problems in both domains), the mHC stream mixings, both
-stopping modes, default, masked and explicit marginals, empty dimensions, every dtype. Each case
-is also compared with the reference, loosely: a sanitizer run should fail on a wrong kernel too,
-not only on a memory error.
+(short-wide, tall-narrow, and fused iterations with SINKHORN_CUDA_FUSED=1), the V4 and paper mHC
+Sinkhorn kernels (forward and backward, n = 1..8; the paper's on problems in both domains), the
+mHC stream mixings, both stopping modes, default, masked and explicit marginals, empty
+dimensions, every dtype. Each case is also compared with the reference, loosely: a sanitizer run
+should fail on a wrong kernel too, not only on a memory error.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py
 """
@@ -27,8 +27,8 @@ SHAPES = [(8, 4, 4), (130, 4, 4), (5, 7, 3), (2, 33, 65), (2, 70, 100), (1, 200,
           (2, 5, 0)]
 # n * m >= 2^20 takes the large-problem path: short and wide (its row pass in chunks), tall and
 # narrow (several threads a column in its column pass), and 1024 x 1100, whose iterations take the
-# fused row-and-column pass (large_fused.cuh). fp32 in one mode each: under the sanitizers every
-# launch is slow.
+# fused row-and-column pass (large_fused.cuh) under SINKHORN_CUDA_FUSED=1 (as gpu_check.sh runs
+# this script). fp32 in one mode each: under the sanitizers every launch is slow.
 # 16 x 65537: 65 row chunks, the last one shorter.
 LARGE_SHAPES = [(1, 16, 65537), (1, 1 << 16, 20), (1, 1024, 1100)]
 # Loose plan tolerances: this script hunts crashes and races; tests/ holds the precise checks.

@@ -3,7 +3,8 @@
 // per-problem math of mhc_v4_math.h (the CPU kernel runs the same functions on SIMD lanes, so
 // the CPU tests check this math). One read of the logits (and of dL/dcomb) and one write per
 // problem; the backward recomputes the forward in the thread and keeps its divisors in a local
-// array of (2 kMaxIters - 1) x n. The forward keeps everything in registers (ptxas: no stack).
+// array of (2 kMaxIters - 1) x n. The float32 forward keeps everything in registers (ptxas, sm_90:
+// no stack at any n; float64 from n = 3 on still has some).
 #include <cstdint>
 
 #include "../mhc_v4_math.h"
