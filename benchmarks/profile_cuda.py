@@ -48,6 +48,16 @@ def cases(dev: str) -> dict[str, Callable[[], object]]:
         plan = sinkhorn_ops.sinkhorn(bw, steps=20)
         return torch.autograd.grad(plan, bw, grad)
 
+    mhc_leaf = mhc.clone().requires_grad_()
+    mhc_grad = randn(1 << 20, 4, 4)
+
+    def mhc_backward() -> object:  # the paper kernel's forward and backward (a step history each)
+        return torch.autograd.grad(sinkhorn_ops.mhc_sinkhorn(mhc_leaf, 20), mhc_leaf, mhc_grad)
+
+    def tiny_backward() -> object:  # the operator's tiny path, forward and backward
+        plan = sinkhorn_ops.sinkhorn(mhc_leaf, steps=40, start="col")
+        return torch.autograd.grad(plan, mhc_leaf, mhc_grad)
+
     return {
         "block fwd 64x128x128, 3 steps": lambda: sinkhorn_ops.sinkhorn(att, steps=3),
         "block fwd 8x512x512, 3 steps": lambda: sinkhorn_ops.sinkhorn(att512, steps=3),
@@ -56,6 +66,8 @@ def cases(dev: str) -> dict[str, Callable[[], object]]:
         "large fwd 1x8192x8192, 10 steps": lambda: sinkhorn_ops.sinkhorn(big, steps=10),
         "mhc_sinkhorn 1M x 4x4, 20 iterations": lambda: sinkhorn_ops.mhc_sinkhorn(mhc, 20),
         "tiny fwd 1M x 4x4, 40 steps": lambda: sinkhorn_ops.sinkhorn(mhc, steps=40, start="col"),
+        "mhc_sinkhorn fwd+bwd 1M x 4x4, 20 iterations": mhc_backward,
+        "tiny fwd+bwd 1M x 4x4, 40 steps": tiny_backward,
         "unrolled fwd+bwd 16x1024x1024, 20 steps": backward,
     }
 
