@@ -24,3 +24,9 @@ ctest --test-dir build/cmake --output-on-failure
 
 echo "== CUDA compile check"
 bash tests/cuda_compile_check.sh
+
+# The GPU-session scripts run only on a lent GPU machine, once per session: a syntax error there
+# would waste the session's device time, so they are parsed here.
+echo "== benchmark scripts parse"
+for f in benchmarks/*.sh; do bash -n "$f"; done
+python -m py_compile benchmarks/*.py
