@@ -71,6 +71,32 @@ def test_the_package_test_suite_on_the_emulated_cuda_kernels():
     assert " passed" in out.stdout
 
 
+def _host_has_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " fma " in f" {line} " for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _host_has_fma(), reason="the host CPU has no FMA instructions")
+def test_the_kernel_suites_with_fused_multiply_adds():
+    """nvcc contracts a * b + c into a fused multiply-add by default, with one rounding where the
+    host build has two: the forward, backward and mHC suites again, on kernels built with
+    -ffp-contract=fast -mfma (tests/emu/build.py, SINKHORN_EMU_FMA=1), so that their tolerances
+    hold for the GPU's rounding too."""
+    env = dict(os.environ, SINKHORN_EMU_FMA="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    suites = ["test_forward.py", "test_backward.py", "test_mhc_v4.py", "test_mhc_paper_kernel.py",
+              "test_mhc_mix.py"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "emu" / "run_emulated.py"),
+         *[str(ROOT / "tests" / s) for s in suites], "-q", "-p", "no:cacheprovider"],
+        env=env, capture_output=True, text=True, timeout=2400, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout
+
+
 def test_the_emulation_runs_shuffles_votes_and_barriers():
     got = torch.ops.sinkhorn_emu.emu_selftest("shuffle")
     t = torch.arange(128) % 64  # two blocks of 64 threads
