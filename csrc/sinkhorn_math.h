@@ -3,6 +3,7 @@
 // error. Plain C++ on float/double; no ATen, so nvcc compiles it without torch.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 
 #if defined(__CUDACC__)
@@ -85,6 +86,26 @@ SK_HD T lse_value(Lse<T> s) {
 template <typename T>
 SK_HD T potential(T log_marginal, T lse) {
   return (lse == neg_inf<T>()) ? T(0) : log_marginal - lse;
+}
+
+// The stabilised scaling form of the tiny solvers (CPU: cpu/tiny_solver.h and tiny_backward.h;
+// CUDA: tiny_problem.h): K = exp(S + f (+) g) rescaled by multiplications, with an exact
+// log-domain step every kScaledRefreshEvery steps and wherever an allowed line's sum falls below
+// scaled_floor or an allowed entry of K below smallest_normal (where the linear form would lose
+// digits to underflow); a pending product of a line's ratios joins a sum of logs once it would
+// leave [1 / scaled_range, scaled_range].
+constexpr int kScaledRefreshEvery = 16;
+template <typename T>
+SK_HD constexpr T scaled_floor() {
+  return sizeof(T) == sizeof(double) ? T(1e-290) : T(1e-30);
+}
+template <typename T>
+SK_HD constexpr T scaled_range() {
+  return sizeof(T) == sizeof(double) ? T(1e100) : T(1e12);
+}
+template <typename T>
+SK_HD constexpr T smallest_normal() {
+  return sizeof(T) == sizeof(double) ? T(DBL_MIN) : T(FLT_MIN);
 }
 
 // The mass the current potentials give a row or column, exp(LSE + old potential), and its

@@ -150,7 +150,7 @@ struct TinyProblem {
   }
 
   // Exact log-domain steps bound the scaling form's drift (solve_scaled).
-  static constexpr int64_t kRefreshEvery = 16;
+  static constexpr int64_t kRefreshEvery = math::kScaledRefreshEvery;
 
   // solve() in the stabilised scaling form (the CPU tiny solver's, csrc/cpu/tiny_solver.h, for
   // one problem): K = exp(S + f (+) g) is kept, a step sums it along one axis and rescales each
@@ -216,9 +216,8 @@ struct TinyProblem {
   SK_HD bool scaled_step(Scaled& st, int64_t k, T* error) {
     constexpr int ax = ROW ? 0 : 1;
     const T ninf = math::neg_inf<T>();
-    const T floor = sizeof(T) == sizeof(double) ? T(1e-290) : T(1e-30);
-    const T range = sizeof(T) == sizeof(double) ? T(1e100) : T(1e12);
-    const T tiny = sizeof(T) == sizeof(double) ? T(2.2250738585072014e-308) : T(1.17549435e-38);
+    const T floor = math::scaled_floor<T>(), range = math::scaled_range<T>();
+    const T tiny = math::smallest_normal<T>();
     T got[NMAX], l[NMAX];  // the marginal under the current potentials; the exact step's LSEs
     bool exact = k == 0 || st.nonfinite || k % kRefreshEvery == 0;
     if (!exact) {  // K is set from step 0 on
@@ -243,7 +242,7 @@ struct TinyProblem {
       fold(st);
       SK_UNROLL
       for (int a = 0; a < NMAX; ++a) {
-        l[a] = lse(ROW, a);
+        l[a] = lse_along<ROW>(a);
         got[a] = l[a] == ninf ? T(0) : math::exp_(l[a] + (ROW ? f[a] : g[a]));
       }
     }

@@ -131,8 +131,8 @@ struct TinyBackward {
     const int64_t n = fwd.rows(), m = fwd.cols(), nm = n * m;
     const V ninf = splat<V>(sinkhorn::math::neg_inf<acc_t>());
     const V zero = splat<V>(0), one = splat<V>(1);
-    const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
-    const V tiny = splat<V>(std::numeric_limits<acc_t>::min());
+    const V floor_mass = splat<V>(sinkhorn::math::scaled_floor<acc_t>());
+    const V tiny = splat<V>(sinkhorn::math::smallest_normal<acc_t>());
     V target[2][kTinyMax], alive[2][kTinyMax] = {};
     typename Fwd::Pending dpot;
     for (int ax = 0; ax < 2; ++ax)

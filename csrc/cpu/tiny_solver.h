@@ -5,8 +5,6 @@
 // P. The backward is tiny_backward.h.
 #pragma once
 
-#include <limits>
-
 #include "isa_prelude.h"
 #include "vec_math.h"
 
@@ -15,7 +13,8 @@ namespace cpu {
 namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
 
 constexpr int64_t kTinyMax = 16;
-constexpr int64_t kRefreshEvery = 16;  // exact log-domain steps bound the scaling form's drift
+// Exact log-domain steps bound the scaling form's drift (sinkhorn_math.h).
+constexpr int64_t kRefreshEvery = sinkhorn::math::kScaledRefreshEvery;
 
 // NF x MF > 0 fixes the problem size at compile time (mHC's 4 x 4), so that the loops over rows
 // and columns unroll; 0 x 0 takes it from the params.
@@ -117,8 +116,8 @@ struct TinySolver {
     V K[kTinyMax * kTinyMax];
     Pending dpot;  // the potentials' increments since the last exact step
     const bool nonfinite = has_nonfinite_score(s, nm);
-    const V floor_mass = splat<V>(std::is_same_v<acc_t, double> ? acc_t(1e-290) : acc_t(1e-30));
-    const V tiny = splat<V>(std::numeric_limits<acc_t>::min());
+    const V floor_mass = splat<V>(sinkhorn::math::scaled_floor<acc_t>());
+    const V tiny = splat<V>(sinkhorn::math::smallest_normal<acc_t>());
     for (int64_t k = 0; k < p.steps; ++k) {
       const int ax = ((k % 2 == 0) == p.start_row) ? 0 : 1;  // 0: row step, 1: column step
       const int64_t len = ax ? m : n, other = ax ? n : m;
@@ -196,7 +195,7 @@ struct TinySolver {
   // log); the product's log joins a running sum once some lane leaves [1/kRange, kRange], so
   // it never overflows, and at fold().
   struct Pending {
-    static constexpr acc_t kRange = std::is_same_v<acc_t, double> ? acc_t(1e100) : acc_t(1e12);
+    static constexpr acc_t kRange = sinkhorn::math::scaled_range<acc_t>();
     V sum[2][kTinyMax], prod[2][kTinyMax];
     Pending() {
       for (int ax = 0; ax < 2; ++ax)
