@@ -33,8 +33,16 @@ def test_emulated_kernel_matches_the_cpu_operator(name):
     fn(**kw)
 
 
-# The switches are read once per process, hence a subprocess per variant, each running the cases
-# whose name contains the filter.
+def _run_emulation_script(script, args, env_vars, timeout):
+    """Runs tests/emu/<script> with args in a subprocess, env_vars added to its environment (the
+    switches are read once per process) and the checkout on its PYTHONPATH."""
+    env = dict(os.environ, **env_vars)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "emu" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# A subprocess per variant, each running the cases whose name contains the filter.
 VARIANTS = {
     "forced-block": ({"SINKHORN_CUDA_FORWARD": "block", "SINKHORN_CUDA_BACKWARD": "block"}, ""),
     "forced-large": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_BACKWARD": "composite"},
@@ -49,10 +57,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_emulated_kernels_under_the_path_switches(variant):
     env_vars, pattern = VARIANTS[variant]
-    env = dict(os.environ, **env_vars)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "emu" / "cases.py"), pattern],
-                         env=env, capture_output=True, text=True, timeout=900)
+    out = _run_emulation_script("cases.py", [pattern], env_vars, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert " cases passed" in out.stdout
 
@@ -61,12 +66,10 @@ def test_the_package_test_suite_on_the_emulated_cuda_kernels():
     """Every CPU test of the package (this file aside), with sinkhorn_ops' operators computed by
     the emulated CUDA kernels instead of the CPU kernels (tests/emu/run_emulated.py): the CUDA
     paths against the float64 reference, autograd, torch.compile, DDP, bad inputs, the layers."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "emu" / "run_emulated.py"), str(ROOT / "tests"),
-         "-q", "-p", "no:cacheprovider", f"--ignore={ROOT / 'tests' / 'test_cuda_emulated.py'}"],
-        env=env, capture_output=True, text=True, timeout=2400, cwd=ROOT)
+    out = _run_emulation_script(
+        "run_emulated.py",
+        [str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
+         f"--ignore={ROOT / 'tests' / 'test_cuda_emulated.py'}"], {}, timeout=2400)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout
 
@@ -85,14 +88,10 @@ def test_the_kernel_suites_with_fused_multiply_adds():
     host build has two: the forward, backward and mHC suites again, on kernels built with
     -ffp-contract=fast -mfma (tests/emu/build.py, SINKHORN_EMU_FMA=1), so that their tolerances
     hold for the GPU's rounding too."""
-    env = dict(os.environ, SINKHORN_EMU_FMA="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     suites = ["test_forward.py", "test_backward.py", "test_mhc_v4.py", "test_mhc_paper_kernel.py",
               "test_mhc_mix.py"]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "emu" / "run_emulated.py"),
-         *[str(ROOT / "tests" / s) for s in suites], "-q", "-p", "no:cacheprovider"],
-        env=env, capture_output=True, text=True, timeout=2400, cwd=ROOT)
+    args = [*(str(ROOT / "tests" / s) for s in suites), "-q", "-p", "no:cacheprovider"]
+    out = _run_emulation_script("run_emulated.py", args, {"SINKHORN_EMU_FMA": "1"}, timeout=2400)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout
 
