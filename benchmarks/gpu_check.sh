@@ -85,11 +85,11 @@ fi
 # The first H100 run's open crash (segmentation faults in test_bad_argument on CUDA): which test,
 # whether the CPU cases crash too, and a native backtrace (crash_probe.sh).
 step crash_probe "$OUT/tests.log" "${T_CRASH_PROBE:-60}" bash benchmarks/crash_probe.sh
-# Eight workers: the CUDA tests are many small cases, and the torch.compile ones spend their time
+# Twelve workers: the CUDA tests are many small cases, and the torch.compile ones spend their time
 # compiling on the CPU. --timeout: a hung test fails alone instead of eating the step. -v: each
 # test's outcome is logged as it ends, so a step cut short still says which test failed.
 PYTEST_EXTRA=()
-python -c 'import xdist' 2>/dev/null && PYTEST_EXTRA+=(-n 8)
+python -c 'import xdist' 2>/dev/null && PYTEST_EXTRA+=(-n 12)
 python -c 'import pytest_timeout' 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
 step tests "$OUT/tests.log" "${T_TESTS:-130}" \
   python -m pytest tests -v -k "cuda and not emulated" -p no:cacheprovider --tb=short -rfE \
