@@ -32,8 +32,10 @@ GDB="$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)"
 # No timeout of its own: a nested timeout would leave the process group that the caller's
 # timeout (gpu_check.sh's step limit) kills; what is printed above is already in the log.
 if [ -n "$last" ] && [ -x "$GDB" ]; then
-  "$GDB" -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" \
+  # The innermost frames only: the H200 run's "bt" plus "info sharedlibrary" under a tail cut
+  # them off. A frame in a library is named with that library's path.
+  "$GDB" -q -batch -ex "set pagination off" -ex run -ex "bt 30" \
     --args python -m pytest "$last" -q -p no:cacheprovider -p no:xdist 2>&1 |
-    grep -vE "^\[New Thread|^\[Thread .* exited|^\[Detaching" | tail -80
+    grep -vE "^\[New Thread|^\[Thread .* exited|^\[Detaching" | tail -60
 fi
 exit 1

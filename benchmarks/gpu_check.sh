@@ -7,15 +7,15 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh      # the device runner sets OUT
 #
-# Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_TESTS,
-# T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
+# Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
+# T_TESTS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
 # T_BENCH_FUSED, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in order of importance (their
 # limits add up to more than the deadline: on the first H100 run most steps ended well inside
 # theirs, and the last ones are the first to go), and no step runs past DEADLINE seconds
 # (default 570) after the script's start: a step gets the smaller of its limit and what is left,
 # so the whole script ends under the device runner's 600 s per command, whatever the build
-# takes. $OUT keeps at most 8 files: env.txt build.log tests.log sanitizer.log bench.log
-# summary.txt, the rest packed in extra.tar.gz.
+# takes. $OUT keeps at most 8 files: env.txt build.log tests.log failures.log sanitizer.log
+# bench.log summary.txt, the rest packed in extra.tar.gz.
 #
 # POT is not installed on the device machines and has no wheel for their Python there; where
 # .pot/ (ignored; built by benchmarks/make_pot_shim.sh, carried with the call) holds POT's
@@ -85,13 +85,20 @@ fi
 # The first H100 run's open crash (segmentation faults in test_bad_argument on CUDA): which test,
 # whether the CPU cases crash too, and a native backtrace (crash_probe.sh).
 step crash_probe "$OUT/tests.log" "${T_CRASH_PROBE:-60}" bash benchmarks/crash_probe.sh
+# The H200 run found it: every C++ ValueError crashed, every TypeError did not. Which paths crash
+# (below the autograd key, another op, a one-op extension built there with and without our
+# flags; exception_probe.py).
+step exception_probe "$OUT/tests.log" "${T_EXCEPTION_PROBE:-100}" \
+  python benchmarks/exception_probe.py --inline
 # Twelve workers: the CUDA tests are many small cases, and the torch.compile ones spend their time
 # compiling on the CPU. --timeout: a hung test fails alone instead of eating the step. -v: each
 # test's outcome is logged as it ends, so a step cut short still says which test failed.
 PYTEST_EXTRA=()
 python -c 'import xdist' 2>/dev/null && PYTEST_EXTRA+=(-n 12)
 python -c 'import pytest_timeout' 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
-step tests "$OUT/tests.log" "${T_TESTS:-130}" \
+# SINKHORN_FAILURE_LOG (tests/conftest.py): each failure's traceback is written as it happens,
+# so a step cut by its limit still says why (both earlier runs lost theirs).
+step tests "$OUT/tests.log" "${T_TESTS:-200}" env SINKHORN_FAILURE_LOG="$OUT/failures.log" \
   python -m pytest tests -v -k "cuda and not emulated" -p no:cacheprovider --tb=short -rfE \
   "${PYTEST_EXTRA[@]}"
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
@@ -126,8 +133,8 @@ step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-20}" \
 files=$(find "$OUT" -type f | wc -l)
 if [ "$files" -gt 8 ]; then
   (cd "$OUT" && find . -type f ! -name env.txt ! -name build.log ! -name tests.log \
-    ! -name sanitizer.log ! -name bench.log ! -name summary.txt -print0 |
+    ! -name sanitizer.log ! -name bench.log ! -name summary.txt ! -name failures.log -print0 |
     tar --null --remove-files -czf extra.tar.gz -T - && find . -type d -empty -delete)
-  echo "packed $((files - 6)) extra files into extra.tar.gz" >>"$SUMMARY"
+  echo "packed $((files - 7)) extra files into extra.tar.gz" >>"$SUMMARY"
 fi
 cat "$SUMMARY"

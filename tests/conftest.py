@@ -3,6 +3,7 @@ reference (importable without the compiled extension) and an assert_close that s
 mismatches."""
 
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -16,6 +17,18 @@ DEVICES = [
         "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     ),
 ]
+
+
+
+def pytest_runtest_logreport(report):
+    """With SINKHORN_FAILURE_LOG set (benchmarks/gpu_check.sh), each failure's traceback is
+    appended to that file as soon as the test ends: a run that its time limit kills (the GPU
+    sessions') still names why each test failed, which pytest only prints at the end."""
+    path = os.environ.get("SINKHORN_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
