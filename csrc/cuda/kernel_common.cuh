@@ -119,60 +119,103 @@ __device__ void default_marginals(const scalar_t* S, int64_t n, int64_t m, acc_t
 
 // Row LSEs of a step, LSE_j(S_ij + g_j): a warp per row, lanes striding over the columns
 // (coalesced loads), an online LSE per lane merged by shuffles; lane 0 then calls use(i, lse).
+// A warp takes kRowsPerWarp rows at once: their loads and their shuffle merges are independent,
+// so the warp waits once per group of rows instead of once per row (the H100 and H200 runs found
+// the block kernels latency-bound). Each row's sum runs in the same order as one row alone.
 // No barrier inside; the row loop is warp-uniform because the merge needs all lanes.
+constexpr int kRowsPerWarp = 4;
 template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
 __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, int64_t n,
                                              int64_t m, Use&& use) {
-  for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {
-    const scalar_t* row = S + i * m;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t j = lane_id(); j < m; j += 32) math::lse_push(s, to_acc(row[j]) + g[j]);
-    const acc_t lse = math::lse_value(warp_lse(s));
-    if (lane_id() == 0) use(i, lse);
+  constexpr int R = kRowsPerWarp;
+  for (int64_t i0 = int64_t(warp_id()) * R; i0 < n; i0 += (BLOCK / 32) * R) {
+    Lse<acc_t> s[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = math::lse_empty<acc_t>();
+    for (int64_t j = lane_id(); j < m; j += 32) {
+      const acc_t gj = g[j];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (i0 + r < n) math::lse_push(s[r], to_acc(S[(i0 + r) * m + j]) + gj);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = warp_lse(s[r]);
+    if (lane_id() == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (i0 + r < n) use(i0 + r, math::lse_value(s[r]));
+    }
   }
 }
 
 // Column LSEs, LSE_i(S_ij + f_i): a thread per column, so consecutive threads read consecutive
-// entries of each row (coalesced); f_i is a broadcast load. The thread then calls use(j, lse).
-// A thread walks its column in four independent running LSEs (rows i, i + 1, i + 2, i + 3),
-// merged at the end: one chain of dependent pushes would leave the thread waiting on each
-// exponential (the first H100 run found the block kernels latency-bound, with a block per
-// problem and few warps per SM).
+// entries of each row (coalesced); f_i is a broadcast load. A thread walks its column in four
+// independent running LSEs (rows i, i + 1, i + 2, i + 3), merged at the end: one chain of
+// dependent pushes would leave the thread waiting on each exponential. When the block is wider
+// than the columns (e.g. 512 threads for 128 columns), G = BLOCK / (m rounded up to a warp)
+// threads share a column, each taking every G-th row; their partial LSEs meet in shared memory
+// and the first of them calls use(j, lse). That branch is block-uniform (m is) and holds two
+// barriers: every thread of the block must call this pass.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> column_part(const scalar_t* S, const acc_t* f, int64_t n,
+                                                  int64_t m, int64_t j, int64_t first,
+                                                  int64_t every) {
+  constexpr int kChains = 4;
+  Lse<acc_t> s[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
+  int64_t i = first;
+  for (; i + (kChains - 1) * every < n; i += kChains * every) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c)
+      math::lse_push(s[c], to_acc(S[(i + c * every) * m + j]) + f[i + c * every]);
+  }
+  for (; i < n; i += every) math::lse_push(s[0], to_acc(S[i * m + j]) + f[i]);
+  return math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
+}
+
 template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
 __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, int64_t n,
                                              int64_t m, Use&& use) {
-  constexpr int kChains = 4;
-  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
-    Lse<acc_t> s[kChains];
-#pragma unroll
-    for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
-    int64_t i = 0;
-    for (; i + kChains <= n; i += kChains) {
-#pragma unroll
-      for (int c = 0; c < kChains; ++c)
-        math::lse_push(s[c], to_acc(S[(i + c) * m + j]) + f[i + c]);
-    }
-    for (; i < n; ++i) math::lse_push(s[0], to_acc(S[i * m + j]) + f[i]);
-    const Lse<acc_t> total =
-        math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
+  const int64_t width = (m + 31) / 32 * 32;  // threads per row group
+  const int64_t groups = width > 0 && width < BLOCK ? BLOCK / width : 1;  // m = 0: no column
+  if (groups == 1) {
+    for (int64_t j = threadIdx.x; j < m; j += BLOCK)
+      use(j, math::lse_value(column_part(S, f, n, m, j, 0, 1)));
+    return;
+  }
+  __shared__ Lse<acc_t> parts[BLOCK];
+  const int64_t group = threadIdx.x / width, j = threadIdx.x % width;
+  const bool works = group < groups && j < m;
+  if (works) parts[threadIdx.x] = column_part(S, f, n, m, j, group, groups);
+  __syncthreads();
+  if (group == 0 && works) {
+    Lse<acc_t> total = parts[j];
+    for (int64_t r = 1; r < groups; ++r) total = math::lse_merge(total, parts[r * width + j]);
     use(j, math::lse_value(total));
   }
+  __syncthreads();  // parts is free again for the next pass
 }
 
 
-// Block size by problem size, as a compile-time constant for fn: about 32 or more entries per
-// thread per pass, and a single warp for tiny problems (mHC's 4x4) so that large batches of
-// them fill the GPU with many small blocks. Shared by every kernel so their launches agree.
+// Block size by problem size, as a compile-time constant for fn: about 32 entries per thread per
+// pass, at most 512 threads, and a single warp for problems of up to 1024 entries. The first
+// runs (H100, H200) found the block kernels latency-bound with 128 threads for 128 x 128 (each
+// row warp walked 32 rows, each column thread 128 rows); the row and column passes above keep
+// every thread busy at any of these sizes. Shared by the forward and the backward, so that the
+// backward's replay runs the forward's passes at the same block size, bit for bit.
 template <typename F>
 void block_size_switch(int64_t entries, F&& fn) {
   if (entries <= 1024) {
     fn(std::integral_constant<int, 32>{});
-  } else if (entries <= 4096) {
+  } else if (entries <= 2048) {
     fn(std::integral_constant<int, 64>{});
-  } else if (entries <= 16384) {
+  } else if (entries <= 4096) {
     fn(std::integral_constant<int, 128>{});
-  } else {
+  } else if (entries <= 8192) {
     fn(std::integral_constant<int, 256>{});
+  } else {
+    fn(std::integral_constant<int, 512>{});
   }
 }
 
@@ -189,14 +232,36 @@ int shared_memory_optin();
 
 // Copies a problem's scores to shared memory (when staged) and returns where the passes should
 // read them. Contains a barrier before the copy (earlier readers of the buffer are done) and
-// after it (the copy is complete): every thread of the block must call it.
+// after it (the copy is complete): every thread of the block must call it. When the source is
+// 16-byte aligned and a whole number of 16-byte words, the copy moves 16-byte words, four loads
+// in flight per thread before their stores (one element per thread per round trip was the first
+// runs' copy). The branch depends on block-uniform values only.
+struct alignas(16) Words16 {
+  unsigned int w[4];
+};
 template <int BLOCK, typename scalar_t>
 __device__ const scalar_t* stage_scores(const scalar_t* S, int64_t nm, bool staged) {
   if (!staged) return S;
   extern __shared__ __align__(16) unsigned char staged_scores[];
   scalar_t* dst = reinterpret_cast<scalar_t*>(staged_scores);
   __syncthreads();
-  for (int64_t k = threadIdx.x; k < nm; k += BLOCK) dst[k] = S[k];
+  const int64_t bytes = nm * static_cast<int64_t>(sizeof(scalar_t));
+  if (reinterpret_cast<uintptr_t>(S) % 16 == 0 && bytes % 16 == 0) {
+    const Words16* src = reinterpret_cast<const Words16*>(S);
+    Words16* out = reinterpret_cast<Words16*>(staged_scores);
+    const int64_t words = bytes / 16;
+    int64_t k = threadIdx.x;
+    for (; k + 3 * BLOCK < words; k += 4 * BLOCK) {
+      Words16 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = src[k + u * BLOCK];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) out[k + u * BLOCK] = v[u];
+    }
+    for (; k < words; k += BLOCK) out[k] = src[k];
+  } else {
+    for (int64_t k = threadIdx.x; k < nm; k += BLOCK) dst[k] = S[k];
+  }
   __syncthreads();
   return dst;
 }
