@@ -6,7 +6,8 @@
 //                merged by a thread per row                                          (merge)
 //   column step: blocks of a row strip (32 to 256 rows) x up to 256 columns compute partial
 //                LSEs over their strip (with fewer columns, several threads per column, merged
-//                in shared memory), a thread per column merges the strips  (col_partial, merge)
+//                in shared memory), then a block per 32 columns merges the strips: a lane
+//                per column, the warps over the strips                    (col_partial, col_merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
 // With SINKHORN_CUDA_FUSED=1, a row step followed by a column step (every iteration but a lone
@@ -36,7 +37,7 @@ using namespace large;
 
 // Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
 // per (row, chunk of w.chunk_cols columns): into w.lse when a row is one chunk, else into the
-// chunk partials (merge_kernel merges them).
+// chunk partials (row_merge_kernel merges them).
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
                                                           const acc_t* g) {
@@ -98,25 +99,63 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p
   w.part_sum[k] = s.sum;
 }
 
-// Merges the partial LSEs into w.lse, a thread per (problem, row or column): a row's chunks
-// (row_lse_kernel: consecutive) or a column's strips (col_partial_kernel: m apart).
+// Merges a row's chunk partials (row_lse_kernel: consecutive) into w.lse, a thread per (problem,
+// row). Rows are split into chunks only when there are few of them (row_chunks_of).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) merge_kernel(const FwdParams p, Work<acc_t> w,
-                                                        bool row) {
-  const int64_t len = row ? p.n : p.m, parts = row ? w.chunks : w.strips, step = row ? 1 : p.m;
-  const acc_t* mx = row ? w.row_max : w.part_max;
-  const acc_t* sum = row ? w.row_sum : w.part_sum;
+__global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w) {
+  const int64_t len = p.n, parts = w.chunks;
+  const acc_t* mx = w.row_max;
+  const acc_t* sum = w.row_sum;
   const int64_t total = p.B * len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
        t += stride) {
     const int64_t b = t / len, x = t % len;
     if (w.done[b] != acc_t(0)) continue;
-    const int64_t first = row ? t * parts : b * parts * p.m + x;
+    const int64_t first = t * parts;
     Lse<acc_t> s = math::lse_empty<acc_t>();
     for (int64_t k = 0; k < parts; ++k)
-      s = math::lse_merge(s, Lse<acc_t>{mx[first + k * step], sum[first + k * step]});
+      s = math::lse_merge(s, Lse<acc_t>{mx[first + k], sum[first + k]});
     w.lse[b * w.L + x] = math::lse_value(s);
+  }
+}
+
+// Merges the column strips' partial LSEs (col_partial_kernel, or the fused pass) into w.lse:
+// grid (column groups of 32, problems). Lane l takes column 32 * blockIdx.x + l, so a warp reads
+// 32 consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in four
+// independent chains; the warps' results meet in shared memory. The first H200 run found the
+// merge that gave a thread a whole column (a serial chain over up to 256 strips, with m threads
+// in all: 32 blocks at m = 8192) at 0.115 ms a call, nearly a pass over S.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w) {
+  __shared__ Lse<acc_t> warps[kThreads];  // warp v's result for lane l at v * 32 + l
+  const int64_t b = blockIdx.y, x = static_cast<int64_t>(blockIdx.x) * 32 + lane_id();
+  if (w.done[b] != acc_t(0)) return;  // block-uniform
+  constexpr int kChains = 4;
+  Lse<acc_t> s[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
+  if (x < p.m) {
+    const acc_t* mx = w.part_max + b * w.strips * p.m + x;
+    const acc_t* sum = w.part_sum + b * w.strips * p.m + x;
+    int64_t k = warp_id();
+    for (; k + (kChains - 1) * kRowWarps < w.strips; k += kChains * kRowWarps) {
+#pragma unroll
+      for (int c = 0; c < kChains; ++c) {
+        const int64_t at = (k + c * kRowWarps) * p.m;
+        s[c] = math::lse_merge(s[c], Lse<acc_t>{mx[at], sum[at]});
+      }
+    }
+    for (; k < w.strips; k += kRowWarps)
+      s[0] = math::lse_merge(s[0], Lse<acc_t>{mx[k * p.m], sum[k * p.m]});
+  }
+  warps[threadIdx.x] = math::lse_merge(math::lse_merge(s[0], s[1]),
+                                                math::lse_merge(s[2], s[3]));
+  __syncthreads();
+  if (warp_id() == 0 && x < p.m) {
+    Lse<acc_t> total = warps[lane_id()];
+    for (int v = 1; v < kRowWarps; ++v) total = math::lse_merge(total, warps[v * 32 + lane_id()]);
+    w.lse[b * w.L + x] = math::lse_value(total);
   }
 }
 
@@ -220,17 +259,17 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   const unsigned row_merge_grid = blocks_for(p.B * p.n, kThreads);
   const dim3 col_grid(blocks_for(p.m, cols_per_block(p.m)), static_cast<unsigned>(w.strips),
                       static_cast<unsigned>(p.B));
-  const unsigned merge_grid = blocks_for(p.B * p.m, kThreads);
+  const dim3 merge_grid(blocks_for(p.m, 32), static_cast<unsigned>(p.B));
   const unsigned problems = static_cast<unsigned>(p.B);
   acc_t* f = static_cast<acc_t*>(p.f);
   acc_t* g = static_cast<acc_t*>(p.g);
   auto lse_pass = [&](bool row, const acc_t* pot) {
     if (row) {
       row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot);
-      if (w.chunks > 1) merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w, true);
+      if (w.chunks > 1) row_merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w);
     } else {
       col_partial_kernel<scalar_t><<<col_grid, kThreads, 0, stream>>>(p, w, pot);
-      merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, false);
+      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
     }
   };
   cudaMemsetAsync(f, 0, sizeof(acc_t) * p.B * p.n, stream);
@@ -252,7 +291,7 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
       launch_row_col<scalar_t>(p, w, stream);
       update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, true, k, p.tol > 0 && k >= 1,
                                                               false);
-      merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, false);
+      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
       update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, false, k + 1, p.tol > 0,
                                                               false);
       ++k;

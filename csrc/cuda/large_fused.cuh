@@ -5,7 +5,7 @@
 // row_lse_kernel would), computes the row's new potential f_i = log a_i - LSE, and pushes
 // S_ij + f_i into its columns' running partial LSEs, kept in shared memory (each column owned by
 // one thread, so no barrier guards them). The strip's partials then go to the workspace, where
-// merge_kernel combines them as it does col_partial_kernel's.
+// col_merge_kernel combines them as it does col_partial_kernel's.
 //
 // The update kernel of the row step recomputes the same f_i from the same LSE (math::potential),
 // so when a problem does not stop at the row step the partials are exactly the column step's
