@@ -42,6 +42,17 @@ SK_HD bool over_columns(int s) { return s % 2 == 0; }
 // this one on the transpose, with eps = 0).
 SK_HD int transposed(int k, int n) { return (k % n) * n + k / n; }
 
+// A history of divisors (or shifts) spread over memory with a stride: entry k of one thread's
+// history at base[k * stride]. The CUDA backward keeps its threads' histories in shared memory
+// this way, entry k of consecutive threads in consecutive words (no bank conflicts).
+template <typename T>
+struct History {
+  T* base;
+  int stride;
+  SK_HD T& operator[](int k) const { return base[k * stride]; }
+  SK_HD explicit operator bool() const { return base != nullptr; }
+};
+
 // Ops supplies the lane type's element type E, exp, log and max: scalar functions on the GPU, SIMD
 // vector ones on the CPU. c holds n x n lanes row-major.
 template <int N, typename T, typename Ops>
@@ -104,8 +115,10 @@ struct Problem {
   }
 
   // c <- comb(x), in place. hist, when given, receives normalisation s's divisors at
-  // hist[s * N + a].
-  SK_HD static void forward(T* c, int iters, E eps, T* hist) {
+  // hist[s * N + a]. H is T* (nullptr for none) or any type with T& operator[](int) and a
+  // test for presence (History below: the CUDA backward's divisors in shared memory).
+  template <typename H>
+  SK_HD static void forward(T* c, int iters, E eps, H hist) {
     T x[N * N];
     for (int k = 0; k < N * N; ++k) x[k] = c[k];
     softmax(x, c);
@@ -122,9 +135,15 @@ struct Problem {
     }
   }
 
+  // The forward without a history.
+  SK_HD static void forward(T* c, int iters, E eps, decltype(nullptr)) {
+    forward(c, iters, eps, static_cast<T*>(nullptr));
+  }
+
   // g <- dL/dx given g = dL/dcomb and the logits x. hist has room for the divisors
   // (normalisations(iters) x N lanes).
-  SK_HD static void backward(const T* x, T* g, int iters, E eps, T* hist) {
+  template <typename H>
+  SK_HD static void backward(const T* x, T* g, int iters, E eps, H hist) {
     T y[N * N];
     for (int k = 0; k < N * N; ++k) y[k] = x[k];
     forward(y, iters, eps, hist);
@@ -170,7 +189,8 @@ struct Problem {
   // default marginals (MATH.md section 1; here on the transpose): a line with no finite entry
   // keeps its -inf, columns target 1 and rows (live columns) / (live rows). Returns the row
   // target; hist, when given, receives normalisation s's shift at hist[s * N + a].
-  SK_HD static T log_iterate(T* z, int iters, T* hist) {
+  template <typename H>
+  SK_HD static T log_iterate(T* z, int iters, H hist) {
     const T zero{};
     const T ninf = zero + math::neg_inf<E>();
     T live_rows = zero, live_cols = zero;
@@ -224,14 +244,15 @@ struct Problem {
 
   // c <- forward(c) with eps = 0, computed in the log domain.
   SK_HD static void log_forward(T* c, int iters) {
-    log_iterate(c, iters, nullptr);
+    log_iterate(c, iters, static_cast<T*>(nullptr));
     for (int k = 0; k < N * N; ++k) c[k] = Ops::exp(c[k]);
   }
 
   // backward with eps = 0, computed in the log domain. A step z' = z - LSE(z) + log t over a
   // line has dL/dz = dL/dz' - exp(z') / t * sum(dL/dz'), and dL/dz = dL/dcomb * comb at the
   // end; hist as in backward.
-  SK_HD static void log_backward(const T* x, T* g, int iters, T* hist) {
+  template <typename H>
+  SK_HD static void log_backward(const T* x, T* g, int iters, H hist) {
     T z[N * N];
     for (int k = 0; k < N * N; ++k) z[k] = x[k];
     const T inv_row_target = static_cast<E>(1) / log_iterate(z, iters, hist);

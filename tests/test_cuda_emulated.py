@@ -51,6 +51,8 @@ VARIANTS = {
                            "fwd-"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
+    # The mHC backward's divisors in a local array instead of shared memory (mhc_v4.cu).
+    "mhc-local-history": ({"SINKHORN_CUDA_MHC_HIST": "local"}, "mhc-"),
 }
 
 

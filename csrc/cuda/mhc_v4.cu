@@ -2,11 +2,20 @@
 // eps = 0), forward and backward: a thread per problem, the n x n problem in registers, the
 // per-problem math of mhc_v4_math.h (the CPU kernel runs the same functions on SIMD lanes, so
 // the CPU tests check this math). One read of the logits (and of dL/dcomb) and one write per
-// problem; the backward recomputes the forward in the thread and keeps its divisors in a local
-// array of (2 kMaxIters - 1) x n. The float32 forward keeps everything in registers (ptxas, sm_90:
-// no stack at any n; float64 from n = 3 on still has some).
+// problem, in 16-byte words where n * n values fill whole words and the tensors are aligned. The
+// float32 forward keeps everything in registers (ptxas, sm_90: no stack at any n; float64 from
+// n = 3 on still has some).
+//
+// The backward recomputes the forward in the thread and keeps each normalisation's divisors,
+// (2 iters - 1) x n values, for the walk back. The second GPU run (H200) measured that history in
+// local memory at 0.48 ms for 1M problems of 4 x 4 against 0.152 ms for the forward: about 2 GB of
+// local-memory traffic. It now lives in dynamic shared memory, entry k of consecutive threads in
+// consecutive words (v4::History), with as many threads a block (128, 64 or 32) as fit in
+// kHistBytes; where not even 32 fit (float64 at n = 8), and under SINKHORN_CUDA_MHC_HIST=local,
+// in a local array as before.
 #include <cstdint>
 
+#include "../env_flag.h"
 #include "../mhc_v4_math.h"
 #include "../n_switch.h"
 #include "kernel_common.cuh"
@@ -26,31 +35,98 @@ struct DeviceOps {
 };
 
 constexpr int kThreads = 128;
+// Shared memory a block of the backward may take for its threads' histories: two such blocks
+// per SM stay resident (Hopper: 227 KB a block, 228 KB an SM).
+constexpr size_t kHistBytes = 96 * 1024;
 
-// Problems [blockIdx.x * kThreads, ...) one per thread, in a grid-stride loop. With paper set,
-// each problem is loaded and stored transposed, eps is 0, and a problem the linear domain
+// 16-byte words of float and double values.
+__device__ __forceinline__ void unpack(const float4& v, float* x) {
+  x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+__device__ __forceinline__ void unpack(const double2& v, double* x) { x[0] = v.x, x[1] = v.y; }
+__device__ __forceinline__ float4 pack(const float* x) { return float4{x[0], x[1], x[2], x[3]}; }
+__device__ __forceinline__ double2 pack(const double* x) { return double2{x[0], x[1]}; }
+template <typename T>
+using Word = typename std::conditional<sizeof(T) == 4, float4, double2>::type;
+
+// Problem b's NN values from src into x, in 16-byte words when `words` (the caller checked the
+// alignment; NN values fill whole words), each transposed for the paper's variant (a
+// compile-time permutation of registers).
+template <int N, typename T>
+__device__ __forceinline__ void load_problem(const T* src, int64_t b, T* x, bool words,
+                                             bool transpose) {
+  constexpr int NN = N * N, L = 16 / sizeof(T);
+  T raw[NN];
+  if constexpr (NN % L == 0) {
+    if (words) {
+      const Word<T>* w = reinterpret_cast<const Word<T>*>(src + b * NN);
+#pragma unroll
+      for (int q = 0; q < NN / L; ++q) unpack(w[q], raw + q * L);
+    } else {
+#pragma unroll
+      for (int k = 0; k < NN; ++k) raw[k] = src[b * NN + k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < NN; ++k) raw[k] = src[b * NN + k];
+  }
+#pragma unroll
+  for (int k = 0; k < NN; ++k) x[k] = transpose ? raw[v4::transposed(k, N)] : raw[k];
+}
+
+// x into problem b of dst, the inverse of load_problem.
+template <int N, typename T>
+__device__ __forceinline__ void store_problem(T* dst, int64_t b, const T* x, bool words,
+                                              bool transpose) {
+  constexpr int NN = N * N, L = 16 / sizeof(T);
+  T raw[NN];
+#pragma unroll
+  for (int k = 0; k < NN; ++k) raw[transpose ? v4::transposed(k, N) : k] = x[k];
+  if constexpr (NN % L == 0) {
+    if (words) {
+      Word<T>* w = reinterpret_cast<Word<T>*>(dst + b * NN);
+#pragma unroll
+      for (int q = 0; q < NN / L; ++q) w[q] = pack(raw + q * L);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < NN; ++k) dst[b * NN + k] = raw[k];
+}
+
+// Problems [blockIdx.x * blockDim.x, ...) one per thread, in a grid-stride loop. With paper
+// set, each problem is loaded and stored transposed, eps is 0, and a problem the linear domain
 // cannot take runs the log-domain twin (V4Params::paper). BACKWARD: out = dL/dlogits from
-// grad = dL/dcomb, with the divisors in a local array; the forward has no local array at all.
-template <int N, typename T, bool BACKWARD>
+// grad = dL/dcomb, the divisors in shared memory (SHARED_HISTORY) or a local array; the forward
+// keeps no history at all.
+template <int N, typename T, bool BACKWARD, bool SHARED_HISTORY>
 __global__ void __launch_bounds__(kThreads)
     mhc_v4_kernel(const T* __restrict__ logits, const T* __restrict__ grad, T* __restrict__ out,
-                  int64_t B, int iters, T eps, bool paper) {
+                  int64_t B, int iters, T eps, bool paper, bool words) {
   using Problem = v4::Problem<N, T, DeviceOps<T>>;
   constexpr int NN = N * N;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; b < B; b += stride) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+       b += stride) {
     T x[NN], g[NN];
-#pragma unroll
-    for (int k = 0; k < NN; ++k) x[k] = logits[b * NN + (paper ? v4::transposed(k, N) : k)];
+    load_problem<N>(logits, b, x, words, paper);
     const bool in_log = paper && Problem::needs_log_domain(x);
     if constexpr (BACKWARD) {
-      T hist[(2 * v4::kMaxIters - 1) * N];
-#pragma unroll
-      for (int k = 0; k < NN; ++k) g[k] = grad[b * NN + (paper ? v4::transposed(k, N) : k)];
-      if (in_log) {
-        Problem::log_backward(x, g, iters, hist);
+      load_problem<N>(grad, b, g, words, paper);
+      auto differentiate = [&](auto hist) {
+        if (in_log) {
+          Problem::log_backward(x, g, iters, hist);
+        } else {
+          Problem::backward(x, g, iters, eps, hist);
+        }
+      };
+      if constexpr (SHARED_HISTORY) {
+        extern __shared__ __align__(16) unsigned char mhc_history[];
+        differentiate(v4::History<T>{reinterpret_cast<T*>(mhc_history) + threadIdx.x,
+                                     static_cast<int>(blockDim.x)});
       } else {
-        Problem::backward(x, g, iters, eps, hist);
+        T hist[(2 * v4::kMaxIters - 1) * N];
+        differentiate(hist);
       }
     } else {
 #pragma unroll
@@ -61,19 +137,43 @@ __global__ void __launch_bounds__(kThreads)
         Problem::forward(g, iters, eps, nullptr);
       }
     }
-#pragma unroll
-    for (int k = 0; k < NN; ++k) out[b * NN + (paper ? v4::transposed(k, N) : k)] = g[k];
+    store_problem<N>(out, b, g, words, paper);
   }
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T>
 void launch_typed(const V4Params& p, cudaStream_t stream) {
+  static const bool local_history = env_is("SINKHORN_CUDA_MHC_HIST", "local");
+  const bool words = aligned16(p.logits) && aligned16(p.out) &&
+                     (p.grad == nullptr || aligned16(p.grad));
   n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
     constexpr int N = decltype(n)::value;
-    auto kernel = p.grad != nullptr ? &mhc_v4_kernel<N, T, true> : &mhc_v4_kernel<N, T, false>;
-    kernel<<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.logits), static_cast<const T*>(p.grad), static_cast<T*>(p.out),
-        p.B, p.iters, static_cast<T>(p.eps), p.paper);
+    const T* logits = static_cast<const T*>(p.logits);
+    const T* grad = static_cast<const T*>(p.grad);
+    T* out = static_cast<T*>(p.out);
+    const T eps = static_cast<T>(p.eps);
+    if (grad == nullptr) {
+      mhc_v4_kernel<N, T, false, false><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
+          logits, grad, out, p.B, p.iters, eps, p.paper, words);
+      return;
+    }
+    // The most threads a block (128, 64, 32) whose histories fit in kHistBytes.
+    const size_t per_thread = static_cast<size_t>(v4::normalisations(p.iters)) * N * sizeof(T);
+    int threads = kThreads;
+    while (threads > 32 && threads * per_thread > kHistBytes) threads /= 2;
+    const size_t bytes = threads * per_thread;
+    if (local_history || bytes > kHistBytes ||
+        bytes > static_cast<size_t>(dev::shared_memory_optin())) {
+      mhc_v4_kernel<N, T, true, false><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
+          logits, grad, out, p.B, p.iters, eps, p.paper, words);
+      return;
+    }
+    auto* kernel = &mhc_v4_kernel<N, T, true, true>;
+    dev::allow_dynamic_shared(kernel, bytes);
+    kernel<<<blocks_for(p.B, threads), threads, bytes, stream>>>(logits, grad, out, p.B, p.iters,
+                                                                 eps, p.paper, words);
   });
 }
 

@@ -114,12 +114,23 @@ def check_backward(B, n, m, dtype, steps=9, start="row", masked=False, given=Fal
         assert_close(x, y, name, floor=0.05)
 
 
-def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=0):
+def _unaligned(t):
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    return flat.copy_(t.reshape(-1)).view(t.shape)
+
+
+def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=0,
+              unaligned=False):
+    """unaligned: logits and grad off 16-byte boundaries (the kernels' element-wise loads)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(B, n, n, generator=g, dtype=torch.float64) * scale).to(dtype)
     if scale > 100:  # the paper kernel's log-domain twin, with a masked entry in problem 0
         x[0, 0, 0] = NEG_INF
     grad = torch.randn(B, n, n, generator=g, dtype=torch.float64).to(dtype)
+    if unaligned:
+        x, grad = _unaligned(x), _unaligned(grad)
+        assert x.data_ptr() % 16 and grad.data_ptr() % 16
     extra = (eps,) if kind == "v4" else ()
     name = "mhc_v4_sinkhorn" if kind == "v4" else "mhc_sinkhorn"
     for suffix, args in (("", (x, iters) + extra), ("_backward", (grad, x, iters) + extra)):
@@ -223,6 +234,9 @@ def _cases():
             add(f"mhc-{kind}-{n}-iters-1", check_mhc, kind=kind, B=5, n=n, iters=1)
             add(f"mhc-{kind}-{n}-iters-32", check_mhc, kind=kind, B=5, n=n, iters=32)
         add(f"mhc-{kind}-wide", check_mhc, kind=kind, B=130, n=4, iters=20, scale=300.0)
+        for dtype in (F32, F64):
+            add(f"mhc-{kind}-4-{dtype}-unaligned", check_mhc, kind=kind, B=70, n=4, iters=20,
+                dtype=dtype, unaligned=True)
     # The stream mixings, every n and dtype, C not a multiple of the vector width.
     for n in (1, 2, 3, 4, 8):
         for dtype in ALL:

@@ -33,6 +33,13 @@
 struct uint3 {
   unsigned x, y, z;
 };
+// The 16-byte vector types the kernels load and store through (CUDA's vector_types.h).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
