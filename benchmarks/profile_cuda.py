@@ -3,6 +3,7 @@ against the sum of its kernels' device times, and the kernels that take the most
 
     python benchmarks/profile_cuda.py [--out DIR] [--tag T]  # writes DIR/profile_cuda[_T].txt
     SINKHORN_CUDA_FORWARD=large python benchmarks/profile_cuda.py --tag large   # forced path
+    SINKHORN_CUDA_MHC_HIST=local python benchmarks/profile_cuda.py --tag mhc_local --only mhc
 
 The first H100 run (benchmarks/results/*_cuda.md) found most paths far from the copy bandwidth.
 This tells the next GPU session, in seconds of device time, whether a case is bound by its
@@ -101,6 +102,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--tag", default="", help="suffix of the output file's name")
+    p.add_argument("--only", default="", help="run the cases whose name contains this only")
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs CUDA")
@@ -110,6 +112,8 @@ def main() -> int:
              f"per call, over {REPEATS} calls under torch.profiler (its overhead included in wall)",
              ""]
     for name, fn in cases("cuda").items():
+        if args.only not in name:
+            continue
         try:
             wall, device, count, top = profile_case(fn)
         except Exception as exc:  # noqa: BLE001 (one failed case must not lose the others)
