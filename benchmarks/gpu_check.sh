@@ -115,10 +115,10 @@ step profile "$OUT/bench.log" "${T_PROFILE:-30}" \
   python benchmarks/profile_cuda.py --out "$OUT"
 step profile_large "$OUT/bench.log" "${T_PROFILE:-30}" env SINKHORN_CUDA_FORWARD=large \
   python benchmarks/profile_cuda.py --out "$OUT" --tag large
-# The mHC backward's divisors in a local array, as before the H200 run (mhc_v4.cu): the A/B of
-# the shared-memory history, on the profile's mHC cases.
-step profile_mhc_local "$OUT/bench.log" "${T_PROFILE:-30}" env SINKHORN_CUDA_MHC_HIST=local \
-  python benchmarks/profile_cuda.py --out "$OUT" --tag mhc_local --only mhc
+# The tiny and mHC backwards' histories in local arrays, as before the H200 run: the A/B of the
+# shared-memory histories, on the profile's 4 x 4 cases.
+step profile_local_history "$OUT/bench.log" "${T_PROFILE:-30}" env SINKHORN_CUDA_HISTORY=local \
+  python benchmarks/profile_cuda.py --out "$OUT" --tag local_history --only "1M x 4x4"
 # Benchmarks in order of importance; each writes its table after every case.
 step bench_mhc "$OUT/bench.log" "${T_BENCH_MHC:-60}" \
   python benchmarks/bench_mhc.py --device cuda --quick --out "$OUT"

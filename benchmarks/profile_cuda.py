@@ -3,7 +3,7 @@ against the sum of its kernels' device times, and the kernels that take the most
 
     python benchmarks/profile_cuda.py [--out DIR] [--tag T]  # writes DIR/profile_cuda[_T].txt
     SINKHORN_CUDA_FORWARD=large python benchmarks/profile_cuda.py --tag large   # forced path
-    SINKHORN_CUDA_MHC_HIST=local python benchmarks/profile_cuda.py --tag mhc_local --only mhc
+    SINKHORN_CUDA_HISTORY=local python benchmarks/profile_cuda.py --tag local_history --only "1M x 4x4"
 
 The first H100 run (benchmarks/results/*_cuda.md) found most paths far from the copy bandwidth.
 This tells the next GPU session, in seconds of device time, whether a case is bound by its

@@ -42,17 +42,6 @@ SK_HD bool over_columns(int s) { return s % 2 == 0; }
 // this one on the transpose, with eps = 0).
 SK_HD int transposed(int k, int n) { return (k % n) * n + k / n; }
 
-// A history of divisors (or shifts) spread over memory with a stride: entry k of one thread's
-// history at base[k * stride]. The CUDA backward keeps its threads' histories in shared memory
-// this way, entry k of consecutive threads in consecutive words (no bank conflicts).
-template <typename T>
-struct History {
-  T* base;
-  int stride;
-  SK_HD T& operator[](int k) const { return base[k * stride]; }
-  SK_HD explicit operator bool() const { return base != nullptr; }
-};
-
 // Ops supplies the lane type's element type E, exp, log and max: scalar functions on the GPU, SIMD
 // vector ones on the CPU. c holds n x n lanes row-major.
 template <int N, typename T, typename Ops>
@@ -115,8 +104,8 @@ struct Problem {
   }
 
   // c <- comb(x), in place. hist, when given, receives normalisation s's divisors at
-  // hist[s * N + a]. H is T* (nullptr for none) or any type with T& operator[](int) and a
-  // test for presence (History below: the CUDA backward's divisors in shared memory).
+  // hist[s * N + a]. H is T* (nullptr for none) or math::History (sinkhorn_math.h: the CUDA
+  // backward's divisors in shared memory).
   template <typename H>
   SK_HD static void forward(T* c, int iters, E eps, H hist) {
     T x[N * N];

@@ -137,5 +137,18 @@ SK_HD T default_log_b(bool alive, long long alive_rows, long long alive_cols) {
   return (alive && alive_rows > 0) ? log_(T(alive_rows) / T(alive_cols)) : neg_inf<T>();
 }
 
+// A per-thread history (a backward's record of its forward steps) spread over memory with a
+// stride: entry k of one thread's history at base[k * stride]. The CUDA backwards of the tiny
+// and mHC paths keep their threads' histories in shared memory this way, entry k of consecutive
+// threads in consecutive words (no bank conflicts), where a local array would cost local-memory
+// traffic; the CPU kernels pass plain arrays (T*) to the same functions.
+template <typename T>
+struct History {
+  T* base;
+  int stride;
+  SK_HD T& operator[](int64_t k) const { return base[k * stride]; }
+  SK_HD explicit operator bool() const { return base != nullptr; }
+};
+
 }  // namespace math
 }  // namespace sinkhorn

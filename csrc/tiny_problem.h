@@ -292,14 +292,15 @@ struct TinyProblem {
   static SK_HD T log0(T x) { return x > T(0) ? math::log_(x) : math::neg_inf<T>(); }
 
   // Most steps the backward takes: it keeps every step's LSEs (steps x NMAX values; a GPU
-  // thread's local array).
+  // thread's shared-memory or local history).
   static constexpr int64_t kMaxBackwardSteps = 64;
 
   // The unrolled backward (MATH.md section 2.1) of `steps` steps from f = g = 0 with the
-  // marginals la, lb: replays, keeping each step's LSEs in lse_hist (steps x NMAX), then
-  // reverses. In: ds = dL/dP, uf = dL/df and ug = dL/dg (zeros when absent; padding zero).
-  // Out: ds = dL/dS, dla = dL/d(log a), dlb = dL/d(log b).
-  SK_HD void backward(int64_t steps, bool start_row, T* lse_hist, T* ds, T* uf, T* ug, T* dla,
+  // marginals la, lb: replays, keeping each step's LSEs in lse_hist (steps x NMAX; T* or
+  // math::History), then reverses. In: ds = dL/dP, uf = dL/df and ug = dL/dg (zeros when
+  // absent; padding zero). Out: ds = dL/dS, dla = dL/d(log a), dlb = dL/d(log b).
+  template <typename H>
+  SK_HD void backward(int64_t steps, bool start_row, H lse_hist, T* ds, T* uf, T* ug, T* dla,
                       T* dlb) {
     SK_UNROLL
     for (int a = 0; a < NMAX; ++a) f[a] = g[a] = dla[a] = dlb[a] = T(0);

@@ -51,8 +51,8 @@ VARIANTS = {
                            "fwd-"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
-    # The mHC backward's divisors in a local array instead of shared memory (mhc_v4.cu).
-    "mhc-local-history": ({"SINKHORN_CUDA_MHC_HIST": "local"}, "mhc-"),
+    # The tiny and mHC backwards' histories in local arrays instead of shared memory.
+    "local-history": ({"SINKHORN_CUDA_HISTORY": "local"}, ""),
 }
 
 

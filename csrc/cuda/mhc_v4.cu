@@ -10,12 +10,11 @@
 // (2 iters - 1) x n values, for the walk back. The second GPU run (H200) measured that history in
 // local memory at 0.48 ms for 1M problems of 4 x 4 against 0.152 ms for the forward: about 2 GB of
 // local-memory traffic. It now lives in dynamic shared memory, entry k of consecutive threads in
-// consecutive words (v4::History), with as many threads a block (128, 64 or 32) as fit in
-// kHistBytes; where not even 32 fit (float64 at n = 8), and under SINKHORN_CUDA_MHC_HIST=local,
-// in a local array as before.
+// consecutive words (math::History), with as many threads a block (128, 64 or 32) as fit
+// (dev::history_threads); where not even 32 fit (float64 at n = 8 and 32 iterations), and under
+// SINKHORN_CUDA_HISTORY=local, in a local array as before.
 #include <cstdint>
 
-#include "../env_flag.h"
 #include "../mhc_v4_math.h"
 #include "../n_switch.h"
 #include "kernel_common.cuh"
@@ -35,9 +34,6 @@ struct DeviceOps {
 };
 
 constexpr int kThreads = 128;
-// Shared memory a block of the backward may take for its threads' histories: two such blocks
-// per SM stay resident (Hopper: 227 KB a block, 228 KB an SM).
-constexpr size_t kHistBytes = 96 * 1024;
 
 // 16-byte words of float and double values.
 __device__ __forceinline__ void unpack(const float4& v, float* x) {
@@ -122,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
       };
       if constexpr (SHARED_HISTORY) {
         extern __shared__ __align__(16) unsigned char mhc_history[];
-        differentiate(v4::History<T>{reinterpret_cast<T*>(mhc_history) + threadIdx.x,
+        differentiate(math::History<T>{reinterpret_cast<T*>(mhc_history) + threadIdx.x,
                                      static_cast<int>(blockDim.x)});
       } else {
         T hist[(2 * v4::kMaxIters - 1) * N];
@@ -145,7 +141,6 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 template <typename T>
 void launch_typed(const V4Params& p, cudaStream_t stream) {
-  static const bool local_history = env_is("SINKHORN_CUDA_MHC_HIST", "local");
   const bool words = aligned16(p.logits) && aligned16(p.out) &&
                      (p.grad == nullptr || aligned16(p.grad));
   n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
@@ -159,18 +154,15 @@ void launch_typed(const V4Params& p, cudaStream_t stream) {
           logits, grad, out, p.B, p.iters, eps, p.paper, words);
       return;
     }
-    // The most threads a block (128, 64, 32) whose histories fit in kHistBytes.
     const size_t per_thread = static_cast<size_t>(v4::normalisations(p.iters)) * N * sizeof(T);
-    int threads = kThreads;
-    while (threads > 32 && threads * per_thread > kHistBytes) threads /= 2;
-    const size_t bytes = threads * per_thread;
-    if (local_history || bytes > kHistBytes ||
-        bytes > static_cast<size_t>(dev::shared_memory_optin())) {
+    const int threads = dev::history_threads(per_thread, kThreads);
+    if (threads == 0) {
       mhc_v4_kernel<N, T, true, false><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
           logits, grad, out, p.B, p.iters, eps, p.paper, words);
       return;
     }
     auto* kernel = &mhc_v4_kernel<N, T, true, true>;
+    const size_t bytes = threads * per_thread;
     dev::allow_dynamic_shared(kernel, bytes);
     kernel<<<blocks_for(p.B, threads), threads, bytes, stream>>>(logits, grad, out, p.B, p.iters,
                                                                  eps, p.paper, words);

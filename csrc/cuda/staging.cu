@@ -1,6 +1,7 @@
-// Host side of the shared-memory staging of the block kernels (kernel_common.cuh): how many
-// bytes an n x m problem takes, within the current device's opt-in limit (also asked by the
-// large forward's fused pass).
+// Host side of the kernels' shared-memory budgets (kernel_common.cuh): how many bytes an n x m
+// problem staged by the block kernels takes, within the current device's opt-in limit (also
+// asked by the large forward's fused pass), and how many threads a block of a thread-per-problem
+// backward can keep their histories in shared memory.
 #include "../env_flag.h"
 #include "kernel_common.cuh"
 
@@ -15,6 +16,16 @@ size_t staged_bytes(int64_t n, int64_t m, size_t elem) {
   return bytes + 4096 <= static_cast<size_t>(shared_memory_optin()) ? bytes : 0;
 }
 
+int history_threads(size_t per_thread, int max_threads) {
+  static const bool local = env_is("SINKHORN_CUDA_HISTORY", "local");
+  int threads = max_threads;
+  while (threads > 32 && threads * per_thread > kHistoryBytes) threads /= 2;
+  const size_t bytes = threads * per_thread;
+  if (local || bytes > kHistoryBytes || bytes > static_cast<size_t>(shared_memory_optin()))
+    return 0;
+  return threads;
+}
+
 int shared_memory_optin() {
   int device = 0, optin = 0;
   // Attribute queries: host calls that do not synchronise with the device.
@@ -25,6 +36,16 @@ int shared_memory_optin() {
     return 0;
   }
   return optin;
+}
+
+int multiprocessors() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
 }
 
 }  // namespace dev

@@ -1,8 +1,12 @@
 // CUDA tiny path of the unrolled backward (n, m <= 8, 4 in float64, and at most 64 steps, e.g.
-// mHC's 4 x 4 with 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, its
-// step LSEs in a local array, the replay and the reversed steps of tiny_problem.h (checked on
-// the host by the GoogleTest suite). One read of S and dL/dP, one write of dL/dS per problem;
-// no workspace.
+// mHC's 4 x 4 with 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, the
+// replay and the reversed steps of tiny_problem.h (checked on the host by the GoogleTest suite).
+// One read of S and dL/dP, one write of dL/dS per problem; no workspace. Each thread's step LSEs
+// (max_steps x NMAX) live in dynamic shared memory (math::History, dev::history_threads: 128,
+// 64 or 32 threads a block), or in a local array where not even 32 fit or under
+// SINKHORN_CUDA_HISTORY=local (the H200 run: the mHC backward's local history cost about 2 GB of
+// local-memory traffic at 1M problems; this kernel's took 2.06 ms there against the forward's
+// 0.73).
 #include <cstdint>
 
 #include "../env_flag.h"
@@ -14,18 +18,17 @@ namespace {
 
 using namespace dev;
 
-template <int NMAX, typename scalar_t>
+template <int NMAX, typename scalar_t, bool SHARED_HISTORY>
 __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdParams p) {
   using acc_t = typename AccOf<scalar_t>::type;
   using Problem = TinyProblem<NMAX, acc_t>;
   const int n = static_cast<int>(p.n), m = static_cast<int>(p.m);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTinyThreads;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kTinyThreads + threadIdx.x; b < p.B;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < p.B;
        b += stride) {
     Problem q;
     load_tiny<scalar_t>(p, b, q);
     acc_t ds[NMAX * NMAX], uf[NMAX], ug[NMAX], dla[NMAX], dlb[NMAX];
-    acc_t hist[Problem::kMaxBackwardSteps * NMAX];
     const scalar_t* G = static_cast<const scalar_t*>(p.grad_plan) + b * n * m;
     SK_UNROLL
     for (int i = 0; i < NMAX; ++i)
@@ -41,7 +44,15 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdPa
     }
     int64_t steps = p.steps_used[b];
     steps = steps < 0 ? 0 : (steps > p.max_steps ? p.max_steps : steps);
-    q.backward(steps, p.start_row, hist, ds, uf, ug, dla, dlb);
+    if constexpr (SHARED_HISTORY) {
+      extern __shared__ __align__(16) unsigned char tiny_history[];
+      const math::History<acc_t> hist{reinterpret_cast<acc_t*>(tiny_history) + threadIdx.x,
+                                      static_cast<int>(blockDim.x)};
+      q.backward(steps, p.start_row, hist, ds, uf, ug, dla, dlb);
+    } else {
+      acc_t hist[Problem::kMaxBackwardSteps * NMAX];
+      q.backward(steps, p.start_row, hist, ds, uf, ug, dla, dlb);
+    }
     store_tiny<NMAX>(static_cast<scalar_t*>(p.grad_scores) + b * n * m, n, m,
                      [&](int i, int j) { return ds[i * NMAX + j]; },
                      static_cast<acc_t*>(p.grad_log_a) + b * n, dla,
@@ -51,9 +62,20 @@ __global__ void __launch_bounds__(kTinyThreads) tiny_backward_kernel(const BwdPa
 
 template <typename scalar_t>
 void launch_typed(const BwdParams& p, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
   tiny_switch(p.n, p.m, [&](auto pad) {
-    tiny_backward_kernel<decltype(pad)::value, scalar_t>
-        <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
+    constexpr int NMAX = decltype(pad)::value;
+    const size_t per_thread = static_cast<size_t>(p.max_steps) * NMAX * sizeof(acc_t);
+    const int threads = history_threads(per_thread, kTinyThreads);
+    if (threads == 0 || per_thread == 0) {
+      tiny_backward_kernel<NMAX, scalar_t, false>
+          <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
+      return;
+    }
+    auto* kernel = &tiny_backward_kernel<NMAX, scalar_t, true>;
+    const size_t bytes = threads * per_thread;
+    allow_dynamic_shared(kernel, bytes);
+    kernel<<<blocks_for(p.B, threads), threads, bytes, stream>>>(p);
   });
 }
 
