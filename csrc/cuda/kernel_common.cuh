@@ -229,6 +229,8 @@ constexpr size_t kMaxStagedBytes = 96 * 1024;
 size_t staged_bytes(int64_t n, int64_t m, size_t elem);
 // The current device's opt-in limit of shared memory per block in bytes (0 if the query fails).
 int shared_memory_optin();
+// The current device's multiprocessor count (0 if the query fails).
+int multiprocessors();
 
 // Copies a problem's scores to shared memory (when staged) and returns where the passes should
 // read them. Contains a barrier before the copy (earlier readers of the buffer are done) and
@@ -274,6 +276,14 @@ void allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
 }
+
+// Thread-per-problem backwards (tiny, mHC) keep each thread's history of its forward steps in
+// dynamic shared memory (math::History) when it fits: the most threads a block, of max_threads
+// (128), 64 and 32, whose histories of per_thread bytes fit in kHistoryBytes and in the device's
+// opt-in limit, or 0 when not even 32 fit or SINKHORN_CUDA_HISTORY=local asks for the local
+// array. kHistoryBytes: two such blocks stay resident per SM on Hopper.
+constexpr size_t kHistoryBytes = 96 * 1024;
+int history_threads(size_t per_thread, int max_threads);
 
 // Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
 // over the rest), at least one.

@@ -1,5 +1,6 @@
 // CUDA path of the forward for large problems (n * m >= 2^20, e.g. OT at 2000 x 2000 or 8192 x
-// 8192): the whole GPU works on each step instead of one block per problem. Each step is a few
+// 8192, and few problems too large for shared memory, e.g. attention's 8 heads of 512 x 512):
+// the whole GPU works on each step instead of one block per problem. Each step is a few
 // kernels enqueued by the host loop (no host synchronisation; CUDA graphs capture it):
 //   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse);
 //                with few rows (short, wide problems) a warp per chunk of a row, the chunks
@@ -316,7 +317,15 @@ bool large_forward_applies(const FwdParams& p) {
   // The column pass puts problems on the grid's z dimension and row strips on y (each at most
   // 65535).
   const bool fits = p.n >= 1 && p.m >= 1 && p.B <= 65535 && large::strips_of(p.B, p.n) <= 65535;
-  return fits && (forced || (!disabled && p.n * p.m >= kMinEntries));
+  // Few problems too large for shared memory (at most a quarter as many as SMs): a block per
+  // problem would leave most SMs idle and stream S from global memory at one SM's pace (the
+  // H200 profile, 8 x 512^2 fp32, 3 steps: 1.06 ms of kernel on the block path, 0.107 ms here,
+  // in 20 launches). The size test is the staging limit's, whatever SINKHORN_CUDA_SMEM says.
+  const int64_t elem = p.dtype == DType::Float64 ? 8 : (p.dtype == DType::Float32 ? 4 : 2);
+  const bool off_chip = p.n * p.m * elem > static_cast<int64_t>(dev::kMaxStagedBytes);
+  const bool few = p.B * 4 <= dev::multiprocessors();
+  return fits &&
+         (forced || (!disabled && (p.n * p.m >= kMinEntries || (off_chip && few))));
 }
 
 size_t large_forward_workspace_bytes(const FwdParams& p) {

@@ -198,9 +198,18 @@ def _cases():
     add("fwd-natural-large-1030x1030-f64-given-tol", check_forward, B=2, n=1030, m=1030,
         dtype=F64, steps=12, tol=1e-4, given=True)
     # Both sides of the boundaries: the large path at n * m = 2^20 (1023 x 1025 is one entry
-    # short, on the block path); under SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and
+    # short, on the block path with 34 problems, more than few: see below); under SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and
     # m = 16384 (fp32; 8192 in fp64) and the fused kernel's row-register buckets (2048 | 2049).
-    add("fwd-natural-block-1023x1025", check_forward, B=1, n=1023, m=1025, dtype=F32, steps=3)
+    add("fwd-natural-block-34x1023x1025", check_forward, B=34, n=1023, m=1025, dtype=F32,
+        steps=2)
+    # Few problems too large for shared memory also take the large path: at most a quarter as
+    # many as SMs (132 in the emulation), each over the 96 KB staging limit (fp64 128 x 128 is
+    # 128 KB). 33 problems go large, 34 stay on the block path; 64 x 64 fp64 (32 KB) stays there.
+    add("fwd-natural-large-few-33x128x128-f64", check_forward, B=33, n=128, m=128, dtype=F64,
+        steps=3)
+    add("fwd-natural-block-many-34x128x128-f64", check_forward, B=34, n=128, m=128, dtype=F64,
+        steps=3)
+    add("fwd-natural-block-few-2x64x64-f64", check_forward, B=2, n=64, m=64, dtype=F64, steps=3)
     # Empty problems (every forced path must leave them alone), and an empty batch.
     for B, n, m in ((2, 0, 5), (2, 5, 0), (0, 3, 4)):
         add(f"fwd-empty-{B}x{n}x{m}", check_forward, B=B, n=n, m=m, dtype=F32, steps=4)
