@@ -198,6 +198,40 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
 }
 
 
+// Column sums of a per-entry value over the rows, sum_i value(i, j), then use(j, sum): the
+// column pass's work split (col_lse_pass) for plain sums. A thread per column, or, when the block
+// is wider than the columns, G threads per column each taking every G-th row, their partial sums
+// merged in shared memory. value(i, j) may write entry (i, j) (each entry has one caller).
+// Contains barriers when G > 1 (a block-uniform branch): every thread of the block must call it.
+template <int BLOCK, typename acc_t, typename Value, typename Use>
+__device__ __forceinline__ void column_sums(int64_t n, int64_t m, Value&& value, Use&& use) {
+  const int64_t width = (m + 31) / 32 * 32;
+  const int64_t groups = width > 0 && width < BLOCK ? BLOCK / width : 1;
+  if (groups == 1) {
+    for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+      acc_t sum = 0;
+      for (int64_t i = 0; i < n; ++i) sum += value(i, j);
+      use(j, sum);
+    }
+    return;
+  }
+  __shared__ acc_t parts[BLOCK];
+  const int64_t group = threadIdx.x / width, j = threadIdx.x % width;
+  const bool works = group < groups && j < m;
+  if (works) {
+    acc_t sum = 0;
+    for (int64_t i = group; i < n; i += groups) sum += value(i, j);
+    parts[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  if (group == 0 && works) {
+    acc_t total = parts[j];
+    for (int64_t r = 1; r < groups; ++r) total += parts[r * width + j];
+    use(j, total);
+  }
+  __syncthreads();  // parts is free again
+}
+
 // Block size by problem size, as a compile-time constant for fn: about 32 entries per thread per
 // pass, at most 512 threads, and a single warp for problems of up to 1024 entries. The first
 // runs (H100, H200) found the block kernels latency-bound with 128 threads for 128 x 128 (each

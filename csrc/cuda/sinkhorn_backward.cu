@@ -70,23 +70,24 @@ __device__ void replay(const Problem<scalar_t>& q, int64_t K, bool start_row) {
   }
 }
 
-// The output P = exp(S + f ⊕ g) (MATH.md section 2.1): dS = Γ = Ḡ ⊙ P, u_g = dL/dg + Γᵀ1 with a
-// thread per column (the sum in a register), then, after a barrier, u_f = dL/df + Γ1 with a
-// warp per row re-reading dS. Also zeroes d(log a) and d(log b).
+// The output P = exp(S + f ⊕ g) (MATH.md section 2.1): dS = Γ = Ḡ ⊙ P, u_g = dL/dg + Γᵀ1 by
+// column sums (column_sums: a thread, or a few threads, per column), then, after a barrier,
+// u_f = dL/df + Γ1 with a warp per row re-reading dS. Also zeroes d(log a) and d(log b).
 template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __device__ void gamma_pass(const Problem<scalar_t>& q, const acc_t* grad_f, const acc_t* grad_g) {
   const int64_t n = q.n, m = q.m;
-  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
-    const acc_t gj = q.g[j];
-    acc_t sum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t gamma = to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + gj);
-      q.dS[i * m + j] = gamma;
-      sum += gamma;
-    }
-    q.u_g[j] = (grad_g != nullptr ? grad_g[j] : acc_t(0)) + sum;
-    q.grad_log_b[j] = 0;
-  }
+  column_sums<BLOCK, acc_t>(
+      n, m,
+      [&](int64_t i, int64_t j) {
+        const acc_t gamma =
+            to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + q.g[j]);
+        q.dS[i * m + j] = gamma;
+        return gamma;
+      },
+      [&](int64_t j, acc_t sum) {
+        q.u_g[j] = (grad_g != nullptr ? grad_g[j] : acc_t(0)) + sum;
+        q.grad_log_b[j] = 0;
+      });
   for (int64_t i = threadIdx.x; i < n; i += BLOCK) q.grad_log_a[i] = 0;
   __syncthreads();  // dS of every column is complete before the row sums read it
   for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
@@ -100,7 +101,8 @@ __device__ void gamma_pass(const Problem<scalar_t>& q, const acc_t* grad_f, cons
 
 // Reverse of row step t, f_i = log a_i - LSE_j(S_ij + g_j) (MATH.md section 2.1). With
 // R_ij = exp(S_ij + g_j - lse_t[i]), g as step t read it: dS -= u_f ⊙ R, u_g -= Rᵀ u_f and
-// d(log a_i) += u_f_i on rows that have an allowed entry. A thread per column walks down the rows.
+// d(log a_i) += u_f_i on rows that have an allowed entry. Column sums (column_sums) walk down
+// the rows.
 // The step consumed u_f (it overwrote f), but other threads still read u_f here, so instead of
 // zeroing it the next reverse step that writes it (column step t - 1) overwrites rather than adds.
 // Likewise u_g restarts from zero when column step t + 1 consumed it.
@@ -109,17 +111,17 @@ __device__ void reverse_row_step(const Problem<scalar_t>& q, int64_t t, int64_t 
   const int64_t n = q.n, m = q.m;
   const acc_t* lse = q.lse + t * q.L;
   const bool restart = t + 1 < K;
-  for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
-    // Step t - 1 was the column step that last set g; before step 0, g = 0.
-    const acc_t gb = t > 0 ? math::potential(q.log_b[j], q.lse[(t - 1) * q.L + j]) : acc_t(0);
-    acc_t sum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t w = q.u_f[i] * math::step_weight(to_acc(q.S[i * m + j]) + gb, lse[i]);
-      q.dS[i * m + j] -= w;
-      sum += w;
-    }
-    q.u_g[j] = (restart ? acc_t(0) : q.u_g[j]) - sum;
-  }
+  // Step t - 1 was the column step that last set g; before step 0, g = 0.
+  const acc_t* g_lse = t > 0 ? q.lse + (t - 1) * q.L : nullptr;
+  column_sums<BLOCK, acc_t>(
+      n, m,
+      [&](int64_t i, int64_t j) {
+        const acc_t gb = g_lse != nullptr ? math::potential(q.log_b[j], g_lse[j]) : acc_t(0);
+        const acc_t w = q.u_f[i] * math::step_weight(to_acc(q.S[i * m + j]) + gb, lse[i]);
+        q.dS[i * m + j] -= w;
+        return w;
+      },
+      [&](int64_t j, acc_t sum) { q.u_g[j] = (restart ? acc_t(0) : q.u_g[j]) - sum; });
   for (int64_t i = threadIdx.x; i < n; i += BLOCK)
     if (lse[i] > math::neg_inf<acc_t>()) q.grad_log_a[i] += q.u_f[i];
 }

@@ -178,7 +178,9 @@ def _cases():
         add(f"fwd-tiny-{n}x{m}-given-tol", check_forward, B=7, n=n, m=m, dtype=F64,
             steps=200, tol=1e-7, given=True)
     # Block forward: staged in shared memory (<= 96 KiB: 33x65 and 128x128 fp32, the latter over
-    # the 48 KiB default), and not (200x300 fp32, 128x128 fp64); block sizes 32..256.
+    # the 48 KiB default), and not (200x300 fp32, 128x128 fp64: two such problems take the large
+    # path by default, the block path under the forced-block variant); block sizes 32..512, with
+    # columns shared by 2 to 16 threads (70x100, 128x128, 2000x20).
     for n, m in ((9, 12), (33, 65), (70, 100), (128, 128), (200, 300), (1, 700), (700, 1),
                  (4, 4100), (2000, 20), (37, 1100), (300, 2100)):
         for dtype in (F64, F32, BF16):
