@@ -123,12 +123,17 @@ __device__ void default_marginals(const scalar_t* S, int64_t n, int64_t m, acc_t
 // so the warp waits once per group of rows instead of once per row (the H100 and H200 runs found
 // the block kernels latency-bound). Each row's sum runs in the same order as one row alone.
 // No barrier inside; the row loop is warp-uniform because the merge needs all lanes.
+// Fewer rows than warps times kRowsPerWarp take fewer rows a warp (down to one), so that short,
+// wide problems keep every warp busy; the count depends on n and BLOCK only, so the backward's
+// replay splits its rows as the forward did.
 constexpr int kRowsPerWarp = 4;
 template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
 __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, int64_t n,
                                              int64_t m, Use&& use) {
-  constexpr int R = kRowsPerWarp;
-  for (int64_t i0 = int64_t(warp_id()) * R; i0 < n; i0 += (BLOCK / 32) * R) {
+  constexpr int R = kRowsPerWarp, kWarps = BLOCK / 32;
+  const int64_t per_warp = (n + kWarps - 1) / kWarps;
+  const int rows = per_warp < R ? static_cast<int>(per_warp) : R;  // warp-uniform, >= 1 if n > 0
+  for (int64_t i0 = int64_t(warp_id()) * rows; i0 < n; i0 += kWarps * rows) {
     Lse<acc_t> s[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) s[r] = math::lse_empty<acc_t>();
@@ -136,14 +141,15 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
       const acc_t gj = g[j];
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (i0 + r < n) math::lse_push(s[r], to_acc(S[(i0 + r) * m + j]) + gj);
+        if (r < rows && i0 + r < n) math::lse_push(s[r], to_acc(S[(i0 + r) * m + j]) + gj);
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) s[r] = warp_lse(s[r]);
+    for (int r = 0; r < R; ++r)
+      if (r < rows) s[r] = warp_lse(s[r]);
     if (lane_id() == 0) {
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (i0 + r < n) use(i0 + r, math::lse_value(s[r]));
+        if (r < rows && i0 + r < n) use(i0 + r, math::lse_value(s[r]));
     }
   }
 }
@@ -198,19 +204,22 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
 }
 
 
-// Column sums of a per-entry value over the rows, sum_i value(i, j), then use(j, sum): the
-// column pass's work split (col_lse_pass) for plain sums. A thread per column, or, when the block
-// is wider than the columns, G threads per column each taking every G-th row, their partial sums
-// merged in shared memory. value(i, j) may write entry (i, j) (each entry has one caller).
-// Contains barriers when G > 1 (a block-uniform branch): every thread of the block must call it.
-template <int BLOCK, typename acc_t, typename Value, typename Use>
-__device__ __forceinline__ void column_sums(int64_t n, int64_t m, Value&& value, Use&& use) {
+// Column sums of a per-entry value over the rows, sum_i value(i, j, c) with c = column(j) taken
+// once per column, then use(j, sum): the column pass's work split (col_lse_pass) for plain sums.
+// A thread per column, or, when the block is wider than the columns, G threads per column each
+// taking every G-th row, their partial sums merged in shared memory. value may write entry
+// (i, j) (each entry has one caller). Contains barriers when G > 1 (a block-uniform branch):
+// every thread of the block must call it.
+template <int BLOCK, typename acc_t, typename Column, typename Value, typename Use>
+__device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Value&& value,
+                                            Use&& use) {
   const int64_t width = (m + 31) / 32 * 32;
   const int64_t groups = width > 0 && width < BLOCK ? BLOCK / width : 1;
   if (groups == 1) {
     for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
+      const auto c = column(j);
       acc_t sum = 0;
-      for (int64_t i = 0; i < n; ++i) sum += value(i, j);
+      for (int64_t i = 0; i < n; ++i) sum += value(i, j, c);
       use(j, sum);
     }
     return;
@@ -219,8 +228,9 @@ __device__ __forceinline__ void column_sums(int64_t n, int64_t m, Value&& value,
   const int64_t group = threadIdx.x / width, j = threadIdx.x % width;
   const bool works = group < groups && j < m;
   if (works) {
+    const auto c = column(j);
     acc_t sum = 0;
-    for (int64_t i = group; i < n; i += groups) sum += value(i, j);
+    for (int64_t i = group; i < n; i += groups) sum += value(i, j, c);
     parts[threadIdx.x] = sum;
   }
   __syncthreads();
@@ -311,13 +321,27 @@ void allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
                          static_cast<int>(bytes));
 }
 
+// The static shared memory `kernel` declares (its passes' scratch arrays; 0 if the query fails):
+// with `dynamic` bytes on top it must stay within the device's opt-in limit.
+template <typename... P>
+bool fits_with_static_shared(void (*kernel)(P...), size_t dynamic) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return dynamic + attr.sharedSizeBytes <= static_cast<size_t>(shared_memory_optin());
+}
+
 // Thread-per-problem backwards (tiny, mHC) keep each thread's history of its forward steps in
-// dynamic shared memory (math::History) when it fits: the most threads a block, of max_threads
-// (128), 64 and 32, whose histories of per_thread bytes fit in kHistoryBytes and in the device's
-// opt-in limit, or 0 when not even 32 fit or SINKHORN_CUDA_HISTORY=local asks for the local
-// array. kHistoryBytes: two such blocks stay resident per SM on Hopper.
+// dynamic shared memory (math::History) when a block of `threads` histories of per_thread bytes
+// fits in kHistoryBytes (and the device's opt-in limit): the bytes to launch with, or 0 for the
+// local array (also under SINKHORN_CUDA_HISTORY=local). No smaller blocks: a long history in
+// shared memory would cap the SM at a few warps, where the local array keeps many more resident
+// (a review's count: 2 warps against 8 for float64 mHC at n = 8). kHistoryBytes: two such
+// blocks stay resident per SM on Hopper (4x4 fp32 mHC, 20 iterations: 78 KB for 128 threads).
 constexpr size_t kHistoryBytes = 96 * 1024;
-int history_threads(size_t per_thread, int max_threads);
+size_t history_bytes(size_t per_thread, int threads);
 
 // Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
 // over the rest), at least one.
@@ -330,14 +354,17 @@ inline unsigned blocks_for(int64_t work, int64_t per_block) {
 // (grid-stride beyond INT_MAX), its size from block_size_switch, the scores staged in shared
 // memory when they fit (params.staged). kernel_for(block) names the instantiation for a block
 // size given as std::integral_constant.
+// S is not staged where it would not fit beside the kernel's static shared memory (devices with
+// a smaller opt-in limit than Hopper's: 99 KB on sm_86 and sm_89).
 template <typename scalar_t, typename Params, typename KernelFor>
 void launch_per_problem(const Params& p, cudaStream_t stream, KernelFor&& kernel_for) {
   const unsigned grid = blocks_for(p.B, 1);
-  const size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
-  Params q = p;
-  q.staged = smem > 0;
   block_size_switch(p.n * p.m, [&](auto block) {
     auto* kernel = kernel_for(block);
+    size_t smem = staged_bytes(p.n, p.m, sizeof(scalar_t));
+    if (smem > 0 && !fits_with_static_shared(kernel, smem)) smem = 0;
+    Params q = p;
+    q.staged = smem > 0;
     allow_dynamic_shared(kernel, smem);
     kernel<<<grid, decltype(block)::value, smem, stream>>>(q);
   });

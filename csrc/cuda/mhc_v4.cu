@@ -10,9 +10,9 @@
 // (2 iters - 1) x n values, for the walk back. The second GPU run (H200) measured that history in
 // local memory at 0.48 ms for 1M problems of 4 x 4 against 0.152 ms for the forward: about 2 GB of
 // local-memory traffic. It now lives in dynamic shared memory, entry k of consecutive threads in
-// consecutive words (math::History), with as many threads a block (128, 64 or 32) as fit
-// (dev::history_threads); where not even 32 fit (float64 at n = 8 and 32 iterations), and under
-// SINKHORN_CUDA_HISTORY=local, in a local array as before.
+// consecutive words (math::History), where a block's 128 histories fit (dev::history_bytes: fp32
+// n = 4 up to 24 iterations); elsewhere, and under SINKHORN_CUDA_HISTORY=local, in a local array
+// as before.
 #include <cstdint>
 
 #include "../mhc_v4_math.h"
@@ -155,17 +155,16 @@ void launch_typed(const V4Params& p, cudaStream_t stream) {
       return;
     }
     const size_t per_thread = static_cast<size_t>(v4::normalisations(p.iters)) * N * sizeof(T);
-    const int threads = dev::history_threads(per_thread, kThreads);
-    if (threads == 0) {
+    const size_t bytes = dev::history_bytes(per_thread, kThreads);
+    if (bytes == 0) {
       mhc_v4_kernel<N, T, true, false><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
           logits, grad, out, p.B, p.iters, eps, p.paper, words);
       return;
     }
     auto* kernel = &mhc_v4_kernel<N, T, true, true>;
-    const size_t bytes = threads * per_thread;
     dev::allow_dynamic_shared(kernel, bytes);
-    kernel<<<blocks_for(p.B, threads), threads, bytes, stream>>>(logits, grad, out, p.B, p.iters,
-                                                                 eps, p.paper, words);
+    kernel<<<blocks_for(p.B, kThreads), kThreads, bytes, stream>>>(logits, grad, out, p.B,
+                                                                   p.iters, eps, p.paper, words);
   });
 }
 

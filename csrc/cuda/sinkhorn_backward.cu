@@ -77,10 +77,10 @@ template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t
 __device__ void gamma_pass(const Problem<scalar_t>& q, const acc_t* grad_f, const acc_t* grad_g) {
   const int64_t n = q.n, m = q.m;
   column_sums<BLOCK, acc_t>(
-      n, m,
-      [&](int64_t i, int64_t j) {
+      n, m, [&](int64_t j) { return q.g[j]; },
+      [&](int64_t i, int64_t j, acc_t gj) {
         const acc_t gamma =
-            to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + q.g[j]);
+            to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + gj);
         q.dS[i * m + j] = gamma;
         return gamma;
       },
@@ -111,12 +111,12 @@ __device__ void reverse_row_step(const Problem<scalar_t>& q, int64_t t, int64_t 
   const int64_t n = q.n, m = q.m;
   const acc_t* lse = q.lse + t * q.L;
   const bool restart = t + 1 < K;
-  // Step t - 1 was the column step that last set g; before step 0, g = 0.
-  const acc_t* g_lse = t > 0 ? q.lse + (t - 1) * q.L : nullptr;
   column_sums<BLOCK, acc_t>(
       n, m,
-      [&](int64_t i, int64_t j) {
-        const acc_t gb = g_lse != nullptr ? math::potential(q.log_b[j], g_lse[j]) : acc_t(0);
+      [&](int64_t j) {  // step t - 1 was the column step that last set g; before step 0, g = 0
+        return t > 0 ? math::potential(q.log_b[j], q.lse[(t - 1) * q.L + j]) : acc_t(0);
+      },
+      [&](int64_t i, int64_t j, acc_t gb) {
         const acc_t w = q.u_f[i] * math::step_weight(to_acc(q.S[i * m + j]) + gb, lse[i]);
         q.dS[i * m + j] -= w;
         return w;

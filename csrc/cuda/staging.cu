@@ -16,14 +16,13 @@ size_t staged_bytes(int64_t n, int64_t m, size_t elem) {
   return bytes + 4096 <= static_cast<size_t>(shared_memory_optin()) ? bytes : 0;
 }
 
-int history_threads(size_t per_thread, int max_threads) {
+size_t history_bytes(size_t per_thread, int threads) {
   static const bool local = env_is("SINKHORN_CUDA_HISTORY", "local");
-  int threads = max_threads;
-  while (threads > 32 && threads * per_thread > kHistoryBytes) threads /= 2;
-  const size_t bytes = threads * per_thread;
-  if (local || bytes > kHistoryBytes || bytes > static_cast<size_t>(shared_memory_optin()))
+  const size_t bytes = per_thread * static_cast<size_t>(threads);
+  if (local || bytes == 0 || bytes > kHistoryBytes ||
+      bytes > static_cast<size_t>(shared_memory_optin()))
     return 0;
-  return threads;
+  return bytes;
 }
 
 int shared_memory_optin() {

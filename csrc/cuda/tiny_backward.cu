@@ -2,8 +2,8 @@
 // mHC's 4 x 4 with 40 steps): a thread per problem, padded to 4 x 4 or 8 x 8 in registers, the
 // replay and the reversed steps of tiny_problem.h (checked on the host by the GoogleTest suite).
 // One read of S and dL/dP, one write of dL/dS per problem; no workspace. Each thread's step LSEs
-// (max_steps x NMAX) live in dynamic shared memory (math::History, dev::history_threads: 128,
-// 64 or 32 threads a block), or in a local array where not even 32 fit or under
+// (max_steps x NMAX) live in dynamic shared memory (math::History) where a block's 128 of them
+// fit (dev::history_bytes: 4 x 4 fp32 up to 48 steps), or in a local array elsewhere and under
 // SINKHORN_CUDA_HISTORY=local (the H200 run: the mHC backward's local history cost about 2 GB of
 // local-memory traffic at 1M problems; this kernel's took 2.06 ms there against the forward's
 // 0.73).
@@ -66,16 +66,15 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
   tiny_switch(p.n, p.m, [&](auto pad) {
     constexpr int NMAX = decltype(pad)::value;
     const size_t per_thread = static_cast<size_t>(p.max_steps) * NMAX * sizeof(acc_t);
-    const int threads = history_threads(per_thread, kTinyThreads);
-    if (threads == 0 || per_thread == 0) {
+    const size_t bytes = history_bytes(per_thread, kTinyThreads);
+    if (bytes == 0) {
       tiny_backward_kernel<NMAX, scalar_t, false>
           <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
       return;
     }
     auto* kernel = &tiny_backward_kernel<NMAX, scalar_t, true>;
-    const size_t bytes = threads * per_thread;
     allow_dynamic_shared(kernel, bytes);
-    kernel<<<blocks_for(p.B, threads), threads, bytes, stream>>>(p);
+    kernel<<<blocks_for(p.B, kTinyThreads), kTinyThreads, bytes, stream>>>(p);
   });
 }
 

@@ -29,6 +29,16 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
+// A kernel's attributes: the emulation does not know the static shared memory a kernel
+// declares (its variables are allocated per block at run time), so it reports none.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+};
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(P...)) {
+  attr->sharedSizeBytes = 0;
+  return cudaSuccess;
+}
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value > ::emu::kSharedOptin)
