@@ -6,6 +6,7 @@
 # after a failed build); its exit code and time go to $OUT/summary.txt.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh      # the device runner sets OUT
+#   PART=bench bash benchmarks/gpu_check.sh        # then, on the same machine: the benchmarks
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
 # T_TESTS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
@@ -43,9 +44,17 @@ fi
 
 # step NAME LOG LIMIT CMD...: runs CMD with output appended to LOG, records "NAME rc=.. ..s".
 # The limit shrinks to what is left before DEADLINE (less 15 s for the kill and the packing).
+# PART=bench: a second call on the same warm machine, when the first ran out of time before the
+# benchmarks (the probes, tests, sanitizers and profiles fill most of a call): the build (a no-op
+# there: the build folder is kept between calls) and the bench_* steps only.
+PART="${PART:-all}"
 step() {
   local name=$1 log=$2 limit=$3 start=$SECONDS rc left
   shift 3
+  if [ "$PART" = bench ] && [[ ! "$name" =~ ^(build|bench) ]]; then
+    echo "$name skipped: PART=bench" >>"$SUMMARY"
+    return
+  fi
   left=$((DEADLINE - SECONDS - 15))
   if [ "$left" -lt 5 ]; then
     echo "$name skipped: no time left before the ${DEADLINE}s deadline" >>"$SUMMARY"
