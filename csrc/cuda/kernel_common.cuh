@@ -321,8 +321,8 @@ void allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
                          static_cast<int>(bytes));
 }
 
-// The static shared memory `kernel` declares (its passes' scratch arrays; 0 if the query fails):
-// with `dynamic` bytes on top it must stay within the device's opt-in limit.
+// Whether `dynamic` bytes of dynamic shared memory fit beside the static shared memory `kernel`
+// declares (its passes' scratch arrays) within the device's opt-in limit; false if a query fails.
 template <typename... P>
 bool fits_with_static_shared(void (*kernel)(P...), size_t dynamic) {
   cudaFuncAttributes attr{};

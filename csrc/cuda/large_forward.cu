@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, 
 // Merges the column strips' partial LSEs (col_partial_kernel, or the fused pass) into w.lse:
 // grid (column groups of 32, problems). Lane l takes column 32 * blockIdx.x + l, so a warp reads
 // 32 consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in four
-// independent chains; the warps' results meet in shared memory. The first H200 run found the
+// independent chains; the warps' results meet in shared memory. The H200 run found the
 // merge that gave a thread a whole column (a serial chain over up to 256 strips, with m threads
 // in all: 32 blocks at m = 8192) at 0.115 ms a call, nearly a pass over S.
 template <typename acc_t>
@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, 
     for (; k < w.strips; k += kRowWarps)
       s[0] = math::lse_merge(s[0], Lse<acc_t>{mx[k * p.m], sum[k * p.m]});
   }
-  warps[threadIdx.x] = math::lse_merge(math::lse_merge(s[0], s[1]),
-                                                math::lse_merge(s[2], s[3]));
+  warps[threadIdx.x] =
+      math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
   __syncthreads();
   if (warp_id() == 0 && x < p.m) {
     Lse<acc_t> total = warps[lane_id()];
