@@ -343,6 +343,20 @@ bool fits_with_static_shared(void (*kernel)(P...), size_t dynamic) {
 constexpr size_t kHistoryBytes = 96 * 1024;
 size_t history_bytes(size_t per_thread, int threads);
 
+// Launches a thread-per-problem backward with `threads` threads a block: `shared` (its histories
+// in `history_bytes` of dynamic shared memory) where they fit, else `local` (local arrays).
+template <typename... P, typename... A>
+void launch_with_history(void (*local)(P...), void (*shared)(P...), unsigned grid, int threads,
+                         size_t per_thread, cudaStream_t stream, const A&... args) {
+  const size_t bytes = history_bytes(per_thread, threads);
+  if (bytes == 0) {
+    local<<<grid, threads, 0, stream>>>(args...);
+    return;
+  }
+  allow_dynamic_shared(shared, bytes);
+  shared<<<grid, threads, bytes, stream>>>(args...);
+}
+
 // Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
 // over the rest), at least one.
 inline unsigned blocks_for(int64_t work, int64_t per_block) {

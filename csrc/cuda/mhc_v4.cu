@@ -53,15 +53,10 @@ __device__ __forceinline__ void load_problem(const T* src, int64_t b, T* x, bool
                                              bool transpose) {
   constexpr int NN = N * N, L = 16 / sizeof(T);
   T raw[NN];
-  if constexpr (NN % L == 0) {
-    if (words) {
-      const Word<T>* w = reinterpret_cast<const Word<T>*>(src + b * NN);
+  if (NN % L == 0 && words) {  // a compile-time false where words cannot hold the problem
+    const Word<T>* w = reinterpret_cast<const Word<T>*>(src + b * NN);
 #pragma unroll
-      for (int q = 0; q < NN / L; ++q) unpack(w[q], raw + q * L);
-    } else {
-#pragma unroll
-      for (int k = 0; k < NN; ++k) raw[k] = src[b * NN + k];
-    }
+    for (int q = 0; q < NN / L; ++q) unpack(w[q], raw + q * L);
   } else {
 #pragma unroll
     for (int k = 0; k < NN; ++k) raw[k] = src[b * NN + k];
@@ -78,16 +73,14 @@ __device__ __forceinline__ void store_problem(T* dst, int64_t b, const T* x, boo
   T raw[NN];
 #pragma unroll
   for (int k = 0; k < NN; ++k) raw[transpose ? v4::transposed(k, N) : k] = x[k];
-  if constexpr (NN % L == 0) {
-    if (words) {
-      Word<T>* w = reinterpret_cast<Word<T>*>(dst + b * NN);
+  if (NN % L == 0 && words) {
+    Word<T>* w = reinterpret_cast<Word<T>*>(dst + b * NN);
 #pragma unroll
-      for (int q = 0; q < NN / L; ++q) w[q] = pack(raw + q * L);
-      return;
-    }
+    for (int q = 0; q < NN / L; ++q) w[q] = pack(raw + q * L);
+  } else {
+#pragma unroll
+    for (int k = 0; k < NN; ++k) dst[b * NN + k] = raw[k];
   }
-#pragma unroll
-  for (int k = 0; k < NN; ++k) dst[b * NN + k] = raw[k];
 }
 
 // Problems [blockIdx.x * blockDim.x, ...) one per thread, in a grid-stride loop. With paper
@@ -155,16 +148,9 @@ void launch_typed(const V4Params& p, cudaStream_t stream) {
       return;
     }
     const size_t per_thread = static_cast<size_t>(v4::normalisations(p.iters)) * N * sizeof(T);
-    const size_t bytes = dev::history_bytes(per_thread, kThreads);
-    if (bytes == 0) {
-      mhc_v4_kernel<N, T, true, false><<<blocks_for(p.B, kThreads), kThreads, 0, stream>>>(
-          logits, grad, out, p.B, p.iters, eps, p.paper, words);
-      return;
-    }
-    auto* kernel = &mhc_v4_kernel<N, T, true, true>;
-    dev::allow_dynamic_shared(kernel, bytes);
-    kernel<<<blocks_for(p.B, kThreads), kThreads, bytes, stream>>>(logits, grad, out, p.B,
-                                                                   p.iters, eps, p.paper, words);
+    dev::launch_with_history(&mhc_v4_kernel<N, T, true, false>, &mhc_v4_kernel<N, T, true, true>,
+                             blocks_for(p.B, kThreads), kThreads, per_thread, stream, logits,
+                             grad, out, p.B, p.iters, eps, p.paper, words);
   });
 }
 

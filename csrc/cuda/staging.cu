@@ -1,7 +1,7 @@
 // Host side of the kernels' shared-memory budgets (kernel_common.cuh): how many bytes an n x m
 // problem staged by the block kernels takes, within the current device's opt-in limit (also
-// asked by the large forward's fused pass), and how many threads a block of a thread-per-problem
-// backward can keep their histories in shared memory.
+// asked by the large forward's fused pass), whether a block of a thread-per-problem backward
+// keeps its histories in shared memory, and the device attributes behind both.
 #include "../env_flag.h"
 #include "kernel_common.cuh"
 
@@ -25,27 +25,23 @@ size_t history_bytes(size_t per_thread, int threads) {
   return bytes;
 }
 
-int shared_memory_optin() {
-  int device = 0, optin = 0;
-  // Attribute queries: host calls that do not synchronise with the device.
+namespace {
+// One attribute of the current device, or 0 if a query fails (the callers' uses are
+// optimisations, not requirements). Attribute queries do not synchronise with the device.
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
-    cudaGetLastError();  // clear it: the callers' uses are optimisations, not requirements
+      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it
     return 0;
   }
-  return optin;
+  return value;
 }
+}  // namespace
 
-int multiprocessors() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return count;
-}
+int shared_memory_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+
+int multiprocessors() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 }  // namespace dev
 }  // namespace sinkhorn

@@ -66,15 +66,9 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
   tiny_switch(p.n, p.m, [&](auto pad) {
     constexpr int NMAX = decltype(pad)::value;
     const size_t per_thread = static_cast<size_t>(p.max_steps) * NMAX * sizeof(acc_t);
-    const size_t bytes = history_bytes(per_thread, kTinyThreads);
-    if (bytes == 0) {
-      tiny_backward_kernel<NMAX, scalar_t, false>
-          <<<blocks_for(p.B, kTinyThreads), kTinyThreads, 0, stream>>>(p);
-      return;
-    }
-    auto* kernel = &tiny_backward_kernel<NMAX, scalar_t, true>;
-    allow_dynamic_shared(kernel, bytes);
-    kernel<<<blocks_for(p.B, kTinyThreads), kTinyThreads, bytes, stream>>>(p);
+    launch_with_history(&tiny_backward_kernel<NMAX, scalar_t, false>,
+                        &tiny_backward_kernel<NMAX, scalar_t, true>,
+                        blocks_for(p.B, kTinyThreads), kTinyThreads, per_thread, stream, p);
   });
 }
 

@@ -200,8 +200,9 @@ def _cases():
     add("fwd-natural-large-1030x1030-f64-given-tol", check_forward, B=2, n=1030, m=1030,
         dtype=F64, steps=12, tol=1e-4, given=True)
     # Both sides of the boundaries: the large path at n * m = 2^20 (1023 x 1025 is one entry
-    # short, on the block path with 34 problems, more than few: see below); under SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and
-    # m = 16384 (fp32; 8192 in fp64) and the fused kernel's row-register buckets (2048 | 2049).
+    # short, on the block path with 34 problems, more than few: see below); under
+    # SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and m = 16384 (fp32; 8192 in fp64) and
+    # the fused kernel's row-register buckets (2048 | 2049).
     add("fwd-natural-block-34x1023x1025", check_forward, B=34, n=1023, m=1025, dtype=F32,
         steps=2)
     # Few problems too large for shared memory also take the large path: at most a quarter as
