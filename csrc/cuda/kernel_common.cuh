@@ -158,10 +158,8 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
 // entries of each row (coalesced); f_i is a broadcast load. A thread walks its column in four
 // independent running LSEs (rows i, i + 1, i + 2, i + 3), merged at the end: one chain of
 // dependent pushes would leave the thread waiting on each exponential. When the block is wider
-// than the columns (e.g. 512 threads for 128 columns), G = BLOCK / (m rounded up to a warp)
-// threads share a column, each taking every G-th row; their partial LSEs meet in shared memory
-// and the first of them calls use(j, lse). That branch is block-uniform (m is) and holds two
-// barriers: every thread of the block must call this pass.
+// than the columns (e.g. 512 threads for 128 columns), several threads share a column
+// (split_columns below); every thread of the block must call this pass.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Lse<acc_t> column_part(const scalar_t* S, const acc_t* f, int64_t n,
                                                   int64_t m, int64_t j, int64_t first,
@@ -180,66 +178,61 @@ __device__ __forceinline__ Lse<acc_t> column_part(const scalar_t* S, const acc_t
   return math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
 }
 
-template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
-__device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, int64_t n,
-                                             int64_t m, Use&& use) {
+// The column split shared by col_lse_pass and column_sums: part(j, first, every) reduces column
+// j over rows first, first + every, ... to a partial P; merge combines two partials; use(j, P)
+// takes a column's total. A thread per column, or, when the block is wider than the columns,
+// G = BLOCK / (m rounded up to a warp) threads per column, each taking every G-th row, their
+// partials merged in shared memory (P must be trivially constructible) by the first of them.
+// That branch is block-uniform (m is) and holds two barriers: every thread must call this.
+template <int BLOCK, typename P, typename Part, typename Merge, typename Use>
+__device__ __forceinline__ void split_columns(int64_t m, Part&& part, Merge&& merge, Use&& use) {
   const int64_t width = (m + 31) / 32 * 32;  // threads per row group
   const int64_t groups = width > 0 && width < BLOCK ? BLOCK / width : 1;  // m = 0: no column
   if (groups == 1) {
-    for (int64_t j = threadIdx.x; j < m; j += BLOCK)
-      use(j, math::lse_value(column_part(S, f, n, m, j, 0, 1)));
+    for (int64_t j = threadIdx.x; j < m; j += BLOCK) use(j, part(j, int64_t(0), int64_t(1)));
     return;
   }
-  __shared__ Lse<acc_t> parts[BLOCK];
+  __shared__ P parts[BLOCK];
   const int64_t group = threadIdx.x / width, j = threadIdx.x % width;
   const bool works = group < groups && j < m;
-  if (works) parts[threadIdx.x] = column_part(S, f, n, m, j, group, groups);
+  if (works) parts[threadIdx.x] = part(j, group, groups);
   __syncthreads();
   if (group == 0 && works) {
-    Lse<acc_t> total = parts[j];
-    for (int64_t r = 1; r < groups; ++r) total = math::lse_merge(total, parts[r * width + j]);
-    use(j, math::lse_value(total));
+    P total = parts[j];
+    for (int64_t r = 1; r < groups; ++r) total = merge(total, parts[r * width + j]);
+    use(j, total);
   }
   __syncthreads();  // parts is free again for the next pass
 }
 
+template <int BLOCK, typename scalar_t, typename acc_t, typename Use>
+__device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, int64_t n,
+                                             int64_t m, Use&& use) {
+  split_columns<BLOCK, Lse<acc_t>>(
+      m,
+      [&](int64_t j, int64_t first, int64_t every) {
+        return column_part(S, f, n, m, j, first, every);
+      },
+      [](Lse<acc_t> a, Lse<acc_t> b) { return math::lse_merge(a, b); },
+      [&](int64_t j, Lse<acc_t> total) { use(j, math::lse_value(total)); });
+}
+
 
 // Column sums of a per-entry value over the rows, sum_i value(i, j, c) with c = column(j) taken
-// once per column, then use(j, sum): the column pass's work split (col_lse_pass) for plain sums.
-// A thread per column, or, when the block is wider than the columns, G threads per column each
-// taking every G-th row, their partial sums merged in shared memory. value may write entry
-// (i, j) (each entry has one caller). Contains barriers when G > 1 (a block-uniform branch):
-// every thread of the block must call it.
+// once per column, then use(j, sum): split_columns for plain sums. value may write entry (i, j)
+// (each entry has one caller). Every thread of the block must call it.
 template <int BLOCK, typename acc_t, typename Column, typename Value, typename Use>
 __device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Value&& value,
                                             Use&& use) {
-  const int64_t width = (m + 31) / 32 * 32;
-  const int64_t groups = width > 0 && width < BLOCK ? BLOCK / width : 1;
-  if (groups == 1) {
-    for (int64_t j = threadIdx.x; j < m; j += BLOCK) {
-      const auto c = column(j);
-      acc_t sum = 0;
-      for (int64_t i = 0; i < n; ++i) sum += value(i, j, c);
-      use(j, sum);
-    }
-    return;
-  }
-  __shared__ acc_t parts[BLOCK];
-  const int64_t group = threadIdx.x / width, j = threadIdx.x % width;
-  const bool works = group < groups && j < m;
-  if (works) {
-    const auto c = column(j);
-    acc_t sum = 0;
-    for (int64_t i = group; i < n; i += groups) sum += value(i, j, c);
-    parts[threadIdx.x] = sum;
-  }
-  __syncthreads();
-  if (group == 0 && works) {
-    acc_t total = parts[j];
-    for (int64_t r = 1; r < groups; ++r) total += parts[r * width + j];
-    use(j, total);
-  }
-  __syncthreads();  // parts is free again
+  split_columns<BLOCK, acc_t>(
+      m,
+      [&](int64_t j, int64_t first, int64_t every) {
+        const auto c = column(j);
+        acc_t sum = 0;
+        for (int64_t i = first; i < n; i += every) sum += value(i, j, c);
+        return sum;
+      },
+      [](acc_t a, acc_t b) { return a + b; }, use);
 }
 
 // Block size by problem size, as a compile-time constant for fn: about 32 entries per thread per
