@@ -334,7 +334,7 @@ def test_noncontiguous_inputs_and_upstream(device, grad):
     W, _, _ = upstream((2,), m, n, seed=9, device=device)
     kwargs = {"steps": 300 if grad != "unrolled" else 7, "grad": grad}
     losses = {
-        "transposed": lambda out, a, b: (out.plan.transpose(-1, -2) * W).sum(),
+        "transposed": lambda out, a, b: (out.plan.transpose(-1, -2) * W.to(out.plan.device)).sum(),
         "sliced": lambda out, a, b: (out.plan[..., ::2] ** 2).sum() + out.f[..., 1::2].sum(),
         "expanded": lambda out, a, b: out.plan.sum() * 3.0 + out.plan[:, 0].sum(),
     }
