@@ -47,8 +47,10 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
                                 const c10::optional<at::Tensor>& grad_f = c10::nullopt,
                                 const c10::optional<at::Tensor>& grad_g = c10::nullopt);
 
-// mHC (MATH.md section 4). Forward and backward are separate calls, as for sinkhorn: autograd
-// is registered by the Python package, not by the C++ library.
+// mHC (MATH.md section 4). Each operator below carries its autograd (csrc/ops/mhc_autograd.cpp):
+// called on tensors that require grad, its result differentiates through the backward declared
+// next to it, and differentiating that gradient again raises c10::NotImplementedError. The
+// backwards can also be called directly. (sinkhorn() above has its autograd in Python only.)
 
 // The mHC paper's Sinkhorn-Knopp (MATH.md section 1 table) of logits (..., n, n), float32 or
 // float64, n <= 8, 1 <= iters <= 32: iters column and row normalisations of exp(logits), the

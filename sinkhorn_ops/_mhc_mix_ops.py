@@ -1,11 +1,11 @@
-"""Fake kernels and autograd of the fused mHC stream-mixing ops
+"""Fake kernels of the fused mHC stream-mixing ops
 (``torch.ops.sinkhorn_ops.mhc_pre_mix``, ``mhc_post_mix`` and their backwards,
 csrc/mhc_mix_math.h)."""
 from __future__ import annotations
 
 import torch
 
-from ._ops import _accumulation_dtype, _no_context, _no_double_backward
+from ._ops import _accumulation_dtype
 
 # The fused kernels' largest stream count (csrc/mhc_mix_math.h: kMaxStreams).
 MAX_STREAMS = 8
@@ -64,27 +64,8 @@ def _post_backward_fake(grad, x, y, h_post, h_res):
             x.new_empty((*batch, n, n), dtype=acc))
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _pre_backward(ctx, grad):
-    x, h_pre = ctx.saved_tensors
-    return torch.ops.sinkhorn_ops.mhc_pre_mix_backward.default(grad, x, h_pre)
-
-
-def _post_backward(ctx, grad):
-    x, y, h_post, h_res = ctx.saved_tensors
-    return torch.ops.sinkhorn_ops.mhc_post_mix_backward.default(grad, x, y, h_post, h_res)
-
-
-torch.library.register_autograd("sinkhorn_ops::mhc_pre_mix", _pre_backward,
-                                setup_context=_save_inputs)
-torch.library.register_autograd("sinkhorn_ops::mhc_post_mix", _post_backward,
-                                setup_context=_save_inputs)
-for _name in ("mhc_pre_mix", "mhc_post_mix"):
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}_backward", _no_double_backward(_name),
-                                    setup_context=_no_context)
+# The autograd of both ops and of their backwards is registered in C++
+# (csrc/ops/mhc_autograd.cpp).
 
 
 def fused(x: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Fake kernels and autograd of the fused mHC Sinkhorn ops (csrc/mhc_v4_math.h): DeepSeek-V4's
+"""Fake kernels of the fused mHC Sinkhorn ops (csrc/mhc_v4_math.h): DeepSeek-V4's
 (``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn``) and the paper's (``mhc_sinkhorn``, the same kernel
 on the transpose with eps = 0), each with its backward."""
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from ._ops import _no_context, _no_double_backward
 
 # The fused kernels' limits (csrc/mhc_v4_math.h: kMaxN, kMaxIters); larger problems run the
 # PyTorch loop of sinkhorn_ops.mhc_v4_sinkhorn instead.
@@ -68,23 +66,4 @@ def _paper_backward_fake(grad, logits, iters):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.options = inputs[1:]  # (iters, eps) or (iters,)
-
-
-def _backward_of(backward_op):
-    """The autograd formula of a fused forward whose backward op takes (grad, logits, *options)
-    and returns dL/dlogits."""
-    def backward(ctx, grad):
-        (logits,) = ctx.saved_tensors
-        return (backward_op(grad, logits, *ctx.options),) + (None,) * len(ctx.options)
-    return backward
-
-
-for _name in ("mhc_v4_sinkhorn", "mhc_sinkhorn"):
-    _backward_op = getattr(torch.ops.sinkhorn_ops, f"{_name}_backward").default
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _backward_of(_backward_op),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}_backward",
-                                    _no_double_backward(_name), setup_context=_no_context)
+# The autograd of both ops and of their backwards is registered in C++ (csrc/ops/mhc_autograd.cpp).

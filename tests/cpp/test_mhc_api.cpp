@@ -100,4 +100,50 @@ TEST(MhcApi, StreamMixingsAndTheirBackwards) {
   }
 }
 
+// The operators carry their autograd in C++ (csrc/ops/mhc_autograd.cpp): differentiating a call
+// of the C++ API gives the backward operator's result, and differentiating that raises.
+TEST(MhcApi, AutogradOfTheCppApi) {
+  at::manual_seed(3);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const auto logits = at::randn({5, 4, 4}, opt), w = at::randn({5, 4, 4}, opt);
+    const auto paper = autograd_grads(
+        [](const std::vector<at::Tensor>& in) { return sinkhorn_ops::mhc_sinkhorn(in[0], 7); },
+        {logits}, w);
+    EXPECT_TRUE(at::equal(paper[0], sinkhorn_ops::mhc_sinkhorn_backward(w, logits, 7))) << dev;
+    const auto v4 = autograd_grads(
+        [](const std::vector<at::Tensor>& in) {
+          return sinkhorn_ops::mhc_v4_sinkhorn(in[0], 5, 1e-3);
+        },
+        {logits}, w);
+    EXPECT_TRUE(at::equal(v4[0], sinkhorn_ops::mhc_v4_sinkhorn_backward(w, logits, 5, 1e-3)))
+        << dev;
+    const auto x = at::randn({3, 4, 9}, opt), y = at::randn({3, 9}, opt);
+    const auto hp = at::rand({3, 4}, opt), hq = at::rand({3, 4}, opt), hr = at::rand({3, 4, 4}, opt);
+    const auto wp = at::randn({3, 9}, opt), wq = at::randn({3, 4, 9}, opt);
+    const auto pre = autograd_grads(
+        [](const std::vector<at::Tensor>& in) { return sinkhorn_ops::mhc_pre_mix(in[0], in[1]); },
+        {x, hp}, wp);
+    const auto gp = sinkhorn_ops::mhc_pre_mix_backward(wp, x, hp);
+    EXPECT_TRUE(at::equal(pre[0], gp.x) && at::equal(pre[1], gp.h_pre)) << dev;
+    const auto post = autograd_grads(
+        [](const std::vector<at::Tensor>& in) {
+          return sinkhorn_ops::mhc_post_mix(in[0], in[1], in[2], in[3]);
+        },
+        {x, y, hq, hr}, wq);
+    const auto gq = sinkhorn_ops::mhc_post_mix_backward(wq, x, y, hq, hr);
+    EXPECT_TRUE(at::equal(post[0], gq.x) && at::equal(post[1], gq.y) &&
+                at::equal(post[2], gq.h_post) && at::equal(post[3], gq.h_res))
+        << dev;
+    // Double backward: the gradient is itself differentiable only up to a clear error.
+    const auto leaf = logits.clone().set_requires_grad(true);
+    const auto g = torch::autograd::grad({(sinkhorn_ops::mhc_sinkhorn(leaf) * w).sum()}, {leaf},
+                                         {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+    EXPECT_TRUE(g.requires_grad()) << dev;
+    EXPECT_THROW(torch::autograd::grad({g.sum()}, {leaf}), c10::NotImplementedError) << dev;
+    // Below autograd (no input requires grad) nothing is recorded.
+    EXPECT_FALSE(sinkhorn_ops::mhc_sinkhorn(logits).requires_grad()) << dev;
+  }
+}
+
 }  // namespace
