@@ -38,6 +38,9 @@ struct SinkhornGrads {
 };
 
 // Solves every problem in the batch of scores (..., n, m) through the dispatcher (CPU or CUDA).
+// The operator carries its autograd (csrc/ops/sinkhorn_autograd.cpp): with scores, a or b
+// requiring grad, plan, f and g differentiate by options.grad's backward (steps and error do
+// not), as in Python; differentiating that gradient again raises c10::NotImplementedError.
 SinkhornResult sinkhorn(const at::Tensor& scores, const SinkhornOptions& options = {});
 
 // The backward of that call (options.grad chooses the mode) given dL/dP and optionally dL/df,
@@ -50,7 +53,7 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
 // mHC (MATH.md section 4). Each operator below carries its autograd (csrc/ops/mhc_autograd.cpp):
 // called on tensors that require grad, its result differentiates through the backward declared
 // next to it, and differentiating that gradient again raises c10::NotImplementedError. The
-// backwards can also be called directly. (sinkhorn() above has its autograd in Python only.)
+// backwards can also be called directly, as sinkhorn_backward can.
 
 // The mHC paper's Sinkhorn-Knopp (MATH.md section 1 table) of logits (..., n, n), float32 or
 // float64, n <= 8, 1 <= iters <= 32: iters column and row normalisations of exp(logits), the

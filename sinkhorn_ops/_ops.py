@@ -169,57 +169,6 @@ def _backward_fake(scores, a, b):
     return scores.new_empty(scores.shape), grad_a, grad_b
 
 
-# Autograd (MATH.md section 2). The backward ops are registered ops themselves, so C++ callers
-# use the same kernels and torch.compile traces them.
-def _setup_context(ctx, inputs, output):
-    scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter = inputs
-    plan, _, _, steps_used, _ = output
-    ctx.options = (steps, start, grad, cg_tol, cg_max_iter)
-    ctx.marginals = [(x.shape, x.dtype) if x is not None else None for x in (a, b)]
-    if grad == "unrolled":
-        ctx.save_for_backward(scores, a, b, mask, steps_used)
-    else:
-        ctx.save_for_backward(plan)
-    ctx.mark_non_differentiable(steps_used, output[4])
-
-
-def _backward(ctx, grad_plan, grad_f, grad_g, _grad_steps, _grad_error):
-    steps, start, grad, cg_tol, cg_max_iter = ctx.options
-    if grad == "unrolled":
-        scores, a, b, mask, steps_used = ctx.saved_tensors
-        if grad_plan is None:
-            grad_plan = torch.zeros_like(scores)
-        ds, da, db = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled.default(
-            grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start)
-    else:
-        (plan,) = ctx.saved_tensors
-        if grad_plan is None:
-            grad_plan = torch.zeros_like(plan)
-        ds, da, db = torch.ops.sinkhorn_ops.sinkhorn_backward_implicit.default(
-            grad_plan, grad_f, grad_g, plan, grad, cg_tol, cg_max_iter)
-    grads = [ds]
-    for g, info, needed in ((da, ctx.marginals[0], ctx.needs_input_grad[1]),
-                            (db, ctx.marginals[1], ctx.needs_input_grad[2])):
-        grads.append(g.sum_to_size(info[0]).to(info[1]) if info is not None and needed else None)
-    return (*grads, None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("sinkhorn_ops::sinkhorn", _backward, setup_context=_setup_context)
-
-
-def _no_double_backward(op: str):
-    """The autograd formula of a backward op: double backward raises an error naming op."""
-    def formula(ctx, *grads):
-        raise NotImplementedError(
-            f"{op}: double backward (differentiating the gradient) is not supported; "
-            "compute second-order terms by finite differences of the gradient instead")
-    return formula
-
-
-def _no_context(ctx, inputs, output):
-    pass
-
-
-for _name in ("sinkhorn_backward_unrolled", "sinkhorn_backward_implicit"):
-    torch.library.register_autograd(f"sinkhorn_ops::{_name}", _no_double_backward("sinkhorn"),
-                                    setup_context=_no_context)
+# Autograd (MATH.md section 2) is registered in C++ (csrc/ops/sinkhorn_autograd.cpp), for the
+# operator and for its backward ops (whose own backward is a clear double-backward error), so
+# that C++ callers differentiate too and torch.compile traces the backward ops.

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <limits>
 #include <vector>
@@ -167,6 +168,42 @@ TEST(SinkhornBackward, UnrolledMatchesAutogradAndImplicitAtConvergence) {
     EXPECT_TRUE(at::allclose(implicit, unrolled, 1e-6, 1e-8)) << dev;
     EXPECT_LT(implicit.sum(-1).abs().max().item<double>(), 1e-10);
     EXPECT_LT(implicit.sum(-2).abs().max().item<double>(), 1e-10);
+  }
+}
+
+// The operator carries its autograd in C++ (csrc/ops/sinkhorn_autograd.cpp): differentiating a
+// call of sinkhorn_ops::sinkhorn gives sinkhorn_backward's gradients, for the scores and for
+// broadcast marginals (summed back to their shapes), in both modes, and the gradient itself
+// cannot be differentiated (a clear error).
+TEST(SinkhornBackward, AutogradOfTheCppApi) {
+  at::manual_seed(2);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const auto S = at::randn({2, 5, 4}, opt), W = at::randn({2, 5, 4}, opt);
+    const auto a = at::rand({5}, opt) + 0.5;
+    const auto b = at::full({2, 4}, 1.0, opt) * (a.sum() / 4);
+    for (const char* mode : {"unrolled", "implicit"}) {
+      sinkhorn_ops::SinkhornOptions o;
+      o.steps = std::string(mode) == "unrolled" ? 7 : 500;
+      o.grad = mode;
+      auto s = S.clone().set_requires_grad(true), la = a.clone().set_requires_grad(true),
+           lb = b.clone().set_requires_grad(true);
+      o.a = la;
+      o.b = lb;
+      const auto out = sinkhorn_ops::sinkhorn(s, o);
+      EXPECT_FALSE(out.steps.requires_grad()) << mode;
+      const auto got = torch::autograd::grad({(out.plan * W).sum()}, {s, la, lb}, {},
+                                             /*retain_graph=*/true, /*create_graph=*/true);
+      o.a = a;
+      o.b = b;
+      const auto want = sinkhorn_ops::sinkhorn_backward(S, o, sinkhorn_ops::sinkhorn(S, o), W);
+      EXPECT_TRUE(at::allclose(got[0], want.scores, 1e-12, 1e-14)) << dev << mode;
+      // Summed over the batch to a's shape (5); b's keeps its own (2, 4).
+      EXPECT_TRUE(at::allclose(got[1], want.a.sum(0), 1e-12, 1e-14)) << dev << mode;
+      EXPECT_TRUE(at::allclose(got[2], want.b, 1e-12, 1e-14)) << dev << mode;
+      EXPECT_THROW(torch::autograd::grad({got[0].sum()}, {s}), c10::NotImplementedError)
+          << dev << mode;
+    }
   }
 }
 
