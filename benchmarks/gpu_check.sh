@@ -129,6 +129,9 @@ step profile_large "$OUT/bench.log" "${T_PROFILE:-30}" env SINKHORN_CUDA_FORWARD
 step profile_local_history "$OUT/bench.log" "${T_PROFILE:-30}" env SINKHORN_CUDA_HISTORY=local \
   python benchmarks/profile_cuda.py --out "$OUT" --tag local_history --only "1M x 4x4"
 # Benchmarks in order of importance; each writes its table after every case.
+# Host time of a differentiated call (the autograd now registered in C++): about 10 s.
+step bench_overhead "$OUT/bench.log" "${T_BENCH_OVERHEAD:-20}" \
+  python benchmarks/bench_host_overhead.py --device cuda --out "$OUT"
 step bench_mhc "$OUT/bench.log" "${T_BENCH_MHC:-60}" \
   python benchmarks/bench_mhc.py --device cuda --quick --out "$OUT"
 step bench_large "$OUT/bench.log" "${T_BENCH_LARGE:-45}" \
