@@ -114,6 +114,14 @@ def mhc_v4_sinkhorn_loop(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> 
     return comb
 
 
+def _fit(t: Tensor, dtype: torch.dtype, shape) -> Tensor:
+    """t in dtype, broadcast to shape; t itself when it already is (no autograd node: a
+    differentiated call pays host time for each)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.shape == shape else torch.broadcast_to(t, shape)
+
+
 def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
     """H_pre x_l: the sub-layer's input, a weighted sum of the n streams.
 
@@ -130,7 +138,7 @@ def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
         (..., C) in x's dtype.
     """
     if _mhc_mix_ops.fused(x):
-        h = torch.broadcast_to(h_pre.to(_sinkhorn_dtype(x.dtype)), x.shape[:-1])
+        h = _fit(h_pre, _sinkhorn_dtype(x.dtype), x.shape[:-1])
         return torch.ops.sinkhorn_ops.mhc_pre_mix.default(x, h)
     # A broadcast product and a sum rather than einsum: einsum becomes a bmm of (n x C) problems
     # per token, several times slower for n <= 8 on the CPU.
@@ -157,9 +165,9 @@ def mhc_combine(x: Tensor, branch_output: Tensor, h_post: Tensor, h_res: Tensor)
     if _mhc_mix_ops.fused(x):
         acc = _sinkhorn_dtype(x.dtype)
         n = x.shape[-2]
-        y = torch.broadcast_to(branch_output.to(x.dtype), (*x.shape[:-2], x.shape[-1]))
-        q = torch.broadcast_to(h_post.to(acc), x.shape[:-1])
-        r = torch.broadcast_to(h_res.to(acc), (*x.shape[:-2], n, n))
+        y = _fit(branch_output, x.dtype, (*x.shape[:-2], x.shape[-1]))
+        q = _fit(h_post, acc, x.shape[:-1])
+        r = _fit(h_res, acc, (*x.shape[:-2], n, n))
         return torch.ops.sinkhorn_ops.mhc_post_mix.default(x, y, q, r)
     mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # see mhc_branch_input
     return mixed + h_post.to(x.dtype).unsqueeze(-1) * branch_output.to(x.dtype).unsqueeze(-2)
