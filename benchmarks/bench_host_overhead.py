@@ -33,21 +33,25 @@ ROUNDS, CALLS, WARMUP = 9, 200, 50
 OPS = torch.ops.sinkhorn_ops
 
 
-def per_call_us(fn: Callable[[], object], device: str) -> float:
-    """Median over ROUNDS of (CALLS calls, synchronised once) / CALLS, in microseconds."""
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(ROUNDS):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(CALLS):
+def per_call_us(fns: list[Callable[[], object]], device: str) -> list[float]:
+    """Per function, the median over ROUNDS of (CALLS calls, synchronised once) / CALLS, in
+    microseconds; the functions take turns within each round, so that a noisy minute of a shared
+    host slows all of them, not one."""
+    for fn in fns:
+        for _ in range(WARMUP):
             fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / CALLS * 1e6)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(ROUNDS):
+        for fn, t in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t.append((time.perf_counter() - t0) / CALLS * 1e6)
+    return [statistics.median(t) for t in times]
 
 
 def differentiated(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
@@ -120,14 +124,14 @@ def main() -> int:
     for name, (ours, direct, x) in cases(args.device).items():
         soft_w = torch.randn_like(x)
         soft = differentiated(lambda t: torch.softmax(t, -1), [x], soft_w)
-        t_ours, t_direct, t_soft = (per_call_us(f, args.device) for f in (ours, direct, soft))
+        t_ours, t_direct, t_soft = per_call_us([ours, direct, soft], args.device)
         rows.append(dict(case=name, autograd_us=t_ours, direct_us=t_direct, softmax_us=t_soft,
                          autograd_minus_direct_us=t_ours - t_direct, vs_softmax=t_ours / t_soft))
         table.append([name, t_ours, t_direct, t_ours - t_direct, t_soft, t_ours / t_soft])
         print(f"{name}: autograd {t_ours:.1f} us, direct {t_direct:.1f} us, softmax {t_soft:.1f} us",
               flush=True)
     body = [
-        "Microseconds per call (median of 9 rounds of 200 calls). autograd: forward + "
+        "Microseconds per call (median of 9 rounds of 200 calls, the three timings of a row taking turns within each round). autograd: forward + "
         "torch.autograd.grad of (out * W).sum(); direct: the forward op and the backward op "
         "called directly; softmax: torch.softmax of the same input differentiated the same way.",
         "",
