@@ -21,6 +21,9 @@ struct FwdParams {
   int64_t* steps_used = nullptr; // (B)
   void* error = nullptr;         // (B), accumulation type
   void* workspace = nullptr;     // device scratch a kernel may ask its launcher for (CUDA)
+  // (steps, B, max(n, m)), accumulation type, or nullptr: the LSEs of every step (the unrolled
+  // backward's replay on the CUDA large path, launch_large_replay); plan and error unused.
+  void* history = nullptr;
   bool staged = false;           // CUDA block kernel: S copied to shared memory (its launcher sets it)
   int64_t B = 0, n = 0, m = 0;
   int64_t steps = 0;             // normalisations (half-iterations) to run at most

@@ -284,7 +284,8 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   }
   marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 2);
   static const bool fused_on = env_is("SINKHORN_CUDA_FUSED", "1");  // opt-in (see the top)
-  const bool fuse = fused_on && fused_applies(p, sizeof(acc_t));
+  acc_t* history = static_cast<acc_t*>(p.history);
+  const bool fuse = fused_on && history == nullptr && fused_applies(p, sizeof(acc_t));
   for (int64_t k = 0; k < p.steps; ++k) {
     const bool row = ((k % 2) == 0) == p.start_row;
     if (fuse && row && k + 1 < p.steps) {
@@ -299,9 +300,14 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
       continue;
     }
     lse_pass(row, row ? g : f);
+    if (history != nullptr) {  // the replay keeps step k's LSEs
+      cudaMemcpyAsync(history + k * p.B * w.L, w.lse, sizeof(acc_t) * p.B * w.L,
+                      cudaMemcpyDeviceToDevice, stream);
+    }
     update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, row, k, p.tol > 0 && k >= 1,
                                                             false);
   }
+  if (history != nullptr) return;  // a replay: no plan, no final error
   // The marginal the last step did not fix is the one step `steps` would fix.
   const bool next_row = ((p.steps % 2) == 0) == p.start_row;
   lse_pass(next_row, next_row ? g : f);

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../ops/mhc_ops.h"
 #include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
@@ -41,6 +43,42 @@ detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optiona
   });
 }
 
+// The composite backward's replay on the large forward path when that path takes the problem:
+// every step's LSEs, (steps, B, max(n, m)), from the forward's kernels without early stopping
+// (about one read of S a step instead of ATen's logsumexp passes); undefined when the path does
+// not take it, and the composite replays in ATen.
+at::Tensor large_replay(const detail::ForwardProblem& p) {
+  if (p.B == 0 || p.steps == 0) return {};
+  const auto acc = p.scores.options().dtype(detail::accumulation_type(p.scores.scalar_type()));
+  const at::Tensor f = at::empty({p.B, p.n}, acc), g = at::empty({p.B, p.m}, acc);
+  const at::Tensor error = at::empty({p.B}, acc);
+  const at::Tensor used = at::empty({p.B}, p.scores.options().dtype(at::kLong));
+  sinkhorn::FwdParams params;
+  params.scores = p.scores.data_ptr();
+  params.log_a = p.log_a.defined() ? p.log_a.data_ptr() : nullptr;
+  params.log_b = p.log_b.defined() ? p.log_b.data_ptr() : nullptr;
+  params.f = f.data_ptr();
+  params.g = g.data_ptr();
+  params.steps_used = used.data_ptr<int64_t>();
+  params.error = error.data_ptr();
+  params.B = p.B;
+  params.n = p.n;
+  params.m = p.m;
+  params.steps = p.steps;
+  params.start_row = p.start_row;
+  params.dtype = detail::kernel_dtype(p.scores.scalar_type());
+  if (!sinkhorn::large_forward_applies(params)) return {};
+  const at::Tensor history = at::empty({p.steps, p.B, std::max(p.n, p.m)}, acc);
+  params.history = history.data_ptr();
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(sinkhorn::large_forward_workspace_bytes(params))},
+                p.scores.options().dtype(at::kByte));
+  params.workspace = workspace.data_ptr();
+  sinkhorn::launch_large_forward(params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return history;
+}
+
 detail::BackwardResult sinkhorn_backward_unrolled_cuda(
     const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
     const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
@@ -51,9 +89,10 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   const auto problem = detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                                 steps_used, steps, start);
   const c10::cuda::CUDAGuard guard(scores.device());
-  // Large problems: whole-device ATen kernels per step instead of one block per problem.
+  // Large problems: whole-device ATen kernels per reverse step instead of one block per
+  // problem, the replay on the large forward path when it takes the problem.
   if (detail::composite_backward_applies(problem, /*cpu=*/false))
-    return detail::unrolled_backward_composite(problem);
+    return detail::unrolled_backward_composite(problem, large_replay(problem.fwd));
   return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
     // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
     const at::Tensor workspace =

@@ -47,7 +47,11 @@ BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
 // at any size with SINKHORN_CUDA_BACKWARD=composite; on the CPU only when
 // SINKHORN_CPU_BACKWARD=composite (for tests).
 bool composite_backward_applies(const BackwardProblem& p, bool cpu);
-BackwardResult unrolled_backward_composite(const BackwardProblem& p);
+// history: (steps, B, max(n, m)) accumulation type, every step's LSEs from a replay of the
+// forward without early stopping (the CUDA large path's, launch_large_forward with
+// FwdParams::history); undefined: the replay runs here, in ATen ops.
+BackwardResult unrolled_backward_composite(const BackwardProblem& p,
+                                           const at::Tensor& history = at::Tensor());
 
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,

@@ -4,8 +4,10 @@
 // where the tests check it against the CPU kernel (SINKHORN_CPU_BACKWARD=composite).
 //
 // Same algorithm as the kernels: replay the steps, keeping each step's LSEs, then reverse them.
-// Problems that ran fewer steps (steps_used) are frozen in the replay and inactive in the
-// reverse, by masks on the device: no host synchronisation.
+// On CUDA the replay runs on the large forward path when that path takes the problem (its LSEs
+// passed in as `history`), else here. Problems that ran fewer steps (steps_used) are frozen in
+// the replay and inactive in the reverse, by masks on the device: no host synchronisation. A
+// reverse step is 6 passes over n x m, in place on one temporary.
 #include <limits>
 #include <vector>
 
@@ -23,7 +25,7 @@ bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
   return cuda_forced || (!cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20));
 }
 
-BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
+BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::Tensor& history) {
   const auto& f = p.fwd;
   BackwardOutputs out = allocate_backward(p);
   if (f.B == 0) return finish_backward(p, out);
@@ -32,6 +34,8 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
   const double ninf = -std::numeric_limits<double>::infinity();
   const auto S = f.scores.to(acc);  // (B, n, m), masked entries -inf
   const auto zero = at::zeros({}, opts), masked = at::full({}, ninf, opts);
+  // An empty line's LSE (-inf) read as +inf in the reverse: its R = exp(S + before - LSE) is 0.
+  const auto inf = at::full({}, -ninf, opts);
 
   at::Tensor la = f.log_a, lb = f.log_b;
   if (!la.defined()) {  // the default marginals (MATH.md section 1, masks)
@@ -49,15 +53,23 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
   const auto used = p.steps_used.clamp(0, K).unsqueeze(-1);  // (B, 1)
   auto row_step = [&](int64_t t) { return ((t % 2) == 0) == f.start_row; };
 
+  // The replay: each step's LSEs (from `history` when given: the same steps, run without the
+  // freezing, whose extra steps the reverse never reads) and the potentials each problem ended
+  // with, frozen after its steps_used steps.
   at::Tensor pf = at::zeros({f.B, f.n}, opts), pg = at::zeros({f.B, f.m}, opts);
   std::vector<at::Tensor> hist(K);
   for (int64_t t = 0; t < K; ++t) {
     const auto active = used > t;
-    if (row_step(t)) {
-      hist[t] = at::logsumexp(S + pg.unsqueeze(-2), -1);
+    const bool row = row_step(t);
+    if (history.defined()) {
+      hist[t] = history.select(0, t).narrow(-1, 0, row ? f.n : f.m);
+    } else {
+      hist[t] = row ? at::logsumexp(S + pg.unsqueeze(-2), -1)
+                    : at::logsumexp(S + pf.unsqueeze(-1), -2);
+    }
+    if (row) {
       pf = at::where(active, potential(la, hist[t]), pf);
     } else {
-      hist[t] = at::logsumexp(S + pf.unsqueeze(-1), -2);
       pg = at::where(active, potential(lb, hist[t]), pg);
     }
   }
@@ -74,20 +86,18 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p) {
     if (row_step(t)) {  // R_ij = exp(S_ij + g_j - lse_i), g as step t read it (step t-1's)
       const auto before = t > 0 ? potential(lb, hist[t - 1]) : at::zeros({f.B, f.m}, opts);
       const auto u = at::where(active, uf, zero);
-      const auto w = at::where(live.unsqueeze(-1),
-                               at::exp(S + before.unsqueeze(-2) - lse.unsqueeze(-1)), zero) *
-                     u.unsqueeze(-1);
-      dS = dS - w;
+      auto w = at::add(S, before.unsqueeze(-2));  // then in place: one temporary a step
+      w.sub_(at::where(live, lse, inf).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
+      dS.sub_(w);
       ug = ug - w.sum(-2);
       dla = dla + at::where(live, u, zero);
       uf = at::where(active, zero, uf);  // consumed: the step overwrote f
     } else {
       const auto before = t > 0 ? potential(la, hist[t - 1]) : at::zeros({f.B, f.n}, opts);
       const auto u = at::where(active, ug, zero);
-      const auto w = at::where(live.unsqueeze(-2),
-                               at::exp(S + before.unsqueeze(-1) - lse.unsqueeze(-2)), zero) *
-                     u.unsqueeze(-2);
-      dS = dS - w;
+      auto w = at::add(S, before.unsqueeze(-1));
+      w.sub_(at::where(live, lse, inf).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
+      dS.sub_(w);
       uf = uf - w.sum(-1);
       dlb = dlb + at::where(live, u, zero);
       ug = at::where(active, zero, ug);

@@ -29,6 +29,12 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
+enum cudaMemcpyKind { cudaMemcpyDeviceToDevice = 3 };
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind,
+                                   cudaStream_t = nullptr) {
+  std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
 // A kernel's attributes: the emulation does not know the static shared memory a kernel
 // declares (its variables are allocated per block at run time), so it reports none.
 struct cudaFuncAttributes {
