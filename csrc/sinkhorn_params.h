@@ -53,6 +53,25 @@ struct BwdParams {
   DType dtype = DType::Float32;
 };
 
+// One reverse step of the unrolled backward composed for large problems
+// (ops/sinkhorn_backward_composite.cpp; its CUDA kernels in cuda/large_backward.cu), over B
+// problems of n x m, every array contiguous in the accumulation type. Row step:
+// w_ij = u_i exp(S_ij + before_j - lse_i) (0 on an empty row, lse_i = -inf), dS -= w and
+// target_j -= sum_i w_ij. Column step: w_ij = u_j exp(S_ij + before_i - lse_j), dS -= w and
+// target_i -= sum_j w_ij.
+struct ReverseStepParams {
+  const void* S = nullptr;       // (B, n, m)
+  void* dS = nullptr;            // (B, n, m), updated
+  const void* before = nullptr;  // the other axis' potential as the step read it: (B, m) row step
+  const void* lse = nullptr;     // the step's LSEs: (B, n) row step, (B, m) column step
+  const void* u = nullptr;       // the step's upstream: (B, n) row step, (B, m) column step
+  void* target = nullptr;        // (B, m) row step, (B, n) column step, updated
+  void* workspace = nullptr;     // the row step's partial sums (reverse_step_workspace_bytes)
+  int64_t B = 0, n = 0, m = 0;
+  bool row = true;
+  DType dtype = DType::Float32;  // the accumulation type: Float32 or Float64
+};
+
 // One batched call of the DeepSeek-V4 mHC Sinkhorn (mhc_v4_math.h): B problems of n x n,
 // contiguous, float32 or float64 throughout (the layer runs it in fp32).
 struct V4Params {

@@ -79,6 +79,36 @@ at::Tensor large_replay(const detail::ForwardProblem& p) {
   return history;
 }
 
+// The composite backward's fused reverse step (large_backward.cu) on accumulation-type
+// tensors; false when the grid cannot take it (the composite then runs the step in ATen ops).
+bool reverse_step(bool row, const at::Tensor& S, const at::Tensor& dS, const at::Tensor& before,
+                  const at::Tensor& lse, const at::Tensor& u, const at::Tensor& target) {
+  TORCH_INTERNAL_ASSERT(dS.is_contiguous() && target.is_contiguous() && S.dim() == 3);
+  // The history's LSEs are a narrowed slice; the rest is contiguous already.
+  const auto s = S.contiguous(), b = before.contiguous(), l = lse.contiguous(),
+             w = u.contiguous();
+  sinkhorn::ReverseStepParams p;
+  p.S = s.data_ptr();
+  p.dS = dS.data_ptr();
+  p.before = b.data_ptr();
+  p.lse = l.data_ptr();
+  p.u = w.data_ptr();
+  p.target = target.data_ptr();
+  p.B = S.size(0);
+  p.n = S.size(1);
+  p.m = S.size(2);
+  p.row = row;
+  p.dtype = S.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
+  if (!sinkhorn::reverse_step_fits(p)) return false;
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(sinkhorn::reverse_step_workspace_bytes(p))},
+                S.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  sinkhorn::launch_reverse_step(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 detail::BackwardResult sinkhorn_backward_unrolled_cuda(
     const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
     const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
@@ -89,10 +119,10 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   const auto problem = detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                                 steps_used, steps, start);
   const c10::cuda::CUDAGuard guard(scores.device());
-  // Large problems: whole-device ATen kernels per reverse step instead of one block per
-  // problem, the replay on the large forward path when it takes the problem.
+  // Large problems: the whole device on each step instead of one block per problem: the replay
+  // on the large forward path when it takes the problem, a fused kernel per reverse step.
   if (detail::composite_backward_applies(problem, /*cpu=*/false))
-    return detail::unrolled_backward_composite(problem, large_replay(problem.fwd));
+    return detail::unrolled_backward_composite(problem, large_replay(problem.fwd), reverse_step);
   return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
     // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
     const at::Tensor workspace =

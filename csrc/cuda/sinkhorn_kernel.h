@@ -41,6 +41,14 @@ bool large_forward_applies(const FwdParams& p);
 size_t large_forward_workspace_bytes(const FwdParams& p);
 void launch_large_forward(const FwdParams& p, cudaStream_t stream);
 
+// One reverse step of the composite unrolled backward (large_backward.cu): a thread per column
+// over a strip of rows (row step, the strips' column sums then merged) or a warp per row
+// (column step), about one read of S and one read and write of dS. Whether a call fits the grid
+// (B and the row strips at most 65535), its workspace, and its launch.
+bool reverse_step_fits(const ReverseStepParams& p);
+size_t reverse_step_workspace_bytes(const ReverseStepParams& p);
+void launch_reverse_step(const ReverseStepParams& p, cudaStream_t stream);
+
 // The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 (4 in float64) and
 // max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block (or =composite, which
 // forces the composite backward at any size) turns it off. No workspace.

@@ -2,6 +2,8 @@
 // the unrolled kernels, and the conversion of d(log a) into d a.
 #pragma once
 
+#include <functional>
+
 #include "sinkhorn_forward.h"
 
 namespace sinkhorn_ops {
@@ -49,9 +51,16 @@ BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
 bool composite_backward_applies(const BackwardProblem& p, bool cpu);
 // history: (steps, B, max(n, m)) accumulation type, every step's LSEs from a replay of the
 // forward without early stopping (the CUDA large path's, launch_large_forward with
-// FwdParams::history); undefined: the replay runs here, in ATen ops.
+// FwdParams::history); undefined: the replay runs here, in ATen ops. reverse: a device's fused
+// reverse step (sinkhorn::ReverseStepParams on contiguous accumulation-type tensors: S, dS,
+// before, lse, u, target), false when it does not take the call; null or false: ATen ops.
+using ReverseStep =
+    std::function<bool(bool row, const at::Tensor& S, const at::Tensor& dS,
+                       const at::Tensor& before, const at::Tensor& lse, const at::Tensor& u,
+                       const at::Tensor& target)>;
 BackwardResult unrolled_backward_composite(const BackwardProblem& p,
-                                           const at::Tensor& history = at::Tensor());
+                                           const at::Tensor& history = at::Tensor(),
+                                           const ReverseStep& reverse = nullptr);
 
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,

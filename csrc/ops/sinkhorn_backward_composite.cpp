@@ -7,7 +7,8 @@
 // On CUDA the replay runs on the large forward path when that path takes the problem (its LSEs
 // passed in as `history`), else here. Problems that ran fewer steps (steps_used) are frozen in
 // the replay and inactive in the reverse, by masks on the device: no host synchronisation. A
-// reverse step is 6 passes over n x m, in place on one temporary.
+// reverse step is one fused kernel on CUDA (large_backward.cu), else 6 ATen passes over n x m, in
+// place on one temporary. uf and ug are fresh tensors here, updated in place.
 #include <limits>
 #include <vector>
 
@@ -25,7 +26,8 @@ bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
   return cuda_forced || (!cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20));
 }
 
-BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::Tensor& history) {
+BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::Tensor& history,
+                                           const ReverseStep& reverse) {
   const auto& f = p.fwd;
   BackwardOutputs out = allocate_backward(p);
   if (f.B == 0) return finish_backward(p, out);
@@ -86,19 +88,23 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     if (row_step(t)) {  // R_ij = exp(S_ij + g_j - lse_i), g as step t read it (step t-1's)
       const auto before = t > 0 ? potential(lb, hist[t - 1]) : at::zeros({f.B, f.m}, opts);
       const auto u = at::where(active, uf, zero);
-      auto w = at::add(S, before.unsqueeze(-2));  // then in place: one temporary a step
-      w.sub_(at::where(live, lse, inf).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
-      dS.sub_(w);
-      ug = ug - w.sum(-2);
+      if (!(reverse && reverse(true, S, dS, before, lse, u, ug))) {
+        auto w = at::add(S, before.unsqueeze(-2));  // then in place: one temporary a step
+        w.sub_(at::where(live, lse, inf).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
+        dS.sub_(w);
+        ug.sub_(w.sum(-2));
+      }
       dla = dla + at::where(live, u, zero);
       uf = at::where(active, zero, uf);  // consumed: the step overwrote f
     } else {
       const auto before = t > 0 ? potential(la, hist[t - 1]) : at::zeros({f.B, f.n}, opts);
       const auto u = at::where(active, ug, zero);
-      auto w = at::add(S, before.unsqueeze(-1));
-      w.sub_(at::where(live, lse, inf).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
-      dS.sub_(w);
-      uf = uf - w.sum(-1);
+      if (!(reverse && reverse(false, S, dS, before, lse, u, uf))) {
+        auto w = at::add(S, before.unsqueeze(-1));
+        w.sub_(at::where(live, lse, inf).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
+        dS.sub_(w);
+        uf.sub_(w.sum(-1));
+      }
       dlb = dlb + at::where(live, u, zero);
       ug = at::where(active, zero, ug);
     }

@@ -236,6 +236,10 @@ def _cases():
         add(f"bwd-block-{n}x{m}-col-given", check_backward, B=2, n=n, m=m, dtype=F32,
             start="col", given=True, steps=8)
     add("bwd-natural-large-1024x1024", check_backward, B=1, n=1024, m=1024, dtype=F32, steps=4)
+    # The composite's replay on the large path and its fused reverse steps at their natural size:
+    # problems that ran 1, 2 and 3 steps, masked entries, given marginals, dL/df and dL/dg.
+    add("bwd-natural-large-3x1000x1100-masked", check_backward, B=3, n=1000, m=1100, dtype=F32,
+        steps=3, start="col", masked=True, given=True, potentials=True)
     # The fused mHC Sinkhorns: V4 (linear domain) and the paper's (linear, and the log-domain
     # twin on wide logits), n = 1..8, fp32 and fp64, 1 to 32 iterations.
     for kind in ("v4", "paper"):

@@ -1,0 +1,132 @@
+// CUDA reverse steps of the unrolled backward composed for large problems
+// (ops/sinkhorn_backward_composite.cpp, MATH.md section 2.1): one step's
+// w = u (x) exp(S + before - lse), dS -= w and the sums of w along the step's axis, in one pass
+// over S and dS instead of ATen's six. The weights come from math::step_weight, as in the block
+// backward (sinkhorn_backward.cu).
+//   row step:    a thread per column walks a strip of kStripRows rows (coalesced over the
+//                columns), its strip's column sum into the workspace; then a thread per column
+//                subtracts the strips' sums from target                  (row_step, merge)
+//   column step: a warp per row, lanes over the columns, a warp sum      (col_step)
+#include <cstdint>
+
+#include "kernel_common.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using namespace dev;
+
+constexpr int kThreads = 256;
+constexpr int64_t kStripRows = 64;
+constexpr int64_t kMaxGrid = 65535;  // the grid's y and z dimensions
+
+__host__ __device__ inline int64_t strips_of(int64_t n) {
+  return (n + kStripRows - 1) / kStripRows;
+}
+
+template <typename acc_t>
+struct Step {
+  const acc_t *S, *before, *lse, *u;
+  acc_t *dS, *target, *partial;
+  int64_t B, n, m;
+
+  explicit Step(const ReverseStepParams& p)
+      : S(static_cast<const acc_t*>(p.S)),
+        before(static_cast<const acc_t*>(p.before)),
+        lse(static_cast<const acc_t*>(p.lse)),
+        u(static_cast<const acc_t*>(p.u)),
+        dS(static_cast<acc_t*>(p.dS)),
+        target(static_cast<acc_t*>(p.target)),
+        partial(static_cast<acc_t*>(p.workspace)),
+        B(p.B),
+        n(p.n),
+        m(p.m) {}
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) row_step_kernel(const Step<acc_t> q) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t strip = blockIdx.y, b = blockIdx.z;
+  if (j >= q.m) return;
+  const int64_t first = strip * kStripRows;
+  const int64_t last = first + kStripRows < q.n ? first + kStripRows : q.n;
+  const acc_t* S = q.S + b * q.n * q.m;
+  acc_t* dS = q.dS + b * q.n * q.m;
+  const acc_t* lse = q.lse + b * q.n;
+  const acc_t* u = q.u + b * q.n;
+  const acc_t gb = q.before[b * q.m + j];
+  acc_t sum = 0;
+  for (int64_t i = first; i < last; ++i) {
+    const acc_t w = u[i] * math::step_weight(S[i * q.m + j] + gb, lse[i]);
+    dS[i * q.m + j] -= w;
+    sum += w;
+  }
+  q.partial[(b * strips_of(q.n) + strip) * q.m + j] = sum;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) merge_kernel(const Step<acc_t> q) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (x >= q.B * q.m) return;
+  const int64_t b = x / q.m, j = x % q.m, strips = strips_of(q.n);
+  acc_t sum = 0;
+  for (int64_t s = 0; s < strips; ++s) sum += q.partial[(b * strips + s) * q.m + j];
+  q.target[x] -= sum;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) col_step_kernel(const Step<acc_t> q) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  if (row >= q.B * q.n) return;  // warp-uniform: the sum needs every lane
+  const int64_t b = row / q.n;
+  const acc_t* S = q.S + row * q.m;
+  acc_t* dS = q.dS + row * q.m;
+  const acc_t* lse = q.lse + b * q.m;
+  const acc_t* u = q.u + b * q.m;
+  const acc_t fb = q.before[row];
+  acc_t sum = 0;
+  for (int64_t j = lane_id(); j < q.m; j += 32) {
+    const acc_t w = u[j] * math::step_weight(S[j] + fb, lse[j]);
+    dS[j] -= w;
+    sum += w;
+  }
+  sum = warp_sum(sum);
+  if (lane_id() == 0) q.target[row] -= sum;
+}
+
+template <typename acc_t>
+void launch_typed(const ReverseStepParams& p, cudaStream_t stream) {
+  const Step<acc_t> q(p);
+  if (p.row) {
+    const dim3 grid(static_cast<unsigned>((p.m + kThreads - 1) / kThreads),
+                    static_cast<unsigned>(strips_of(p.n)), static_cast<unsigned>(p.B));
+    row_step_kernel<acc_t><<<grid, kThreads, 0, stream>>>(q);
+    merge_kernel<acc_t><<<blocks_for(p.B * p.m, kThreads), kThreads, 0, stream>>>(q);
+  } else {
+    col_step_kernel<acc_t><<<blocks_for(p.B * p.n * 32, kThreads), kThreads, 0, stream>>>(q);
+  }
+}
+
+}  // namespace
+
+bool reverse_step_fits(const ReverseStepParams& p) {
+  return p.B <= kMaxGrid && strips_of(p.n) <= kMaxGrid;
+}
+
+size_t reverse_step_workspace_bytes(const ReverseStepParams& p) {
+  if (!p.row) return 0;
+  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(p.B * strips_of(p.n) * p.m) * acc_bytes;
+}
+
+void launch_reverse_step(const ReverseStepParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.n == 0 || p.m == 0) return;
+  if (p.dtype == DType::Float64) {
+    launch_typed<double>(p, stream);
+  } else {
+    launch_typed<float>(p, stream);
+  }
+}
+
+}  // namespace sinkhorn
