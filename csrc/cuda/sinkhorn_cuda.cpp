@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "../env_flag.h"
 #include "../ops/mhc_ops.h"
 #include "../ops/sinkhorn_backward.h"
 #include "../ops/sinkhorn_forward.h"
@@ -109,6 +110,20 @@ bool reverse_step(bool row, const at::Tensor& S, const at::Tensor& dS, const at:
   return true;
 }
 
+// Few problems too large for shared memory, which the forward runs on its large path
+// (large_forward_applies; at n * m >= 2^20 composite_backward_applies already decides): the block
+// backward would give each one SM. SINKHORN_CUDA_BACKWARD=block keeps them on the block kernel.
+bool few_off_chip(const detail::BackwardProblem& p) {
+  static const bool block_forced = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "block");
+  if (block_forced || p.fwd.B == 0) return false;
+  sinkhorn::FwdParams f;
+  f.B = p.fwd.B;
+  f.n = p.fwd.n;
+  f.m = p.fwd.m;
+  f.dtype = detail::kernel_dtype(p.fwd.scores.scalar_type());
+  return sinkhorn::large_forward_applies(f);
+}
+
 detail::BackwardResult sinkhorn_backward_unrolled_cuda(
     const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
     const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
@@ -119,9 +134,10 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
   const auto problem = detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                                 steps_used, steps, start);
   const c10::cuda::CUDAGuard guard(scores.device());
-  // Large problems: the whole device on each step instead of one block per problem: the replay
-  // on the large forward path when it takes the problem, a fused kernel per reverse step.
-  if (detail::composite_backward_applies(problem, /*cpu=*/false))
+  // Large problems, and few problems too large for shared memory (the forward's rule): the
+  // whole device on each step instead of one block per problem: the replay on the large forward
+  // path when it takes the problem, a fused kernel per reverse step.
+  if (detail::composite_backward_applies(problem, /*cpu=*/false) || few_off_chip(problem))
     return detail::unrolled_backward_composite(problem, large_replay(problem.fwd), reverse_step);
   return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
     // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
