@@ -24,7 +24,9 @@ PRELUDE = "import torch, sinkhorn_ops\n"
 # name -> (code run after PRELUDE, the exception type expected to reach Python)
 CASES = {
     # The crashing test's call: a C++ ValueError from the forward's front door, through the
-    # Python autograd registration (torch.library.register_autograd).
+    # operator's autograd kernel (the H200 crash went through the Python registration,
+    # torch.library.register_autograd, and its redispatch; the autograd is in C++ since,
+    # csrc/ops/sinkhorn_autograd.cpp).
     "value_via_autograd": ("sinkhorn_ops.sinkhorn(torch.randn(3))", "ValueError"),
     # The same throw site's TypeError (passed on the GPU machine).
     "type_via_autograd": (
@@ -35,7 +37,13 @@ CASES = {
         "try:\n    sinkhorn_ops.sinkhorn(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.float64),"
         " torch.ones(2, 4))\nexcept TypeError:\n    pass\nsinkhorn_ops.sinkhorn(torch.randn(3))",
         "ValueError"),
-    # The op below the autograd key: no Python autograd in between.
+    # The crashing path itself: Python's OpOverload.redispatch to the CPU kernel, as the Python
+    # autograd registration did.
+    "value_via_python_redispatch": (
+        "torch.ops.sinkhorn_ops.sinkhorn.default.redispatch("
+        "torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), torch.randn(3), None, None, None, 3,"
+        " 'row', 0.0, 'unrolled', 1e-6, 100)", "ValueError"),
+    # The op below the autograd key: no autograd kernel in between.
     "value_below_autograd": (
         "with torch._C._AutoDispatchBelowAutograd():\n"
         "    torch.ops.sinkhorn_ops.sinkhorn.default(torch.randn(3), None, None, None, 3, 'row',"

@@ -134,8 +134,9 @@ def _sinkhorn_fake(scores, a, b, mask, steps, start, tol, grad="unrolled", cg_to
         if name == "mask":
             torch._check_type(x.dtype == torch.bool, lambda: f"sinkhorn: expected mask of dtype torch.bool, got {x.dtype}")
         else:
+            allowed = str(scores.dtype) if acc == scores.dtype else f"{scores.dtype} or {acc}"
             torch._check_type(x.dtype in (scores.dtype, acc),
-                         lambda: f"sinkhorn: expected {name} of dtype {scores.dtype} or {acc}, got {x.dtype}")
+                              lambda: f"sinkhorn: expected {name} of dtype {allowed}, got {x.dtype}")
         torch._check_value(x.dim() <= len(full) and all(
             s == 1 or s == t for s, t in zip(reversed(x.shape), reversed(full))),
             lambda: f"sinkhorn: expected {name} broadcastable to {tuple(full)}, got {tuple(x.shape)}")

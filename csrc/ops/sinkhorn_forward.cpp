@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <string>
 
 namespace sinkhorn_ops {
 namespace detail {
@@ -24,8 +25,11 @@ at::Tensor log_marginal(const at::Tensor& x, const char* name, at::IntArrayRef e
                         const at::Tensor& scores, int64_t B, int64_t len) {
   const auto acc = accumulation_type(scores.scalar_type());
   TORCH_CHECK_TYPE(x.scalar_type() == scores.scalar_type() || x.scalar_type() == acc,
-                   "sinkhorn: expected ", name, " of dtype ", scores.scalar_type(), " or ", acc,
-                   " (the scores dtype or its accumulation dtype), got ", x.scalar_type());
+                   "sinkhorn: expected ", name, " of dtype ", scores.scalar_type(),
+                   acc == scores.scalar_type()
+                       ? std::string(" (the scores dtype)")
+                       : c10::str(" or ", acc, " (the scores dtype or its accumulation dtype)"),
+                   ", got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == scores.device(), "sinkhorn: expected ", name,
                     " on the scores' device ", scores.device(), ", got ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && at::is_expandable_to(x.sizes(), expected),
