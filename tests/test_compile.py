@@ -101,3 +101,27 @@ def test_compile_inductor(device, dtype):
     out, eager = compiled(q, k, v), attention_like(q, k, v)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, eager, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compile_dynamic_shapes_with_marginals_compile_once(device, grad):
+    """dynamic=True with marginals given: three shapes share one graph, differentiated or not
+    (the autograd kernel keeps the marginals' sizes symbolic; reading them as integers once
+    specialised the graph to each shape)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(lambda S, a, b: sinkhorn_ops.sinkhorn(S, a, b, steps=5), backend=counter,
+                       dynamic=True)
+    for batch, n, m in [(2, 4, 5), (3, 6, 7), (5, 8, 3)]:
+        S = random_scores((batch, n, m), seed=n, device=device)
+        a, b = random_marginals((batch,), n, m, seed=n, device=device)
+        if grad:
+            for x in (S, a, b):
+                x.requires_grad_()
+            fn(S, a, b).sum().backward()
+            assert a.grad is not None and a.grad.shape == a.shape
+        else:
+            fn(S, a, b)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for three shapes"

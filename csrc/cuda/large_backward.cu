@@ -111,7 +111,11 @@ void launch_typed(const ReverseStepParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool reverse_step_fits(const ReverseStepParams& p) {
-  return p.B <= kMaxGrid && strips_of(p.n) <= kMaxGrid;
+  // The grid's y and z (row step), and x of the column step's warp per row and the merge's
+  // thread per column, which have no grid-stride loop.
+  const int64_t max_x = int64_t(0x7fffffff) * kThreads;
+  return p.B <= kMaxGrid && strips_of(p.n) <= kMaxGrid && p.B * p.n * 32 <= max_x &&
+         p.B * p.m <= max_x;
 }
 
 size_t reverse_step_workspace_bytes(const ReverseStepParams& p) {

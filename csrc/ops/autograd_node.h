@@ -19,6 +19,27 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// Whether a call with these tensor arguments records an autograd node (what Function::apply
+// decides): grad mode on and one of them requiring grad. Asked before apply (a forward runs with
+// grad mode off); without a node a forward saves nothing (no size of an input read under
+// torch.compile either). The call still goes through Function::apply, which raises for
+// forward-mode AD rather than dropping the tangent.
+inline bool any_requires_grad() { return false; }
+template <typename... Rest>
+bool any_requires_grad(const at::Tensor& t, const Rest&... rest);
+template <typename... Rest>
+bool any_requires_grad(const c10::optional<at::Tensor>& t, const Rest&... rest) {
+  return (t.has_value() && t->defined() && t->requires_grad()) || any_requires_grad(rest...);
+}
+template <typename... Rest>
+bool any_requires_grad(const at::Tensor& t, const Rest&... rest) {
+  return (t.defined() && t.requires_grad()) || any_requires_grad(rest...);
+}
+template <typename... Tensors>
+bool records_graph(const Tensors&... t) {
+  return c10::GradMode::is_enabled() && any_requires_grad(t...);
+}
+
 inline torch::autograd::variable_list as_list(const at::Tensor& t) { return {t}; }
 template <typename... T>
 torch::autograd::variable_list as_list(const std::tuple<T...>& t) {

@@ -10,7 +10,8 @@
 #include "autograd_node.h"
 
 namespace sinkhorn_ops {
-namespace {
+// Named, not anonymous: a grad_fn reads torch::autograd::CppNode<sinkhorn_ops::autograd::PreMix>.
+namespace autograd {
 
 using detail::typed_op;
 using torch::autograd::AutogradContext;
@@ -108,11 +109,11 @@ struct PostMix : torch::autograd::Function<PostMix> {
   }
 };
 
-}  // namespace
+}  // namespace autograd
 }  // namespace sinkhorn_ops
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
-  using namespace sinkhorn_ops;
+  using namespace sinkhorn_ops::autograd;
   using sinkhorn_ops::detail::backward_kernel;
   m.impl("mhc_sinkhorn", [](T logits, int64_t iters) {
     return PaperSinkhorn::apply(logits, iters);

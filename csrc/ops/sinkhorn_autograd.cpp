@@ -11,7 +11,8 @@
 #include "autograd_node.h"
 
 namespace sinkhorn_ops {
-namespace {
+// Named, not anonymous: a grad_fn reads torch::autograd::CppNode<sinkhorn_ops::autograd::Sinkhorn>.
+namespace autograd {
 
 using detail::typed_op;
 using torch::autograd::AutogradContext;
@@ -46,10 +47,11 @@ struct ImplicitBackward {
 
 Opt present(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
+
 struct Sinkhorn : torch::autograd::Function<Sinkhorn> {
   static variable_list forward(AutogradContext* ctx, T scores, const Opt& a, const Opt& b,
                                const Opt& mask, int64_t steps, Str start, double tol, Str grad,
-                               double cg_tol, int64_t cg_max_iter) {
+                               double cg_tol, int64_t cg_max_iter, bool record) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto op = typed_op<Five(T, const Opt&, const Opt&, const Opt&, int64_t, Str, double,
                                    Str, double, int64_t)>("sinkhorn_ops::sinkhorn");
@@ -58,14 +60,18 @@ struct Sinkhorn : torch::autograd::Function<Sinkhorn> {
     // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({steps_used, error});
+    // Nothing to save when no node is recorded (decided before apply: forward runs with grad
+    // mode off).
+    if (!record) return {plan, f, g, steps_used, error};
     auto& d = ctx->saved_data;
     d["grad"] = std::string(grad);
     // dL/da and dL/db come back in the broadcast shapes (..., n), (..., m): summed to the
-    // marginals' own shapes and dtypes.
+    // marginals' own shapes (symbolic sizes: under torch.compile(dynamic=True) a concrete
+    // size here would specialise the graph to it) and dtypes.
     if (a && b) {
-      d["a_shape"] = a->sizes().vec();
+      d["a_shape"] = a->sym_sizes();
       d["a_dtype"] = a->scalar_type();
-      d["b_shape"] = b->sizes().vec();
+      d["b_shape"] = b->sym_sizes();
       d["b_dtype"] = b->scalar_type();
     }
     if (grad == "unrolled") {
@@ -93,31 +99,35 @@ struct Sinkhorn : torch::autograd::Function<Sinkhorn> {
                                      saved[4], d["steps"].toInt(), d["start"].toStringRef())
             : ImplicitBackward::call(grad_plan, present(grads[1]), present(grads[2]), saved[0],
                                      mode, d["cg_tol"].toDouble(), d["cg_max_iter"].toInt());
-    // One gradient per forward argument: scores, a, b, then none for mask and the options.
-    variable_list out(10);
+    // One gradient per forward argument: scores, a, b, then none for mask, the options and
+    // `record`.
+    variable_list out(11);
     out[0] = ds;
     if (d.count("a_shape")) {
       if (ctx->needs_input_grad(1)) {
-        out[1] = da.sum_to_size(d["a_shape"].toIntVector()).to(d["a_dtype"].toScalarType());
+        out[1] = da.sum_to_size_symint(d["a_shape"].toSymIntVector())
+                     .to(d["a_dtype"].toScalarType());
       }
       if (ctx->needs_input_grad(2)) {
-        out[2] = db.sum_to_size(d["b_shape"].toIntVector()).to(d["b_dtype"].toScalarType());
+        out[2] = db.sum_to_size_symint(d["b_shape"].toSymIntVector())
+                     .to(d["b_dtype"].toScalarType());
       }
     }
     return out;
   }
 };
 
-}  // namespace
+}  // namespace autograd
 }  // namespace sinkhorn_ops
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
-  using namespace sinkhorn_ops;
+  using namespace sinkhorn_ops::autograd;
   using sinkhorn_ops::detail::backward_kernel;
   m.impl("sinkhorn", [](T scores, const Opt& a, const Opt& b, const Opt& mask, int64_t steps,
                         Str start, double tol, Str grad, double cg_tol, int64_t cg_max_iter) {
-    const auto r =
-        Sinkhorn::apply(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter);
+    const bool record = sinkhorn_ops::detail::records_graph(scores, a, b);
+    const auto r = Sinkhorn::apply(scores, a, b, mask, steps, start, tol, grad, cg_tol,
+                                   cg_max_iter, record);
     return std::make_tuple(r[0], r[1], r[2], r[3], r[4]);
   });
   m.impl("sinkhorn_backward_unrolled",

@@ -36,7 +36,8 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
   const double ninf = -std::numeric_limits<double>::infinity();
   const auto S = f.scores.to(acc);  // (B, n, m), masked entries -inf
   const auto zero = at::zeros({}, opts), masked = at::full({}, ninf, opts);
-  // An empty line's LSE (-inf) read as +inf in the reverse: its R = exp(S + before - LSE) is 0.
+  // An empty line's LSE (-inf) read as +inf in the reverse: its R = exp(S + before - LSE) is 0,
+  // as math::step_weight makes it in the kernels (a NaN LSE stays NaN, as there).
   const auto inf = at::full({}, -ninf, opts);
 
   at::Tensor la = f.log_a, lb = f.log_b;
@@ -90,7 +91,7 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
       const auto u = at::where(active, uf, zero);
       if (!(reverse && reverse(true, S, dS, before, lse, u, ug))) {
         auto w = at::add(S, before.unsqueeze(-2));  // then in place: one temporary a step
-        w.sub_(at::where(live, lse, inf).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
+        w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
         dS.sub_(w);
         ug.sub_(w.sum(-2));
       }
@@ -101,7 +102,7 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
       const auto u = at::where(active, ug, zero);
       if (!(reverse && reverse(false, S, dS, before, lse, u, uf))) {
         auto w = at::add(S, before.unsqueeze(-1));
-        w.sub_(at::where(live, lse, inf).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
+        w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
         dS.sub_(w);
         uf.sub_(w.sum(-1));
       }

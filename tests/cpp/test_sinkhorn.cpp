@@ -203,6 +203,20 @@ TEST(SinkhornBackward, AutogradOfTheCppApi) {
       EXPECT_TRUE(at::allclose(got[2], want.b, 1e-12, 1e-14)) << dev << mode;
       EXPECT_THROW(torch::autograd::grad({got[0].sum()}, {s}), c10::NotImplementedError)
           << dev << mode;
+      // A loss on f alone (no gradient reaches the plan: an absent grad_plan), and only a
+      // requiring grad.
+      auto s2 = S.clone().set_requires_grad(true);
+      auto la2 = a.clone().set_requires_grad(true);
+      o.a = la2;
+      const auto out2 = sinkhorn_ops::sinkhorn(s2, o);
+      const auto by_f = torch::autograd::grad({out2.f.sum()}, {s2}, {}, true)[0];
+      const auto by_a = torch::autograd::grad({(out2.plan * W).sum()}, {la2})[0];
+      o.a = a;
+      const auto fwd = sinkhorn_ops::sinkhorn(S, o);
+      const auto want_f =
+          sinkhorn_ops::sinkhorn_backward(S, o, fwd, at::zeros_like(S), at::ones_like(fwd.f));
+      EXPECT_TRUE(at::allclose(by_f, want_f.scores, 1e-12, 1e-14)) << dev << mode;
+      EXPECT_TRUE(at::allclose(by_a, want.a.sum(0), 1e-12, 1e-14)) << dev << mode;
     }
   }
 }
