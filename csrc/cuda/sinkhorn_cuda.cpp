@@ -22,6 +22,13 @@ namespace sinkhorn_ops {
 namespace cuda {
 namespace {
 
+// Device scratch of `bytes` on like's device, for a launcher's params.workspace. Freed when the
+// caller returns, which is safe: the caching allocator hands the block out again only to work
+// queued after the kernels on the same stream.
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
                                     const c10::optional<at::Tensor>& b,
                                     const c10::optional<at::Tensor>& mask, int64_t steps,
@@ -33,12 +40,8 @@ detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optiona
   const auto problem = detail::prepare_forward(scores, a, b, mask, steps, start, tol);
   const c10::cuda::CUDAGuard guard(scores.device());
   return detail::run_forward(problem, [&](sinkhorn::FwdParams params) {
-    // Freed when this returns, which is safe: the caching allocator hands the block out again
-    // only to work queued after the kernel on the same stream.
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sinkhorn::forward_workspace_bytes(params))},
-                  problem.scores.options().dtype(at::kByte));
-    params.workspace = workspace.data_ptr();
+    const at::Tensor scratch = workspace(sinkhorn::forward_workspace_bytes(params), problem.scores);
+    params.workspace = scratch.data_ptr();
     sinkhorn::launch_forward(params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -71,10 +74,8 @@ at::Tensor large_replay(const detail::ForwardProblem& p) {
   if (!sinkhorn::large_forward_applies(params)) return {};
   const at::Tensor history = at::empty({p.steps, p.B, std::max(p.n, p.m)}, acc);
   params.history = history.data_ptr();
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(sinkhorn::large_forward_workspace_bytes(params))},
-                p.scores.options().dtype(at::kByte));
-  params.workspace = workspace.data_ptr();
+  const at::Tensor scratch = workspace(sinkhorn::large_forward_workspace_bytes(params), p.scores);
+  params.workspace = scratch.data_ptr();
   sinkhorn::launch_large_forward(params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return history;
@@ -101,10 +102,8 @@ bool reverse_step(bool row, const at::Tensor& S, const at::Tensor& dS, const at:
   p.row = row;
   p.dtype = S.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
   if (!sinkhorn::reverse_step_fits(p)) return false;
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(sinkhorn::reverse_step_workspace_bytes(p))},
-                S.options().dtype(at::kByte));
-  p.workspace = workspace.data_ptr();
+  const at::Tensor scratch = workspace(sinkhorn::reverse_step_workspace_bytes(p), S);
+  p.workspace = scratch.data_ptr();
   sinkhorn::launch_reverse_step(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
@@ -141,10 +140,9 @@ detail::BackwardResult sinkhorn_backward_unrolled_cuda(
     return detail::unrolled_backward_composite(problem, large_replay(problem.fwd), reverse_step);
   return detail::run_backward(problem, [&](sinkhorn::BwdParams params) {
     // The LSE records of every step: B * steps * max(n, m) values (MATH.md section 2.1).
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sinkhorn::backward_workspace_bytes(params))},
-                  problem.fwd.scores.options().dtype(at::kByte));
-    params.workspace = workspace.data_ptr();
+    const at::Tensor scratch =
+        workspace(sinkhorn::backward_workspace_bytes(params), problem.fwd.scores);
+    params.workspace = scratch.data_ptr();
     sinkhorn::launch_backward(params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

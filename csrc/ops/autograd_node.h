@@ -83,4 +83,15 @@ auto backward_kernel(const Args&... args) {
 }
 
 }  // namespace detail
+
+// The autograd registrations' classes (sinkhorn_autograd.cpp, mhc_autograd.cpp) live here, named
+// rather than anonymous, so that a grad_fn reads e.g.
+// torch::autograd::CppNode<sinkhorn_ops::autograd::Sinkhorn>.
+namespace autograd {
+using detail::typed_op;
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+using T = const at::Tensor&;
+}  // namespace autograd
 }  // namespace sinkhorn_ops

@@ -10,14 +10,8 @@
 #include "autograd_node.h"
 
 namespace sinkhorn_ops {
-// Named, not anonymous: a grad_fn reads torch::autograd::CppNode<sinkhorn_ops::autograd::PreMix>.
 namespace autograd {
 
-using detail::typed_op;
-using torch::autograd::AutogradContext;
-using torch::autograd::Variable;
-using torch::autograd::variable_list;
-using T = const at::Tensor&;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -11,14 +11,8 @@
 #include "autograd_node.h"
 
 namespace sinkhorn_ops {
-// Named, not anonymous: a grad_fn reads torch::autograd::CppNode<sinkhorn_ops::autograd::Sinkhorn>.
 namespace autograd {
 
-using detail::typed_op;
-using torch::autograd::AutogradContext;
-using torch::autograd::Variable;
-using torch::autograd::variable_list;
-using T = const at::Tensor&;
 using Opt = c10::optional<at::Tensor>;
 using Str = c10::string_view;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
