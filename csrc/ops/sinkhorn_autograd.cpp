@@ -41,7 +41,6 @@ struct ImplicitBackward {
 
 Opt present(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
-
 struct Sinkhorn : torch::autograd::Function<Sinkhorn> {
   static variable_list forward(AutogradContext* ctx, T scores, const Opt& a, const Opt& b,
                                const Opt& mask, int64_t steps, Str start, double tol, Str grad,
