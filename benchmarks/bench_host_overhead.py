@@ -3,8 +3,9 @@ the kernels take microseconds and the host (Python wrapper, dispatcher, autograd
 
 Per operator, three timings of the same input in one run:
 - "autograd": out = op(x); torch.autograd.grad((out * W).sum(), x), the way a model calls it;
-- "direct": the forward op without grad, then its backward op called directly (no autograd
-  node, no mul/sum), i.e. the kernels plus the dispatcher;
+- "direct": the forward op without grad, then its backward op called directly (no mul/sum; the
+  calls still pass the operators' C++ Autograd kernels, which record no node when nothing
+  requires grad), i.e. the kernels plus the dispatcher;
 - "softmax": torch.softmax over the last dimension of the same input, differentiated the same
   way: what PyTorch's own cheapest autograd call costs on this host.
 "autograd - direct" is what the autograd layer (the node, saved tensors, the engine, the mul and
