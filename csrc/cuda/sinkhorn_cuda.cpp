@@ -54,23 +54,13 @@ detail::ForwardResult sinkhorn_cuda(const at::Tensor& scores, const c10::optiona
 at::Tensor large_replay(const detail::ForwardProblem& p) {
   if (p.B == 0 || p.steps == 0) return {};
   const auto acc = p.scores.options().dtype(detail::accumulation_type(p.scores.scalar_type()));
-  const at::Tensor f = at::empty({p.B, p.n}, acc), g = at::empty({p.B, p.m}, acc);
-  const at::Tensor error = at::empty({p.B}, acc);
-  const at::Tensor used = at::empty({p.B}, p.scores.options().dtype(at::kLong));
-  sinkhorn::FwdParams params;
-  params.scores = p.scores.data_ptr();
-  params.log_a = p.log_a.defined() ? p.log_a.data_ptr() : nullptr;
-  params.log_b = p.log_b.defined() ? p.log_b.data_ptr() : nullptr;
-  params.f = f.data_ptr();
-  params.g = g.data_ptr();
-  params.steps_used = used.data_ptr<int64_t>();
-  params.error = error.data_ptr();
-  params.B = p.B;
-  params.n = p.n;
-  params.m = p.m;
-  params.steps = p.steps;
-  params.start_row = p.start_row;
-  params.dtype = detail::kernel_dtype(p.scores.scalar_type());
+  detail::ForwardOutputs out;  // the potentials and the steps' bookkeeping; no plan
+  out.f = at::empty({p.B, p.n}, acc);
+  out.g = at::empty({p.B, p.m}, acc);
+  out.error = at::empty({p.B}, acc);
+  out.steps_used = at::empty({p.B}, p.scores.options().dtype(at::kLong));
+  sinkhorn::FwdParams params = detail::forward_params(p, out);
+  params.tol = 0.0;  // every step, for every problem: the reverse masks those not run
   if (!sinkhorn::large_forward_applies(params)) return {};
   const at::Tensor history = at::empty({p.steps, p.B, std::max(p.n, p.m)}, acc);
   params.history = history.data_ptr();
@@ -115,12 +105,8 @@ bool reverse_step(bool row, const at::Tensor& S, const at::Tensor& dS, const at:
 bool few_off_chip(const detail::BackwardProblem& p) {
   static const bool block_forced = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "block");
   if (block_forced || p.fwd.B == 0) return false;
-  sinkhorn::FwdParams f;
-  f.B = p.fwd.B;
-  f.n = p.fwd.n;
-  f.m = p.fwd.m;
-  f.dtype = detail::kernel_dtype(p.fwd.scores.scalar_type());
-  return sinkhorn::large_forward_applies(f);
+  detail::ForwardOutputs none;
+  return sinkhorn::large_forward_applies(detail::forward_params(p.fwd, none));
 }
 
 detail::BackwardResult sinkhorn_backward_unrolled_cuda(

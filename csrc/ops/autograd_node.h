@@ -1,10 +1,8 @@
 // Pieces shared by the C++ autograd registrations (sinkhorn_autograd.cpp, mhc_autograd.cpp): a
-// typed dispatcher handle, and a backward operator as an autograd node of its own whose backward
-// is the double-backward error.
+// backward operator as an autograd node of its own whose backward is the double-backward error.
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <tuple>
@@ -13,11 +11,6 @@
 
 namespace sinkhorn_ops {
 namespace detail {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Whether a call with these tensor arguments records an autograd node (what Function::apply
 // decides): grad mode on and one of them requiring grad. Asked before apply (a forward runs with
@@ -88,7 +81,6 @@ auto backward_kernel(const Args&... args) {
 // rather than anonymous, so that a grad_fn reads e.g.
 // torch::autograd::CppNode<sinkhorn_ops::autograd::Sinkhorn>.
 namespace autograd {
-using detail::typed_op;
 using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;

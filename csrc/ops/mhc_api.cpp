@@ -1,60 +1,52 @@
 // The C++ API of the mHC operators (sinkhorn_ops.h): calls through the dispatcher, so the CPU or
 // CUDA kernel runs by the inputs' device.
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include "../sinkhorn_ops.h"
+#include "typed_op.h"
 
 namespace sinkhorn_ops {
-namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-}  // namespace
+using detail::typed_op;
 
 at::Tensor mhc_sinkhorn(const at::Tensor& logits, int64_t iters) {
-  static auto h = op<at::Tensor(const at::Tensor&, int64_t)>("sinkhorn_ops::mhc_sinkhorn");
+  static auto h = typed_op<at::Tensor(const at::Tensor&, int64_t)>("sinkhorn_ops::mhc_sinkhorn");
   return h.call(logits, iters);
 }
 
 at::Tensor mhc_sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits,
                                  int64_t iters) {
-  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>(
+  static auto h = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>(
       "sinkhorn_ops::mhc_sinkhorn_backward");
   return h.call(grad, logits, iters);
 }
 
 at::Tensor mhc_v4_sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
   static auto h =
-      op<at::Tensor(const at::Tensor&, int64_t, double)>("sinkhorn_ops::mhc_v4_sinkhorn");
+      typed_op<at::Tensor(const at::Tensor&, int64_t, double)>("sinkhorn_ops::mhc_v4_sinkhorn");
   return h.call(logits, iters, eps);
 }
 
 at::Tensor mhc_v4_sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits,
                                     int64_t iters, double eps) {
-  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>(
+  static auto h = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>(
       "sinkhorn_ops::mhc_v4_sinkhorn_backward");
   return h.call(grad, logits, iters, eps);
 }
 
 at::Tensor mhc_pre_mix(const at::Tensor& x, const at::Tensor& h_pre) {
   static auto h =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&)>("sinkhorn_ops::mhc_pre_mix");
+      typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("sinkhorn_ops::mhc_pre_mix");
   return h.call(x, h_pre);
 }
 
 at::Tensor mhc_post_mix(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post,
                         const at::Tensor& h_res) {
-  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+  static auto h = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&)>("sinkhorn_ops::mhc_post_mix");
   return h.call(x, y, h_post, h_res);
 }
 
 PreMixGrads mhc_pre_mix_backward(const at::Tensor& grad, const at::Tensor& x,
                                  const at::Tensor& h_pre) {
-  static auto h = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+  static auto h = typed_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                         const at::Tensor&)>(
       "sinkhorn_ops::mhc_pre_mix_backward");
   auto [dx, dh] = h.call(grad, x, h_pre);
@@ -65,7 +57,7 @@ PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& y, const at::Tensor& h_post,
                                    const at::Tensor& h_res) {
   static auto h =
-      op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
           const at::Tensor&)>("sinkhorn_ops::mhc_post_mix_backward");
   auto [dx, dy, dq, dr] = h.call(grad, x, y, h_post, h_res);

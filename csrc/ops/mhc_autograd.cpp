@@ -15,34 +15,32 @@ namespace autograd {
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The backward operators (Op::call through the dispatcher, below autograd in BackwardNode).
+// The backward operators (the C++ API's calls through the dispatcher, below autograd in
+// BackwardNode), in the schemas' return types.
 struct PaperBackward {
   static constexpr const char* name = "mhc_sinkhorn";
   static at::Tensor call(T grad, T logits, int64_t iters) {
-    static auto op = typed_op<at::Tensor(T, T, int64_t)>("sinkhorn_ops::mhc_sinkhorn_backward");
-    return op.call(grad, logits, iters);
+    return mhc_sinkhorn_backward(grad, logits, iters);
   }
 };
 struct V4Backward {
   static constexpr const char* name = "mhc_v4_sinkhorn";
   static at::Tensor call(T grad, T logits, int64_t iters, double eps) {
-    static auto op =
-        typed_op<at::Tensor(T, T, int64_t, double)>("sinkhorn_ops::mhc_v4_sinkhorn_backward");
-    return op.call(grad, logits, iters, eps);
+    return mhc_v4_sinkhorn_backward(grad, logits, iters, eps);
   }
 };
 struct PreMixBackward {
   static constexpr const char* name = "mhc_pre_mix";
   static Pair call(T grad, T x, T h_pre) {
-    static auto op = typed_op<Pair(T, T, T)>("sinkhorn_ops::mhc_pre_mix_backward");
-    return op.call(grad, x, h_pre);
+    const auto g = mhc_pre_mix_backward(grad, x, h_pre);
+    return {g.x, g.h_pre};
   }
 };
 struct PostMixBackward {
   static constexpr const char* name = "mhc_post_mix";
   static Quad call(T grad, T x, T y, T h_post, T h_res) {
-    static auto op = typed_op<Quad(T, T, T, T, T)>("sinkhorn_ops::mhc_post_mix_backward");
-    return op.call(grad, x, y, h_post, h_res);
+    const auto g = mhc_post_mix_backward(grad, x, y, h_post, h_res);
+    return {g.x, g.y, g.h_post, g.h_res};
   }
 };
 

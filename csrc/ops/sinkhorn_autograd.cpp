@@ -9,23 +9,21 @@
 #include <string>
 
 #include "autograd_node.h"
+#include "sinkhorn_backward.h"
 
 namespace sinkhorn_ops {
 namespace autograd {
 
 using Opt = c10::optional<at::Tensor>;
 using Str = c10::string_view;
-using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Triple = detail::BackwardResult;
 
 struct UnrolledBackward {
   static constexpr const char* name = "sinkhorn";
   static Triple call(T grad_plan, const Opt& grad_f, const Opt& grad_g, T scores, const Opt& a,
                      const Opt& b, const Opt& mask, T steps_used, int64_t steps, Str start) {
-    static auto op =
-        typed_op<Triple(T, const Opt&, const Opt&, T, const Opt&, const Opt&, const Opt&, T,
-                        int64_t, Str)>("sinkhorn_ops::sinkhorn_backward_unrolled");
-    return op.call(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start);
+    return detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores, a, b, mask,
+                                          steps_used, steps, start);
   }
 };
 
@@ -33,9 +31,8 @@ struct ImplicitBackward {
   static constexpr const char* name = "sinkhorn";
   static Triple call(T grad_plan, const Opt& grad_f, const Opt& grad_g, T plan, Str solver,
                      double cg_tol, int64_t cg_max_iter) {
-    static auto op = typed_op<Triple(T, const Opt&, const Opt&, T, Str, double, int64_t)>(
-        "sinkhorn_ops::sinkhorn_backward_implicit");
-    return op.call(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter);
+    return detail::call_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
+                                          cg_max_iter);
   }
 };
 
@@ -46,10 +43,8 @@ struct Sinkhorn : torch::autograd::Function<Sinkhorn> {
                                const Opt& mask, int64_t steps, Str start, double tol, Str grad,
                                double cg_tol, int64_t cg_max_iter, bool record) {
     at::AutoDispatchBelowADInplaceOrView below;
-    static auto op = typed_op<Five(T, const Opt&, const Opt&, const Opt&, int64_t, Str, double,
-                                   Str, double, int64_t)>("sinkhorn_ops::sinkhorn");
     auto [plan, f, g, steps_used, error] =
-        op.call(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter);
+        detail::call_sinkhorn(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter);
     // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({steps_used, error});

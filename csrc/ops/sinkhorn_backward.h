@@ -69,5 +69,27 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const at::Tensor& plan, c10::string_view solver,
                                           double cg_tol, int64_t cg_max_iter);
 
+// The three operators called through the dispatcher (sinkhorn_op.cpp): the C++ API's calls, and
+// the autograd registration's below the Autograd key (sinkhorn_autograd.cpp).
+ForwardResult call_sinkhorn(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
+                            const c10::optional<at::Tensor>& b,
+                            const c10::optional<at::Tensor>& mask, int64_t steps,
+                            c10::string_view start, double tol, c10::string_view grad,
+                            double cg_tol, int64_t cg_max_iter);
+BackwardResult call_backward_unrolled(const at::Tensor& grad_plan,
+                                      const c10::optional<at::Tensor>& grad_f,
+                                      const c10::optional<at::Tensor>& grad_g,
+                                      const at::Tensor& scores,
+                                      const c10::optional<at::Tensor>& a,
+                                      const c10::optional<at::Tensor>& b,
+                                      const c10::optional<at::Tensor>& mask,
+                                      const at::Tensor& steps_used, int64_t steps,
+                                      c10::string_view start);
+BackwardResult call_backward_implicit(const at::Tensor& grad_plan,
+                                      const c10::optional<at::Tensor>& grad_f,
+                                      const c10::optional<at::Tensor>& grad_g,
+                                      const at::Tensor& plan, c10::string_view solver,
+                                      double cg_tol, int64_t cg_max_iter);
+
 }  // namespace detail
 }  // namespace sinkhorn_ops

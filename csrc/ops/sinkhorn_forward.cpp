@@ -128,15 +128,16 @@ ForwardOutputs allocate_forward(const ForwardProblem& p) {
 }
 
 sinkhorn::FwdParams forward_params(const ForwardProblem& p, ForwardOutputs& out) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
   sinkhorn::FwdParams params;
   params.scores = p.scores.data_ptr();
-  params.log_a = p.log_a.defined() ? p.log_a.data_ptr() : nullptr;
-  params.log_b = p.log_b.defined() ? p.log_b.data_ptr() : nullptr;
-  params.plan = out.plan.data_ptr();
-  params.f = out.f.data_ptr();
-  params.g = out.g.data_ptr();
-  params.steps_used = out.steps_used.data_ptr<int64_t>();
-  params.error = out.error.data_ptr();
+  params.log_a = ptr(p.log_a);
+  params.log_b = ptr(p.log_b);
+  params.plan = ptr(out.plan);
+  params.f = ptr(out.f);
+  params.g = ptr(out.g);
+  params.steps_used = static_cast<int64_t*>(ptr(out.steps_used));
+  params.error = ptr(out.error);
   params.B = p.B;
   params.n = p.n;
   params.m = p.m;

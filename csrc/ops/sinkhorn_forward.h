@@ -51,6 +51,8 @@ struct ForwardOutputs {
   at::Tensor plan, f, g, steps_used, error;
 };
 ForwardOutputs allocate_forward(const ForwardProblem& p);
+// The kernels' params of a call; an output left undefined is passed as nullptr (the composite
+// backward's replay on CUDA has no plan; a routing decision needs no output at all).
 sinkhorn::FwdParams forward_params(const ForwardProblem& p, ForwardOutputs& out);
 ForwardResult finish_forward(const ForwardProblem& p, ForwardOutputs& out);
 

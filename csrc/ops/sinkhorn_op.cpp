@@ -1,22 +1,52 @@
 // Schema of the operator (TORCH_LIBRARY) and the C++ API that calls it through the dispatcher.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "../sinkhorn_ops.h"
 #include "schema.h"
 #include "sinkhorn_backward.h"
+#include "typed_op.h"
 
 namespace sinkhorn_ops {
+namespace detail {
+
+using Opt = c10::optional<at::Tensor>;
+
+ForwardResult call_sinkhorn(const at::Tensor& scores, const Opt& a, const Opt& b, const Opt& mask,
+                            int64_t steps, c10::string_view start, double tol,
+                            c10::string_view grad, double cg_tol, int64_t cg_max_iter) {
+  static auto op = typed_op<ForwardResult(const at::Tensor&, const Opt&, const Opt&, const Opt&,
+                                          int64_t, c10::string_view, double, c10::string_view,
+                                          double, int64_t)>("sinkhorn_ops::sinkhorn");
+  return op.call(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter);
+}
+
+BackwardResult call_backward_unrolled(const at::Tensor& grad_plan, const Opt& grad_f,
+                                      const Opt& grad_g, const at::Tensor& scores, const Opt& a,
+                                      const Opt& b, const Opt& mask, const at::Tensor& steps_used,
+                                      int64_t steps, c10::string_view start) {
+  static auto op =
+      typed_op<BackwardResult(const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
+                              const Opt&, const Opt&, const Opt&, const at::Tensor&, int64_t,
+                              c10::string_view)>("sinkhorn_ops::sinkhorn_backward_unrolled");
+  return op.call(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps, start);
+}
+
+BackwardResult call_backward_implicit(const at::Tensor& grad_plan, const Opt& grad_f,
+                                      const Opt& grad_g, const at::Tensor& plan,
+                                      c10::string_view solver, double cg_tol,
+                                      int64_t cg_max_iter) {
+  static auto op =
+      typed_op<BackwardResult(const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
+                              c10::string_view, double, int64_t)>(
+          "sinkhorn_ops::sinkhorn_backward_implicit");
+  return op.call(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter);
+}
+
+}  // namespace detail
 
 SinkhornResult sinkhorn(const at::Tensor& scores, const SinkhornOptions& o) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sinkhorn_ops::sinkhorn", "")
-                       .typed<detail::ForwardResult(
-                           const at::Tensor&, const c10::optional<at::Tensor>&,
-                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                           int64_t, c10::string_view, double, c10::string_view, double, int64_t)>();
-  auto [plan, f, g, steps, error] = op.call(scores, o.a, o.b, o.mask, o.steps, o.start, o.tol,
-                                            o.grad, o.cg_tol, o.cg_max_iter);
+  auto [plan, f, g, steps, error] = detail::call_sinkhorn(
+      scores, o.a, o.b, o.mask, o.steps, o.start, o.tol, o.grad, o.cg_tol, o.cg_max_iter);
   return {plan, f, g, steps, error};
 }
 
@@ -24,26 +54,12 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
                                 const SinkhornResult& forward, const at::Tensor& grad_plan,
                                 const c10::optional<at::Tensor>& grad_f,
                                 const c10::optional<at::Tensor>& grad_g) {
-  using Opt = c10::optional<at::Tensor>;
-  detail::BackwardResult r;
-  if (o.grad == "unrolled") {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("sinkhorn_ops::sinkhorn_backward_unrolled", "")
-                         .typed<detail::BackwardResult(const at::Tensor&, const Opt&, const Opt&,
-                                                       const at::Tensor&, const Opt&, const Opt&,
-                                                       const Opt&, const at::Tensor&, int64_t,
-                                                       c10::string_view)>();
-    r = op.call(grad_plan, grad_f, grad_g, scores, o.a, o.b, o.mask, forward.steps, o.steps,
-                o.start);
-  } else {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("sinkhorn_ops::sinkhorn_backward_implicit", "")
-                         .typed<detail::BackwardResult(const at::Tensor&, const Opt&, const Opt&,
-                                                       const at::Tensor&, c10::string_view, double,
-                                                       int64_t)>();
-    r = op.call(grad_plan, grad_f, grad_g, forward.plan, o.grad, o.cg_tol, o.cg_max_iter);
-  }
-  auto [ds, da, db] = r;
+  auto [ds, da, db] =
+      o.grad == "unrolled"
+          ? detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores, o.a, o.b, o.mask,
+                                           forward.steps, o.steps, o.start)
+          : detail::call_backward_implicit(grad_plan, grad_f, grad_g, forward.plan, o.grad,
+                                           o.cg_tol, o.cg_max_iter);
   return {ds, da, db};
 }
 
