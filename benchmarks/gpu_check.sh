@@ -10,9 +10,10 @@
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
 # T_TESTS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
-# T_BENCH_FUSED, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in order of importance (their
-# limits add up to more than the deadline: on the first H100 run most steps ended well inside
-# theirs, and the last ones are the first to go), and no step runs past DEADLINE seconds
+# T_BENCH_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in order of
+# importance (their limits add up to more than the deadline: on the first H100 run most steps
+# ended well inside theirs, and the last ones are the first to go), and no step runs past
+# DEADLINE seconds
 # (default 570) after the script's start: a step gets the smaller of its limit and what is left,
 # so the whole script ends under the device runner's 600 s per command, whatever the build
 # takes. $OUT keeps at most 8 files: env.txt build.log tests.log failures.log sanitizer.log
@@ -138,6 +139,10 @@ step bench_large "$OUT/bench.log" "${T_BENCH_LARGE:-45}" \
   python benchmarks/bench_large_ot.py --device cuda --out "$OUT"
 step bench_fused "$OUT/bench.log" "${T_BENCH_FUSED:-20}" env SINKHORN_CUDA_FUSED=1 \
   python benchmarks/bench_large_ot.py --device cuda --sizes 8192 --no-pot --out "$OUT"
+# The large path's host loop for solves with tol (the device loop's A/B): 2048^2, where the
+# launches after the stop cost the most against the solve.
+step bench_hostloop "$OUT/bench.log" "${T_BENCH_HOSTLOOP:-20}" env SINKHORN_CUDA_LOOP=host \
+  python benchmarks/bench_large_ot.py --device cuda --sizes 2048 --no-pot --out "$OUT"
 step bench "$OUT/bench.log" "${T_BENCH:-45}" \
   python benchmarks/bench_forward.py --device cuda --quick --out "$OUT"
 step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-30}" \

@@ -28,7 +28,8 @@ SHAPES = [(8, 4, 4), (130, 4, 4), (5, 7, 3), (2, 33, 65), (2, 70, 100), (1, 200,
 # n * m >= 2^20 takes the large-problem path: short and wide (its row pass in chunks), tall and
 # narrow (several threads a column in its column pass), and 1024 x 1100, whose iterations take the
 # fused row-and-column pass (large_fused.cuh) under SINKHORN_CUDA_FUSED=1 (as gpu_check.sh runs
-# this script). fp32 in one mode each: under the sanitizers every launch is slow.
+# this script). fp32 in one mode each: under the sanitizers every launch is slow. The tall, narrow
+# one has tol, so its steps run in the device loop (large_loop.cuh: one cooperative kernel).
 # 16 x 65537: 65 row chunks, the last one shorter.
 LARGE_SHAPES = [(1, 16, 65537), (1, 1 << 16, 20), (1, 1024, 1100)]
 # Loose plan tolerances: this script hunts crashes and races; tests/ holds the precise checks.

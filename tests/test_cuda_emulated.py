@@ -49,6 +49,12 @@ VARIANTS = {
                      "wd-"),
     "forced-large-fused": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_FUSED": "1"},
                            "fwd-"),
+    # The large path's steps in one cooperative kernel (large_loop.cuh) for every forward case,
+    # not only those with tol; and the host loop for those with tol.
+    "forced-large-device-loop": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_LOOP": "device"},
+                                 "fwd-"),
+    "forced-large-host-loop": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_LOOP": "host"},
+                               "tol"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
     # The tiny and mHC backwards' histories in local arrays instead of shared memory.
@@ -107,6 +113,13 @@ def test_the_emulation_runs_shuffles_votes_and_barriers():
     assert torch.equal(got, torch.arange(63, -1, -1).float())
 
 
+def test_the_emulation_runs_cooperative_grids():
+    # Block b read block b + 1's writes after a grid barrier and kept its own shared memory.
+    got = torch.ops.sinkhorn_emu.emu_selftest("grid")
+    t, b = torch.arange(128) % 32, torch.arange(128) // 32
+    assert torch.equal(got, (t + 100 * b + t).float())
+
+
 @pytest.mark.parametrize("what,message", [
     ("deadlock", "deadlock"),
     ("partial_mask", "mask does not name exactly the warp's threads"),
@@ -114,6 +127,9 @@ def test_the_emulation_runs_shuffles_votes_and_barriers():
     ("shared_limit", "65536 bytes of dynamic shared memory, 49152 allowed"),
     ("block_limit", "block of 2048 threads"),
     ("throw", "thrown by thread 3"),
+    ("grid_not_cooperative", "grid sync in a kernel not launched cooperatively"),
+    ("grid_exited", "grid sync that exited threads never reach"),
+    ("grid_limit", "cooperative grid of 1000 blocks"),
 ])
 def test_the_emulation_rejects_what_a_gpu_rejects(what, message):
     with pytest.raises(RuntimeError, match=message):

@@ -268,6 +268,8 @@ size_t staged_bytes(int64_t n, int64_t m, size_t elem);
 int shared_memory_optin();
 // The current device's multiprocessor count (0 if the query fails).
 int multiprocessors();
+// Whether the current device supports cooperative launches (false if the query fails).
+bool cooperative_launch();
 
 // Copies a problem's scores to shared memory (when staged) and returns where the passes should
 // read them. Contains a barrier before the copy (earlier readers of the buffer are done) and

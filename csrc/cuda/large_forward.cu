@@ -1,7 +1,9 @@
 // CUDA path of the forward for large problems (n * m >= 2^20, e.g. OT at 2000 x 2000 or 8192 x
 // 8192, and few problems too large for shared memory, e.g. attention's 8 heads of 512 x 512):
-// the whole GPU works on each step instead of one block per problem. Each step is a few
-// kernels enqueued by the host loop (no host synchronisation; CUDA graphs capture it):
+// the whole GPU works on each step instead of one block per problem. Each step is a few phases
+// (large_phases.cuh), launched as kernels by the host loop, or, for a solve with tol, run by the
+// device loop (large_loop.cuh: one cooperative kernel that ends once every problem has stopped).
+// No host synchronisation either way; CUDA graphs capture both:
 //   row step:    a warp per row computes LSE_j(S_ij + g_j)                          (row_lse);
 //                with few rows (short, wide problems) a warp per chunk of a row, the chunks
 //                merged by a thread per row                                          (merge)
@@ -17,8 +19,8 @@
 // run, so an iteration reads S once instead of twice. It is off by default: on an H100 it was
 // the slower of the two (n = m = 8192: 0.80 ms an iteration fused, 0.47 unfused;
 // benchmarks/results/large_ot_cuda*.md). A stopped problem's flag makes every later
-// kernel skip it. With tol > 0 the launches continue after every problem has stopped (they
-// return at once): deciding to stop the loop would need the host to read the flags. The LSEs
+// kernel skip it; on the host loop the launches continue after every problem has stopped (they
+// return at once), which is why a solve with tol takes the device loop. The LSEs
 // are merged from strips and chunks, so they can differ from the block kernel's (and the
 // backward's replay) by rounding. Every formula comes from sinkhorn_math.h. tests/emu runs every
 // kernel here in emulation.
@@ -27,6 +29,8 @@
 #include "../env_flag.h"
 #include "kernel_common.cuh"
 #include "large_fused.cuh"
+#include "large_loop.cuh"
+#include "large_phases.cuh"
 #include "large_work.cuh"
 #include "sinkhorn_kernel.h"
 
@@ -36,128 +40,29 @@ namespace {
 using namespace dev;
 using namespace large;
 
-// Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
-// per (row, chunk of w.chunk_cols columns): into w.lse when a row is one chunk, else into the
-// chunk partials (row_merge_kernel merges them).
+// The host loop's kernels: each runs one phase (large_phases.cuh), a work block per CUDA block.
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
                                                           const acc_t* g) {
-  const int64_t segments = p.B * p.n * w.chunks;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); t < segments;
-       t += warps) {  // warp-uniform: the merge needs every lane
-    const int64_t r = t / w.chunks, c = t % w.chunks, b = r / p.n, i = r % p.n;
-    if (w.done[b] != acc_t(0)) continue;
-    const scalar_t* row = static_cast<const scalar_t*>(p.scores) + (b * p.n + i) * p.m;
-    const acc_t* gb = g ? g + b * p.m : nullptr;
-    const int64_t j0 = c * w.chunk_cols, j1 = j0 + w.chunk_cols < p.m ? j0 + w.chunk_cols : p.m;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t j = j0 + lane_id(); j < j1; j += 32)
-      math::lse_push(s, to_acc(row[j]) + (gb ? gb[j] : acc_t(0)));
-    s = warp_lse(s);
-    if (lane_id() != 0) continue;
-    if (w.chunks == 1) {
-      w.lse[b * w.L + i] = math::lse_value(s);
-    } else {
-      w.row_max[t] = s.max;  // t = (b * n + i) * chunks + c
-      w.row_sum[t] = s.sum;
-    }
-  }
+  row_lse_phase<scalar_t>(p, w, g);
 }
 
-// Column partial LSEs over one strip of rows, LSE_{i in strip}(S_ij + f_i) (f == nullptr: 0):
-// grid (column blocks, strips, problems), cols_per_block(m) columns a block. Thread t takes
-// column t % cols and every (kThreads / cols)-th row of the strip from row t / cols, so a warp
-// reads consecutive addresses; the threads of a column merge in shared memory.
+// Grid (column blocks, strips, problems).
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p, Work<acc_t> w,
                                                               const acc_t* f) {
-  __shared__ acc_t smax[kThreads], ssum[kThreads];
-  const int64_t b = blockIdx.z, strip = blockIdx.y;
-  if (w.done[b] != acc_t(0)) return;  // block-uniform
-  const int64_t cols = cols_per_block(p.m), subs = kThreads / cols;
-  const int64_t c = threadIdx.x % cols, sub = threadIdx.x / cols;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * cols + c;
-  const int64_t i0 = strip * w.strip_rows;
-  const int64_t i1 = i0 + w.strip_rows < p.n ? i0 + w.strip_rows : p.n;
-  const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * p.n * p.m;
-  const acc_t* fb = f ? f + b * p.n : nullptr;
-  Lse<acc_t> s = math::lse_empty<acc_t>();
-  if (j < p.m)
-    for (int64_t i = i0 + sub; i < i1; i += subs)
-      math::lse_push(s, to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0)));
-  if (subs > 1) {  // block-uniform
-    smax[threadIdx.x] = s.max;
-    ssum[threadIdx.x] = s.sum;
-    __syncthreads();
-    if (sub != 0) return;
-    for (int64_t k = 1; k < subs; ++k)
-      s = math::lse_merge(s, Lse<acc_t>{smax[k * cols + c], ssum[k * cols + c]});
-  }
-  if (j >= p.m) return;
-  const int64_t k = (b * w.strips + strip) * p.m + j;
-  w.part_max[k] = s.max;
-  w.part_sum[k] = s.sum;
+  col_partial_block<scalar_t>(p, w, f, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
-// Merges a row's chunk partials (row_lse_kernel: consecutive) into w.lse, a thread per (problem,
-// row). Rows are split into chunks only when there are few of them (row_chunks_of).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  const int64_t len = p.n, parts = w.chunks;
-  const acc_t* mx = w.row_max;
-  const acc_t* sum = w.row_sum;
-  const int64_t total = p.B * len;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
-       t += stride) {
-    const int64_t b = t / len, x = t % len;
-    if (w.done[b] != acc_t(0)) continue;
-    const int64_t first = t * parts;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t k = 0; k < parts; ++k)
-      s = math::lse_merge(s, Lse<acc_t>{mx[first + k], sum[first + k]});
-    w.lse[b * w.L + x] = math::lse_value(s);
-  }
+  row_merge_phase(p, w);
 }
 
-// Merges the column strips' partial LSEs (col_partial_kernel, or the fused pass) into w.lse:
-// grid (column groups of 32, problems). Lane l takes column 32 * blockIdx.x + l, so a warp reads
-// 32 consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in four
-// independent chains; the warps' results meet in shared memory. The H200 run found the
-// merge that gave a thread a whole column (a serial chain over up to 256 strips, with m threads
-// in all: 32 blocks at m = 8192) at 0.115 ms a call, nearly a pass over S.
+// Grid (column groups of 32, problems).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  __shared__ Lse<acc_t> warps[kThreads];  // warp v's result for lane l at v * 32 + l
-  const int64_t b = blockIdx.y, x = static_cast<int64_t>(blockIdx.x) * 32 + lane_id();
-  if (w.done[b] != acc_t(0)) return;  // block-uniform
-  constexpr int kChains = 4;
-  Lse<acc_t> s[kChains];
-#pragma unroll
-  for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
-  if (x < p.m) {
-    const acc_t* mx = w.part_max + b * w.strips * p.m + x;
-    const acc_t* sum = w.part_sum + b * w.strips * p.m + x;
-    int64_t k = warp_id();
-    for (; k + (kChains - 1) * kRowWarps < w.strips; k += kChains * kRowWarps) {
-#pragma unroll
-      for (int c = 0; c < kChains; ++c) {
-        const int64_t at = (k + c * kRowWarps) * p.m;
-        s[c] = math::lse_merge(s[c], Lse<acc_t>{mx[at], sum[at]});
-      }
-    }
-    for (; k < w.strips; k += kRowWarps)
-      s[0] = math::lse_merge(s[0], Lse<acc_t>{mx[k * p.m], sum[k * p.m]});
-  }
-  warps[threadIdx.x] =
-      math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
-  __syncthreads();
-  if (warp_id() == 0 && x < p.m) {
-    Lse<acc_t> total = warps[lane_id()];
-    for (int v = 1; v < kRowWarps; ++v) total = math::lse_merge(total, warps[v * 32 + lane_id()]);
-    w.lse[b * w.L + x] = math::lse_value(total);
-  }
+  col_merge_block(p, w, blockIdx.x, blockIdx.y);
 }
 
 // The default marginals (MATH.md section 1) from the LSEs of S itself (an empty row or column
@@ -203,37 +108,12 @@ __global__ void __launch_bounds__(kThreads) marginals_kernel(const FwdParams p, 
   }
 }
 
-// Step k's stopping check and potential update, a block per problem (MATH.md section 1: before
-// a step k >= 1, the L1 error of the marginal it fixes, under the current potentials, decides
-// whether it runs). final: after the last step, record the steps and the error of the marginal
-// the last step did not fix for the problems that did not stop.
+// A block per problem.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) update_kernel(const FwdParams p, Work<acc_t> w,
                                                          bool row, int64_t k, bool check,
                                                          bool final) {
-  const int64_t b = blockIdx.x;
-  if (w.done[b] != acc_t(0)) return;  // block-uniform
-  const int64_t len = row ? p.n : p.m;
-  acc_t* pot = static_cast<acc_t*>(row ? p.f : p.g) + b * len;
-  const acc_t* lm = row ? (p.log_a ? static_cast<const acc_t*>(p.log_a) : w.log_a)
-                        : (p.log_b ? static_cast<const acc_t*>(p.log_b) : w.log_b);
-  lm += b * len;
-  const acc_t* lse = w.lse + b * w.L;
-  if (check || final) {
-    acc_t err = 0;
-    for (int64_t t = threadIdx.x; t < len; t += kThreads)
-      err += math::marginal_error(lm[t], lse[t], pot[t]);
-    err = block_sum<kThreads>(err);  // also a barrier: every thread has read pot
-    if (final || err <= w.threshold[b]) {
-      if (threadIdx.x == 0) {
-        p.steps_used[b] = k;
-        static_cast<acc_t*>(p.error)[b] = err;
-        if (!final) w.done[b] = acc_t(1);
-      }
-      return;
-    }
-  }
-  for (int64_t t = threadIdx.x; t < len; t += kThreads) pot[t] = math::potential(lm[t], lse[t]);
+  update_block(p, w, row, k, check, final, blockIdx.x);
 }
 
 // P = exp(S + f_i + g_j), elementwise over every problem.
@@ -286,7 +166,9 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   static const bool fused_on = env_is("SINKHORN_CUDA_FUSED", "1");  // opt-in (see the top)
   acc_t* history = static_cast<acc_t*>(p.history);
   const bool fuse = fused_on && history == nullptr && fused_applies(p, sizeof(acc_t));
-  for (int64_t k = 0; k < p.steps; ++k) {
+  const bool on_device = device_loop_applies(p, history != nullptr, fuse) &&
+                         launch_device_loop<scalar_t>(p, w, stream);
+  for (int64_t k = 0; !on_device && k < p.steps; ++k) {
     const bool row = ((k % 2) == 0) == p.start_row;
     if (fuse && row && k + 1 < p.steps) {
       // Step k's row LSEs and step k + 1's column partials in one read of S (large_fused.cuh).

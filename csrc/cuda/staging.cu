@@ -43,5 +43,7 @@ int shared_memory_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPe
 
 int multiprocessors() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
+bool cooperative_launch() { return device_attribute(cudaDevAttrCooperativeLaunch) != 0; }
+
 }  // namespace dev
 }  // namespace sinkhorn

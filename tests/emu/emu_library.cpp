@@ -2,6 +2,7 @@
 // namespace sinkhorn_emu. csrc/cuda/sinkhorn_cuda.cpp, rewritten by build.py, registers the CUDA
 // glue and kernels for them, on the CPU dispatch key.
 #include <ATen/ATen.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -46,6 +47,26 @@ __global__ void exited_lane_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+// Cooperative: 4 blocks of 32 threads. Each block's static shared memory must survive the grid
+// barriers (the blocks take turns between them), and every block must see the others' writes.
+__global__ void grid_kernel(float* out) {
+  __shared__ float mine[32];
+  ::emu::shared_variable(&mine, sizeof(mine));  // what build.py adds in csrc/cuda
+  const int b = blockIdx.x, t = threadIdx.x;
+  mine[t] = static_cast<float>(100 * b + t);
+  out[32 * b + t] = static_cast<float>(t);
+  cooperative_groups::this_grid().sync();
+  const float next = out[32 * ((b + 1) % 4) + t];
+  cooperative_groups::this_grid().sync();
+  out[32 * b + t] = next + mine[t];
+}
+
+__global__ void grid_exited_kernel(float* out) {
+  if (blockIdx.x == 0) return;
+  cooperative_groups::this_grid().sync();
+  out[threadIdx.x] = 1.0f;
+}
+
 __global__ void throwing_kernel(float* out) {
   if (threadIdx.x == 3) throw std::runtime_error("thrown by thread 3");
   __syncthreads();
@@ -69,6 +90,17 @@ at::Tensor selftest(c10::string_view what) {
     ::emu::launch(throwing_kernel, ::emu::Config(1, 32))(p);
   } else if (what == "shared_limit") {
     ::emu::launch(barrier_kernel, ::emu::Config(1, 64, 64 * 1024))(p);
+  } else if (what == "grid") {
+    void* args[] = {&p};
+    cudaLaunchCooperativeKernel(grid_kernel, dim3(4), dim3(32), args);
+  } else if (what == "grid_not_cooperative") {
+    ::emu::launch(grid_kernel, ::emu::Config(4, 32))(p);
+  } else if (what == "grid_exited") {
+    void* args[] = {&p};
+    cudaLaunchCooperativeKernel(grid_exited_kernel, dim3(2), dim3(32), args);
+  } else if (what == "grid_limit") {
+    void* args[] = {&p};
+    cudaLaunchCooperativeKernel(grid_kernel, dim3(1000), dim3(32), args);
   } else if (what == "block_limit") {
     ::emu::launch(barrier_kernel, ::emu::Config(1, 2048))(p);
   } else {

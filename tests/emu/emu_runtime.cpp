@@ -88,7 +88,7 @@ inline void make_context(Context& c, char* base, size_t bytes, void (*start)()) 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-enum class State { Ready, Barrier, Warp, Done };
+enum class State { Ready, Barrier, Warp, Grid, Done };
 
 struct Fiber {
   Context context;
@@ -106,6 +106,11 @@ struct BlockRun {
   dim3 block_dim, grid_dim;
   std::vector<unsigned char> shared;
   std::set<const void*> shared_seen;  // static shared variables met in this block
+  // Cooperative launches: the block's first thread stack, and its static shared variables' bytes
+  // while other blocks run (they share the variables' one instance).
+  bool cooperative = false;
+  size_t stack_base = 0;
+  std::map<const void*, std::vector<unsigned char>> saved;
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
   std::exception_ptr error;  // thrown inside a thread; rethrown by the scheduler
@@ -118,17 +123,33 @@ std::map<const void*, int>& max_dynamic_shared() {
   return limits;
 }
 
-// Stacks, kept across launches (untouched pages cost nothing), each above an inaccessible guard
-// page, so that an overflow faults instead of corrupting its neighbour.
+// Every static shared variable any block met (address, bytes): a cooperative launch saves and
+// restores them as its blocks take turns.
+std::map<const void*, size_t>& static_shared() {
+  static std::map<const void*, size_t> vars;
+  return vars;
+}
+
+// Stacks, kept across launches (untouched pages cost nothing). The first 1024 (every thread of a
+// block) each lie above an inaccessible guard page, so that an overflow faults instead of
+// corrupting its neighbour; the others, which only cooperative grids use (all their blocks' threads
+// live at once), come 256 to a mapping without guards, to stay within the process's mapping limit.
 char* stack_of(size_t thread) {
-  constexpr size_t kGuard = 4096;
+  constexpr size_t kGuard = 4096, kGuarded = 1024, kPerMapping = 256;
   static std::vector<char*> stacks;
   while (stacks.size() <= thread) {
-    void* p = mmap(nullptr, kStackBytes + kGuard, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::runtime_error("emulated CUDA: no memory for a thread stack");
-    mprotect(p, kGuard, PROT_NONE);
-    stacks.push_back(static_cast<char*>(p) + kGuard);
+    if (stacks.size() < kGuarded) {
+      void* p = mmap(nullptr, kStackBytes + kGuard, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("emulated CUDA: no memory for a thread stack");
+      mprotect(p, kGuard, PROT_NONE);
+      stacks.push_back(static_cast<char*>(p) + kGuard);
+      continue;
+    }
+    void* p = mmap(nullptr, kStackBytes * kPerMapping, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated CUDA: no memory for thread stacks");
+    for (size_t k = 0; k < kPerMapping; ++k) stacks.push_back(static_cast<char*>(p) + k * kStackBytes);
   }
   return stacks[thread];
 }
@@ -205,7 +226,7 @@ bool reverse_order() {
   return order != nullptr && std::string(order) == "reverse";
 }
 
-void run_block(BlockRun& r) {
+void start_block(BlockRun& r) {
   const size_t threads = size_t(r.block_dim.x) * r.block_dim.y * r.block_dim.z;
   r.fibers.assign(threads, Fiber{});
   for (size_t t = 0; t < threads; ++t) {
@@ -213,8 +234,14 @@ void run_block(BlockRun& r) {
     f.tid = {static_cast<unsigned>(t % r.block_dim.x),
              static_cast<unsigned>((t / r.block_dim.x) % r.block_dim.y),
              static_cast<unsigned>(t / (size_t(r.block_dim.x) * r.block_dim.y))};
-    make_context(f.context, stack_of(t), kStackBytes, fiber_main);
+    make_context(f.context, stack_of(r.stack_base + t), kStackBytes, fiber_main);
   }
+}
+
+// Runs the block's threads until every one has exited or waits at a grid barrier (cooperative
+// launches only).
+void advance_block(BlockRun& r) {
+  const size_t threads = r.fibers.size();
   const bool reverse = reverse_order();
   for (;;) {
     for (size_t k = 0; k < threads; ++k) {
@@ -225,12 +252,13 @@ void run_block(BlockRun& r) {
       r.current = nullptr;
       if (r.error) std::rethrow_exception(r.error);  // the other fibers are abandoned
     }
-    size_t done = 0, barrier = 0;
+    size_t done = 0, barrier = 0, grid = 0;
     for (const Fiber& f : r.fibers) {
       done += f.state == State::Done;
       barrier += f.state == State::Barrier;
+      grid += f.state == State::Grid;
     }
-    if (done == threads) return;
+    if (done + grid == threads) return;
     bool progress = false;
     for (size_t first = 0; first < threads; first += 32)
       progress |= resolve_warp(r, first, first + 32 < threads ? first + 32 : threads);
@@ -240,8 +268,50 @@ void run_block(BlockRun& r) {
         if (f.state == State::Barrier) f.state = State::Ready;
       continue;
     }
+    if (grid > 0)
+      fail(r, "deadlock: threads wait at a grid sync while others of their block wait at a "
+              "__syncthreads or a warp collective");
     fail(r, "deadlock: threads wait at a warp collective that lanes of their warp reach only "
             "after a __syncthreads the waiting threads never reach");
+  }
+}
+
+// The blocks of a cooperative launch, all alive at once, take turns between grid barriers: each
+// runs until all its threads wait at the barrier (or exited), then the next; once every block
+// is there, the barrier is released. A block's static shared variables are saved when its turn
+// ends and restored when its next turn begins, so each block keeps its own, as on a GPU.
+void run_cooperative(std::vector<BlockRun>& runs) {
+  const bool reverse = reverse_order();
+  for (;;) {
+    for (size_t k = 0; k < runs.size(); ++k) {
+      BlockRun& r = runs[reverse ? runs.size() - 1 - k : k];
+      for (const auto& var : static_shared()) {
+        const auto mine = r.saved.find(var.first);
+        if (mine != r.saved.end())
+          std::memcpy(const_cast<void*>(var.first), mine->second.data(), var.second);
+        else
+          std::memset(const_cast<void*>(var.first), 0xff, var.second);
+      }
+      g_run = &r;
+      advance_block(r);
+      for (const auto& var : static_shared()) {
+        const unsigned char* at = static_cast<const unsigned char*>(var.first);
+        r.saved[var.first].assign(at, at + var.second);
+      }
+    }
+    size_t done = 0, grid = 0, threads = 0;
+    for (const BlockRun& r : runs) {
+      threads += r.fibers.size();
+      for (const Fiber& f : r.fibers) {
+        done += f.state == State::Done;
+        grid += f.state == State::Grid;
+      }
+    }
+    if (done == threads) return;
+    if (done > 0)
+      fail(runs.front(), "deadlock: threads wait at a grid sync that exited threads never reach");
+    for (BlockRun& r : runs)
+      for (Fiber& f : r.fibers) f.state = State::Ready;
   }
 }
 
@@ -257,7 +327,14 @@ void syncthreads() { suspend(State::Barrier); }
 
 void shared_variable(void* address, size_t bytes) {
   BlockRun& r = run();
+  static_shared()[address] = bytes;
   if (r.shared_seen.insert(address).second) std::memset(address, 0xff, bytes);
+}
+
+void grid_sync() {
+  if (!run().cooperative)
+    throw std::runtime_error("emulated CUDA: a grid sync in a kernel not launched cooperatively");
+  suspend(State::Grid);
 }
 
 uint64_t warp_collective(int kind, unsigned mask, uint64_t in, int arg) {
@@ -282,7 +359,7 @@ void check_launch_bounds(long long bound) {
 }
 
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
-              const std::function<void()>& body) {
+              const std::function<void()>& body, bool cooperative) {
   const size_t threads = size_t(block.x) * block.y * block.z;
   auto bad = [](const std::string& what) {
     throw std::runtime_error("emulated CUDA launch: " + what + " (cudaErrorInvalidConfiguration)");
@@ -311,22 +388,45 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
     ~Flag() { f = false; }
   } flag{launching};
   launching = true;
-  BlockRun r;
-  r.block_dim = block;
-  r.grid_dim = grid;
-  r.body = &body;
-  g_run = &r;
-  try {
-    // The blocks in order, or in reverse order with the threads (no block may wait for another).
-    const size_t blocks = size_t(grid.x) * grid.y * grid.z;
-    const bool reverse = reverse_order();
-    for (size_t k = 0; k < blocks; ++k) {
-      const size_t t = reverse ? blocks - 1 - k : k;
-      r.block = {static_cast<unsigned>(t % grid.x), static_cast<unsigned>((t / grid.x) % grid.y),
+  const size_t blocks = size_t(grid.x) * grid.y * grid.z;
+  auto block_at = [&](size_t t) {
+    return uint3{static_cast<unsigned>(t % grid.x), static_cast<unsigned>((t / grid.x) % grid.y),
                  static_cast<unsigned>(t / (size_t(grid.x) * grid.y))};
-      r.shared.assign(shared, 0xff);
-      r.shared_seen.clear();
-      run_block(r);
+  };
+  auto prepare = [&](BlockRun& r) {
+    r.block_dim = block;
+    r.grid_dim = grid;
+    r.body = &body;
+    r.cooperative = cooperative;
+  };
+  try {
+    if (cooperative) {
+      if (blocks > size_t(kMultiprocessors) * kCooperativeBlocksPerSM)
+        bad("cooperative grid of " + std::to_string(blocks) + " blocks, more than can be resident");
+      std::vector<BlockRun> runs(blocks);
+      for (size_t t = 0; t < blocks; ++t) {
+        BlockRun& r = runs[t];
+        prepare(r);
+        r.block = block_at(t);
+        r.stack_base = t * threads;
+        r.shared.assign(shared, 0xff);
+        start_block(r);
+      }
+      run_cooperative(runs);
+    } else {
+      BlockRun r;
+      prepare(r);
+      g_run = &r;
+      // The blocks in order, or in reverse order with the threads (no block may wait for
+      // another).
+      const bool reverse = reverse_order();
+      for (size_t k = 0; k < blocks; ++k) {
+        r.block = block_at(reverse ? blocks - 1 - k : k);
+        r.shared.assign(shared, 0xff);
+        r.shared_seen.clear();
+        start_block(r);
+        advance_block(r);
+      }
     }
   } catch (...) {
     g_run = nullptr;

@@ -2,7 +2,8 @@
 // (slowly) on a machine without a GPU and be compared with the CPU operator. Test-only.
 //
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack; the blocks of a grid run
-// one after another. A fiber runs until it reaches __syncthreads or a warp collective
+// one after another (a cooperative launch's blocks all live at once and take turns between grid
+// barriers, cooperative_groups::this_grid().sync()). A fiber runs until it reaches __syncthreads or a warp collective
 // (__shfl_xor_sync, __any_sync), then the next fiber runs; a barrier is released once every
 // thread of the block that has not exited reached it, a warp collective once all 32 lanes did.
 // Between two barriers the threads run in index order, or in reverse order when the environment
@@ -51,6 +52,10 @@ namespace emu {
 constexpr int kSharedOptin = 232448;  // bytes of shared memory per block, opt-in
 constexpr int kDefaultDynamicShared = 48 * 1024;
 constexpr int kMultiprocessors = 132;
+// Blocks per multiprocessor a cooperative launch may have (cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// reports it for every kernel): one, which keeps the emulated cooperative grids, whose threads all
+// live at once, to 132 blocks.
+constexpr int kCooperativeBlocksPerSM = 1;
 
 const uint3& thread_idx();
 const uint3& block_idx();
@@ -59,6 +64,9 @@ const dim3& grid_dim();
 unsigned char* dynamic_shared();
 
 void syncthreads();
+// cooperative_groups::this_grid().sync(): waits until every thread of the grid reached it; only in
+// a cooperative launch.
+void grid_sync();
 // Called where a block's thread meets the declaration of a static shared variable (build.py adds
 // the calls): the first thread of each block to meet it fills it with 0xff bytes, as the dynamic
 // shared memory is, so a read before a write shows.
@@ -71,9 +79,10 @@ void set_max_dynamic_shared(const void* kernel, int bytes);
 // Called at the start of a kernel declared with __launch_bounds__(bound) (build.py adds the
 // call): a block of more threads would not launch on a GPU.
 void check_launch_bounds(long long bound);
-// Runs body once per thread of every block of the grid (the blocks in order).
+// Runs body once per thread of every block of the grid (the blocks in order; a cooperative grid's
+// blocks take turns between its grid barriers).
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared,
-              const std::function<void()>& body);
+              const std::function<void()>& body, bool cooperative = false);
 
 struct Config {
   dim3 grid, block;
@@ -99,6 +108,15 @@ struct Launch {
 template <typename... P>
 Launch<P...> launch(void (*kernel)(P...), Config config) {
   return {kernel, config};
+}
+
+// cudaLaunchCooperativeKernel: args[i] points to parameter i, which is copied once.
+template <typename... P, size_t... I>
+void launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, void** args,
+                        std::index_sequence<I...>) {
+  std::tuple<std::decay_t<P>...> params(*static_cast<std::decay_t<P>*>(args[I])...);
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared,
+           [&] { std::apply(kernel, params); }, true);
 }
 
 template <typename T>

@@ -9,7 +9,11 @@
 typedef struct CUstream_st* cudaStream_t;
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrCooperativeLaunch = 95,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 inline cudaError_t cudaGetDevice(int* device) {
@@ -20,6 +24,7 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = ::emu::kMultiprocessors; return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = ::emu::kSharedOptin; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
@@ -50,5 +55,19 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, i
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value > ::emu::kSharedOptin)
     return cudaErrorInvalidValue;
   ::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+// Cooperative launches: the same number of resident blocks for every kernel and block size (the
+// emulation's choice, emu::kCooperativeBlocksPerSM); the launch runs the grid's blocks together.
+template <typename... P>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*)(P...), int,
+                                                          size_t) {
+  *blocks = ::emu::kCooperativeBlocksPerSM;
+  return cudaSuccess;
+}
+template <typename... P>
+cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 block, void** args,
+                                        size_t shared = 0, cudaStream_t = nullptr) {
+  ::emu::launch_cooperative(kernel, grid, block, shared, args, std::index_sequence_for<P...>{});
   return cudaSuccess;
 }
