@@ -36,9 +36,9 @@ __device__ __forceinline__ bool all_stopped(const FwdParams& p, const Work<acc_t
 
 // Steps 0 .. p.steps - 1 of every problem (the host loop's work between the marginals and the
 // final pass). Each work-block loop is block-uniform and ends every work block in a barrier.
-// 40 registers a thread (sm_90, fp32): 6 blocks of 256 threads per SM where the host loop's
-// kernels (32) fit 8; asking for 8 (__launch_bounds__'s second argument) spills about 100 bytes
-// a thread, which was not tried on a GPU.
+// 61 registers a thread (sm_90, fp32): 4 blocks of 256 threads per SM, where the host loop's
+// kernels (30-40) fit 6 to 8; asking for 5 (__launch_bounds__'s second argument) spills about 60
+// bytes a thread. Neither was tried on a GPU.
 template <typename scalar_t, typename acc_t = typename dev::AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) loop_kernel(const FwdParams p, Work<acc_t> w) {
   namespace cg = cooperative_groups;

@@ -20,6 +20,7 @@ namespace large {
 
 using dev::block_sum;
 using dev::lane_id;
+using dev::lse_strided;
 using dev::to_acc;
 using dev::warp_id;
 using dev::warp_lse;
@@ -40,9 +41,9 @@ __device__ __forceinline__ void row_lse_phase(const FwdParams& p, const Work<acc
     const scalar_t* row = static_cast<const scalar_t*>(p.scores) + (b * p.n + i) * p.m;
     const acc_t* gb = g ? g + b * p.m : nullptr;
     const int64_t j0 = c * w.chunk_cols, j1 = j0 + w.chunk_cols < p.m ? j0 + w.chunk_cols : p.m;
-    Lse<acc_t> s = math::lse_empty<acc_t>();
-    for (int64_t j = j0 + lane_id(); j < j1; j += 32)
-      math::lse_push(s, to_acc(row[j]) + (gb ? gb[j] : acc_t(0)));
+    Lse<acc_t> s = lse_strided<acc_t>(j0 + lane_id(), j1, 32, [&](int64_t j) {
+      return to_acc(row[j]) + (gb ? gb[j] : acc_t(0));
+    });
     s = warp_lse(s);
     if (lane_id() != 0) continue;
     if (w.chunks == 1) {
@@ -99,8 +100,9 @@ __device__ __forceinline__ void col_partial_block(const FwdParams& p, const Work
   const acc_t* fb = f ? f + b * p.n : nullptr;
   Lse<acc_t> s = math::lse_empty<acc_t>();
   if (j < p.m)
-    for (int64_t i = i0 + sub; i < i1; i += subs)
-      math::lse_push(s, to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0)));
+    s = lse_strided<acc_t>(i0 + sub, i1, subs, [&](int64_t i) {
+      return to_acc(S[i * p.m + j]) + (fb ? fb[i] : acc_t(0));
+    });
   if (subs > 1) {  // block-uniform
     smax[threadIdx.x] = s.max;
     ssum[threadIdx.x] = s.sum;
