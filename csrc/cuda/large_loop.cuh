@@ -26,11 +26,14 @@ namespace sinkhorn {
 namespace large {
 
 // Whether every problem has stopped, the same answer in every thread of the block (all read the
-// same flags after a grid barrier).
+// same flags after a grid barrier). The loads are volatile: every block must take the same
+// decision, or the next grid barrier waits forever, so none may read a flag from an SM-local
+// cache (the phases read the flags too).
 template <typename acc_t>
 __device__ __forceinline__ bool all_stopped(const FwdParams& p, const Work<acc_t>& w) {
+  const volatile acc_t* done = w.done;
   long long running = 0;
-  for (int64_t b = threadIdx.x; b < p.B; b += kThreads) running += w.done[b] == acc_t(0) ? 1 : 0;
+  for (int64_t b = threadIdx.x; b < p.B; b += kThreads) running += done[b] == acc_t(0) ? 1 : 0;
   return block_sum<kThreads>(running) == 0;
 }
 
