@@ -55,18 +55,29 @@ struct BwdParams {
 
 // One reverse step of the unrolled backward composed for large problems
 // (ops/sinkhorn_backward_composite.cpp; its CUDA kernels in cuda/large_backward.cu), over B
-// problems of n x m, every array contiguous in the accumulation type. Row step:
+// problems of n x m, in the accumulation type, with the step's bookkeeping. Row step:
 // w_ij = u_i exp(S_ij + before_j - lse_i) (0 on an empty row, lse_i = -inf), dS -= w and
 // target_j -= sum_i w_ij. Column step: w_ij = u_j exp(S_ij + before_i - lse_j), dS -= w and
 // target_i -= sum_j w_ij.
 struct ReverseStepParams {
-  const void* S = nullptr;       // (B, n, m)
-  void* dS = nullptr;            // (B, n, m), updated
-  const void* before = nullptr;  // the other axis' potential as the step read it: (B, m) row step
-  const void* lse = nullptr;     // the step's LSEs: (B, n) row step, (B, m) column step
-  const void* u = nullptr;       // the step's upstream: (B, n) row step, (B, m) column step
-  void* target = nullptr;        // (B, m) row step, (B, n) column step, updated
-  void* workspace = nullptr;     // the row step's partial sums (reverse_step_workspace_bytes)
+  const void* S = nullptr;  // (B, n, m)
+  void* dS = nullptr;       // (B, n, m), updated
+  // The other axis' potential as the step read it, math::potential(other_log_marginal,
+  // before_lse): (B, m) for a row step, (B, n) for a column step; before_lse == nullptr (step 0):
+  // zero.
+  const void* other_log_marginal = nullptr;  // contiguous
+  const void* before_lse = nullptr;          // problem b's at before_lse + b * before_stride
+  const void* lse = nullptr;  // the step's LSEs: (B, n) row step, (B, m) column step, lse_stride
+  int64_t lse_stride = 0, before_stride = 0;
+  const int64_t* steps_used = nullptr;  // (B): problem b ran step t iff steps_used[b] > t
+  int64_t t = 0;
+  // The step's upstream, (B, n) row step, (B, m) column step: read as 0 for the problems that did
+  // not run step t; for the others added to grad_log_marginal where the step's LSE is finite and
+  // then zeroed (the step overwrote that potential).
+  void* u = nullptr;
+  void* grad_log_marginal = nullptr;  // the step's axis, updated
+  void* target = nullptr;     // the other axis' upstream, (B, m) row step, (B, n) column step, updated
+  void* workspace = nullptr;  // the row step's partial sums (reverse_step_workspace_bytes)
   int64_t B = 0, n = 0, m = 0;
   bool row = true;
   DType dtype = DType::Float32;  // the accumulation type: Float32 or Float64

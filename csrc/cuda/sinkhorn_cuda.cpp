@@ -71,28 +71,42 @@ at::Tensor large_replay(const detail::ForwardProblem& p) {
   return history;
 }
 
-// The composite backward's fused reverse step (large_backward.cu) on accumulation-type
-// tensors; false when the grid cannot take it (the composite then runs the step in ATen ops).
-bool reverse_step(bool row, const at::Tensor& S, const at::Tensor& dS, const at::Tensor& before,
-                  const at::Tensor& lse, const at::Tensor& u, const at::Tensor& target) {
-  TORCH_INTERNAL_ASSERT(dS.is_contiguous() && target.is_contiguous() && S.dim() == 3);
-  // The history's LSEs are a narrowed slice; the rest is contiguous already.
-  const auto s = S.contiguous(), b = before.contiguous(), l = lse.contiguous(),
-             w = u.contiguous();
+// The composite backward's fused reverse step and its bookkeeping (large_backward.cu; the
+// arguments as detail::ReverseStepArgs says); false when the grid cannot take it (the composite
+// then runs the step in ATen ops).
+bool reverse_step(const detail::ReverseStepArgs& a) {
+  TORCH_INTERNAL_ASSERT(a.S.dim() == 3 && a.dS.is_contiguous() &&
+                        a.u.is_contiguous() && a.target.is_contiguous() &&
+                        a.grad_log_marginal.is_contiguous() &&
+                        a.steps_used.scalar_type() == at::kLong && a.steps_used.is_contiguous());
+  // The LSEs are a step's slice of the replay's history (rows strided by max(n, m)) or
+  // contiguous; keep their row stride rather than copy them.
+  auto rows = [](const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); };
+  const at::Tensor lse = rows(a.lse);
+  const at::Tensor before = a.before_lse.defined() ? rows(a.before_lse) : at::Tensor();
+  const at::Tensor S = a.S.contiguous();
+  const at::Tensor lm = a.other_log_marginal.to(a.S.scalar_type()).contiguous();
   sinkhorn::ReverseStepParams p;
-  p.S = s.data_ptr();
-  p.dS = dS.data_ptr();
-  p.before = b.data_ptr();
-  p.lse = l.data_ptr();
-  p.u = w.data_ptr();
-  p.target = target.data_ptr();
-  p.B = S.size(0);
-  p.n = S.size(1);
-  p.m = S.size(2);
-  p.row = row;
-  p.dtype = S.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
+  p.S = S.data_ptr();
+  p.dS = a.dS.data_ptr();
+  p.other_log_marginal = lm.data_ptr();
+  p.before_lse = before.defined() ? before.data_ptr() : nullptr;
+  p.before_stride = before.defined() ? before.stride(0) : 0;
+  p.lse = lse.data_ptr();
+  p.lse_stride = lse.stride(0);
+  p.steps_used = a.steps_used.data_ptr<int64_t>();
+  p.t = a.t;
+  p.u = a.u.data_ptr();
+  p.grad_log_marginal = a.grad_log_marginal.data_ptr();
+  p.target = a.target.data_ptr();
+  p.B = a.S.size(0);
+  p.n = a.S.size(1);
+  p.m = a.S.size(2);
+  p.row = a.row;
+  p.dtype =
+      a.S.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
   if (!sinkhorn::reverse_step_fits(p)) return false;
-  const at::Tensor scratch = workspace(sinkhorn::reverse_step_workspace_bytes(p), S);
+  const at::Tensor scratch = workspace(sinkhorn::reverse_step_workspace_bytes(p), a.S);
   p.workspace = scratch.data_ptr();
   sinkhorn::launch_reverse_step(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -52,12 +52,22 @@ bool composite_backward_applies(const BackwardProblem& p, bool cpu);
 // history: (steps, B, max(n, m)) accumulation type, every step's LSEs from a replay of the
 // forward without early stopping (the CUDA large path's, launch_large_forward with
 // FwdParams::history); undefined: the replay runs here, in ATen ops. reverse: a device's fused
-// reverse step (sinkhorn::ReverseStepParams on contiguous accumulation-type tensors: S, dS,
-// before, lse, u, target), false when it does not take the call; null or false: ATen ops.
-using ReverseStep =
-    std::function<bool(bool row, const at::Tensor& S, const at::Tensor& dS,
-                       const at::Tensor& before, const at::Tensor& lse, const at::Tensor& u,
-                       const at::Tensor& target)>;
+// reverse step with its bookkeeping (sinkhorn::ReverseStepParams), false when it does not take
+// the call; null or false: ATen ops.
+//
+// Reverse step t (a row step when row), in the accumulation type: lse (B, len) its LSEs, len the
+// step axis' length; the other axis' potential as the step read it is
+// math::potential(other_log_marginal, before_lse), 0 at t = 0 (before_lse undefined). S, dS,
+// steps_used, other_log_marginal, u, target and grad_log_marginal are contiguous; u,
+// grad_log_marginal (the step axis) and target (the other axis) and dS are updated in place: for
+// the problems with steps_used > t, w = u (x) exp(S + before - lse) leaves dS and target, u joins
+// grad_log_marginal where lse is finite, and u becomes 0.
+struct ReverseStepArgs {
+  bool row;
+  int64_t t;
+  at::Tensor S, dS, steps_used, lse, before_lse, other_log_marginal, u, target, grad_log_marginal;
+};
+using ReverseStep = std::function<bool(const ReverseStepArgs&)>;
 BackwardResult unrolled_backward_composite(const BackwardProblem& p,
                                            const at::Tensor& history = at::Tensor(),
                                            const ReverseStep& reverse = nullptr);

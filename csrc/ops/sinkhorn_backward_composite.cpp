@@ -7,8 +7,9 @@
 // On CUDA the replay runs on the large forward path when that path takes the problem (its LSEs
 // passed in as `history`), else here. Problems that ran fewer steps (steps_used) are frozen in
 // the replay and inactive in the reverse, by masks on the device: no host synchronisation. A
-// reverse step is one fused kernel on CUDA (large_backward.cu), else 6 ATen passes over n x m, in
-// place on one temporary. uf and ug are fresh tensors here, updated in place.
+// reverse step is two fused kernels on CUDA (large_backward.cu: the pass over S and dS, then the
+// step's bookkeeping), else 6 ATen passes over n x m, in place on one temporary, and a few vector
+// ops. uf, ug, dla and dlb are fresh contiguous tensors here, which the kernels update in place.
 #include <limits>
 #include <vector>
 
@@ -82,33 +83,31 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
   if (p.grad_f.defined()) uf = uf + p.grad_f;
   if (p.grad_g.defined()) ug = ug + p.grad_g;
   auto dla = at::zeros({f.B, f.n}, opts), dlb = at::zeros({f.B, f.m}, opts);
+  const auto steps_used = p.steps_used.contiguous();
   for (int64_t t = K - 1; t >= 0; --t) {
+    // The step's axis (d) and the other one (e): a row step reads the row LSEs and g as step t-1
+    // left it, and its sums go to g's upstream; a column step the transpose.
+    const bool row = row_step(t);
+    at::Tensor& u_axis = row ? uf : ug;
+    at::Tensor& other = row ? ug : uf;
+    at::Tensor& dl = row ? dla : dlb;
+    const at::Tensor& lm_other = row ? lb : la;
+    const at::Tensor& lse = hist[t];
+    const at::Tensor prev = t > 0 ? hist[t - 1] : at::Tensor();
+    if (reverse &&
+        reverse(ReverseStepArgs{row, t, S, dS, steps_used, lse, prev, lm_other, u_axis, other, dl}))
+      continue;
+    const int64_t d = row ? -1 : -2, e = row ? -2 : -1;
     const auto active = used > t;
-    const auto& lse = hist[t];
-    const auto live = lse > ninf;
-    if (row_step(t)) {  // R_ij = exp(S_ij + g_j - lse_i), g as step t read it (step t-1's)
-      const auto before = t > 0 ? potential(lb, hist[t - 1]) : at::zeros({f.B, f.m}, opts);
-      const auto u = at::where(active, uf, zero);
-      if (!(reverse && reverse(true, S, dS, before, lse, u, ug))) {
-        auto w = at::add(S, before.unsqueeze(-2));  // then in place: one temporary a step
-        w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(-1)).exp_().mul_(u.unsqueeze(-1));
-        dS.sub_(w);
-        ug.sub_(w.sum(-2));
-      }
-      dla = dla + at::where(live, u, zero);
-      uf = at::where(active, zero, uf);  // consumed: the step overwrote f
-    } else {
-      const auto before = t > 0 ? potential(la, hist[t - 1]) : at::zeros({f.B, f.n}, opts);
-      const auto u = at::where(active, ug, zero);
-      if (!(reverse && reverse(false, S, dS, before, lse, u, uf))) {
-        auto w = at::add(S, before.unsqueeze(-1));
-        w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(-2)).exp_().mul_(u.unsqueeze(-2));
-        dS.sub_(w);
-        uf.sub_(w.sum(-1));
-      }
-      dlb = dlb + at::where(live, u, zero);
-      ug = at::where(active, zero, ug);
-    }
+    const auto before =
+        prev.defined() ? potential(lm_other, prev) : at::zeros({f.B, row ? f.m : f.n}, opts);
+    const auto u = at::where(active, u_axis, zero);
+    auto w = at::add(S, before.unsqueeze(e));  // then in place: one temporary a step
+    w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(d)).exp_().mul_(u.unsqueeze(d));
+    dS.sub_(w);
+    other.sub_(w.sum(e));
+    dl = dl + at::where(lse > ninf, u, zero);
+    u_axis = at::where(active, zero, u_axis);  // consumed: the step overwrote that potential
   }
   out.grad_scores.copy_(dS);
   out.grad_log_a.copy_(dla);
