@@ -40,6 +40,21 @@ def _capture(fn, *static_inputs):
     return graph, outputs
 
 
+def _replays_like_eager(fn, static, fresh, names, label):
+    """Captures fn(static), replays it on fresh's values and compares each output named in names
+    with the eager fn(fresh); returns both output tuples."""
+    graph, outputs = _capture(fn, static)
+    with torch.no_grad():
+        static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = fn(fresh.requires_grad_(static.requires_grad))
+    atol, rtol = TOLERANCES[torch.float32]
+    for name, got, expected in zip(names, outputs, want):
+        assert_close(got, expected, atol=atol, rtol=rtol, name=f"{label}: {name}")
+    return outputs, want
+
+
 def _scores(B, n, m, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, n, m, generator=g, dtype=torch.float64) * 2).to("cuda", dtype)
@@ -52,16 +67,8 @@ def test_forward_replays_like_eager(case):
     def fn(S):
         return tuple(sinkhorn_ops.sinkhorn(S, steps=steps, tol=tol, return_potentials=True))
 
-    static = _scores(B, n, m, 0)
-    graph, outputs = _capture(fn, static)
-    fresh = _scores(B, n, m, 1)
-    static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    want = fn(fresh)
-    atol, rtol = TOLERANCES[torch.float32]
-    for name, got, expected in zip(("plan", "f", "g"), outputs, want):
-        assert_close(got, expected, atol=atol, rtol=rtol, name=f"{case}: {name}")
+    outputs, want = _replays_like_eager(fn, _scores(B, n, m, 0), _scores(B, n, m, 1),
+                                        ("plan", "f", "g"), case)
     assert torch.equal(outputs[3], want[3]), (case, outputs[3], want[3])  # steps used
     if tol > 0:
         assert (want[3] < steps).all(), "the case should stop before its cap"
@@ -78,17 +85,8 @@ def test_forward_and_backward_replay_like_eager(case, grad):
         (gS,) = torch.autograd.grad((plan * W).sum(), S)
         return plan, gS
 
-    static = _scores(B, n, m, 0).requires_grad_()
-    graph, outputs = _capture(fn, static)
-    fresh = _scores(B, n, m, 1)
-    with torch.no_grad():
-        static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    want = fn(fresh.requires_grad_())
-    atol, rtol = TOLERANCES[torch.float32]
-    for name, got, expected in zip(("plan", "grad_scores"), outputs, want):
-        assert_close(got, expected, atol=atol, rtol=rtol, name=f"{case}, {grad}: {name}")
+    _replays_like_eager(fn, _scores(B, n, m, 0).requires_grad_(), _scores(B, n, m, 1),
+                        ("plan", "grad_scores"), f"{case}, {grad}")
 
 
 def test_mhc_sinkhorn_replays_like_eager():
@@ -101,14 +99,4 @@ def test_mhc_sinkhorn_replays_like_eager():
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(4096, 4, 4, generator=gen).to("cuda")
 
-    static = logits(0).requires_grad_()
-    graph, outputs = _capture(fn, static)
-    fresh = logits(1)
-    with torch.no_grad():
-        static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    want = fn(fresh.requires_grad_())
-    atol, rtol = TOLERANCES[torch.float32]
-    for name, got, expected in zip(("H", "grad"), outputs, want):
-        assert_close(got, expected, atol=atol, rtol=rtol, name=f"mhc: {name}")
+    _replays_like_eager(fn, logits(0).requires_grad_(), logits(1), ("H", "grad"), "mhc")
