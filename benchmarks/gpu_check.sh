@@ -9,7 +9,7 @@
 #   PART=bench bash benchmarks/gpu_check.sh        # then, on the same machine: the benchmarks
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
-# T_TESTS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
+# T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
 # T_BENCH_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in order of
 # importance (their limits add up to more than the deadline: on the first H100 run most steps
 # ended well inside theirs, and the last ones are the first to go), and no step runs past
@@ -111,6 +111,12 @@ python -c 'import pytest_timeout' 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
 step tests "$OUT/tests.log" "${T_TESTS:-200}" env SINKHORN_FAILURE_LOG="$OUT/failures.log" \
   python -m pytest tests -v -k "cuda and not emulated" -p no:cacheprovider --tb=short -rfE \
   "${PYTEST_EXTRA[@]}"
+# The CUDA-graph tests again with the device loop forced (SINKHORN_CUDA_LOOP=device: a failed
+# cooperative launch raises instead of falling back to the host loop), so that a pass shows that
+# the loop kernel launched, also inside a capture.
+step graphs_device_loop "$OUT/tests.log" "${T_GRAPHS:-60}" env SINKHORN_CUDA_LOOP=device \
+  SINKHORN_FAILURE_LOG="$OUT/failures.log" python -m pytest tests/test_cuda_graphs.py -v \
+  -p no:cacheprovider --tb=short -rfE
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.
 # No caching allocator under memcheck, so that an overrun of one tensor is not hidden inside a
 # larger cached block. SINKHORN_CUDA_FUSED=1: the 1024 x 1100 case then takes the opt-in fused

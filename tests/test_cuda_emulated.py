@@ -55,6 +55,13 @@ VARIANTS = {
                                  "fwd-"),
     "forced-large-host-loop": ({"SINKHORN_CUDA_FORWARD": "large", "SINKHORN_CUDA_LOOP": "host"},
                                "tol"),
+    # The device loop's shared-memory reuse between work blocks shows in the reverse order only.
+    "forced-large-device-loop-reverse": ({"SINKHORN_CUDA_FORWARD": "large",
+                                          "SINKHORN_CUDA_LOOP": "device",
+                                          "SINKHORN_EMU_ORDER": "reverse"}, "fwd-"),
+    # Every cooperative launch fails (as one may on a busy GPU): the host loop stands in.
+    "cooperative-launch-fails": ({"SINKHORN_CUDA_FORWARD": "large",
+                                  "SINKHORN_EMU_COOPERATIVE": "fail"}, "tol"),
     "no-staging": ({"SINKHORN_CUDA_SMEM": "0"}, "block"),
     "reverse-thread-order": ({"SINKHORN_EMU_ORDER": "reverse"}, ""),
     # The tiny and mHC backwards' histories in local arrays instead of shared memory.
@@ -68,6 +75,14 @@ def test_emulated_kernels_under_the_path_switches(variant):
     out = _run_emulation_script("cases.py", [pattern], env_vars, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert " cases passed" in out.stdout
+
+
+def test_a_forced_device_loop_reports_a_failed_launch():
+    # SINKHORN_CUDA_LOOP=device must not fall back to the host loop: the op raises the error.
+    env_vars = {"SINKHORN_CUDA_LOOP": "device", "SINKHORN_EMU_COOPERATIVE": "fail"}
+    out = _run_emulation_script("cases.py", ["fwd-natural-large-1030"], env_vars, timeout=300)
+    assert out.returncode != 0
+    assert "CUDA error (emulated): code 720" in out.stdout, out.stdout[-2000:]
 
 
 def test_the_package_test_suite_on_the_emulated_cuda_kernels():

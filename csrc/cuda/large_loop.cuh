@@ -9,8 +9,9 @@
 // launch, which CUDA graphs capture as a cooperative kernel node.
 //
 // It takes a solve with tol > 0 that records no history and is not fused (SINKHORN_CUDA_LOOP=host
-// keeps the host loop, SINKHORN_CUDA_LOOP=device takes this one also without tol), on a device
-// that supports cooperative launches; if the launch fails, the host loop runs instead.
+// keeps the host loop, SINKHORN_CUDA_LOOP=device takes this one also without tol, and reports a
+// failed launch instead of falling back), on a device that supports cooperative launches; if the
+// launch fails, the host loop runs instead (launch_device_loop).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -97,9 +98,15 @@ inline bool device_loop_applies(const FwdParams& p, bool history, bool fused) {
 }
 
 // Launches the device loop on as many co-resident blocks as the device holds (at most one per
-// work block); false if it could not launch (the caller then runs the host loop).
+// work block). Returns whether the steps are taken care of: false when it did not launch and the
+// caller should run the host loop instead. It clears only the errors of its own calls (an earlier
+// one stays for the caller's launch check), and it keeps its launch's error, returning true, where
+// the host loop cannot stand in: under SINKHORN_CUDA_LOOP=device (tests and benchmarks must know
+// that the device loop ran) and during a CUDA graph capture (which a failed launch has ruined).
 template <typename scalar_t, typename acc_t>
 bool launch_device_loop(const FwdParams& p, const Work<acc_t>& w, cudaStream_t stream) {
+  static const bool forced = env_is("SINKHORN_CUDA_LOOP", "device");
+  if (cudaPeekAtLastError() != cudaSuccess) return false;  // not ours to clear
   auto* kernel = loop_kernel<scalar_t, acc_t>;
   int per_sm = 0;
   const int sms = dev::multiprocessors();
@@ -115,11 +122,14 @@ bool launch_device_loop(const FwdParams& p, const Work<acc_t>& w, cudaStream_t s
   FwdParams params = p;
   Work<acc_t> work = w;
   void* args[] = {&params, &work};
-  if (cudaLaunchCooperativeKernel(kernel, grid, dim3(kThreads), args, 0, stream) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the host loop runs instead
-    return false;
-  }
-  return true;
+  if (cudaLaunchCooperativeKernel(kernel, grid, dim3(kThreads), args, 0, stream) == cudaSuccess)
+    return true;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const bool capturing = cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+                         capture != cudaStreamCaptureStatusNone;
+  if (forced || capturing) return true;  // the error stays for the caller's launch check
+  cudaGetLastError();  // clear it: the host loop runs instead
+  return false;
 }
 
 }  // namespace large

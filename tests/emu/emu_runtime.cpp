@@ -134,8 +134,14 @@ std::map<const void*, size_t>& static_shared() {
 // block) each lie above an inaccessible guard page, so that an overflow faults instead of
 // corrupting its neighbour; the others, which only cooperative grids use (all their blocks' threads
 // live at once), come 256 to a mapping without guards, to stay within the process's mapping limit.
+constexpr size_t kGuarded = 1024;
+// The lowest bytes of each unguarded stack hold this pattern while its fiber runs; a fiber that
+// overran its stack has overwritten it (checked when the launch ends).
+constexpr size_t kCanaryBytes = 256;
+constexpr unsigned char kCanary = 0xa5;
+
 char* stack_of(size_t thread) {
-  constexpr size_t kGuard = 4096, kGuarded = 1024, kPerMapping = 256;
+  constexpr size_t kGuard = 4096, kPerMapping = 256;
   static std::vector<char*> stacks;
   while (stacks.size() <= thread) {
     if (stacks.size() < kGuarded) {
@@ -234,7 +240,20 @@ void start_block(BlockRun& r) {
     f.tid = {static_cast<unsigned>(t % r.block_dim.x),
              static_cast<unsigned>((t / r.block_dim.x) % r.block_dim.y),
              static_cast<unsigned>(t / (size_t(r.block_dim.x) * r.block_dim.y))};
-    make_context(f.context, stack_of(r.stack_base + t), kStackBytes, fiber_main);
+    char* stack = stack_of(r.stack_base + t);
+    if (r.stack_base + t >= kGuarded) std::memset(stack, kCanary, kCanaryBytes);
+    make_context(f.context, stack, kStackBytes, fiber_main);
+  }
+}
+
+// Whether a fiber of the block overran an unguarded stack (its canary changed).
+void check_canaries(BlockRun& r) {
+  for (size_t t = 0; t < r.fibers.size(); ++t) {
+    if (r.stack_base + t < kGuarded) continue;
+    const char* stack = stack_of(r.stack_base + t);
+    for (size_t k = 0; k < kCanaryBytes; ++k)
+      if (static_cast<unsigned char>(stack[k]) != kCanary)
+        fail(r, "thread " + std::to_string(t) + " overflowed its stack");
   }
 }
 
@@ -307,6 +326,7 @@ void run_cooperative(std::vector<BlockRun>& runs) {
         grid += f.state == State::Grid;
       }
     }
+    for (BlockRun& r : runs) check_canaries(r);
     if (done == threads) return;
     if (done > 0)
       fail(runs.front(), "deadlock: threads wait at a grid sync that exited threads never reach");

@@ -2,13 +2,23 @@
 // csrc/cuda uses. Shadows the real header when the kernels are built for emulation.
 #pragma once
 
+#include <cstdlib>
 #include <cstring>
 
 #include "../emu_runtime.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorCooperativeLaunchTooLarge = 720
+};
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2
+};
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrCooperativeLaunch = 95,
@@ -20,7 +30,23 @@ inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// The last error of a runtime call (only the emulated cooperative launch records one: other
+// failures throw).
+inline cudaError_t& emu_last_error() {
+  static cudaError_t error = cudaSuccess;
+  return error;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu_last_error();
+  emu_last_error() = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return emu_last_error(); }
+// The emulated stream is never captured.
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = ::emu::kMultiprocessors; return cudaSuccess;
@@ -65,9 +91,16 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*)(
   *blocks = ::emu::kCooperativeBlocksPerSM;
   return cudaSuccess;
 }
+// SINKHORN_EMU_COOPERATIVE=fail makes every cooperative launch fail as a GPU's may (too many
+// blocks for the device, with other work resident): the callers' fallbacks then run.
 template <typename... P>
 cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 block, void** args,
                                         size_t shared = 0, cudaStream_t = nullptr) {
+  static const bool fail = [] {
+    const char* v = std::getenv("SINKHORN_EMU_COOPERATIVE");
+    return v != nullptr && std::strcmp(v, "fail") == 0;
+  }();
+  if (fail) return emu_last_error() = cudaErrorCooperativeLaunchTooLarge;
   ::emu::launch_cooperative(kernel, grid, block, shared, args, std::index_sequence_for<P...>{});
   return cudaSuccess;
 }
