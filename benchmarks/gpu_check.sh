@@ -9,10 +9,10 @@
 #   PART=bench bash benchmarks/gpu_check.sh        # then, on the same machine: the benchmarks
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
-# T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE, T_BENCH,
-# T_BENCH_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in order of
-# importance (their limits add up to more than the deadline: on the first H100 run most steps
-# ended well inside theirs, and the last ones are the first to go), and no step runs past
+# T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE,
+# T_BENCH, T_BENCH_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD, T_BENCH_ATTENTION. Steps run in
+# order of importance (their limits add up to more than the deadline: on the first H100 run most
+# steps ended well inside theirs, and the last ones are the first to go), and no step runs past
 # DEADLINE seconds
 # (default 570) after the script's start: a step gets the smaller of its limit and what is left,
 # so the whole script ends under the device runner's 600 s per command, whatever the build
