@@ -111,10 +111,12 @@ python -c 'import pytest_timeout' 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
 step tests "$OUT/tests.log" "${T_TESTS:-200}" env SINKHORN_FAILURE_LOG="$OUT/failures.log" \
   python -m pytest tests -v -k "cuda and not emulated" -p no:cacheprovider --tb=short -rfE \
   "${PYTEST_EXTRA[@]}"
-# The CUDA-graph tests again with the device loop forced (SINKHORN_CUDA_LOOP=device: a failed
-# cooperative launch raises instead of falling back to the host loop), so that a pass shows that
-# the loop kernel launched, also inside a capture.
+# The CUDA-graph tests again with the cooperative kernels forced (SINKHORN_CUDA_LOOP=device, the
+# large forward's device loop; SINKHORN_CUDA_CG=device, the implicit backward's CG: a failed
+# launch raises instead of falling back), so that a pass shows that they launched, also inside a
+# capture.
 step graphs_device_loop "$OUT/tests.log" "${T_GRAPHS:-60}" env SINKHORN_CUDA_LOOP=device \
+  SINKHORN_CUDA_CG=device \
   SINKHORN_FAILURE_LOG="$OUT/failures.log" python -m pytest tests/test_cuda_graphs.py -v \
   -p no:cacheprovider --tb=short -rfE
 # --error-exitcode: a reported hazard fails the step even though the script itself exits 0.

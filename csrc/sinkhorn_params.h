@@ -83,6 +83,29 @@ struct ReverseStepParams {
   DType dtype = DType::Float32;  // the accumulation type: Float32 or Float64
 };
 
+// The conjugate-gradient solve of the implicit backward (ops/sinkhorn_implicit.cpp, MATH.md
+// section 2.2) on the device (cuda/implicit_cg.cu): for each of B problems, with Pn the plan P
+// (n x m, contiguous) or its transpose (flip), N x M, M the solved side, solves
+//   (diag(c) - Pn^T diag(rinv) Pn + diag(1 - w) + alpha w w^T) y = rhs
+// by Jacobi-preconditioned CG (dinv) from y = 0, as the ATen loop does: at most `iters`
+// iterations, a problem stops updating once |res|^2 <= tol^2 |rhs|^2, and the whole solve ends
+// once every problem has. Accumulation type throughout; every array contiguous.
+struct CgParams {
+  const void* P = nullptr;  // (B, n, m)
+  const void* rinv = nullptr;   // (B, N)
+  const void* c = nullptr;      // (B, M)
+  const void* w = nullptr;      // (B, M)
+  const void* alpha = nullptr;  // (B)
+  const void* dinv = nullptr;   // (B, M)
+  const void* rhs = nullptr;    // (B, M)
+  void* y = nullptr;            // (B, M), the solution
+  void* workspace = nullptr;    // cg_workspace_bytes
+  int64_t B = 0, n = 0, m = 0, iters = 0;
+  bool flip = false;  // Pn = P^T: N = m, M = n
+  double tol = 0.0;
+  DType dtype = DType::Float32;  // Float32 or Float64
+};
+
 // One batched call of the DeepSeek-V4 mHC Sinkhorn (mhc_v4_math.h): B problems of n x n,
 // contiguous, float32 or float64 throughout (the layer runs it in fp32).
 struct V4Params {

@@ -11,7 +11,7 @@
 // It takes a solve with tol > 0 that records no history and is not fused (SINKHORN_CUDA_LOOP=host
 // keeps the host loop, SINKHORN_CUDA_LOOP=device takes this one also without tol, and reports a
 // failed launch instead of falling back), on a device that supports cooperative launches; if the
-// launch fails, the host loop runs instead (launch_device_loop).
+// launch fails, the host loop runs instead (dev::launch_cooperative).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "../env_flag.h"
+#include "cooperative.cuh"
 #include "kernel_common.cuh"
 #include "large_phases.cuh"
 #include "large_work.cuh"
@@ -93,43 +94,19 @@ inline int64_t loop_work_blocks(const FwdParams& p, int64_t chunks, int64_t stri
 inline bool device_loop_applies(const FwdParams& p, bool history, bool fused) {
   static const bool host = env_is("SINKHORN_CUDA_LOOP", "host");
   static const bool device = env_is("SINKHORN_CUDA_LOOP", "device");
-  return !host && !history && !fused && p.steps > 0 && (p.tol > 0 || device) &&
-         dev::cooperative_launch();
+  return !host && !history && !fused && p.steps > 0 && (p.tol > 0 || device);
 }
 
-// Launches the device loop on as many co-resident blocks as the device holds (at most one per
-// work block). Returns whether the steps are taken care of: false when it did not launch and the
-// caller should run the host loop instead. It clears only the errors of its own calls (an earlier
-// one stays for the caller's launch check), and it keeps its launch's error, returning true, where
-// the host loop cannot stand in: under SINKHORN_CUDA_LOOP=device (tests and benchmarks must know
-// that the device loop ran) and during a CUDA graph capture (which a failed launch has ruined).
+// Launches the device loop (dev::launch_cooperative: false when it did not launch and the host
+// loop should run; SINKHORN_CUDA_LOOP=device keeps a failed launch's error instead).
 template <typename scalar_t, typename acc_t>
 bool launch_device_loop(const FwdParams& p, const Work<acc_t>& w, cudaStream_t stream) {
   static const bool forced = env_is("SINKHORN_CUDA_LOOP", "device");
-  if (cudaPeekAtLastError() != cudaSuccess) return false;  // not ours to clear
-  auto* kernel = loop_kernel<scalar_t, acc_t>;
-  int per_sm = 0;
-  const int sms = dev::multiprocessors();
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
-          cudaSuccess ||
-      per_sm <= 0 || sms <= 0) {
-    cudaGetLastError();  // clear it
-    return false;
-  }
-  const int64_t most = loop_work_blocks(p, w.chunks, w.strips);
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  const dim3 grid(static_cast<unsigned>(most < resident ? most : resident));
   FwdParams params = p;
   Work<acc_t> work = w;
   void* args[] = {&params, &work};
-  if (cudaLaunchCooperativeKernel(kernel, grid, dim3(kThreads), args, 0, stream) == cudaSuccess)
-    return true;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  const bool capturing = cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
-                         capture != cudaStreamCaptureStatusNone;
-  if (forced || capturing) return true;  // the error stays for the caller's launch check
-  cudaGetLastError();  // clear it: the host loop runs instead
-  return false;
+  return dev::launch_cooperative(loop_kernel<scalar_t, acc_t>, kThreads,
+                                 loop_work_blocks(p, w.chunks, w.strips), args, stream, forced);
 }
 
 }  // namespace large

@@ -113,6 +113,37 @@ bool reverse_step(const detail::ReverseStepArgs& a) {
   return true;
 }
 
+// The implicit backward's conjugate gradients in one cooperative kernel (implicit_cg.cu),
+// registered with the ATen loop (sinkhorn_implicit.cpp) for CUDA tensors; false when the kernel
+// did not launch.
+bool cg_cuda(const detail::CgSystem& s, const at::Tensor& y) {
+  const c10::cuda::CUDAGuard guard(s.P.device());
+  sinkhorn::CgParams q;
+  q.P = s.P.data_ptr();
+  q.rinv = s.rinv.data_ptr();
+  q.c = s.c.data_ptr();
+  q.w = s.w.data_ptr();
+  q.alpha = s.alpha.data_ptr();
+  q.dinv = s.dinv.data_ptr();
+  q.rhs = s.rhs.data_ptr();
+  q.y = y.data_ptr();
+  q.B = s.P.size(0);
+  q.n = s.P.size(1);
+  q.m = s.P.size(2);
+  q.iters = s.iters;
+  q.flip = s.flip;
+  q.tol = s.tol;
+  q.dtype =
+      s.P.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
+  const at::Tensor scratch = workspace(sinkhorn::cg_workspace_bytes(q), s.P);
+  q.workspace = scratch.data_ptr();
+  if (!sinkhorn::launch_cg(q, c10::cuda::getCurrentCUDAStream())) return false;
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+const bool cg_registered =
+    (detail::register_cg_solver(c10::DeviceType::CUDA, &cg_cuda), true);
+
 // Few problems too large for shared memory, which the forward runs on its large path
 // (large_forward_applies; at n * m >= 2^20 composite_backward_applies already decides): the block
 // backward would give each one SM. SINKHORN_CUDA_BACKWARD=block keeps them on the block kernel.

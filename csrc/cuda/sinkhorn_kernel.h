@@ -49,6 +49,13 @@ bool reverse_step_fits(const ReverseStepParams& p);
 size_t reverse_step_workspace_bytes(const ReverseStepParams& p);
 void launch_reverse_step(const ReverseStepParams& p, cudaStream_t stream);
 
+// The implicit backward's conjugate gradients in one cooperative kernel (implicit_cg.cu), which
+// ends on the device once every problem has converged: its workspace, and its launch, false
+// when it did not launch (no cooperative launch on the device, or a failed one outside a graph
+// capture; the caller then runs the ATen loop). Never synchronises.
+size_t cg_workspace_bytes(const CgParams& p);
+bool launch_cg(const CgParams& p, cudaStream_t stream);
+
 // The tiny path of the unrolled backward (tiny_backward.cu): n, m <= 8 (4 in float64) and
 // max_steps <= 64, a thread per problem. SINKHORN_CUDA_BACKWARD=block (or =composite, which
 // forces the composite backward at any size) turns it off. No workspace.

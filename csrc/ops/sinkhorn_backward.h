@@ -72,6 +72,21 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p,
                                            const at::Tensor& history = at::Tensor(),
                                            const ReverseStep& reverse = nullptr);
 
+// A device's conjugate-gradient solve of the implicit backward's Schur system (the CUDA glue
+// registers its fused kernel, cuda/implicit_cg.cu; sinkhorn::CgParams says what it solves): P
+// (B, n, m) contiguous, flip when the solved side is P's rows, rinv (B, N), c, w, dinv and rhs
+// (B, M), alpha (B), all contiguous in the accumulation type; fills y (B, M). False when it does
+// not take the call (the ATen loop then runs).
+struct CgSystem {
+  at::Tensor P;
+  bool flip;
+  at::Tensor rinv, c, w, alpha, dinv, rhs;
+  double tol;
+  int64_t iters;
+};
+using CgSolver = bool (*)(const CgSystem&, const at::Tensor& y);
+void register_cg_solver(c10::DeviceType device, CgSolver solver);
+
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,

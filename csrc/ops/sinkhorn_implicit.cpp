@@ -53,11 +53,32 @@ struct Schur {
   }
 };
 
+CgSolver& cg_solver(c10::DeviceType device) {
+  static CgSolver solvers[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+  return solvers[static_cast<int>(device)];
+}
+
 // Jacobi-preconditioned conjugate gradients, a fixed number of iterations on the device; a
-// problem whose residual is below tol * |rhs| stops updating (no host synchronisation).
-at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol, int64_t iters) {
+// problem whose residual is below tol * |rhs| stops updating (no host synchronisation). A
+// device's registered solver (flip: A.P is the plan's transpose) takes the call first.
+at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol, int64_t iters,
+                               bool flip) {
   const auto d = A.diagonal();
   const auto dinv = safe_div(at::ones_like(d), d.clamp_min(0));
+  if (const CgSolver solver = cg_solver(rhs.device().type())) {
+    const auto y = at::empty_like(rhs);
+    const CgSystem system{(flip ? A.P.transpose(1, 2) : A.P).contiguous(),
+                          flip,
+                          A.rinv.contiguous(),
+                          A.c.contiguous(),
+                          A.w.contiguous(),
+                          A.alpha.reshape({-1}).contiguous(),
+                          dinv.contiguous(),
+                          rhs.contiguous(),
+                          tol,
+                          iters};
+    if (solver(system, y)) return y;
+  }
   auto y = at::zeros_like(rhs);
   auto res = rhs.clone();
   auto z = dinv * res;
@@ -79,6 +100,8 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
 }
 
 }  // namespace
+
+void register_cg_solver(c10::DeviceType device, CgSolver solver) { cg_solver(device) = solver; }
 
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,
@@ -136,7 +159,7 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   } else if (dense) {
     yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
   } else {
-    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter);
+    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip);
   }
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
   const auto x = flip ? yM : xN, y = flip ? xN : yM;

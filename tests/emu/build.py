@@ -11,7 +11,7 @@ first two):
 - each kernel with ``__launch_bounds__(B)`` starts with a check that fails a launch of more
   than B threads, as a GPU would;
 - sinkhorn_cuda.cpp registers its operators on the CPU key instead of the CUDA key, under the
-  variant's namespace (VARIANTS).
+  variant's namespace (VARIANTS), and its conjugate-gradient solver for CPU tensors.
 
 tests/emu/include shadows the CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h, CUB's
 BlockReduce, c10/cuda) with the emulation of emu_runtime.h. ``load()`` builds (incrementally) and
@@ -31,6 +31,9 @@ OUT = os.path.join(ROOT, "build", "emu")
 SKIPPED_OPS = {"sinkhorn_op.cpp", "mhc_api.cpp", "mhc_autograd.cpp", "sinkhorn_autograd.cpp"}
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
 _REGISTRATION = "TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m)"
+# The implicit backward's CUDA conjugate gradients (implicit_cg.cu), registered for CPU tensors
+# in emulation, so that the "replace" build's implicit backward runs the emulated kernel.
+_CG_REGISTRATION = "register_cg_solver(c10::DeviceType::CUDA"
 
 
 def _kernel_start(text: str, end: int) -> int:
@@ -110,9 +113,11 @@ def rewrite(text: str, name: str, namespace: str = "sinkhorn_emu") -> str:
     text = _STATIC_SHARED.sub(_register_shared, text)
     text = rewrite_launches(text)
     if name == "sinkhorn_cuda.cpp":
-        if _REGISTRATION not in text:
-            raise ValueError(f"sinkhorn_cuda.cpp no longer contains {_REGISTRATION}")
+        for marker in (_REGISTRATION, _CG_REGISTRATION):
+            if marker not in text:
+                raise ValueError(f"sinkhorn_cuda.cpp no longer contains {marker}")
         text = text.replace(_REGISTRATION, f"TORCH_LIBRARY_IMPL({namespace}, CPU, m)")
+        text = text.replace(_CG_REGISTRATION, "register_cg_solver(c10::DeviceType::CPU")
     return text
 
 
