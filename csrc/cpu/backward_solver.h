@@ -24,7 +24,9 @@ struct BackwardSolver {
   };
 
   void solve(int64_t b, Buffers& w) const {
-    const int64_t n = q.n, m = q.m, K = q.steps_used[b], len = std::max(n, m);
+    // The front door cannot check steps_used without reading it; clamped as the CUDA kernels do.
+    const int64_t K = std::min(std::max<int64_t>(q.steps_used[b], 0), q.max_steps);
+    const int64_t n = q.n, m = q.m, len = std::max(n, m);
     const acc_t ninf = sinkhorn::math::neg_inf<acc_t>();
     const scalar_t* S = static_cast<const scalar_t*>(q.scores) + b * n * m;
     const scalar_t* G = static_cast<const scalar_t*>(q.grad_plan) + b * n * m;

@@ -129,7 +129,7 @@ __device__ __forceinline__ void col_merge(const CgParams& q, const CgWork<acc_t>
 }
 
 // One problem's setup, a block: y = 0, res = rhs, p = dinv res, rz = res.(dinv res), the
-// threshold tol^2 |rhs|^2, and whether it has already converged.
+// threshold tol^2 |rhs|^2, and whether it has already converged (a finite residual within it).
 template <typename acc_t>
 __device__ __forceinline__ void setup_problem(const CgParams& q, const CgWork<acc_t>& w,
                                               int64_t b) {
@@ -152,7 +152,9 @@ __device__ __forceinline__ void setup_problem(const CgParams& q, const CgWork<ac
     const acc_t stop = static_cast<acc_t>(q.tol * q.tol) * rr;
     w.rz[b] = rz;
     w.stop[b] = stop;
-    w.done[b] = rr > stop ? acc_t(0) : acc_t(1);
+    // Converged already only when finite: a NaN or inf residual runs an iteration, so that it
+    // spreads into y as it does in the ATen loop (where 0 x a non-finite step is NaN).
+    w.done[b] = (rr <= stop && rr - rr == acc_t(0)) ? acc_t(1) : acc_t(0);
   }
 }
 

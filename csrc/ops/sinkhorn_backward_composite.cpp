@@ -104,6 +104,9 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     const auto u = at::where(active, u_axis, zero);
     auto w = at::add(S, before.unsqueeze(e));  // then in place: one temporary a step
     w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(d)).exp_().mul_(u.unsqueeze(d));
+    // A problem that did not run the step takes no part in it, even where its LSE of a step it
+    // never ran is NaN (0 x NaN): as the kernels, which skip it.
+    w.masked_fill_(~active.unsqueeze(-1), 0);
     dS.sub_(w);
     other.sub_(w.sum(e));
     dl = dl + at::where(lse > ninf, u, zero);

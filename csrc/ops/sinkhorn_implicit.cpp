@@ -66,7 +66,7 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
   const auto d = A.diagonal();
   const auto dinv = safe_div(at::ones_like(d), d.clamp_min(0));
   if (const CgSolver solver = cg_solver(rhs.device().type())) {
-    const auto y = at::empty_like(rhs);
+    const auto y = at::empty(rhs.sizes(), rhs.options());  // contiguous, as the solver writes it
     const CgSystem system{(flip ? A.P.transpose(1, 2) : A.P).contiguous(),
                           flip,
                           A.rinv.contiguous(),
