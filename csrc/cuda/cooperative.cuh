@@ -13,6 +13,18 @@
 namespace sinkhorn {
 namespace dev {
 
+// Whether every one of `count` flags is set (nonzero), the same answer in every thread of the
+// block, and in every block when all read them after a grid barrier: the loops' exit test. The
+// loads are volatile: every block must take the same decision, or the next grid barrier waits
+// forever, so none may read a flag from an SM-local cache (the phases read the flags too).
+template <int BLOCK, typename T>
+__device__ __forceinline__ bool all_set(const T* flags, int64_t count) {
+  const volatile T* f = flags;
+  long long unset = 0;
+  for (int64_t k = threadIdx.x; k < count; k += BLOCK) unset += f[k] == T(0) ? 1 : 0;
+  return block_sum<BLOCK>(unset) == 0;
+}
+
 // Launches kernel(args) on as many co-resident blocks of `threads` as the device holds, at most
 // work_blocks (the most any phase can use). Returns whether the work is taken care of: false
 // when it did not launch and the caller should run its fallback. It clears only the errors of

@@ -201,16 +201,6 @@ __device__ __forceinline__ void update_problem(const CgParams& q, const CgWork<a
   }
 }
 
-// Whether every problem has converged, the same answer in every block (after a grid barrier;
-// volatile: no block may read a flag from an SM-local cache, or the blocks could part ways).
-template <typename acc_t>
-__device__ __forceinline__ bool all_converged(const CgParams& q, const CgWork<acc_t>& w) {
-  const volatile acc_t* done = w.done;
-  long long running = 0;
-  for (int64_t b = threadIdx.x; b < q.B; b += kThreads) running += done[b] == acc_t(0) ? 1 : 0;
-  return block_sum<kThreads>(running) == 0;
-}
-
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) cg_kernel(const CgParams q, CgWork<acc_t> w) {
   namespace cg = cooperative_groups;
@@ -219,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) cg_kernel(const CgParams q, CgWork<a
   for (int64_t b = blockIdx.x; b < q.B; b += gridDim.x) setup_problem(q, w, b);
   grid.sync();
   for (int64_t it = 0; it < q.iters; ++it) {
-    if (all_converged(q, w)) break;
+    if (all_set<kThreads>(w.done, q.B)) break;  // every problem has converged
     if (q.flip) {  // Pn = P^T: u = P^T p is the column pass, v = P (rinv u) the row pass
       col_partials(q, w, w.p, static_cast<const acc_t*>(nullptr));
       grid.sync();

@@ -27,18 +27,6 @@
 namespace sinkhorn {
 namespace large {
 
-// Whether every problem has stopped, the same answer in every thread of the block (all read the
-// same flags after a grid barrier). The loads are volatile: every block must take the same
-// decision, or the next grid barrier waits forever, so none may read a flag from an SM-local
-// cache (the phases read the flags too).
-template <typename acc_t>
-__device__ __forceinline__ bool all_stopped(const FwdParams& p, const Work<acc_t>& w) {
-  const volatile acc_t* done = w.done;
-  long long running = 0;
-  for (int64_t b = threadIdx.x; b < p.B; b += kThreads) running += done[b] == acc_t(0) ? 1 : 0;
-  return block_sum<kThreads>(running) == 0;
-}
-
 // Steps 0 .. p.steps - 1 of every problem (the host loop's work between the marginals and the
 // final pass). Each work-block loop is block-uniform and ends every work block in a barrier.
 // 61 registers a thread (sm_90, fp32): 4 blocks of 256 threads per SM, where the host loop's
@@ -76,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) loop_kernel(const FwdParams p, Work<
     for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x)
       update_block(p, w, row, k, p.tol > 0 && k >= 1, false, b);
     grid.sync();
-    if (all_stopped(p, w)) break;
+    if (dev::all_set<kThreads>(w.done, p.B)) break;  // every problem has stopped
   }
 }
 
