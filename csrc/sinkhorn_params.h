@@ -2,6 +2,7 @@
 // their own with nvcc (as FlashAttention's params struct does) and every CI run can build them.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace sinkhorn {
@@ -9,6 +10,10 @@ namespace sinkhorn {
 // Element type of the scores and the plan. The potentials and the error use the accumulation
 // type: double for Float64, float otherwise.
 enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// Bytes of one value of a dtype's accumulation type (double for Float64, float for the others),
+// in which the kernels' workspaces are counted.
+inline size_t acc_bytes(DType d) { return d == DType::Float64 ? sizeof(double) : sizeof(float); }
 
 // One batched forward call: B independent problems of size n x m, all contiguous.
 struct FwdParams {

@@ -244,10 +244,9 @@ bool launch_typed(const CgParams& q, cudaStream_t stream) {
 }  // namespace
 
 size_t cg_workspace_bytes(const CgParams& q) {
-  const size_t acc = q.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
   return static_cast<size_t>(q.dtype == DType::Float64 ? CgWork<double>::values(q)
                                                        : CgWork<float>::values(q)) *
-         acc;
+         acc_bytes(q.dtype);
 }
 
 bool launch_cg(const CgParams& q, cudaStream_t stream) {

@@ -158,8 +158,7 @@ bool reverse_step_fits(const ReverseStepParams& p) {
 
 size_t reverse_step_workspace_bytes(const ReverseStepParams& p) {
   if (!p.row) return 0;
-  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
-  return static_cast<size_t>(p.B * strips_of(p.n) * p.m) * acc_bytes;
+  return static_cast<size_t>(p.B * strips_of(p.n) * p.m) * acc_bytes(p.dtype);
 }
 
 void launch_reverse_step(const ReverseStepParams& p, cudaStream_t stream) {

@@ -217,10 +217,9 @@ bool large_forward_applies(const FwdParams& p) {
 }
 
 size_t large_forward_workspace_bytes(const FwdParams& p) {
-  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
   return static_cast<size_t>(p.dtype == DType::Float64 ? Work<double>::values(p)
                                                        : Work<float>::values(p)) *
-         acc_bytes;
+         acc_bytes(p.dtype);
 }
 
 void launch_large_forward(const FwdParams& p, cudaStream_t stream) {

@@ -227,8 +227,8 @@ void launch_typed(const BwdParams& p, cudaStream_t stream) {
 size_t backward_workspace_bytes(const BwdParams& p) {
   if (tiny_backward_applies(p)) return 0;
   const bool half = p.dtype == DType::Float16 || p.dtype == DType::BFloat16;
-  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
-  return static_cast<size_t>(p.B * problem_stride(p.n, p.m, p.max_steps, half)) * acc_bytes;
+  return static_cast<size_t>(p.B * problem_stride(p.n, p.m, p.max_steps, half)) *
+         acc_bytes(p.dtype);
 }
 
 void launch_backward(const BwdParams& p, cudaStream_t stream) {

@@ -103,8 +103,7 @@ bool reverse_step(const detail::ReverseStepArgs& a) {
   p.n = a.S.size(1);
   p.m = a.S.size(2);
   p.row = a.row;
-  p.dtype =
-      a.S.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
+  p.dtype = detail::kernel_dtype(a.S.scalar_type());  // the accumulation type
   if (!sinkhorn::reverse_step_fits(p)) return false;
   const at::Tensor scratch = workspace(sinkhorn::reverse_step_workspace_bytes(p), a.S);
   p.workspace = scratch.data_ptr();
@@ -133,8 +132,7 @@ bool cg_cuda(const detail::CgSystem& s, const at::Tensor& y) {
   q.iters = s.iters;
   q.flip = s.flip;
   q.tol = s.tol;
-  q.dtype =
-      s.P.scalar_type() == at::kDouble ? sinkhorn::DType::Float64 : sinkhorn::DType::Float32;
+  q.dtype = detail::kernel_dtype(s.P.scalar_type());  // the accumulation type
   const at::Tensor scratch = workspace(sinkhorn::cg_workspace_bytes(q), s.P);
   q.workspace = scratch.data_ptr();
   if (!sinkhorn::launch_cg(q, c10::cuda::getCurrentCUDAStream())) return false;

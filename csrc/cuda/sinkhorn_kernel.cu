@@ -183,9 +183,8 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
 size_t forward_workspace_bytes(const FwdParams& p) {
   if (tiny_forward_applies(p)) return 0;
   if (large_forward_applies(p)) return large_forward_workspace_bytes(p);
-  const size_t acc_bytes = p.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
   // Per problem: default log a (n), default log b (m), and the LSE scratch (max(n, m)).
-  return static_cast<size_t>(p.B * (p.n + p.m + std::max(p.n, p.m))) * acc_bytes;
+  return static_cast<size_t>(p.B * (p.n + p.m + std::max(p.n, p.m))) * acc_bytes(p.dtype);
 }
 
 void launch_forward(const FwdParams& p, cudaStream_t stream) {
