@@ -16,9 +16,11 @@
 // With SINKHORN_CUDA_FUSED=1, a row step followed by a column step (every iteration but a lone
 // first or last step) is fused when 1024 <= m <= 16384 (8192 in float64): one kernel reads S
 // once for both (large_fused.cuh), then the row update, the column merge and the column update
-// run, so an iteration reads S once instead of twice. It is off by default: on an H100 it was
-// the slower of the two (n = m = 8192: 0.80 ms an iteration fused, 0.47 unfused;
-// benchmarks/results/large_ot_cuda*.md). A stopped problem's flag makes every later
+// run, so an iteration reads S once instead of twice. It is off by default: on the H100 and the
+// H200 its first version was the slower of the two (n = m = 8192 on the H200: 0.78 ms an
+// iteration fused, 0.434 unfused; benchmarks/results/h200/large_ot_cuda*.md), with one load of
+// the row in flight a thread; the rewrite that loads the row at once has not run on a GPU yet
+// (benchmarks/GPU_NOTES.md). A stopped problem's flag makes every later
 // kernel skip it; on the host loop the launches continue after every problem has stopped (they
 // return at once), which is why a solve with tol takes the device loop. The LSEs
 // are merged from strips and chunks, so they can differ from the block kernel's (and the

@@ -72,7 +72,7 @@ def rewrite_launches(text: str) -> str:
 
 
 _STATIC_SHARED = re.compile(r"^(\s*)__shared__ ([^;]+);", re.M)
-_DECLARATOR = re.compile(r"(\w+)\s*(?:\[[^\]]*\])?\s*$")
+_DECLARATOR = re.compile(r"(\w+)\s*(?:\[[^\]]*\])*\s*$")
 
 
 def _register_shared(match) -> str:

@@ -202,7 +202,8 @@ def _cases():
     # Both sides of the boundaries: the large path at n * m = 2^20 (1023 x 1025 is one entry
     # short, on the block path with 34 problems, more than few: see below); under
     # SINKHORN_CUDA_FORWARD=large, the fusion at m = 1024 and m = 16384 (fp32; 8192 in fp64) and
-    # the fused kernel's row-register buckets (2048 | 2049).
+    # the fused kernel's shapes (fused_shape: 128 | 256 threads at 2048 | 2049, 256 | 512 at
+    # 4096 | 4097, 16 | 32 entries a thread at 8192 | 8193).
     add("fwd-natural-block-34x1023x1025", check_forward, B=34, n=1023, m=1025, dtype=F32,
         steps=2)
     # Few problems too large for shared memory also take the large path: at most a quarter as
@@ -216,7 +217,7 @@ def _cases():
     # Empty problems (every forced path must leave them alone), and an empty batch.
     for B, n, m in ((2, 0, 5), (2, 5, 0), (0, 3, 4)):
         add(f"fwd-empty-{B}x{n}x{m}", check_forward, B=B, n=n, m=m, dtype=F32, steps=4)
-    for m in (1023, 1024, 2048, 2049, 16384, 16385):
+    for m in (1023, 1024, 2048, 2049, 4096, 4097, 8192, 8193, 16384, 16385):
         add(f"fwd-edge-3x{m}-f32", check_forward, B=2, n=3, m=m, dtype=F32, steps=5, seed=m)
     for m in (8192, 8193):
         add(f"fwd-edge-3x{m}-f64", check_forward, B=1, n=3, m=m, dtype=F64, steps=4, seed=m)
