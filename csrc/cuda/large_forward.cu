@@ -13,6 +13,8 @@
 //                per column, the warps over the strips                    (col_partial, col_merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
+//   (without tol nothing is checked: the row pass or the merge writes the potentials itself,
+//   and no update kernel runs)
 // With SINKHORN_CUDA_FUSED=1, a row step followed by a column step (every iteration but a lone
 // first or last step) is fused when 1024 <= m <= 16384 (8192 in float64): one kernel reads S
 // once for both (large_fused.cuh), then the row update, the column merge and the column update
@@ -45,8 +47,8 @@ using namespace large;
 // The host loop's kernels: each runs one phase (large_phases.cuh), a work block per CUDA block.
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) row_lse_kernel(const FwdParams p, Work<acc_t> w,
-                                                          const acc_t* g) {
-  row_lse_phase<scalar_t>(p, w, g);
+                                                          const acc_t* g, acc_t* direct) {
+  row_lse_phase<scalar_t>(p, w, g, direct);
 }
 
 // Grid (column blocks, strips, problems).
@@ -57,14 +59,16 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const FwdParams p
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  row_merge_phase(p, w);
+__global__ void __launch_bounds__(kThreads) row_merge_kernel(const FwdParams p, Work<acc_t> w,
+                                                            acc_t* direct) {
+  row_merge_phase(p, w, direct);
 }
 
 // Grid (column groups of 32, problems).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w) {
-  col_merge_block(p, w, blockIdx.x, blockIdx.y);
+__global__ void __launch_bounds__(kThreads) col_merge_kernel(const FwdParams p, Work<acc_t> w,
+                                                            acc_t* direct) {
+  col_merge_block(p, w, blockIdx.x, blockIdx.y, direct);
 }
 
 // The default marginals (MATH.md section 1) from the LSEs of S itself (an empty row or column
@@ -146,22 +150,25 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   const unsigned problems = static_cast<unsigned>(p.B);
   acc_t* f = static_cast<acc_t*>(p.f);
   acc_t* g = static_cast<acc_t*>(p.g);
-  auto lse_pass = [&](bool row, const acc_t* pot) {
+  // pot: the other axis' potential (nullptr: zero); direct: see put_lse (large_phases.cuh).
+  auto lse_pass = [&](bool row, const acc_t* pot, acc_t* direct) {
     if (row) {
-      row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot);
-      if (w.chunks > 1) row_merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w);
+      row_lse_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(p, w, pot,
+                                                                 w.chunks > 1 ? nullptr : direct);
+      if (w.chunks > 1)
+        row_merge_kernel<acc_t><<<row_merge_grid, kThreads, 0, stream>>>(p, w, direct);
     } else {
       col_partial_kernel<scalar_t><<<col_grid, kThreads, 0, stream>>>(p, w, pot);
-      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
+      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, direct);
     }
   };
   cudaMemsetAsync(f, 0, sizeof(acc_t) * p.B * p.n, stream);
   cudaMemsetAsync(g, 0, sizeof(acc_t) * p.B * p.m, stream);
   cudaMemsetAsync(w.done, 0, sizeof(acc_t) * p.B, stream);  // 0.0 is all zero bits
   if (p.log_a == nullptr) {  // the defaults from the LSEs of S (potentials still zero)
-    lse_pass(true, nullptr);
+    lse_pass(true, nullptr, nullptr);
     marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 0);
-    lse_pass(false, nullptr);
+    lse_pass(false, nullptr, nullptr);
     marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 1);
   }
   marginals_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, 2);
@@ -170,31 +177,37 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   const bool fuse = fused_on && history == nullptr && fused_applies(p, sizeof(acc_t));
   const bool on_device = device_loop_applies(p, history != nullptr, fuse) &&
                          launch_device_loop<scalar_t>(p, w, stream);
+  // Without tol no step checks the stopping rule, so the passes write the potentials themselves
+  // and no update kernel runs (a replay still records each step's LSEs).
+  const bool direct = !(p.tol > 0) && history == nullptr;
   for (int64_t k = 0; !on_device && k < p.steps; ++k) {
     const bool row = ((k % 2) == 0) == p.start_row;
     if (fuse && row && k + 1 < p.steps) {
       // Step k's row LSEs and step k + 1's column partials in one read of S (large_fused.cuh).
-      launch_row_col<scalar_t>(p, w, stream);
-      update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, true, k, p.tol > 0 && k >= 1,
-                                                              false);
-      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w);
-      update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, false, k + 1, p.tol > 0,
-                                                              false);
+      launch_row_col<scalar_t>(p, w, direct ? f : nullptr, stream);
+      if (!direct)
+        update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, true, k,
+                                                                p.tol > 0 && k >= 1, false);
+      col_merge_kernel<acc_t><<<merge_grid, kThreads, 0, stream>>>(p, w, direct ? g : nullptr);
+      if (!direct)
+        update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, false, k + 1, p.tol > 0,
+                                                                false);
       ++k;
       continue;
     }
-    lse_pass(row, row ? g : f);
+    lse_pass(row, row ? g : f, direct ? (row ? f : g) : nullptr);
     if (history != nullptr) {  // the replay keeps step k's LSEs
       cudaMemcpyAsync(history + k * p.B * w.L, w.lse, sizeof(acc_t) * p.B * w.L,
                       cudaMemcpyDeviceToDevice, stream);
     }
-    update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, row, k, p.tol > 0 && k >= 1,
-                                                            false);
+    if (!direct)
+      update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, row, k, p.tol > 0 && k >= 1,
+                                                              false);
   }
   if (history != nullptr) return;  // a replay: no plan, no final error
   // The marginal the last step did not fix is the one step `steps` would fix.
   const bool next_row = ((p.steps % 2) == 0) == p.start_row;
-  lse_pass(next_row, next_row ? g : f);
+  lse_pass(next_row, next_row ? g : f, nullptr);
   update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, next_row, p.steps, false, true);
   plan_kernel<scalar_t><<<blocks_for(p.B * p.n * p.m, kThreads), kThreads, 0, stream>>>(p);
 }

@@ -60,7 +60,8 @@ inline bool fused_applies(const FwdParams& p, size_t acc_bytes) {
 // Grid (strips, problems); BLOCK threads; fused_shared_bytes(m) of dynamic shared memory.
 template <int BLOCK, int VALS, typename scalar_t,
           typename acc_t = typename dev::AccOf<scalar_t>::type>
-__global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<acc_t> w) {
+__global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<acc_t> w,
+                                                        acc_t* direct) {
   constexpr int kWarps = BLOCK / 32;
   extern __shared__ __align__(16) unsigned char fused_partials[];
   // The warps' partial row LSEs, in two buffers (rows alternate): a warp that has passed row i's
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<
   acc_t* pmax = reinterpret_cast<acc_t*>(fused_partials);
   acc_t* psum = pmax + m;
   const acc_t* g = static_cast<const acc_t*>(p.g) + b * m;
-  const acc_t* log_a = (p.log_a ? static_cast<const acc_t*>(p.log_a) : w.log_a) + b * n;
+  const acc_t* log_a = w.log_marginal(p, true, b);
   const scalar_t* S = static_cast<const scalar_t*>(p.scores) + b * n * m;
   acc_t gj[VALS];
 #pragma unroll
@@ -120,8 +121,14 @@ __global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<
         lane_id() < kWarps ? Lse<acc_t>{warp_max[buf][lane_id()], warp_sum[buf][lane_id()]}
                            : math::lse_empty<acc_t>());
     const acc_t lse = math::lse_value(total);
-    if (threadIdx.x == 0) w.lse[b * w.L + i] = lse;
     const acc_t f = math::potential(la, lse);
+    if (threadIdx.x == 0) {  // the LSE for the update kernel, or f itself (put_lse)
+      if (direct == nullptr) {
+        w.lse[b * w.L + i] = lse;
+      } else {
+        direct[b * n + i] = f;
+      }
+    }
 #pragma unroll
     for (int k = 0; k < VALS; ++k) {
       const int64_t j = threadIdx.x + int64_t(k) * BLOCK;
@@ -141,15 +148,17 @@ __global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<
   }
 }
 
-// Enqueues the fused pass (fused_applies(p) must hold).
+// Enqueues the fused pass (fused_applies(p) must hold); direct: f itself instead of the row LSEs
+// (put_lse in large_phases.cuh).
 template <typename scalar_t, typename acc_t>
-void launch_row_col(const FwdParams& p, const Work<acc_t>& w, cudaStream_t stream) {
+void launch_row_col(const FwdParams& p, const Work<acc_t>& w, acc_t* direct,
+                    cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(w.strips), static_cast<unsigned>(p.B));
   const size_t shared = fused_shared_bytes(p.m, sizeof(acc_t));
   const FusedShape shape = fused_shape(p.m);
   auto go = [&](auto kernel, int threads) {
     dev::allow_dynamic_shared(kernel, shared);
-    kernel<<<grid, threads, shared, stream>>>(p, w);
+    kernel<<<grid, threads, shared, stream>>>(p, w, direct);
   };
   if (shape.threads == 128) return go(row_col_kernel<128, 16, scalar_t>, 128);
   if (shape.threads == 256) return go(row_col_kernel<256, 16, scalar_t>, 256);

@@ -26,12 +26,26 @@ using dev::warp_id;
 using dev::warp_lse;
 using math::Lse;
 
+// A finished LSE: into w.lse, or, when the step needs no stopping check (direct, the host loop's
+// fixed-step solves), straight into the potential update_block would write from it, so that the
+// step needs no update launch.
+template <typename acc_t>
+__device__ __forceinline__ void put_lse(const FwdParams& p, const Work<acc_t>& w, bool row,
+                                        acc_t* direct, int64_t b, int64_t x, acc_t lse) {
+  if (direct == nullptr) {
+    w.lse[b * w.L + x] = lse;
+  } else {
+    const int64_t len = row ? p.n : p.m;
+    direct[b * len + x] = math::potential(w.log_marginal(p, row, b)[x], lse);
+  }
+}
+
 // Row LSEs LSE_j(S_ij + g_j) of every problem that has not stopped (g == nullptr: g = 0), a warp
-// per (row, chunk of w.chunk_cols columns), the grid's warps striding over them: into w.lse when
-// a row is one chunk, else into the chunk partials (row_merge_phase merges them).
+// per (row, chunk of w.chunk_cols columns), the grid's warps striding over them: into w.lse (or
+// f: put_lse) when a row is one chunk, else into the chunk partials (row_merge_phase merges them).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void row_lse_phase(const FwdParams& p, const Work<acc_t>& w,
-                                              const acc_t* g) {
+                                              const acc_t* g, acc_t* direct = nullptr) {
   const int64_t segments = p.B * p.n * w.chunks;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); t < segments;
@@ -47,7 +61,7 @@ __device__ __forceinline__ void row_lse_phase(const FwdParams& p, const Work<acc
     s = warp_lse(s);
     if (lane_id() != 0) continue;
     if (w.chunks == 1) {
-      w.lse[b * w.L + i] = math::lse_value(s);
+      put_lse(p, w, true, direct, b, i, math::lse_value(s));
     } else {
       w.row_max[t] = s.max;  // t = (b * n + i) * chunks + c
       w.row_sum[t] = s.sum;
@@ -55,11 +69,12 @@ __device__ __forceinline__ void row_lse_phase(const FwdParams& p, const Work<acc
   }
 }
 
-// Merges a row's chunk partials (row_lse_phase: consecutive) into w.lse, a thread per (problem,
-// row), the grid's threads striding over them. Rows are split into chunks only when there are few
-// of them (row_chunks_of).
+// Merges a row's chunk partials (row_lse_phase: consecutive) into w.lse (or f: put_lse), a thread
+// per (problem, row), the grid's threads striding over them. Rows are split into chunks only when
+// there are few of them (row_chunks_of).
 template <typename acc_t>
-__device__ __forceinline__ void row_merge_phase(const FwdParams& p, const Work<acc_t>& w) {
+__device__ __forceinline__ void row_merge_phase(const FwdParams& p, const Work<acc_t>& w,
+                                                acc_t* direct = nullptr) {
   const int64_t len = p.n, parts = w.chunks;
   const int64_t total = p.B * len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -71,7 +86,7 @@ __device__ __forceinline__ void row_merge_phase(const FwdParams& p, const Work<a
     Lse<acc_t> s = math::lse_empty<acc_t>();
     for (int64_t k = 0; k < parts; ++k)
       s = math::lse_merge(s, Lse<acc_t>{w.row_max[first + k], w.row_sum[first + k]});
-    w.lse[b * w.L + x] = math::lse_value(s);
+    put_lse(p, w, true, direct, b, x, math::lse_value(s));
   }
 }
 
@@ -117,8 +132,8 @@ __device__ __forceinline__ void col_partial_block(const FwdParams& p, const Work
   w.part_sum[k] = s.sum;
 }
 
-// Merges the column strips' partial LSEs (col_partial_block, or the fused pass) into w.lse, work
-// block (group bx of 32 columns, problem b). Lane l takes column 32 * bx + l, so a warp reads 32
+// Merges the column strips' partial LSEs (col_partial_block, or the fused pass) into w.lse (or g:
+// put_lse), work block (group bx of 32 columns, problem b). Lane l takes column 32 * bx + l, so a warp reads 32
 // consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in four independent
 // chains; the warps' results meet in shared memory (the caller's barrier must follow before the
 // next work block). The H200 run found the merge that gave a thread a whole column (a serial
@@ -126,7 +141,7 @@ __device__ __forceinline__ void col_partial_block(const FwdParams& p, const Work
 // nearly a pass over S.
 template <typename acc_t>
 __device__ __forceinline__ void col_merge_block(const FwdParams& p, const Work<acc_t>& w,
-                                                int64_t bx, int64_t b) {
+                                                int64_t bx, int64_t b, acc_t* direct = nullptr) {
   __shared__ Lse<acc_t> warps[kThreads];  // warp v's result for lane l at v * 32 + l
   const int64_t x = bx * 32 + lane_id();
   if (w.done[b] != acc_t(0)) return;  // block-uniform
@@ -154,7 +169,7 @@ __device__ __forceinline__ void col_merge_block(const FwdParams& p, const Work<a
   if (warp_id() == 0 && x < p.m) {
     Lse<acc_t> total = warps[lane_id()];
     for (int v = 1; v < kRowWarps; ++v) total = math::lse_merge(total, warps[v * 32 + lane_id()]);
-    w.lse[b * w.L + x] = math::lse_value(total);
+    put_lse(p, w, false, direct, b, x, math::lse_value(total));
   }
 }
 
@@ -169,9 +184,7 @@ __device__ __forceinline__ void update_block(const FwdParams& p, const Work<acc_
   if (w.done[b] != acc_t(0)) return;  // block-uniform
   const int64_t len = row ? p.n : p.m;
   acc_t* pot = static_cast<acc_t*>(row ? p.f : p.g) + b * len;
-  const acc_t* lm = row ? (p.log_a ? static_cast<const acc_t*>(p.log_a) : w.log_a)
-                        : (p.log_b ? static_cast<const acc_t*>(p.log_b) : w.log_b);
-  lm += b * len;
+  const acc_t* lm = w.log_marginal(p, row, b);
   const acc_t* lse = w.lse + b * w.L;
   if (check || final) {
     acc_t err = 0;

@@ -79,6 +79,11 @@ struct Work {
     threshold = done + p.B;
     rows = threshold + p.B;
   }
+  // The log marginal of problem b's rows (row) or columns: given, or the defaults.
+  __host__ __device__ const acc_t* log_marginal(const FwdParams& p, bool row, int64_t b) const {
+    if (row) return (p.log_a ? static_cast<const acc_t*>(p.log_a) : log_a) + b * p.n;
+    return (p.log_b ? static_cast<const acc_t*>(p.log_b) : log_b) + b * p.m;
+  }
   static int64_t values(const FwdParams& p) {
     const int64_t L = p.n > p.m ? p.n : p.m;
     const int64_t chunks = row_chunks_of(p.B * p.n, p.m);
