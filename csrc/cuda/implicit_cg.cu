@@ -19,6 +19,7 @@
 #include "cooperative.cuh"
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
+#include "strip_sums.cuh"
 
 namespace sinkhorn {
 namespace {
@@ -27,9 +28,8 @@ using namespace dev;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kStripRows = 64;  // rows a thread of the column pass sums
+using strip_sums::strips_of;
 
-inline __host__ __device__ int64_t strips_of(int64_t n) { return (n + kStripRows - 1) / kStripRows; }
 inline __host__ __device__ int64_t col_blocks_of(int64_t m) { return (m + kThreads - 1) / kThreads; }
 
 // The workspace, in accumulation-type values: per problem res and p (M), u (N), v (M), the
@@ -103,12 +103,11 @@ __device__ __forceinline__ void col_partials(const CgParams& q, const CgWork<acc
     const int64_t b = v / (cb * strips), strip = (v / cb) % strips;
     const int64_t c = (v % cb) * kThreads + threadIdx.x;
     if (c >= q.m || w.done[b] != acc_t(0)) continue;
-    const int64_t first = strip * kStripRows;
-    const int64_t last = first + kStripRows < q.n ? first + kStripRows : q.n;
+    const strip_sums::Rows rows = strip_sums::rows_of(strip, q.n);
     const acc_t* xb = x + b * q.n;
     const acc_t* sb = scale ? scale + b * q.n : nullptr;
     acc_t s = 0;
-    for (int64_t r = first; r < last; ++r)
+    for (int64_t r = rows.first; r < rows.last; ++r)
       s += P[(b * q.n + r) * q.m + c] * (sb ? sb[r] * xb[r] : xb[r]);
     w.partial[(b * strips + strip) * q.m + c] = s;
   }
@@ -122,9 +121,7 @@ __device__ __forceinline__ void col_merge(const CgParams& q, const CgWork<acc_t>
        x += stride) {
     const int64_t b = x / q.m, c = x % q.m;
     if (w.done[b] != acc_t(0)) continue;
-    acc_t s = 0;
-    for (int64_t k = 0; k < strips; ++k) s += w.partial[(b * strips + k) * q.m + c];
-    out[x] = s;
+    out[x] = strip_sums::column_total(w.partial, b, strips, q.m, c);
   }
 }
 

@@ -154,6 +154,36 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
   }
 }
 
+// The LSE of N values already in registers (-inf: a masked or absent entry), as a running Lse:
+// their maximum, then the sum of exp(x - max), with no branch an entry and one exponential each
+// (an online push costs a compare, a branch and the same exponential). When the maximum is not
+// finite (+inf), or a value is NaN, the values are pushed one by one instead (math::lse_push),
+// so those cases give exactly what the online pushes give (a NaN spreads; +inf entries as
+// lse_push treats them). An all -inf set gives the empty state.
+template <int N, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_of(const acc_t (&x)[N]) {
+  acc_t mx = math::neg_inf<acc_t>();
+  bool nan = false;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    mx = x[k] > mx ? x[k] : mx;
+    nan = nan || x[k] != x[k];
+  }
+  if (nan || mx == -math::neg_inf<acc_t>()) {  // rare: the online pushes, in four chains
+    Lse<acc_t> c[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
+#pragma unroll
+    for (int k = 0; k < N; ++k) math::lse_push(c[k % 4], x[k]);
+    return math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3]));
+  }
+  if (mx == math::neg_inf<acc_t>()) return math::lse_empty<acc_t>();
+  acc_t sum[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int k = 0; k < N; ++k) sum[k % 4] += math::exp_(x[k] - mx);  // exp(-inf) = 0
+  return Lse<acc_t>{mx, (sum[0] + sum[1]) + (sum[2] + sum[3])};
+}
+
 // The online LSE of value(k) for k = first, first + stride, ... < end, in four independent
 // chains (k, k + stride, k + 2 stride, k + 3 stride), merged at the end, whose loads are issued
 // together: one chain of dependent pushes leaves a thread waiting on each load and exponential

@@ -5,7 +5,7 @@
 // previous step's LSEs, which problems ran the step, the marginal's gradient, the consumed
 // upstream) in the same two launches instead of about eight ATen vector ops. The weights come
 // from math::step_weight, as in the block backward (sinkhorn_backward.cu).
-//   row step:    a thread per column walks a strip of kStripRows rows (coalesced over the
+//   row step:    a thread per column walks a strip of rows (strip_sums.cuh; coalesced over the
 //                columns), its strip's column sum into the workspace; then a thread per column
 //                subtracts the strips' sums from target, and a thread per row does the
 //                bookkeeping                                              (row_step, tail)
@@ -15,19 +15,17 @@
 
 #include "kernel_common.cuh"
 #include "sinkhorn_kernel.h"
+#include "strip_sums.cuh"
 
 namespace sinkhorn {
 namespace {
 
 using namespace dev;
 
-constexpr int kThreads = 256;
-constexpr int64_t kStripRows = 64;
-constexpr int64_t kMaxGrid = 65535;  // the grid's y and z dimensions
+using strip_sums::strips_of;
 
-__host__ __device__ inline int64_t strips_of(int64_t n) {
-  return (n + kStripRows - 1) / kStripRows;
-}
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGrid = 65535;  // the grid's y and z dimensions
 
 template <typename acc_t>
 struct Step {
@@ -75,14 +73,13 @@ __global__ void __launch_bounds__(kThreads) row_step_kernel(const Step<acc_t> q)
     *partial = 0;
     return;
   }
-  const int64_t first = strip * kStripRows;
-  const int64_t last = first + kStripRows < q.n ? first + kStripRows : q.n;
+  const strip_sums::Rows rows = strip_sums::rows_of(strip, q.n);
   const acc_t* S = q.S + b * q.n * q.m;
   acc_t* dS = q.dS + b * q.n * q.m;
   const acc_t* u = q.u + b * q.n;
   const acc_t gb = q.before(b, j, q.m);
   acc_t sum = 0;
-  for (int64_t i = first; i < last; ++i) {
+  for (int64_t i = rows.first; i < rows.last; ++i) {
     const acc_t w = u[i] * math::step_weight(S[i * q.m + j] + gb, q.lse_at(b, i));
     dS[i * q.m + j] -= w;
     sum += w;
@@ -118,10 +115,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) tail_kernel(const Step<acc_t> q, bool row) {
   const int64_t x = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (row && x < q.B * q.m) {
-    const int64_t b = x / q.m, j = x % q.m, strips = strips_of(q.n);
-    acc_t sum = 0;
-    for (int64_t s = 0; s < strips; ++s) sum += q.partial[(b * strips + s) * q.m + j];
-    q.target[x] -= sum;
+    const int64_t b = x / q.m, j = x % q.m;
+    q.target[x] -= strip_sums::column_total(q.partial, b, strips_of(q.n), q.m, j);
   }
   const int64_t len = row ? q.n : q.m;
   if (x < q.B * len) {

@@ -13,12 +13,14 @@
 //                per column, the warps over the strips                    (col_partial, col_merge)
 //   then a block per problem checks the stopping rule on the marginal the step fixes and, unless
 //   the problem stops, updates the potentials                                       (update)
-//   (without tol nothing is checked: the row pass or the merge writes the potentials itself,
-//   and no update kernel runs)
+//   (without tol, tol <= 0, no step checks the rule: the row pass, the row merge or the column
+//   merge writes the potentials itself and the steps launch no update kernel; the final error's
+//   update still runs, and a replay's steps keep theirs)
 // With SINKHORN_CUDA_FUSED=1, a row step followed by a column step (every iteration but a lone
 // first or last step) is fused when 1024 <= m <= 16384 (8192 in float64): one kernel reads S
 // once for both (large_fused.cuh), then the row update, the column merge and the column update
-// run, so an iteration reads S once instead of twice. It is off by default: on the H100 and the
+// run (without tol: the fused pass writes f, the merge g, and no update runs), so an iteration
+// reads S once instead of twice. It is off by default: on the H100 and the
 // H200 its first version was the slower of the two (n = m = 8192 on the H200: 0.78 ms an
 // iteration fused, 0.434 unfused; benchmarks/results/h200/large_ot_cuda*.md), with one load of
 // the row in flight a thread; the rewrite that loads the row at once has not run on a GPU yet
@@ -103,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) marginals_kernel(const FwdParams p, 
           math::default_log_b<acc_t>(lse[j] > math::neg_inf<acc_t>(), rows, cols);
     return;
   }
-  const acc_t* la = p.log_a ? static_cast<const acc_t*>(p.log_a) + b * p.n : w.log_a + b * p.n;
+  const acc_t* la = w.log_marginal(p, true, b);
   acc_t mass = 0;
   for (int64_t i = threadIdx.x; i < p.n; i += kThreads)
     mass += la[i] > math::neg_inf<acc_t>() ? math::exp_(la[i]) : acc_t(0);

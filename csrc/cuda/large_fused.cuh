@@ -2,15 +2,18 @@
 // it in one read of S. A block of BLOCK threads owns a strip of w.strip_rows rows of one problem
 // and walks them a row at a time. Each thread holds VALS entries of the row in registers (columns
 // t, t + BLOCK, ..., coalesced), loaded together, so the row is read once: the block reduces its
-// LSE_j(S_ij + g_j) (into w.lse, as row_lse_kernel would), computes the row's new potential
-// f_i = log a_i - LSE, and pushes S_ij + f_i into its columns' running partial LSEs, kept in
-// shared memory (each column owned by one thread, so no barrier guards them). The strip's
-// partials then go to the workspace, where col_merge_kernel combines them as it does
-// col_partial_kernel's.
+// LSE_j(S_ij + g_j) (into w.lse, as row_lse_kernel would; without tol f_i itself, below),
+// computes the row's new potential f_i = log a_i - LSE, and pushes S_ij + f_i into its columns'
+// running partial LSEs, kept in shared memory (each column owned by one thread, so no barrier
+// guards them). The strip's partials then go to the workspace, where col_merge_kernel combines
+// them as it does col_partial_kernel's. In float32 the row's LSE is two passes over the registers
+// (dev::lse_of: the maximum, then one exponential an entry, no branch).
 //
 // The update kernel of the row step recomputes the same f_i from the same LSE (math::potential),
 // so when a problem does not stop at the row step the partials are exactly the column step's
-// input. When it stops, the partials are never merged (stopped problems are skipped). Takes
+// input. When it stops, the partials are never merged (stopped problems are skipped). Without
+// tol no step checks the stopping rule, so the pass writes f_i itself (direct) and no row update
+// runs. Takes
 // problems with kFusedMinCols <= m <= kFusedMaxCols columns whose partials fit in shared memory.
 //
 // The shape (fused_shape): 16 entries a thread and the block as wide as that needs (128 to 512
@@ -99,17 +102,21 @@ __global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<
       s[k] = j < m ? to_acc(row[j]) : math::neg_inf<acc_t>();
     }
     const acc_t la = log_a[i];  // with the row's loads, not after the barrier
-    // Four independent chains, as dev::lse_strided.
-    Lse<acc_t> c[4];
+    acc_t x[VALS];  // S_ij + g_j; the entries past m are -inf (s), gj 0
 #pragma unroll
-    for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
+    for (int k = 0; k < VALS; ++k) x[k] = s[k] + gj[k];
+    Lse<acc_t> r;
+    if constexpr (sizeof(acc_t) == sizeof(float)) {
+      r = dev::lse_of(x);  // max, then the sum of exponentials
+    } else {  // float64: lse_of's second path would spill at 512 threads (ptxas: 128 registers)
+      Lse<acc_t> c[4];
 #pragma unroll
-    for (int k = 0; k < VALS; ++k) {
-      const int64_t j = threadIdx.x + int64_t(k) * BLOCK;
-      if (j < m) math::lse_push(c[k % 4], s[k] + gj[k]);
+      for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
+#pragma unroll
+      for (int k = 0; k < VALS; ++k) math::lse_push(c[k % 4], x[k]);
+      r = math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3]));
     }
-    Lse<acc_t> r = dev::warp_lse(
-        math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3])));
+    r = dev::warp_lse(r);
     const int buf = static_cast<int>((i - i0) & 1);
     if (lane_id() == 0) {
       warp_max[buf][warp_id()] = r.max;

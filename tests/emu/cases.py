@@ -50,9 +50,13 @@ def assert_close(got, want, what, floor=1e-3, atol=0.0):
     assert ratio <= 1, f"{what}: difference {ratio:.3g} x the allowed (rtol {rtol:g})"
 
 
-def problem(B, n, m, dtype, seed, masked=False, given=False):
+def problem(B, n, m, dtype, seed, masked=False, given=False, nonfinite=False):
     g = torch.Generator().manual_seed(seed)
     S = torch.randn(B, n, m, generator=g, dtype=torch.float64) * 2
+    if nonfinite:  # a NaN score in problem 0, a +inf in problem 1, two +inf in one row of 2
+        S[0, n - 1, m // 3] = float("nan")  # not on the masked row n // 2
+        S[1, 0, m - 1] = float("inf")
+        S[2, n - 1, 0] = S[2, n - 1, m // 2] = float("inf")
     if masked:
         S[..., 0, 0] = NEG_INF
         if n > 1:
@@ -73,8 +77,8 @@ def emu():
 
 
 def check_forward(B, n, m, dtype, steps=9, start="row", tol=0.0, masked=False, given=False,
-                  seed=0):
-    S, a, b = problem(B, n, m, dtype, seed, masked, given)
+                  seed=0, nonfinite=False):
+    S, a, b = problem(B, n, m, dtype, seed, masked, given, nonfinite)
     args = (S, a, b, None, steps, start, tol)
     got = emu().sinkhorn(*args)
     want = torch.ops.sinkhorn_ops.sinkhorn(*args)
@@ -221,6 +225,12 @@ def _cases():
         add(f"fwd-edge-3x{m}-f32", check_forward, B=2, n=3, m=m, dtype=F32, steps=5, seed=m)
     for m in (8192, 8193):
         add(f"fwd-edge-3x{m}-f64", check_forward, B=1, n=3, m=m, dtype=F64, steps=4, seed=m)
+    # NaN and +inf scores (one problem each, and two +inf in one row) must spoil the same entries
+    # as on the CPU, on every large pass (the fused pass's register LSE falls back to the online
+    # pushes for them) and on the block path.
+    for n, m in ((5, 2100), (40, 70)):
+        add(f"fwd-nonfinite-4x{n}x{m}", check_forward, B=4, n=n, m=m, dtype=F32, steps=5,
+            masked=True, nonfinite=True)
     # Unrolled backward: tiny (steps <= 64; float64 up to 4x4, larger float64 on the block path),
     # block, composite (large). Given marginals in float64 and bfloat16, the defaults in float32.
     for n, m in ((1, 1), (4, 4), (3, 7), (8, 8), (5, 4)):
