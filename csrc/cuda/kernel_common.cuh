@@ -139,9 +139,15 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
     for (int r = 0; r < R; ++r) s[r] = math::lse_empty<acc_t>();
     for (int64_t j = lane_id(); j < m; j += 32) {
       const acc_t gj = g[j];
+      // The rows' loads first, then their pushes: a load written inside its push's condition was
+      // issued after the previous row's push (ptxas, sm_90), so the rows' loads did not overlap.
+      acc_t x[R];
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (r < rows && i0 + r < n) math::lse_push(s[r], to_acc(S[(i0 + r) * m + j]) + gj);
+        x[r] = r < rows && i0 + r < n ? to_acc(S[(i0 + r) * m + j]) : math::neg_inf<acc_t>();
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r < rows && i0 + r < n) math::lse_push(s[r], x[r] + gj);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -261,18 +267,37 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
 }
 
 
-// Column sums of a per-entry value over the rows, sum_i value(i, j, c) with c = column(j) taken
-// once per column, then use(j, sum): split_columns for plain sums. value may write entry (i, j)
-// (each entry has one caller). Every thread of the block must call it.
-template <int BLOCK, typename acc_t, typename Column, typename Value, typename Use>
-__device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Value&& value,
-                                            Use&& use) {
+// The inputs a per-entry step reads from memory (up to four values: scores, upstream, LSE, the
+// entry of dS it updates), loaded for several entries before any of them is used.
+template <typename T>
+struct Inputs {
+  T v[4];
+};
+
+// Column sums of a per-entry value over the rows, sum_i value(i, j, c, load(i, j)) with
+// c = column(j) taken once per column, then use(j, sum): split_columns for plain sums. value may
+// write entry (i, j) (each entry has one caller), which is why the loads are a function of their
+// own: four rows' loads are issued before their values are computed and stored (a store to dS
+// could alias the next row's loads as far as the compiler knows, so loads written inside value
+// waited for the previous entry's store: one load in flight a thread). The sum still adds the
+// rows in order. Every thread of the block must call it.
+template <int BLOCK, typename acc_t, typename Column, typename Load, typename Value, typename Use>
+__device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Load&& load,
+                                            Value&& value, Use&& use) {
   split_columns<BLOCK, acc_t>(
       m,
       [&](int64_t j, int64_t first, int64_t every) {
         const auto c = column(j);
         acc_t sum = 0;
-        for (int64_t i = first; i < n; i += every) sum += value(i, j, c);
+        int64_t i = first;
+        for (; i + 3 * every < n; i += 4 * every) {
+          Inputs<acc_t> in[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) in[k] = load(i + k * every, j);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) sum += value(i + k * every, j, c, in[k]);
+        }
+        for (; i < n; i += every) sum += value(i, j, c, load(i, j));
         return sum;
       },
       [](acc_t a, acc_t b) { return a + b; }, use);

@@ -78,9 +78,11 @@ __device__ void gamma_pass(const Problem<scalar_t>& q, const acc_t* grad_f, cons
   const int64_t n = q.n, m = q.m;
   column_sums<BLOCK, acc_t>(
       n, m, [&](int64_t j) { return q.g[j]; },
-      [&](int64_t i, int64_t j, acc_t gj) {
-        const acc_t gamma =
-            to_acc(q.G[i * m + j]) * math::exp_(to_acc(q.S[i * m + j]) + q.f[i] + gj);
+      [&](int64_t i, int64_t j) {
+        return Inputs<acc_t>{{to_acc(q.G[i * m + j]), to_acc(q.S[i * m + j]), q.f[i], 0}};
+      },
+      [&](int64_t i, int64_t j, acc_t gj, const Inputs<acc_t>& in) {
+        const acc_t gamma = in.v[0] * math::exp_(in.v[1] + in.v[2] + gj);
         q.dS[i * m + j] = gamma;
         return gamma;
       },
@@ -116,9 +118,12 @@ __device__ void reverse_row_step(const Problem<scalar_t>& q, int64_t t, int64_t 
       [&](int64_t j) {  // step t - 1 was the column step that last set g; before step 0, g = 0
         return t > 0 ? math::potential(q.log_b[j], q.lse[(t - 1) * q.L + j]) : acc_t(0);
       },
-      [&](int64_t i, int64_t j, acc_t gb) {
-        const acc_t w = q.u_f[i] * math::step_weight(to_acc(q.S[i * m + j]) + gb, lse[i]);
-        q.dS[i * m + j] -= w;
+      [&](int64_t i, int64_t j) {
+        return Inputs<acc_t>{{q.u_f[i], to_acc(q.S[i * m + j]), lse[i], q.dS[i * m + j]}};
+      },
+      [&](int64_t i, int64_t j, acc_t gb, const Inputs<acc_t>& in) {
+        const acc_t w = in.v[0] * math::step_weight(in.v[1] + gb, in.v[2]);
+        q.dS[i * m + j] = in.v[3] - w;
         return w;
       },
       [&](int64_t j, acc_t sum) { q.u_g[j] = (restart ? acc_t(0) : q.u_g[j]) - sum; });
@@ -137,11 +142,24 @@ __device__ void reverse_col_step(const Problem<scalar_t>& q, int64_t t, int64_t 
   for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
     const acc_t fb = t > 0 ? math::potential(q.log_a[i], q.lse[(t - 1) * q.L + i]) : acc_t(0);
     acc_t sum = 0;
-    for (int64_t j = lane_id(); j < m; j += 32) {
-      const acc_t w = q.u_g[j] * math::step_weight(to_acc(q.S[i * m + j]) + fb, lse[j]);
-      q.dS[i * m + j] -= w;
+    // Four entries' loads before their updates (see column_sums), the sum in the same order.
+    auto load = [&](int64_t j) {
+      return Inputs<acc_t>{{q.u_g[j], to_acc(q.S[i * m + j]), lse[j], q.dS[i * m + j]}};
+    };
+    auto update = [&](int64_t j, const Inputs<acc_t>& in) {
+      const acc_t w = in.v[0] * math::step_weight(in.v[1] + fb, in.v[2]);
+      q.dS[i * m + j] = in.v[3] - w;
       sum += w;
+    };
+    int64_t j = lane_id();
+    for (; j + 96 < m; j += 128) {
+      Inputs<acc_t> in[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) in[k] = load(j + 32 * k);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) update(j + 32 * k, in[k]);
     }
+    for (; j < m; j += 32) update(j, load(j));
     sum = warp_sum(sum);
     if (lane_id() == 0) q.u_f[i] = (restart ? acc_t(0) : q.u_f[i]) - sum;
   }
