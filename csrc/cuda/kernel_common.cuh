@@ -268,19 +268,34 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
 
 
 // The inputs a per-entry step reads from memory (up to four values: scores, upstream, LSE, the
-// entry of dS it updates), loaded for several entries before any of them is used.
+// entry of dS it updates).
 template <typename T>
 struct Inputs {
   T v[4];
 };
 
+// update(x, load(x)) for x = first, first + stride, ... < end, in order, four entries at a time
+// with their four loads issued before the first update. An update that stores (dS) could alias
+// the next entry's loads as far as the compiler knows, so loads written inside it waited for the
+// previous entry's store: one load in flight a thread (ptxas, sm_90).
+template <typename T, typename Load, typename Update>
+__device__ __forceinline__ void load_then_update(int64_t first, int64_t end, int64_t stride,
+                                                 Load&& load, Update&& update) {
+  int64_t x = first;
+  for (; x + 3 * stride < end; x += 4 * stride) {
+    Inputs<T> in[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) in[k] = load(x + k * stride);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) update(x + k * stride, in[k]);
+  }
+  for (; x < end; x += stride) update(x, load(x));
+}
+
 // Column sums of a per-entry value over the rows, sum_i value(i, j, c, load(i, j)) with
 // c = column(j) taken once per column, then use(j, sum): split_columns for plain sums. value may
-// write entry (i, j) (each entry has one caller), which is why the loads are a function of their
-// own: four rows' loads are issued before their values are computed and stored (a store to dS
-// could alias the next row's loads as far as the compiler knows, so loads written inside value
-// waited for the previous entry's store: one load in flight a thread). The sum still adds the
-// rows in order. Every thread of the block must call it.
+// write entry (i, j) (each entry has one caller); its loads come from load (load_then_update).
+// The rows are added in order. Every thread of the block must call it.
 template <int BLOCK, typename acc_t, typename Column, typename Load, typename Value, typename Use>
 __device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Load&& load,
                                             Value&& value, Use&& use) {
@@ -289,15 +304,9 @@ __device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& colum
       [&](int64_t j, int64_t first, int64_t every) {
         const auto c = column(j);
         acc_t sum = 0;
-        int64_t i = first;
-        for (; i + 3 * every < n; i += 4 * every) {
-          Inputs<acc_t> in[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) in[k] = load(i + k * every, j);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) sum += value(i + k * every, j, c, in[k]);
-        }
-        for (; i < n; i += every) sum += value(i, j, c, load(i, j));
+        load_then_update<acc_t>(
+            first, n, every, [&](int64_t i) { return load(i, j); },
+            [&](int64_t i, const Inputs<acc_t>& in) { sum += value(i, j, c, in); });
         return sum;
       },
       [](acc_t a, acc_t b) { return a + b; }, use);

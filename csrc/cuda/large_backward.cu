@@ -79,11 +79,16 @@ __global__ void __launch_bounds__(kThreads) row_step_kernel(const Step<acc_t> q)
   const acc_t* u = q.u + b * q.n;
   const acc_t gb = q.before(b, j, q.m);
   acc_t sum = 0;
-  for (int64_t i = rows.first; i < rows.last; ++i) {
-    const acc_t w = u[i] * math::step_weight(S[i * q.m + j] + gb, q.lse_at(b, i));
-    dS[i * q.m + j] -= w;
-    sum += w;
-  }
+  load_then_update<acc_t>(
+      rows.first, rows.last, 1,
+      [&](int64_t i) {
+        return Inputs<acc_t>{{u[i], S[i * q.m + j], q.lse_at(b, i), dS[i * q.m + j]}};
+      },
+      [&](int64_t i, const Inputs<acc_t>& in) {
+        const acc_t w = in.v[0] * math::step_weight(in.v[1] + gb, in.v[2]);
+        dS[i * q.m + j] = in.v[3] - w;
+        sum += w;
+      });
   *partial = sum;
 }
 
@@ -99,11 +104,14 @@ __global__ void __launch_bounds__(kThreads) col_step_kernel(const Step<acc_t> q)
   const acc_t* u = q.u + b * q.m;
   const acc_t fb = q.before(b, i, q.n);
   acc_t sum = 0;
-  for (int64_t j = lane_id(); j < q.m; j += 32) {
-    const acc_t w = u[j] * math::step_weight(S[j] + fb, q.lse_at(b, j));
-    dS[j] -= w;
-    sum += w;
-  }
+  load_then_update<acc_t>(
+      lane_id(), q.m, 32,
+      [&](int64_t j) { return Inputs<acc_t>{{u[j], S[j], q.lse_at(b, j), dS[j]}}; },
+      [&](int64_t j, const Inputs<acc_t>& in) {
+        const acc_t w = in.v[0] * math::step_weight(in.v[1] + fb, in.v[2]);
+        dS[j] = in.v[3] - w;
+        sum += w;
+      });
   sum = warp_sum(sum);
   if (lane_id() == 0) q.target[row] -= sum;
 }

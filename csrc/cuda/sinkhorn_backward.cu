@@ -142,24 +142,16 @@ __device__ void reverse_col_step(const Problem<scalar_t>& q, int64_t t, int64_t 
   for (int64_t i = warp_id(); i < n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
     const acc_t fb = t > 0 ? math::potential(q.log_a[i], q.lse[(t - 1) * q.L + i]) : acc_t(0);
     acc_t sum = 0;
-    // Four entries' loads before their updates (see column_sums), the sum in the same order.
-    auto load = [&](int64_t j) {
-      return Inputs<acc_t>{{q.u_g[j], to_acc(q.S[i * m + j]), lse[j], q.dS[i * m + j]}};
-    };
-    auto update = [&](int64_t j, const Inputs<acc_t>& in) {
-      const acc_t w = in.v[0] * math::step_weight(in.v[1] + fb, in.v[2]);
-      q.dS[i * m + j] = in.v[3] - w;
-      sum += w;
-    };
-    int64_t j = lane_id();
-    for (; j + 96 < m; j += 128) {
-      Inputs<acc_t> in[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) in[k] = load(j + 32 * k);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) update(j + 32 * k, in[k]);
-    }
-    for (; j < m; j += 32) update(j, load(j));
+    load_then_update<acc_t>(
+        lane_id(), m, 32,
+        [&](int64_t j) {
+          return Inputs<acc_t>{{q.u_g[j], to_acc(q.S[i * m + j]), lse[j], q.dS[i * m + j]}};
+        },
+        [&](int64_t j, const Inputs<acc_t>& in) {
+          const acc_t w = in.v[0] * math::step_weight(in.v[1] + fb, in.v[2]);
+          q.dS[i * m + j] = in.v[3] - w;
+          sum += w;
+        });
     sum = warp_sum(sum);
     if (lane_id() == 0) q.u_f[i] = (restart ? acc_t(0) : q.u_f[i]) - sum;
   }
