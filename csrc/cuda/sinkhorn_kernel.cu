@@ -76,11 +76,14 @@ __device__ acc_t write_plan_rows(const Problem<scalar_t>& q) {
   for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
     const acc_t fi = q.f[i];
     acc_t sum = 0;
-    for (int64_t j = lane_id(); j < q.m; j += 32) {
-      const acc_t v = math::exp_(to_acc(q.S[i * q.m + j]) + fi + q.g[j]);
-      store(q.P + i * q.m + j, v);
-      sum += v;
-    }
+    load_then_update<acc_t>(  // the store to P could alias the next loads: loads first
+        lane_id(), q.m, 32,
+        [&](int64_t j) { return Inputs<acc_t>{{to_acc(q.S[i * q.m + j]), q.g[j], 0, 0}}; },
+        [&](int64_t j, const Inputs<acc_t>& in) {
+          const acc_t v = math::exp_(in.v[0] + fi + in.v[1]);
+          store(q.P + i * q.m + j, v);
+          sum += v;
+        });
     sum = warp_sum(sum);
     if (lane_id() == 0) err += fabs(sum - math::exp_(q.log_a[i]));
   }
@@ -94,11 +97,14 @@ __device__ acc_t write_plan_cols(const Problem<scalar_t>& q) {
   for (int64_t j = threadIdx.x; j < q.m; j += BLOCK) {
     const acc_t gj = q.g[j];
     acc_t sum = 0;
-    for (int64_t i = 0; i < q.n; ++i) {
-      const acc_t v = math::exp_(to_acc(q.S[i * q.m + j]) + q.f[i] + gj);
-      store(q.P + i * q.m + j, v);
-      sum += v;
-    }
+    load_then_update<acc_t>(
+        0, q.n, 1,
+        [&](int64_t i) { return Inputs<acc_t>{{to_acc(q.S[i * q.m + j]), q.f[i], 0, 0}}; },
+        [&](int64_t i, const Inputs<acc_t>& in) {
+          const acc_t v = math::exp_(in.v[0] + in.v[1] + gj);
+          store(q.P + i * q.m + j, v);
+          sum += v;
+        });
     err += fabs(sum - math::exp_(q.log_b[j]));
   }
   return block_sum<BLOCK>(err);
