@@ -19,7 +19,9 @@ namespace sinkhorn {
 namespace large {
 
 using dev::block_sum;
+using dev::Inputs;
 using dev::lane_id;
+using dev::load_then_update;
 using dev::lse_strided;
 using dev::to_acc;
 using dev::warp_id;
@@ -200,7 +202,9 @@ __device__ __forceinline__ void update_block(const FwdParams& p, const Work<acc_
       return;
     }
   }
-  for (int64_t t = threadIdx.x; t < len; t += kThreads) pot[t] = math::potential(lm[t], lse[t]);
+  load_then_update<acc_t>(  // the store to pot could alias the next loads: loads first
+      threadIdx.x, len, kThreads, [&](int64_t t) { return Inputs<acc_t>{{lm[t], lse[t], 0, 0}}; },
+      [&](int64_t t, const Inputs<acc_t>& in) { pot[t] = math::potential(in.v[0], in.v[1]); });
 }
 
 }  // namespace large
