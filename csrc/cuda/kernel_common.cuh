@@ -267,17 +267,18 @@ __device__ __forceinline__ void col_lse_pass(const scalar_t* S, const acc_t* f, 
 }
 
 
-// The inputs a per-entry step reads from memory (up to four values: scores, upstream, LSE, the
-// entry of dS it updates).
+// The values a per-entry update reads from memory, up to four (for a reverse step: the upstream,
+// the score, the LSE and the entry of dS it updates; for the others, what they need).
 template <typename T>
 struct Inputs {
   T v[4];
 };
 
-// update(x, load(x)) for x = first, first + stride, ... < end, in order, four entries at a time
-// with their four loads issued before the first update. An update that stores (dS) could alias
-// the next entry's loads as far as the compiler knows, so loads written inside it waited for the
-// previous entry's store: one load in flight a thread (ptxas, sm_90).
+// update(x, load(x)) for x = first, first + stride, ... < end (stride > 0), in order, four
+// entries at a time with their four loads issued before the first update. An update that stores
+// (dS) could alias the next entry's loads as far as the compiler knows, so loads written inside
+// it waited for the previous entry's store: one load in flight a thread (ptxas, sm_90). The
+// caller guarantees what the compiler could not: update(x) writes nothing load(y) reads, y != x.
 template <typename T, typename Load, typename Update>
 __device__ __forceinline__ void load_then_update(int64_t first, int64_t end, int64_t stride,
                                                  Load&& load, Update&& update) {
@@ -289,13 +290,14 @@ __device__ __forceinline__ void load_then_update(int64_t first, int64_t end, int
 #pragma unroll
     for (int k = 0; k < 4; ++k) update(x + k * stride, in[k]);
   }
-  for (; x < end; x += stride) update(x, load(x));
+#pragma unroll 1
+  for (; x < end; x += stride) update(x, load(x));  // at most three: no unrolled copies
 }
 
 // Column sums of a per-entry value over the rows, sum_i value(i, j, c, load(i, j)) with
 // c = column(j) taken once per column, then use(j, sum): split_columns for plain sums. value may
 // write entry (i, j) (each entry has one caller); its loads come from load (load_then_update).
-// The rows are added in order. Every thread of the block must call it.
+// Each thread adds its rows in order. Every thread of the block must call it.
 template <int BLOCK, typename acc_t, typename Column, typename Load, typename Value, typename Use>
 __device__ __forceinline__ void column_sums(int64_t n, int64_t m, Column&& column, Load&& load,
                                             Value&& value, Use&& use) {
