@@ -30,7 +30,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 using strip_sums::strips_of;
 
-inline __host__ __device__ int64_t col_blocks_of(int64_t m) { return (m + kThreads - 1) / kThreads; }
+inline __host__ __device__ int64_t col_blocks_of(int64_t m) {
+  return (m + kThreads - 1) / kThreads;
+}
 
 // The workspace, in accumulation-type values: per problem res and p (M), u (N), v (M), the
 // column pass's partials (strips(n) x m), and rz, the stopping threshold and the converged flag.
@@ -77,17 +79,8 @@ __device__ __forceinline__ void row_pass(const CgParams& q, const CgWork<acc_t>&
     const acc_t* row = P + r * q.m;
     const acc_t* xb = x + b * q.m;
     const acc_t* sb = scale ? scale + b * q.m : nullptr;
-    acc_t s[4] = {0, 0, 0, 0};  // four independent sums: four loads in flight a lane
-    int64_t c = lane_id();
-    for (; c + 96 < q.m; c += 128) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t at = c + 32 * k;
-        s[k] += row[at] * (sb ? sb[at] * xb[at] : xb[at]);
-      }
-    }
-    for (; c < q.m; c += 32) s[0] += row[c] * (sb ? sb[c] * xb[c] : xb[c]);
-    const acc_t total = warp_sum((s[0] + s[1]) + (s[2] + s[3]));
+    const acc_t total = warp_sum(sum_strided<acc_t>(  // four loads in flight a lane
+        lane_id(), q.m, 32, [&](int64_t c) { return row[c] * (sb ? sb[c] * xb[c] : xb[c]); }));
     if (lane_id() == 0) out[r] = total;
   }
 }

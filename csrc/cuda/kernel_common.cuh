@@ -160,6 +160,18 @@ __device__ __forceinline__ void row_lse_pass(const scalar_t* S, const acc_t* g, 
   }
 }
 
+// The online LSE of N values already in registers, pushed (math::lse_push) in four chains
+// (entry k into chain k % 4) merged at the end.
+template <int N, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_pushed(const acc_t (&x)[N]) {
+  Lse<acc_t> c[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
+#pragma unroll
+  for (int k = 0; k < N; ++k) math::lse_push(c[k % 4], x[k]);
+  return math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3]));
+}
+
 // The LSE of N values already in registers (-inf: a masked or absent entry), as a running Lse:
 // their maximum, then the sum of exp(x - max), with no branch an entry and one exponential each
 // (an online push costs a compare, a branch and the same exponential). When the maximum is not
@@ -175,14 +187,7 @@ __device__ __forceinline__ Lse<acc_t> lse_of(const acc_t (&x)[N]) {
     mx = x[k] > mx ? x[k] : mx;
     nan = nan || x[k] != x[k];
   }
-  if (nan || mx == -math::neg_inf<acc_t>()) {  // rare: the online pushes, in four chains
-    Lse<acc_t> c[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
-#pragma unroll
-    for (int k = 0; k < N; ++k) math::lse_push(c[k % 4], x[k]);
-    return math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3]));
-  }
+  if (nan || mx == -math::neg_inf<acc_t>()) return lse_pushed(x);  // rare
   if (mx == math::neg_inf<acc_t>()) return math::lse_empty<acc_t>();
   acc_t sum[4] = {0, 0, 0, 0};
 #pragma unroll
@@ -190,28 +195,46 @@ __device__ __forceinline__ Lse<acc_t> lse_of(const acc_t (&x)[N]) {
   return Lse<acc_t>{mx, (sum[0] + sum[1]) + (sum[2] + sum[3])};
 }
 
-// The online LSE of value(k) for k = first, first + stride, ... < end, in four independent
-// chains (k, k + stride, k + 2 stride, k + 3 stride), merged at the end, whose loads are issued
-// together: one chain of dependent pushes leaves a thread waiting on each load and exponential
-// (the H200's large-path row pass, one 4-byte load in flight a thread, ran at half of the copy
-// bandwidth: 0.13 ms at 8192^2 fp32 against 0.065 ms for a read of S).
+// A fold of value(k) for k = first, first + stride, ... < end (stride > 0) in four independent
+// chains (k, k + stride, k + 2 stride, k + 3 stride; the remainder into the first), each started
+// from `empty` and grown by push(state, value), combined at the end as merge(merge(chain 0,
+// chain 1), merge(chain 2, chain 3)). The four values of a round are loaded together: one chain
+// of dependent pushes leaves a thread waiting on each load (the H200's large-path row pass, one
+// 4-byte load in flight a thread, ran at half of the copy bandwidth: 0.13 ms at 8192^2 fp32
+// against 0.065 ms for a read of S).
+template <typename T, typename Value, typename Push, typename Merge>
+__device__ __forceinline__ T fold_strided(int64_t first, int64_t end, int64_t stride, T empty,
+                                          Value&& value, Push&& push, Merge&& merge) {
+  T s[4] = {empty, empty, empty, empty};
+  int64_t k = first;
+  for (; k + 3 * stride < end; k += 4 * stride) {
+    decltype(value(k)) x[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) x[c] = value(k + c * stride);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) push(s[c], x[c]);
+  }
+  for (; k < end; k += stride) push(s[0], value(k));
+  return merge(merge(s[0], s[1]), merge(s[2], s[3]));
+}
+
+// The online LSE of value(k) over the same range (fold_strided).
 template <typename acc_t, typename Value>
 __device__ __forceinline__ Lse<acc_t> lse_strided(int64_t first, int64_t end, int64_t stride,
                                                   Value&& value) {
-  constexpr int kChains = 4;
-  Lse<acc_t> s[kChains];
-#pragma unroll
-  for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
-  int64_t k = first;
-  for (; k + (kChains - 1) * stride < end; k += kChains * stride) {
-    acc_t x[kChains];
-#pragma unroll
-    for (int c = 0; c < kChains; ++c) x[c] = value(k + c * stride);
-#pragma unroll
-    for (int c = 0; c < kChains; ++c) math::lse_push(s[c], x[c]);
-  }
-  for (; k < end; k += stride) math::lse_push(s[0], value(k));
-  return math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
+  return fold_strided(
+      first, end, stride, math::lse_empty<acc_t>(), value,
+      [](Lse<acc_t>& s, acc_t x) { math::lse_push(s, x); },
+      [](Lse<acc_t> a, Lse<acc_t> b) { return math::lse_merge(a, b); });
+}
+
+// The plain sum of value(k) over the same range (fold_strided).
+template <typename acc_t, typename Value>
+__device__ __forceinline__ acc_t sum_strided(int64_t first, int64_t end, int64_t stride,
+                                             Value&& value) {
+  return fold_strided(
+      first, end, stride, acc_t(0), value, [](acc_t& s, acc_t x) { s += x; },
+      [](acc_t a, acc_t b) { return a + b; });
 }
 
 // Column LSEs, LSE_i(S_ij + f_i): a thread per column, so consecutive threads read consecutive

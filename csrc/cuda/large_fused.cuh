@@ -109,12 +109,7 @@ __global__ void __launch_bounds__(BLOCK) row_col_kernel(const FwdParams p, Work<
     if constexpr (sizeof(acc_t) == sizeof(float)) {
       r = dev::lse_of(x);  // max, then the sum of exponentials
     } else {  // float64: lse_of's second path would spill at 512 threads (ptxas: 128 registers)
-      Lse<acc_t> c[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) c[q] = math::lse_empty<acc_t>();
-#pragma unroll
-      for (int k = 0; k < VALS; ++k) math::lse_push(c[k % 4], x[k]);
-      r = math::lse_merge(math::lse_merge(c[0], c[1]), math::lse_merge(c[2], c[3]));
+      r = dev::lse_pushed(x);
     }
     r = dev::warp_lse(r);
     const int buf = static_cast<int>((i - i0) & 1);

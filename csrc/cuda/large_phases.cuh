@@ -135,38 +135,29 @@ __device__ __forceinline__ void col_partial_block(const FwdParams& p, const Work
 }
 
 // Merges the column strips' partial LSEs (col_partial_block, or the fused pass) into w.lse (or g:
-// put_lse), work block (group bx of 32 columns, problem b). Lane l takes column 32 * bx + l, so a warp reads 32
-// consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in four independent
-// chains; the warps' results meet in shared memory (the caller's barrier must follow before the
-// next work block). The H200 run found the merge that gave a thread a whole column (a serial
-// chain over up to 256 strips, with m threads in all: 32 blocks at m = 8192) at 0.115 ms a call,
-// nearly a pass over S.
+// put_lse), work block (group bx of 32 columns, problem b). Lane l takes column 32 * bx + l, so
+// a warp reads 32 consecutive partials of a strip; warp v takes strips v, v + kRowWarps, ... in
+// four independent chains (dev::fold_strided); the warps' results meet in shared memory (the
+// caller's barrier must follow before the next work block). The H200 run found the merge that
+// gave a thread a whole column (a serial chain over up to 256 strips, with m threads in all: 32
+// blocks at m = 8192) at 0.115 ms a call, nearly a pass over S.
 template <typename acc_t>
 __device__ __forceinline__ void col_merge_block(const FwdParams& p, const Work<acc_t>& w,
                                                 int64_t bx, int64_t b, acc_t* direct = nullptr) {
   __shared__ Lse<acc_t> warps[kThreads];  // warp v's result for lane l at v * 32 + l
   const int64_t x = bx * 32 + lane_id();
   if (w.done[b] != acc_t(0)) return;  // block-uniform
-  constexpr int kChains = 4;
-  Lse<acc_t> s[kChains];
-#pragma unroll
-  for (int c = 0; c < kChains; ++c) s[c] = math::lse_empty<acc_t>();
+  Lse<acc_t> part = math::lse_empty<acc_t>();
   if (x < p.m) {
     const acc_t* mx = w.part_max + b * w.strips * p.m + x;
     const acc_t* sum = w.part_sum + b * w.strips * p.m + x;
-    int64_t k = warp_id();
-    for (; k + (kChains - 1) * kRowWarps < w.strips; k += kChains * kRowWarps) {
-#pragma unroll
-      for (int c = 0; c < kChains; ++c) {
-        const int64_t at = (k + c * kRowWarps) * p.m;
-        s[c] = math::lse_merge(s[c], Lse<acc_t>{mx[at], sum[at]});
-      }
-    }
-    for (; k < w.strips; k += kRowWarps)
-      s[0] = math::lse_merge(s[0], Lse<acc_t>{mx[k * p.m], sum[k * p.m]});
+    auto merge = [](Lse<acc_t> a, Lse<acc_t> c) { return math::lse_merge(a, c); };
+    part = dev::fold_strided(
+        int64_t(warp_id()), w.strips, int64_t(kRowWarps), math::lse_empty<acc_t>(),
+        [&](int64_t k) { return Lse<acc_t>{mx[k * p.m], sum[k * p.m]}; },
+        [&](Lse<acc_t>& s, Lse<acc_t> v) { s = merge(s, v); }, merge);
   }
-  warps[threadIdx.x] =
-      math::lse_merge(math::lse_merge(s[0], s[1]), math::lse_merge(s[2], s[3]));
+  warps[threadIdx.x] = part;
   __syncthreads();
   if (warp_id() == 0 && x < p.m) {
     Lse<acc_t> total = warps[lane_id()];

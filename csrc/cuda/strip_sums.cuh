@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "kernel_common.cuh"
+
 namespace sinkhorn {
 namespace strip_sums {
 
@@ -26,19 +28,12 @@ __host__ __device__ inline Rows rows_of(int64_t strip, int64_t n) {
 }
 
 // The sum of column j's strip partials of problem b (strips of m columns), in four independent
-// running sums whose loads are issued together.
+// running sums whose loads are issued together (dev::sum_strided).
 template <typename acc_t>
 __device__ __forceinline__ acc_t column_total(const acc_t* partial, int64_t b, int64_t strips,
                                               int64_t m, int64_t j) {
   const acc_t* at = partial + b * strips * m + j;
-  acc_t s[4] = {0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 3 < strips; k += 4) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) s[c] += at[(k + c) * m];
-  }
-  for (; k < strips; ++k) s[0] += at[k * m];
-  return (s[0] + s[1]) + (s[2] + s[3]);
+  return dev::sum_strided<acc_t>(0, strips, 1, [&](int64_t k) { return at[k * m]; });
 }
 
 }  // namespace strip_sums
