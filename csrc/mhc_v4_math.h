@@ -42,8 +42,9 @@ SK_HD bool over_columns(int s) { return s % 2 == 0; }
 // this one on the transpose, with eps = 0).
 SK_HD int transposed(int k, int n) { return (k % n) * n + k / n; }
 
-// Ops supplies the lane type's element type E, exp, log and max: scalar functions on the GPU, SIMD
-// vector ones on the CPU. c holds n x n lanes row-major.
+// Ops supplies the lane type's element type E, exp, log, max and reciprocals<K>(d, inv) (inv[a] =
+// 1 / d[a] for a < K, exactly): scalar functions on the GPU, SIMD vector ones on the CPU. c holds
+// n x n lanes row-major.
 template <int N, typename T, typename Ops>
 struct Problem {
   using E = typename Ops::E;
@@ -56,35 +57,40 @@ struct Problem {
   template <bool COLUMNS>
   SK_HD static int entry(int a, int b) { return COLUMNS ? b * N + a : a * N + b; }
 
-  // Divides every column (or row) of c by its sum + eps and writes the divisors to d.
+  // Divides every column (or row) of c by its sum + eps and writes the divisors to d. The N
+  // reciprocals are taken together (Ops::reciprocals: one branch for all of them in the CUDA
+  // kernel, bit for bit 1 / d).
   template <bool COLUMNS>
   SK_HD static void normalise(T* c, E eps, T* d) {
     for (int a = 0; a < N; ++a) {
       T sum = c[entry<COLUMNS>(a, 0)];
       for (int b = 1; b < N; ++b) sum = sum + c[entry<COLUMNS>(a, b)];
       d[a] = sum + eps;
-      const T inv = static_cast<E>(1) / d[a];
+    }
+    T inv[N];
+    Ops::template reciprocals<N>(d, inv);
+    for (int a = 0; a < N; ++a)
       for (int b = 0; b < N; ++b) {
         T& v = c[entry<COLUMNS>(a, b)];
-        v = v * inv;
+        v = v * inv[a];
       }
-    }
   }
 
   // The backward of normalise over one axis: g <- (g - sum(g * y)) / d along each line, and y
   // (the step's output) <- y * d, the step's input.
   template <bool COLUMNS>
   SK_HD static void unnormalise(T* g, T* y, const T* d) {
+    T inv[N];
+    Ops::template reciprocals<N>(d, inv);
     for (int a = 0; a < N; ++a) {
       T dot = g[entry<COLUMNS>(a, 0)] * y[entry<COLUMNS>(a, 0)];
       for (int b = 1; b < N; ++b) {
         const int k = entry<COLUMNS>(a, b);
         dot = dot + g[k] * y[k];
       }
-      const T inv = static_cast<E>(1) / d[a];
       for (int b = 0; b < N; ++b) {
         const int k = entry<COLUMNS>(a, b);
-        g[k] = (g[k] - dot) * inv;
+        g[k] = (g[k] - dot) * inv[a];
         y[k] = y[k] * d[a];
       }
     }

@@ -13,13 +13,17 @@ namespace sinkhorn_ops {
 namespace cpu {
 namespace {  // internal linkage: one copy per ISA translation unit (see solver.h)
 
-// exp and max across the lanes of a vector, for mhc_v4_math.h.
+// exp, log, max and reciprocals across the lanes of a vector, for mhc_v4_math.h.
 template <typename V>
 struct LaneOps {
   using E = typename ElemOf<V>::type;
   static V exp(V x) { return exp_vec(x); }
   static V log(V x) { return log_vec(x); }
   static V max(V a, V b) { return a > b ? a : b; }
+  template <int K>
+  static void reciprocals(const V* d, V* inv) {
+    for (int a = 0; a < K; ++a) inv[a] = static_cast<E>(1) / d[a];
+  }
 };
 
 template <int N, typename acc_t>

@@ -18,6 +18,7 @@
 #include "../mhc_v4_math.h"
 #include "../n_switch.h"
 #include "kernel_common.cuh"
+#include "reciprocal.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
@@ -31,6 +32,10 @@ struct DeviceOps {
   static SK_HD T exp(T x) { return math::exp_(x); }
   static SK_HD T log(T x) { return math::log_(x); }
   static SK_HD T max(T a, T b) { return a > b ? a : b; }
+  template <int K>
+  static __device__ __forceinline__ void reciprocals(const T* d, T* inv) {
+    dev::reciprocals<K>(d, inv);
+  }
 };
 
 constexpr int kThreads = 128;
