@@ -111,22 +111,19 @@ struct Problem {
 
   // c <- comb(x), in place. hist, when given, receives normalisation s's divisors at
   // hist[s * N + a]. H is T* (nullptr for none) or math::History (sinkhorn_math.h: the CUDA
-  // backward's divisors in shared memory).
+  // backward's divisors in shared memory). The loop takes a row and a column normalisation a
+  // round, so that no axis is chosen at run time (a runtime choice made the CUDA compiler share
+  // one multiply block between the axes and shuffle the reciprocals into it, 16 moves a step).
   template <typename H>
   SK_HD static void forward(T* c, int iters, E eps, H hist) {
     T x[N * N];
     for (int k = 0; k < N * N; ++k) x[k] = c[k];
     softmax(x, c);
     for (int k = 0; k < N * N; ++k) c[k] = c[k] + eps;
-    for (int s = 0; s < normalisations(iters); ++s) {
-      T d[N];
-      if (over_columns(s)) {
-        normalise<true>(c, eps, d);
-      } else {
-        normalise<false>(c, eps, d);
-      }
-      if (hist)
-        for (int a = 0; a < N; ++a) hist[s * N + a] = d[a];
+    forward_step<true>(c, eps, hist, 0);
+    for (int s = 1; s < normalisations(iters); s += 2) {
+      forward_step<false>(c, eps, hist, s);
+      forward_step<true>(c, eps, hist, s + 1);
     }
   }
 
@@ -135,22 +132,36 @@ struct Problem {
     forward(c, iters, eps, static_cast<T*>(nullptr));
   }
 
+  // Normalisation s (over columns when COLUMNS, which must be over_columns(s)), its divisors to
+  // hist when given.
+  template <bool COLUMNS, typename H>
+  SK_HD static void forward_step(T* c, E eps, H hist, int s) {
+    T d[N];
+    normalise<COLUMNS>(c, eps, d);
+    if (hist)
+      for (int a = 0; a < N; ++a) hist[s * N + a] = d[a];
+  }
+
+  // The backward of normalisation s (COLUMNS as in forward_step) from its divisors in hist.
+  template <bool COLUMNS, typename H>
+  SK_HD static void backward_step(T* g, T* y, H hist, int s) {
+    T d[N];
+    for (int a = 0; a < N; ++a) d[a] = hist[s * N + a];
+    unnormalise<COLUMNS>(g, y, d);
+  }
+
   // g <- dL/dx given g = dL/dcomb and the logits x. hist has room for the divisors
-  // (normalisations(iters) x N lanes).
+  // (normalisations(iters) x N lanes). The walk back pairs the steps as forward does.
   template <typename H>
   SK_HD static void backward(const T* x, T* g, int iters, E eps, H hist) {
     T y[N * N];
     for (int k = 0; k < N * N; ++k) y[k] = x[k];
     forward(y, iters, eps, hist);
-    for (int s = normalisations(iters) - 1; s >= 0; --s) {
-      T d[N];
-      for (int a = 0; a < N; ++a) d[a] = hist[s * N + a];
-      if (over_columns(s)) {
-        unnormalise<true>(g, y, d);
-      } else {
-        unnormalise<false>(g, y, d);
-      }
+    for (int s = normalisations(iters) - 1; s >= 1; s -= 2) {  // s over columns, s - 1 rows
+      backward_step<true>(g, y, hist, s);
+      backward_step<false>(g, y, hist, s - 1);
     }
+    backward_step<true>(g, y, hist, 0);
     // g is now dL/d(softmax); the eps added to it has no gradient.
     softmax(x, y);
     for (int i = 0; i < N; ++i) {
