@@ -456,6 +456,9 @@ void launch_with_history(void (*local)(P...), void (*shared)(P...), unsigned gri
 
 // Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
 // over the rest), at least one.
+// Whether a pointer lies on a 16-byte boundary (nullptr does): the condition of 16-byte loads.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 inline unsigned blocks_for(int64_t work, int64_t per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < INT_MAX ? blocks : INT_MAX));

@@ -24,6 +24,7 @@
 namespace sinkhorn {
 namespace {
 
+using dev::aligned16;
 using dev::blocks_for;
 
 template <typename T>
@@ -134,8 +135,6 @@ __global__ void __launch_bounds__(kThreads)
     store_problem<N>(out, b, g, words, paper);
   }
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 void launch_typed(const V4Params& p, cudaStream_t stream) {

@@ -13,6 +13,7 @@ contains the substring, and prints a line per failure; test_cuda_emulated.py run
 and again in subprocesses under the environment switches (forced block paths, no staging, the
 reverse thread order), which the kernels read once per process.
 """
+import math
 import os
 import sys
 
@@ -143,12 +144,16 @@ def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=
         assert_close(got, want, name + suffix, floor=0.05)
 
 
-def check_mix(T, n, C, dtype, seed=0):
+def check_mix(T, n, C, dtype, seed=0, offset=0):
+    """offset: each activation tensor starts that many elements into its storage (offset 1
+    takes them off the 16-byte boundary the chunked kernels need)."""
     g = torch.Generator().manual_seed(seed)
     acc = acc_of(dtype)
 
     def rnd(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
+        k = offset if dt == dtype else 0
+        flat = torch.randn(math.prod(shape) + k, generator=g, dtype=torch.float64).to(dt)
+        return flat[k:].view(shape)
 
     x, y, grad_pre, grad_post = rnd(T, n, C), rnd(T, C), rnd(T, C), rnd(T, n, C)
     h_pre, h_post, h_res = rnd(T, n, dt=acc), rnd(T, n, dt=acc), rnd(T, n, n, dt=acc)
@@ -269,6 +274,14 @@ def _cases():
         for dtype in ALL:
             add(f"mix-{n}-{dtype}", check_mix, T=19, n=n, C=37, dtype=dtype, seed=n)
     add("mix-4-wide", check_mix, T=3, n=4, C=1031, dtype=F32)
+    # C a multiple of every vector width (16-byte chunks a lane), one stride and several; and
+    # the same with the tensors off the 16-byte boundary, which must take the channel loop.
+    for n in (1, 2, 3, 4, 5, 8):
+        for dtype in ALL:
+            add(f"mix-chunked-{n}-{dtype}", check_mix, T=11, n=n, C=72, dtype=dtype, seed=n)
+    for dtype in ALL:
+        add(f"mix-chunked-wide-{dtype}", check_mix, T=3, n=4, C=1032, dtype=dtype)
+        add(f"mix-chunked-offset-{dtype}", check_mix, T=5, n=4, C=72, dtype=dtype, offset=1)
     return cases
 
 
