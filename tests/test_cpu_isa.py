@@ -87,6 +87,15 @@ for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
     got = torch.autograd.grad((out * W.to(dtype)).sum(), xl)[0]
     assert (out.double() - ref).abs().max().item() <= tol * 10, ("mix", dtype)
     assert (got.double() - want).abs().max().item() <= tol * 10, ("mix grad", dtype)
+# The low-precision loads and stores (SIMD conversions in the AVX2 and AVX-512 builds): bit
+# for bit torch's own rounding, specials included.
+import sys
+sys.path.insert(0, "tests")
+from test_mhc_mix import low_precision_rounding_case
+for dtype in (torch.bfloat16, torch.float16):
+    x, h, want = low_precision_rounding_case(dtype, "cpu")
+    torch.testing.assert_close(sinkhorn_ops.mhc_branch_input(x, h), want, rtol=0, atol=0,
+                               equal_nan=True)
 print("ok")
 """
 

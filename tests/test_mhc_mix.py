@@ -79,6 +79,36 @@ def test_low_precision_within_twice_pytorchs_error(dtype, device):
             assert_flash_rule(a, r, t, floor=floor * scale, name=f"{fn.__name__} grad {k}")
 
 
+def low_precision_rounding_case(dtype, device, channels=85):
+    """(x, h, want) with x of shape (4, 1, channels) in dtype: specials (±0, ±inf, NaN, the
+    largest and smallest normal values, a subnormal), random values and ties of the rounding;
+    want = round(h x) from fp32 by torch's own conversion. With n = 1 the pre mix is that one
+    fp32 product, so the kernel must match it bit for bit."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.max,
+                            -info.max, info.tiny, -info.tiny, info.tiny / 4, 1.0,
+                            1.0 + info.eps, 1.0 + 3 * info.eps])
+    g = torch.Generator().manual_seed(5)
+    rest = torch.randn(4 * channels - special.numel(), generator=g) * 4
+    x = torch.cat([special, rest]).to(dtype).view(4, 1, channels)
+    # fp32 products with ties, and a NaN whose payload is all ones (its products keep it on
+    # the CPU): rounded as a number, it would carry into the sign and read -0.
+    nan_payload = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    h = torch.cat([torch.tensor([1.5, 1.0 / 3.0, 0.75 + 2.0 ** -20]), nan_payload]).view(4, 1)
+    want = (h.unsqueeze(-1) * x.float()).to(dtype)[:, 0]
+    return x.to(device), h.to(device), want.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_rounding_is_torchs(dtype, device):
+    """The kernels' conversions (SIMD ones on the CPU) read and round exactly as torch does,
+    over whole vectors and the tail (85 channels)."""
+    x, h, want = low_precision_rounding_case(dtype, device)
+    got = ops.mhc_branch_input(x, h)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_broadcast_mappings_and_strided_streams(device):
     x, y, hp, hq, hr = make(4, 24, device, batch=(2, 3))

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,10 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // the F16C conversions of vec_math.h (used under a target pragma only)
+#endif
 
 #include "../sinkhorn_math.h"
 #include "../sinkhorn_params.h"

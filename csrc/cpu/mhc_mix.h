@@ -26,9 +26,7 @@ struct MixToken {
     if constexpr (std::is_same_v<W, acc_t>) {
       return static_cast<acc_t>(*src);
     } else {
-      W w;
-      for (int64_t l = 0; l < L; ++l) w[l] = static_cast<acc_t>(src[l]);
-      return w;
+      return load_widened<acc_t>(src);
     }
   }
 
@@ -37,7 +35,7 @@ struct MixToken {
     if constexpr (std::is_same_v<W, acc_t>) {
       *dst = static_cast<scalar_t>(w);
     } else {
-      for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(w[l]);
+      store_narrowed(dst, w);
     }
   }
 

@@ -148,6 +148,65 @@ inline void storeu(T* p, VecOf<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// L lanes of a storage type widened to its accumulation vector, and narrowed back, with the
+// values of c10's scalar conversions: a bf16 is the top half of a float, and both narrowings
+// round to nearest even (a NaN stays a NaN). bf16 in integer vector operations; fp16 by the F16C
+// instructions where the build has them (SK_F16C), else lane by lane, as float and double are
+// plain loads and stores.
+typedef uint16_t VecU16 __attribute__((vector_size(SK_VEC_BYTES / 2)));
+typedef uint32_t VecU32 __attribute__((vector_size(SK_VEC_BYTES)));
+
+template <typename acc_t, typename scalar_t>
+inline VecOf<acc_t> load_widened(const scalar_t* src) {
+  using V = VecOf<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return loadu(src);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<V, VecF>) {
+    VecU16 raw;
+    std::memcpy(&raw, src, sizeof(raw));
+    return (VecF)(__builtin_convertvector(raw, VecU32) << 16);
+#if defined(SK_F16C) && SK_VEC_BYTES == 32
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<V, VecF>) {
+    return (VecF)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+#elif defined(SK_F16C) && SK_VEC_BYTES == 64
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<V, VecF>) {
+    // The maskz forms: the plain ones start from an undefined register, which GCC 12 warns of.
+    return (VecF)_mm512_maskz_cvtph_ps(0xFFFF,
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#endif
+  } else {
+    V w;
+    for (int64_t l = 0; l < kVecLanes<acc_t>; ++l) w[l] = static_cast<acc_t>(src[l]);
+    return w;
+  }
+}
+
+template <typename scalar_t, typename V>
+inline void store_narrowed(scalar_t* dst, V w) {
+  if constexpr (std::is_same_v<scalar_t, typename ElemOf<V>::type>) {
+    storeu(dst, w);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<V, VecF>) {
+    const VecU32 u = (VecU32)w;
+    const VecU32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const VecU32 bits = w != w ? VecU32{} + 0x7FC0u : rounded;
+    const VecU16 out = __builtin_convertvector(bits, VecU16);
+    std::memcpy(dst, &out, sizeof(out));
+#if defined(SK_F16C) && SK_VEC_BYTES == 32
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<V, VecF>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                     _mm256_cvtps_ph((__m256)w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(SK_F16C) && SK_VEC_BYTES == 64
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<V, VecF>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_maskz_cvtps_ph(0xFFFF, (__m512)w,
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  } else {
+    constexpr int64_t L = sizeof(V) / sizeof(w[0]);
+    for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(w[l]);
+  }
+}
+
 // max over j of x_j = s_j + pot_j, NaN-sticky so that a NaN score poisons its own row.
 template <typename T>
 T max_plus(const T* s, const T* pot, int64_t len) {
