@@ -9,7 +9,8 @@
 #   PART=bench bash benchmarks/gpu_check.sh        # then, on the same machine: the benchmarks
 #
 # Step time limits (seconds) can be overridden: T_BUILD, T_CRASH_PROBE, T_EXCEPTION_PROBE,
-# T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC, T_BENCH_LARGE,
+# T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC,
+# T_BENCH_MHC_MIX, T_BENCH_LARGE,
 # T_BENCH, T_BENCH_FUSED, T_PROFILE_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD,
 # T_BENCH_ATTENTION. Steps run in order of importance (their limits add up to more than the
 # deadline: on the first H100 run most
@@ -151,6 +152,10 @@ step bench_fused "$OUT/bench.log" "${T_BENCH_FUSED:-20}" env SINKHORN_CUDA_FUSED
 # The fused iteration's kernels (row_col_kernel, the merge) against the unfused profile's.
 step profile_fused "$OUT/bench.log" "${T_PROFILE_FUSED:-15}" env SINKHORN_CUDA_FUSED=1 \
   python benchmarks/profile_cuda.py --out "$OUT" --tag fused --only "large fwd 1x8192"
+# The stream mixings alone (16-byte chunks a lane since e84b135) against eager, torch.compile
+# and a copy: 8 cases, each with a compilation.
+step bench_mhc_mix "$OUT/bench.log" "${T_BENCH_MHC_MIX:-60}" \
+  python benchmarks/bench_mhc_mix.py --device cuda --quick --out "$OUT"
 # The large path's host loop for solves with tol (the device loop's A/B): 2048^2, where the
 # launches after the stop cost the most against the solve.
 step bench_hostloop "$OUT/bench.log" "${T_BENCH_HOSTLOOP:-20}" env SINKHORN_CUDA_LOOP=host \
