@@ -65,12 +65,12 @@ struct BackwardSolver {
       fwd.with_scratch([&](Scratch<acc_t>& sc) {
         for (int64_t i = i0; i < i1; ++i) {
           const acc_t* s = fwd.row(S, m, i, 0, m, sc.in.get());
-          const scalar_t* gr = G + i * m;
+          const acc_t* gr = fwd.row(G, m, i, 0, m, sc.out.get());
           acc_t* d = dS + i * m;
           const acc_t fi = w.f[i];
           acc_t sum = 0;
           for (int64_t j = 0; j < m; ++j) {
-            d[j] = static_cast<acc_t>(gr[j]) * exp_vec(s[j] + fi + w.g[j]);
+            d[j] = gr[j] * exp_vec(s[j] + fi + w.g[j]);
             sum += d[j];
           }
           w.uf[i] = sum + (q.grad_f ? static_cast<const acc_t*>(q.grad_f)[b * n + i] : acc_t(0));
@@ -106,7 +106,7 @@ struct BackwardSolver {
       }
     }
     if (!direct)
-      for (int64_t k = 0; k < n * m; ++k) dS_out[k] = static_cast<scalar_t>(dS[k]);
+      narrow(dS, dS_out, n * m);
   }
 
   // out[j] = sum_i x_ij, by column chunks so that each chunk owns its outputs.

@@ -53,7 +53,7 @@ struct Solver {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return src;
     } else {
-      for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);
+      widen(src, buf, len);
       return buf;
     }
   }
@@ -163,8 +163,7 @@ struct Solver {
           acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(P + i * m)
                                                      : sc.out.get();
           const acc_t sum = exp_row(s, f[i], g, o, m);
-          if constexpr (!std::is_same_v<scalar_t, acc_t>)
-            for (int64_t j = 0; j < m; ++j) P[i * m + j] = static_cast<scalar_t>(o[j]);
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) narrow(o, P + i * m, m);
           scratch[i] = std::abs(sum - sinkhorn::math::exp_(la[i]));
         }
        });
@@ -183,11 +182,8 @@ struct Solver {
           acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(P + i * m + j0)
                                                      : sc.out.get();
           exp_row(s, f[i], g + j0, o, w);
-          for (int64_t j = 0; j < w; ++j) {
-            cs[j] += o[j];
-            if constexpr (!std::is_same_v<scalar_t, acc_t>)
-              P[i * m + j0 + j] = static_cast<scalar_t>(o[j]);
-          }
+          for (int64_t j = 0; j < w; ++j) cs[j] += o[j];
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) narrow(o, P + i * m + j0, w);
         }
         for (int64_t j = 0; j < w; ++j) cs[j] = std::abs(cs[j] - sinkhorn::math::exp_(lb[j0 + j]));
       }

@@ -207,6 +207,23 @@ inline void store_narrowed(scalar_t* dst, V w) {
   }
 }
 
+// dst[j] = src[j] converted, for j < len: whole vectors by load_widened / store_narrowed, the
+// tail lane by lane (the same values).
+template <typename acc_t, typename scalar_t>
+inline void widen(const scalar_t* src, acc_t* dst, int64_t len) {
+  constexpr int64_t L = kVecLanes<acc_t>;
+  int64_t j = 0;
+  for (; j + L <= len; j += L) storeu(dst + j, load_widened<acc_t>(src + j));
+  for (; j < len; ++j) dst[j] = static_cast<acc_t>(src[j]);
+}
+template <typename scalar_t, typename acc_t>
+inline void narrow(const acc_t* src, scalar_t* dst, int64_t len) {
+  constexpr int64_t L = kVecLanes<acc_t>;
+  int64_t j = 0;
+  for (; j + L <= len; j += L) store_narrowed(dst + j, loadu(src + j));
+  for (; j < len; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
 // max over j of x_j = s_j + pot_j, NaN-sticky so that a NaN score poisons its own row.
 template <typename T>
 T max_plus(const T* s, const T* pot, int64_t len) {
