@@ -124,19 +124,27 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const FwdParams p, Wor
   update_block(p, w, row, k, check, final, blockIdx.x);
 }
 
-// P = exp(S + f_i + g_j), elementwise over every problem.
+// P = exp(S + f_i + g_j): a warp per row (grid-stride over every problem's rows), its lanes over
+// the columns with four entries' loads issued before their stores (the store to P could alias
+// them as far as the compiler knows). The row's problem and potential are found once a row: an
+// element a thread with its 64-bit divisions and modulos (three an entry) cost more instructions
+// than the entry's bytes take to move.
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 __global__ void __launch_bounds__(kThreads) plan_kernel(const FwdParams p) {
-  const int64_t total = p.B * p.n * p.m;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const scalar_t* S = static_cast<const scalar_t*>(p.scores);
+  const int64_t rows = p.B * p.n, m = p.m;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   const acc_t* f = static_cast<const acc_t*>(p.f);
-  const acc_t* g = static_cast<const acc_t*>(p.g);
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
-       t += stride) {
-    const int64_t b = t / (p.n * p.m), r = t % (p.n * p.m), i = r / p.m, j = r % p.m;
-    store(static_cast<scalar_t*>(p.plan) + t,
-          math::exp_(to_acc(S[t]) + f[b * p.n + i] + g[b * p.m + j]));
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); r < rows;
+       r += warps) {
+    const scalar_t* s = static_cast<const scalar_t*>(p.scores) + r * m;
+    const acc_t* g = static_cast<const acc_t*>(p.g) + (r / p.n) * m;
+    scalar_t* out = static_cast<scalar_t*>(p.plan) + r * m;
+    const acc_t fr = f[r];
+    load_then_update<acc_t>(
+        lane_id(), m, 32, [&](int64_t j) { return Inputs<acc_t>{{to_acc(s[j]), g[j]}}; },
+        [&](int64_t j, const Inputs<acc_t>& in) {
+          store(out + j, math::exp_(in.v[0] + fr + in.v[1]));
+        });
   }
 }
 
@@ -211,7 +219,7 @@ void launch_typed(const FwdParams& p, cudaStream_t stream) {
   const bool next_row = ((p.steps % 2) == 0) == p.start_row;
   lse_pass(next_row, next_row ? g : f, nullptr);
   update_kernel<acc_t><<<problems, kThreads, 0, stream>>>(p, w, next_row, p.steps, false, true);
-  plan_kernel<scalar_t><<<blocks_for(p.B * p.n * p.m, kThreads), kThreads, 0, stream>>>(p);
+  plan_kernel<scalar_t><<<blocks_for(p.B * p.n, kRowWarps), kThreads, 0, stream>>>(p);
 }
 
 }  // namespace
