@@ -23,7 +23,8 @@ def _cpu_flags() -> set:
 FLAGS = _cpu_flags()
 ISAS = [
     "default",
-    pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= FLAGS, reason="no AVX2")),
+    pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= FLAGS,
+                                                  reason="no AVX2 with FMA and F16C")),
     pytest.param("avx512", marks=pytest.mark.skipif(
         not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS, reason="no AVX-512")),
 ]
@@ -91,11 +92,10 @@ for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
 # for bit torch's own rounding, specials included.
 import sys
 sys.path.insert(0, "tests")
-from test_mhc_mix import low_precision_rounding_case
+from test_mhc_mix import assert_same_bits, low_precision_rounding_case
 for dtype in (torch.bfloat16, torch.float16):
     x, h, want = low_precision_rounding_case(dtype, "cpu")
-    torch.testing.assert_close(sinkhorn_ops.mhc_branch_input(x, h), want, rtol=0, atol=0,
-                               equal_nan=True)
+    assert_same_bits(sinkhorn_ops.mhc_branch_input(x, h), want)
 print("ok")
 """
 

@@ -39,67 +39,84 @@ struct MixToken {
     }
   }
 
-  // Channels [c, c + width) of token t, width = L (W = V) or 1 (W = acc_t). dh, when given,
-  // accumulates the parameter gradients' terms (N x N then N for post, N for pre) in W lanes.
+  // Token t's rows and mode, copied out of p once a token: the stores below (memcpy, which may
+  // alias anything) would otherwise make the compiler reload p's fields for every vector.
+  struct Rows {
+    const scalar_t* x;  // (N, C)
+    const scalar_t* y;  // (C) post
+    const scalar_t* g;  // dL/d(output): (C) pre, (N, C) post
+    scalar_t* out;      // the output, or dL/dx
+    scalar_t* gy;       // dL/dy (post backward)
+    int64_t C;
+    bool post, backward;
+  };
+
+  // Channels [c, c + width) of token t, width = L (W = V) or 1 (W = acc_t). hw: H_res (post) or
+  // H_pre in its first N, and qw: H_post, splat into W. dh, when given, accumulates the
+  // parameter gradients' terms (N x N then N for post, N for pre) in W lanes.
   template <typename W>
-  void channels(int64_t t, int64_t c, const acc_t* hp, const acc_t* hq, const acc_t* hr,
-                W* dh) const {
-    const int64_t C = p.C;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x) + t * N * C + c;
-    W xs[N], hw[N * N], qw[N];
-    for (int j = 0; j < N; ++j) xs[j] = load<W>(x + j * C);
-    if (!p.post) {
-      for (int j = 0; j < N; ++j) hw[j] = W{} + hp[j];
-      if (!p.backward) {
-        store(static_cast<scalar_t*>(p.out) + t * C + c, sinkhorn::mix::pre<N>(hw, xs));
+  static void channels(const Rows& r, int64_t c, const W* hw, const W* qw, W* dh) {
+    const int64_t C = r.C;
+    W xs[N];
+    for (int j = 0; j < N; ++j) xs[j] = load<W>(r.x + j * C + c);
+    if (!r.post) {
+      if (!r.backward) {
+        store(r.out + c, sinkhorn::mix::pre<N>(hw, xs));
         return;
       }
-      const W g = load<W>(static_cast<const scalar_t*>(p.grad) + t * C + c);
-      scalar_t* dx = static_cast<scalar_t*>(p.out) + t * N * C + c;
+      const W g = load<W>(r.g + c);
       for (int j = 0; j < N; ++j) {
-        store(dx + j * C, hw[j] * g);
+        store(r.out + j * C + c, hw[j] * g);
         dh[j] += g * xs[j];
       }
       return;
     }
-    for (int k = 0; k < N * N; ++k) hw[k] = W{} + hr[k];
-    for (int i = 0; i < N; ++i) qw[i] = W{} + hq[i];
-    const W y = load<W>(static_cast<const scalar_t*>(p.y) + t * C + c);
-    if (!p.backward) {
+    const W y = load<W>(r.y + c);
+    if (!r.backward) {
       W o[N];
       sinkhorn::mix::post<N>(hw, qw, xs, y, o);
-      scalar_t* out = static_cast<scalar_t*>(p.out) + t * N * C + c;
-      for (int i = 0; i < N; ++i) store(out + i * C, o[i]);
+      for (int i = 0; i < N; ++i) store(r.out + i * C + c, o[i]);
       return;
     }
     W g[N], dx[N];
-    const scalar_t* G = static_cast<const scalar_t*>(p.grad) + t * N * C + c;
-    for (int i = 0; i < N; ++i) g[i] = load<W>(G + i * C);
-    const W dy = sinkhorn::mix::post_backward<N>(hw, qw, g, dx);
-    store(static_cast<scalar_t*>(p.grad_y) + t * C + c, dy);
-    scalar_t* DX = static_cast<scalar_t*>(p.out) + t * N * C + c;
-    for (int j = 0; j < N; ++j) store(DX + j * C, dx[j]);
+    for (int i = 0; i < N; ++i) g[i] = load<W>(r.g + i * C + c);
+    store(r.gy + c, sinkhorn::mix::post_backward<N>(hw, qw, g, dx));
+    for (int j = 0; j < N; ++j) store(r.out + j * C + c, dx[j]);
     sinkhorn::mix::post_accumulate<N>(g, xs, y, dh, dh + N * N);
   }
 
   void token(int64_t t) const {
-    const acc_t* hp = p.post ? nullptr : static_cast<const acc_t*>(p.h_pre) + t * N;
-    const acc_t* hq = p.post ? static_cast<const acc_t*>(p.h_post) + t * N : nullptr;
-    const acc_t* hr = p.post ? static_cast<const acc_t*>(p.h_res) + t * N * N : nullptr;
+    const int64_t C = p.C;
+    const bool post = p.post, backward = p.backward;
+    const Rows r{static_cast<const scalar_t*>(p.x) + t * N * C,
+                 post ? static_cast<const scalar_t*>(p.y) + t * C : nullptr,
+                 backward ? static_cast<const scalar_t*>(p.grad) + t * (post ? N : 1) * C
+                          : nullptr,
+                 static_cast<scalar_t*>(p.out) + t * (post || backward ? N : 1) * C,
+                 post && backward ? static_cast<scalar_t*>(p.grad_y) + t * C : nullptr,
+                 C, post, backward};
     constexpr int K = N * N + N;  // gradient terms (post; pre uses the first N)
-    V dv[K];
+    constexpr int H = N * N;      // mapping entries (post; pre uses the first N)
+    acc_t hs[H], qs[N];
+    const acc_t* h = static_cast<const acc_t*>(post ? p.h_res : p.h_pre) + t * (post ? H : N);
+    for (int k = 0; k < (post ? H : N); ++k) hs[k] = h[k];
+    for (int i = 0; i < N; ++i)
+      qs[i] = post ? static_cast<const acc_t*>(p.h_post)[t * N + i] : acc_t(0);
+    V hv[H], qv[N], dv[K];
     acc_t ds[K];
+    for (int k = 0; k < H; ++k) hv[k] = splat<V>(hs[k]);
+    for (int i = 0; i < N; ++i) qv[i] = splat<V>(qs[i]);
     for (int k = 0; k < K; ++k) {
       dv[k] = splat<V>(0);
       ds[k] = 0;
     }
     int64_t c = 0;
-    for (; c + L <= p.C; c += L) channels<V>(t, c, hp, hq, hr, dv);
-    for (; c < p.C; ++c) channels<acc_t>(t, c, hp, hq, hr, ds);
-    if (!p.backward) return;
+    for (; c + L <= C; c += L) channels<V>(r, c, hv, qv, dv);
+    for (; c < C; ++c) channels<acc_t>(r, c, hs, qs, ds);
+    if (!backward) return;
     for (int k = 0; k < K; ++k)
       for (int64_t l = 0; l < L; ++l) ds[k] += dv[k][l];
-    if (!p.post) {
+    if (!post) {
       acc_t* d = static_cast<acc_t*>(p.grad_h_pre) + t * N;
       for (int j = 0; j < N; ++j) d[j] = ds[j];
       return;

@@ -150,9 +150,10 @@ inline void storeu(T* p, VecOf<T> v) {
 
 // L lanes of a storage type widened to its accumulation vector, and narrowed back, with the
 // values of c10's scalar conversions: a bf16 is the top half of a float, and both narrowings
-// round to nearest even (a NaN stays a NaN). bf16 in integer vector operations; fp16 by the F16C
-// instructions where the build has them (SK_F16C), else lane by lane, as float and double are
-// plain loads and stores.
+// round to nearest even. A NaN stays a NaN: bf16 NaNs narrow to c10's 0x7FC0, while the F16C
+// instructions keep a NaN's top payload bits where c10 writes sign | 0x7E00 (the only bits that
+// differ). bf16 in integer vector operations; fp16 by F16C where the build has it (SK_F16C),
+// else lane by lane, as float and double are plain loads and stores.
 typedef uint16_t VecU16 __attribute__((vector_size(SK_VEC_BYTES / 2)));
 typedef uint32_t VecU32 __attribute__((vector_size(SK_VEC_BYTES)));
 
