@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import math
@@ -24,6 +25,28 @@ ROOT = Path(__file__).resolve().parent.parent
 # paired_rounds: rounds of paired_ratio for the targets.
 QUICK = dict(budget_s=1.0, min_reps=3, max_reps=20, slow_s=5.0, paired_rounds=3)
 FULL = dict(budget_s=5.0, min_reps=5, max_reps=100, slow_s=30.0, paired_rounds=7)
+
+
+def bench_parser(doc: str | None, quick_help: str | None = None,
+                 out: bool = True) -> argparse.ArgumentParser:
+    """The benchmarks' common arguments: --device, --out (unless out is False) and, with
+    quick_help, --quick. Parse with parse_bench_args."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    if out:
+        p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    if quick_help is not None:
+        p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
+
+
+def parse_bench_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """p's arguments; --device cuda without CUDA is a usage error."""
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    return args
 
 
 def git_commit() -> str:

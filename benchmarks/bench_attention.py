@@ -12,7 +12,6 @@ Writes <out>/attention_<device>.csv (one row per L, dtype, mode, provider and st
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -270,15 +269,9 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repeats (about 1 s of calls each); on CPU L ∈ {128, 512} only")
-    args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
+    p = bu.bench_parser(__doc__,
+                        "fewer repeats (about 1 s of calls each); on CPU L ∈ {128, 512} only")
+    args = bu.parse_bench_args(p)
 
     env = bu.environment(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if args.device == "cuda" else [])

@@ -12,7 +12,6 @@ torch.autograd.grad over the kept graph (retain_graph=True), so no forward is ti
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -317,22 +316,16 @@ def markdown(rows: list[dict], cases: list[Case], device: str, skip: set) -> lis
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repeats (about 1 s of calls each); on CPU a 256×256 OT case and "
+    p = bu.bench_parser(__doc__,
+                        "fewer repeats (about 1 s of calls each); on CPU a 256×256 OT case and "
                         "the slowest combinations left out")
     p.add_argument("--cases", default=",".join(CASE_NAMES),
                    help="comma-separated subset of: " + ", ".join(CASE_NAMES))
-    args = p.parse_args()
+    args = bu.parse_bench_args(p)
     wanted = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(CASE_NAMES))
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {CASE_NAMES}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
 
     env = bu.environment(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if args.device == "cuda" else [])

@@ -9,7 +9,6 @@ them. Writes <out>/forward_<device>.csv (one row per case, dtype and provider) a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -349,20 +348,14 @@ def markdown(rows: list[dict], device: str) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (about 1 s of calls each)")
+    p = bu.bench_parser(__doc__, "fewer repeats (about 1 s of calls each)")
     p.add_argument("--cases", default=",".join(c.name for c in CASES),
                    help="comma-separated subset of: " + ", ".join(c.name for c in CASES))
-    args = p.parse_args()
+    args = bu.parse_bench_args(p)
     wanted = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = sorted(set(wanted) - {c.name for c in CASES})
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {[c.name for c in CASES]}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
 
     env = bu.environment(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if args.device == "cuda" else [])

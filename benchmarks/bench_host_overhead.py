@@ -19,7 +19,6 @@ Writes <out>/<stem>.csv and .md (stem default host_overhead_<device>).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -109,17 +108,13 @@ def cases(device: str) -> dict[str, tuple]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
+    p = bu.bench_parser(__doc__)
     p.add_argument("--stem", default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: on tiny inputs, waking a thread pool "
                         "costs more than the work and is not the host cost measured here)")
-    args = p.parse_args()
+    args = bu.parse_bench_args(p)
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
     env = bu.environment(args.device)
     rows, table = [], []
     for name, (ours, direct, x) in cases(args.device).items():

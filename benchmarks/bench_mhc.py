@@ -17,7 +17,6 @@ device-to-device copy of the bytes each mode must move is timed in the same run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -395,16 +394,10 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repeats (about 1 s of calls each); on CPU 262144 tokens instead "
+    p = bu.bench_parser(__doc__,
+                        "fewer repeats (about 1 s of calls each); on CPU 262144 tokens instead "
                         "of 1M")
-    args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
+    args = bu.parse_bench_args(p)
 
     env = bu.environment(args.device)
     policy = bu.QUICK if args.quick else bu.FULL

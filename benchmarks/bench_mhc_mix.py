@@ -13,7 +13,6 @@ against the formulas in float64. Writes <out>/mhc_mix_<device>.csv (one row per 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -207,14 +206,8 @@ def markdown(rows: list[dict], device: str) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=bu.ROOT / "benchmarks" / "results")
-    p.add_argument("--quick", action="store_true", help="fewer repeats; on CUDA 4096 tokens")
-    args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False")
+    p = bu.bench_parser(__doc__, "fewer repeats; on CUDA 4096 tokens")
+    args = bu.parse_bench_args(p)
     env = bu.environment(args.device)
     policy = bu.QUICK if args.quick else bu.FULL
     rows: list[dict] = []
