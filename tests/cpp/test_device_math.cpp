@@ -194,6 +194,10 @@ struct HostOps {
   static T exp(T x) { return std::exp(x); }
   static T log(T x) { return std::log(x); }
   static T max(T a, T b) { return a > b ? a : b; }
+  template <int K>
+  static void reciprocals(const T* d, T* inv) {  // the CUDA side's, bit for bit
+    for (int a = 0; a < K; ++a) inv[a] = T(1) / d[a];
+  }
 };
 
 template <int N>
