@@ -317,6 +317,23 @@ __device__ __forceinline__ void load_then_update(int64_t first, int64_t end, int
   for (; x < end; x += stride) update(x, load(x));  // at most three: no unrolled copies
 }
 
+// A row of the plan, out[j] = exp((s[j] + fi) + g[j]) for j = lane, lane + 32, ... < m (a warp
+// per row), four entries' loads issued before their stores (the store could alias them as far
+// as the compiler knows). Returns the lane's share of the row's sum.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t plan_row(const scalar_t* s, acc_t fi, const acc_t* g,
+                                          scalar_t* out, int64_t m) {
+  acc_t sum = 0;
+  load_then_update<acc_t>(
+      lane_id(), m, 32, [&](int64_t j) { return Inputs<acc_t>{{to_acc(s[j]), g[j], 0, 0}}; },
+      [&](int64_t j, const Inputs<acc_t>& in) {
+        const acc_t v = math::exp_(in.v[0] + fi + in.v[1]);
+        store(out + j, v);
+        sum += v;
+      });
+  return sum;
+}
+
 // Column sums of a per-entry value over the rows, sum_i value(i, j, c, load(i, j)) with
 // c = column(j) taken once per column, then use(j, sum): split_columns for plain sums. value may
 // write entry (i, j) (each entry has one caller); its loads come from load (load_then_update).
@@ -454,11 +471,11 @@ void launch_with_history(void (*local)(P...), void (*shared)(P...), unsigned gri
   shared<<<grid, threads, bytes, stream>>>(args...);
 }
 
-// Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
-// over the rest), at least one.
 // Whether a pointer lies on a 16-byte boundary (nullptr does): the condition of 16-byte loads.
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Blocks of per_block work items that cover `work`, within the grid's x limit (kernels loop
+// over the rest), at least one.
 inline unsigned blocks_for(int64_t work, int64_t per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < INT_MAX ? blocks : INT_MAX));

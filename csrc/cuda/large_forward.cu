@@ -124,9 +124,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const FwdParams p, Wor
   update_block(p, w, row, k, check, final, blockIdx.x);
 }
 
-// P = exp(S + f_i + g_j): a warp per row (grid-stride over every problem's rows), its lanes over
-// the columns with four entries' loads issued before their stores (the store to P could alias
-// them as far as the compiler knows). The row's problem and potential are found once a row: an
+// P = exp(S + f_i + g_j): a warp per row (grid-stride over every problem's rows, dev::plan_row,
+// whose row sum goes unused here). The row's problem and potential are found once a row: an
 // element a thread with its 64-bit divisions and modulos (three an entry) cost more instructions
 // than the entry's bytes take to move.
 template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
@@ -136,15 +135,9 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const FwdParams p) {
   const acc_t* f = static_cast<const acc_t*>(p.f);
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp_id(); r < rows;
        r += warps) {
-    const scalar_t* s = static_cast<const scalar_t*>(p.scores) + r * m;
-    const acc_t* g = static_cast<const acc_t*>(p.g) + (r / p.n) * m;
-    scalar_t* out = static_cast<scalar_t*>(p.plan) + r * m;
-    const acc_t fr = f[r];
-    load_then_update<acc_t>(
-        lane_id(), m, 32, [&](int64_t j) { return Inputs<acc_t>{{to_acc(s[j]), g[j]}}; },
-        [&](int64_t j, const Inputs<acc_t>& in) {
-          store(out + j, math::exp_(in.v[0] + fr + in.v[1]));
-        });
+    dev::plan_row(static_cast<const scalar_t*>(p.scores) + r * m, f[r],
+                  static_cast<const acc_t*>(p.g) + (r / p.n) * m,
+                  static_cast<scalar_t*>(p.plan) + r * m, m);
   }
 }
 

@@ -74,17 +74,7 @@ template <int BLOCK, typename scalar_t, typename acc_t = typename AccOf<scalar_t
 __device__ acc_t write_plan_rows(const Problem<scalar_t>& q) {
   acc_t err = 0;
   for (int64_t i = warp_id(); i < q.n; i += BLOCK / 32) {  // warp-uniform: the sum needs all lanes
-    const acc_t fi = q.f[i];
-    acc_t sum = 0;
-    load_then_update<acc_t>(  // the store to P could alias the next loads: loads first
-        lane_id(), q.m, 32,
-        [&](int64_t j) { return Inputs<acc_t>{{to_acc(q.S[i * q.m + j]), q.g[j], 0, 0}}; },
-        [&](int64_t j, const Inputs<acc_t>& in) {
-          const acc_t v = math::exp_(in.v[0] + fi + in.v[1]);
-          store(q.P + i * q.m + j, v);
-          sum += v;
-        });
-    sum = warp_sum(sum);
+    const acc_t sum = warp_sum(plan_row(q.S + i * q.m, q.f[i], q.g, q.P + i * q.m, q.m));
     if (lane_id() == 0) err += fabs(sum - math::exp_(q.log_a[i]));
   }
   return block_sum<BLOCK>(err);
