@@ -49,6 +49,24 @@ def parse_bench_args(p: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def compiled_call(fn: Callable, call: Callable[[Callable], object],
+                  device: str) -> tuple[Callable[[], object], float]:
+    """torch.compile of fn with a fresh dynamo cache (no recompile limit, no stale guards), as
+    the no-argument call lambda: call(compiled) to time, and the seconds of its first call (the
+    compilation), which that call then excludes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn)
+
+    def run() -> object:
+        return call(compiled)
+
+    t0 = time.perf_counter()
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return run, time.perf_counter() - t0
+
+
 def git_commit() -> str:
     """Short HEAD hash; 'uncommitted' when there is no commit or the tree has changes."""
 

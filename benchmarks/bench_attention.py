@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import _bench_util as bu
 import bench_forward as bf  # its timing wrapper (OOM as a note) and error helpers

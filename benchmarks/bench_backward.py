@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import _bench_util as bu
 import bench_forward as bf  # its setup (inputs, OT costs), timing wrapper and error helpers

@@ -15,7 +15,6 @@ import math
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -141,13 +140,9 @@ def check(case: Case, s: Setup) -> dict:
 def compiled_reference(case: Case, s: Setup, k: int) -> tuple[Callable[[], object], float]:
     """torch.compile of the reference for a fixed k steps (a tol loop would stop data-dependently);
     the first call compiles and is timed separately."""
-    torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
-    fn = torch.compile(functools.partial(sinkhorn_reference, steps=k, start=case.start, tol=0.0))
-    t0 = time.perf_counter()
-    fn(s.scores, s.a, s.b)
-    if s.scores.is_cuda:
-        torch.cuda.synchronize()
-    return (lambda: fn(s.scores, s.a, s.b)), time.perf_counter() - t0
+    return bu.compiled_call(
+        functools.partial(sinkhorn_reference, steps=k, start=case.start, tol=0.0),
+        lambda fn: fn(s.scores, s.a, s.b), s.scores.device.type)
 
 
 def pot_solver(case: Case, s: Setup, k: int, device: str) -> Callable[[], list]:

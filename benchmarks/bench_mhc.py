@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import time
 import traceback
-from pathlib import Path
 from typing import Callable
 
 import _bench_util as bu
@@ -135,14 +133,8 @@ def srow(variant: str, tokens: int, mode: str, provider: str, **kw) -> dict:
 def compiled(reference: Callable, mode: str, logits: torch.Tensor,
              weight: torch.Tensor) -> tuple[Callable, float]:
     """torch.compile of the reference; the first call (compilation) is timed separately."""
-    torch._dynamo.reset()
-    fn = torch.compile(reference)
-    run = functools.partial(step, fn, logits, weight, mode)
-    t0 = time.perf_counter()
-    run()
-    if logits.is_cuda:
-        torch.cuda.synchronize()
-    return run, time.perf_counter() - t0
+    return bu.compiled_call(reference, lambda fn: step(fn, logits, weight, mode),
+                            logits.device.type)
 
 
 def run_sinkhorn(variant: str, tokens: int, device: str, policy: dict) -> list[dict]:

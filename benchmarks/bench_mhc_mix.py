@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
-from pathlib import Path
 from typing import Callable
 
 import _bench_util as bu
@@ -137,13 +135,8 @@ def run(op: str, dname: str, device: str, quick: bool, policy: dict) -> list[dic
         comp = row(op, dname, tokens, dim, mode, "compile")
         print(f"{name} compile", flush=True)
         try:
-            torch._dynamo.reset()
-            fn = functools.partial(call, torch.compile(eager), op, t, mode, up)
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            comp["compile_s"] = time.perf_counter() - t0
+            fn, comp["compile_s"] = bu.compiled_call(
+                eager, lambda compiled: call(compiled, op, t, mode, up), device)
             bf.timed(comp, fn, device, policy)
         except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop the run
             comp["note"] = "OOM" if bu.is_oom(exc) else f"compile failed: {bf.reason(exc)}"
