@@ -90,4 +90,32 @@ PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& y, const at::Tensor& h_post,
                                    const at::Tensor& h_res);
 
+// mHC's per-token mappings from the normalised projections proj = RMSNorm(x) phi, (..., 2n + n^2)
+// laid out [pre (n) | post (n) | res (n x n)], float32 or float64, n <= 8, 1 <= iters <= 32:
+//   H_pre = sigmoid(alpha_pre proj_pre + b_pre) (+ eps for "v4"), (..., n);
+//   H_post = 2 sigmoid(alpha_post proj_post + b_post), (..., n);
+//   H_res = Sinkhorn(alpha_res mat(proj_res) + b_res), (..., n, n): mhc_sinkhorn's for
+//   variant "paper", DeepSeek-V4's comb^T (mhc_v4_sinkhorn, eps) for "v4".
+// The weights (gates of one value each, b_pre (n), b_post (n), b_res (n, n)) are in proj's
+// dtype, on its device.
+struct MHCWeights {
+  at::Tensor alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res;
+};
+struct MHCMappings {
+  at::Tensor pre, post, res;
+};
+MHCMappings mhc_mappings(const at::Tensor& proj, const MHCWeights& weights, int64_t iters = 20,
+                         double eps = 1e-6, c10::string_view variant = "paper");
+
+struct MHCMappingsGrads {
+  at::Tensor proj, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res;
+};
+// Its backward given dL/dH_pre, dL/dH_post, dL/dH_res (nullopt: zeros).
+MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre,
+                                       const c10::optional<at::Tensor>& grad_post,
+                                       const c10::optional<at::Tensor>& grad_res,
+                                       const at::Tensor& proj, const MHCWeights& weights,
+                                       int64_t iters = 20, double eps = 1e-6,
+                                       c10::string_view variant = "paper");
+
 }  // namespace sinkhorn_ops

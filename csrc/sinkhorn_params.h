@@ -127,6 +127,29 @@ struct V4Params {
   DType dtype = DType::Float32;  // Float32 or Float64
 };
 
+// One batched call of mHC's mappings (mhc_mappings_math.h) over T tokens: the forward writes
+// H_pre, H_post, H_res from the normalised projections; the backward (grad_pre, grad_post or
+// grad_res given; nullptr reads as zeros) writes dL/dproj, dz and the per-token gate sums. All in
+// dtype, contiguous.
+struct MappingsParams {
+  const void* proj = nullptr;                                      // (T, 2n + n^2)
+  const void* alpha[3] = {nullptr, nullptr, nullptr};              // pre, post, res: 1 value each
+  const void* bias[3] = {nullptr, nullptr, nullptr};               // pre (n), post (n), res (n, n)
+  const void* grad_pre = nullptr, *grad_post = nullptr, *grad_res = nullptr;  // backward
+  bool backward = false;
+  void* pre = nullptr, *post = nullptr, *res = nullptr;            // forward: (T, n), (T, n), (T, n, n)
+  void* grad_proj = nullptr;                                       // backward: (T, 2n + n^2)
+  void* grad_logits = nullptr;                                     // backward: dz, (T, 2n + n^2)
+  void* dots = nullptr;                                            // backward: (T, 3)
+  int64_t T = 0, n = 0;
+  int iters = 0;                                                   // 1 <= iters <= v4::kMaxIters
+  // DeepSeek-V4's variant (H_pre + eps, H_res = comb^T with eps in every sum) when set, else
+  // the paper's (V4Params::paper).
+  bool v4 = false;
+  double eps = 0.0;
+  DType dtype = DType::Float32;                                    // Float32 or Float64
+};
+
 // One batched call of an mHC stream mixing (mhc_mix_math.h) over T tokens of n streams of width
 // C, all contiguous. The streams, the branch output and their gradients are in dtype; the
 // mappings and their gradients in the accumulation type.

@@ -2,15 +2,25 @@
 Sinkhorn variants that make the residual mixing matrix H_res, and the two stream mixings."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
-from . import _mhc_mix_ops, _mhc_v4_ops
+from . import _mhc_mappings_ops, _mhc_mix_ops, _mhc_v4_ops
 from ._ops import sinkhorn
 
-__all__ = ["mhc_branch_input", "mhc_combine", "mhc_sinkhorn", "mhc_v4_sinkhorn", "mhc_v4_sinkhorn_loop"]
+__all__ = [
+    "mhc_branch_input",
+    "mhc_combine",
+    "mhc_mappings",
+    "mhc_sinkhorn",
+    "mhc_v4_sinkhorn",
+    "mhc_v4_sinkhorn_loop",
+]
 
 _GRADS = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
+_VARIANTS = _mhc_mappings_ops.VARIANTS
 
 
 def _sinkhorn_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,6 +122,95 @@ def mhc_v4_sinkhorn_loop(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> 
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
         comb = comb / (comb.sum(-2, keepdim=True) + eps)
     return comb
+
+
+def mhc_mappings(
+    proj: Tensor,
+    alpha_pre: Tensor,
+    alpha_post: Tensor,
+    alpha_res: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int = 20,
+    *,
+    variant: str = "paper",
+    eps: float = 1e-6,
+    grad: str = "unrolled",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC's per-token mappings H_pre, H_post, H_res (MATH.md section 4) from the normalised
+    projections x' φ, where x' = RMSNorm(vec(x_l)) and φ = [φ_pre | φ_post | φ_res]::
+
+        H_pre  = σ(α_pre · proj_pre + b_pre)            (+ eps for variant "v4")
+        H_post = 2σ(α_post · proj_post + b_post)
+        H_res  = Sinkhorn-Knopp(α_res · mat(proj_res) + b_res)
+
+    H_res is :func:`mhc_sinkhorn` (variant "paper") or DeepSeek-V4's combᵀ with
+    comb = :func:`mhc_v4_sinkhorn` (variant "v4"), oriented as applied: stream i of x_{l+1} takes
+    Σ_j H_res[i, j] x_j.
+
+    For n <= 8 and iters <= 32 on CPU and CUDA, with the unrolled gradient, all of this is one
+    fused kernel for all tokens (``torch.ops.sinkhorn_ops.mhc_mappings``), and its backward
+    another (it recomputes the forward from proj and returns the gradients of proj and of every
+    weight); elsewhere it is the same formula in PyTorch ops.
+
+    Args:
+        proj: (..., 2n + n²) the projections laid out [pre (n) | post (n) | res (n × n,
+            row-major)]; any floating dtype, computed in fp32 (fp64 stays fp64).
+        alpha_pre, alpha_post, alpha_res: the scalar gates (one value each).
+        b_pre, b_post: (n,) biases; b_res: (n, n).
+        iters: Sinkhorn iterations.
+        variant: "paper" or "v4" (see above).
+        eps: the "v4" variant's eps (added to H_pre and in every Sinkhorn sum); unused by
+            "paper".
+        grad: the Sinkhorn's backward for "paper": "unrolled" (default, fused) or an implicit
+            mode (see :func:`mhc_sinkhorn`; runs the composite); "v4" takes "unrolled" only.
+
+    Returns:
+        (H_pre (..., n), H_post (..., n), H_res (..., n, n)) in fp32 (fp64 for fp64 proj).
+    """
+    if not isinstance(proj, Tensor):
+        raise TypeError(f"mhc_mappings: expected proj to be a torch.Tensor, got "
+                        f"{type(proj).__name__}")
+    if variant not in _VARIANTS:
+        raise ValueError(f"mhc_mappings: expected variant in {_VARIANTS}, got {variant!r}")
+    if grad not in _GRADS or (variant == "v4" and grad != "unrolled"):
+        allowed = ("unrolled",) if variant == "v4" else _GRADS
+        raise ValueError(f"mhc_mappings: expected grad in {allowed} for variant {variant!r}, "
+                         f"got {grad!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"mhc_mappings: expected iters to be an int >= 1, got {iters!r}")
+    n = b_res.shape[-1] if b_res.dim() == 2 else 0
+    if b_res.dim() != 2 or b_res.shape[0] != n or n < 1:
+        raise ValueError(f"mhc_mappings: expected b_res of shape (n, n), got {tuple(b_res.shape)}")
+    if proj.dim() < 1 or proj.shape[-1] != 2 * n + n * n:
+        raise ValueError(f"mhc_mappings: expected proj of shape (..., 2n + n^2) = "
+                         f"(..., {2 * n + n * n}) for n = {n}, got {tuple(proj.shape)}")
+    acc = _sinkhorn_dtype(proj.dtype)
+    y = proj.to(acc)
+    weights = [w.to(acc) for w in (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)]
+    if grad == "unrolled" and _mhc_mappings_ops.fused(n, iters, y.device):
+        pre, post, res = torch.ops.sinkhorn_ops.mhc_mappings.default(
+            y, *weights, iters, float(eps), variant)
+        return pre, post, res
+    if variant == "v4":
+        return mappings_composite(y, weights, lambda r: mhc_v4_sinkhorn(r, iters, eps).mT, eps)
+    return mappings_composite(y, weights, lambda r: mhc_sinkhorn(r, iters, grad=grad))
+
+
+def mappings_composite(proj: Tensor, weights, residual: Callable[[Tensor], Tensor],
+                       pre_eps: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mhc_mappings` in PyTorch ops, with H_res = residual(logits) for the (..., n, n)
+    logits and pre_eps added to H_pre when given; weights as mhc_mappings takes them, in proj's
+    dtype."""
+    alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res = weights
+    n = b_res.shape[-1]
+    pre, post, res = proj.split([n, n, n * n], dim=-1)
+    h_pre = torch.sigmoid(alpha_pre * pre + b_pre)
+    if pre_eps is not None:
+        h_pre = h_pre + pre_eps
+    h_post = 2.0 * torch.sigmoid(alpha_post * post + b_post)
+    return h_pre, h_post, residual(alpha_res * res.unflatten(-1, (n, n)) + b_res)
 
 
 def _fit(t: Tensor, dtype: torch.dtype, shape) -> Tensor:

@@ -21,6 +21,9 @@ void mhc_v4_avx512(const sinkhorn::V4Params& p);
 void mhc_mix_default(const sinkhorn::MixParams& p, at::ScalarType dtype);
 void mhc_mix_avx2(const sinkhorn::MixParams& p, at::ScalarType dtype);
 void mhc_mix_avx512(const sinkhorn::MixParams& p, at::ScalarType dtype);
+void mhc_mappings_default(const sinkhorn::MappingsParams& p);
+void mhc_mappings_avx2(const sinkhorn::MappingsParams& p);
+void mhc_mappings_avx512(const sinkhorn::MappingsParams& p);
 
 }  // namespace cpu
 }  // namespace sinkhorn_ops

@@ -1,9 +1,11 @@
-// Defines forward_<SK_ISA>, backward_<SK_ISA>, mhc_v4_<SK_ISA> and mhc_mix_<SK_ISA>, the entry
+// Defines forward_<SK_ISA>, backward_<SK_ISA>, mhc_v4_<SK_ISA>, mhc_mix_<SK_ISA> and
+// mhc_mappings_<SK_ISA>, the entry
 // points of one per-ISA build of the CPU kernels (forward_*.cpp). Where SK_ISA_BUILT is not
 // set (an ISA this architecture lacks), they forward to the baseline build instead. Include once, after the #pragma GCC target.
 #include "isa_prelude.h"
 #if SK_ISA_BUILT
 #include "backward_solver.h"
+#include "mhc_mappings.h"
 #include "mhc_mix.h"
 #include "mhc_v4.h"
 #include "solver.h"
@@ -44,6 +46,14 @@ void SK_PASTE(mhc_mix_, SK_ISA)(const sinkhorn::MixParams& p, at::ScalarType dty
   mhc_mix_any(p, dtype);
 #else
   mhc_mix_default(p, dtype);
+#endif
+}
+
+void SK_PASTE(mhc_mappings_, SK_ISA)(const sinkhorn::MappingsParams& p) {
+#if SK_ISA_BUILT
+  mhc_mappings_any(p);
+#else
+  mhc_mappings_default(p);
 #endif
 }
 

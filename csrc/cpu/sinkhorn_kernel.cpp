@@ -18,12 +18,14 @@ using ForwardFn = void (*)(const sinkhorn::FwdParams&, at::ScalarType);
 using BackwardFn = void (*)(const sinkhorn::BwdParams&, at::ScalarType);
 using V4Fn = void (*)(const sinkhorn::V4Params&);
 using MixFn = void (*)(const sinkhorn::MixParams&, at::ScalarType);
+using MappingsFn = void (*)(const sinkhorn::MappingsParams&);
 
 struct Kernels {
   ForwardFn forward;
   BackwardFn backward;
   V4Fn mhc_v4;
   MixFn mhc_mix;
+  MappingsFn mhc_mappings;
 };
 
 bool cpu_has(const std::string& isa) {
@@ -49,12 +51,14 @@ Kernels best_kernels() {
                     isa, "\"");
   TORCH_CHECK_VALUE(isa.empty() || cpu_has(isa), "sinkhorn: SINKHORN_CPU_ISA=", isa,
                     " asks for instructions this processor lacks");
-  const Kernels fallback{&forward_default, &backward_default, &mhc_v4_default, &mhc_mix_default};
+  const Kernels fallback{&forward_default, &backward_default, &mhc_v4_default, &mhc_mix_default,
+                         &mhc_mappings_default};
   if (isa == "default") return fallback;
   if (isa == "avx512" || (isa.empty() && cpu_has("avx512")))
-    return {&forward_avx512, &backward_avx512, &mhc_v4_avx512, &mhc_mix_avx512};
+    return {&forward_avx512, &backward_avx512, &mhc_v4_avx512, &mhc_mix_avx512,
+            &mhc_mappings_avx512};
   if (isa == "avx2" || (isa.empty() && cpu_has("avx2")))
-    return {&forward_avx2, &backward_avx2, &mhc_v4_avx2, &mhc_mix_avx2};
+    return {&forward_avx2, &backward_avx2, &mhc_v4_avx2, &mhc_mix_avx2, &mhc_mappings_avx2};
   return fallback;
 }
 
@@ -96,6 +100,10 @@ struct Cpu {
   static void run(const detail::MixCall& call) {
     static const Kernels kernels = best_kernels();
     kernels.mhc_mix(call.params, call.x.scalar_type());
+  }
+  static void run(const detail::MappingsCall& call) {
+    static const Kernels kernels = best_kernels();
+    kernels.mhc_mappings(call.params);
   }
 };
 

@@ -18,7 +18,7 @@
 #include "../mhc_v4_math.h"
 #include "../n_switch.h"
 #include "kernel_common.cuh"
-#include "reciprocal.cuh"
+#include "mhc_problem.cuh"
 #include "sinkhorn_kernel.h"
 
 namespace sinkhorn {
@@ -27,46 +27,16 @@ namespace {
 using dev::aligned16;
 using dev::blocks_for;
 
-template <typename T>
-struct DeviceOps {
-  using E = T;
-  static SK_HD T exp(T x) { return math::exp_(x); }
-  static SK_HD T log(T x) { return math::log_(x); }
-  static SK_HD T max(T a, T b) { return a > b ? a : b; }
-  template <int K>
-  static __device__ __forceinline__ void reciprocals(const T* d, T* inv) {
-    dev::reciprocals<K>(d, inv);
-  }
-};
-
 constexpr int kThreads = 128;
 
-// 16-byte words of float and double values.
-__device__ __forceinline__ void unpack(const float4& v, float* x) {
-  x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-}
-__device__ __forceinline__ void unpack(const double2& v, double* x) { x[0] = v.x, x[1] = v.y; }
-__device__ __forceinline__ float4 pack(const float* x) { return float4{x[0], x[1], x[2], x[3]}; }
-__device__ __forceinline__ double2 pack(const double* x) { return double2{x[0], x[1]}; }
-template <typename T>
-using Word = typename std::conditional<sizeof(T) == 4, float4, double2>::type;
-
-// Problem b's NN values from src into x, in 16-byte words when `words` (the caller checked the
-// alignment; NN values fill whole words), each transposed for the paper's variant (a
-// compile-time permutation of registers).
+// Problem b's NN values from src into x (mhc::load_row), each transposed for the paper's
+// variant (a compile-time permutation of registers).
 template <int N, typename T>
 __device__ __forceinline__ void load_problem(const T* src, int64_t b, T* x, bool words,
                                              bool transpose) {
-  constexpr int NN = N * N, L = 16 / sizeof(T);
+  constexpr int NN = N * N;
   T raw[NN];
-  if (NN % L == 0 && words) {  // a compile-time false where words cannot hold the problem
-    const Word<T>* w = reinterpret_cast<const Word<T>*>(src + b * NN);
-#pragma unroll
-    for (int q = 0; q < NN / L; ++q) unpack(w[q], raw + q * L);
-  } else {
-#pragma unroll
-    for (int k = 0; k < NN; ++k) raw[k] = src[b * NN + k];
-  }
+  mhc::load_row<NN>(src, b, raw, words);
 #pragma unroll
   for (int k = 0; k < NN; ++k) x[k] = transpose ? raw[v4::transposed(k, N)] : raw[k];
 }
@@ -75,63 +45,29 @@ __device__ __forceinline__ void load_problem(const T* src, int64_t b, T* x, bool
 template <int N, typename T>
 __device__ __forceinline__ void store_problem(T* dst, int64_t b, const T* x, bool words,
                                               bool transpose) {
-  constexpr int NN = N * N, L = 16 / sizeof(T);
+  constexpr int NN = N * N;
   T raw[NN];
 #pragma unroll
   for (int k = 0; k < NN; ++k) raw[transpose ? v4::transposed(k, N) : k] = x[k];
-  if (NN % L == 0 && words) {
-    Word<T>* w = reinterpret_cast<Word<T>*>(dst + b * NN);
-#pragma unroll
-    for (int q = 0; q < NN / L; ++q) w[q] = pack(raw + q * L);
-  } else {
-#pragma unroll
-    for (int k = 0; k < NN; ++k) dst[b * NN + k] = raw[k];
-  }
+  mhc::store_row<NN>(dst, b, raw, words);
 }
 
-// Problems [blockIdx.x * blockDim.x, ...) one per thread, in a grid-stride loop. With paper
-// set, each problem is loaded and stored transposed, eps is 0, and a problem the linear domain
-// cannot take runs the log-domain twin (V4Params::paper). BACKWARD: out = dL/dlogits from
-// grad = dL/dcomb, the divisors in shared memory (SHARED_HISTORY) or a local array; the forward
-// keeps no history at all.
+// Problems [blockIdx.x * blockDim.x, ...) one per thread, in a grid-stride loop
+// (mhc::run_problem). With paper set, each problem is loaded and stored transposed. BACKWARD:
+// out = dL/dlogits from grad = dL/dcomb, the divisors in shared memory (SHARED_HISTORY) or a
+// local array; the forward keeps no history at all.
 template <int N, typename T, bool BACKWARD, bool SHARED_HISTORY>
 __global__ void __launch_bounds__(kThreads)
     mhc_v4_kernel(const T* __restrict__ logits, const T* __restrict__ grad, T* __restrict__ out,
                   int64_t B, int iters, T eps, bool paper, bool words) {
-  using Problem = v4::Problem<N, T, DeviceOps<T>>;
   constexpr int NN = N * N;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
        b += stride) {
     T x[NN], g[NN];
     load_problem<N>(logits, b, x, words, paper);
-    const bool in_log = paper && Problem::needs_log_domain(x);
-    if constexpr (BACKWARD) {
-      load_problem<N>(grad, b, g, words, paper);
-      auto differentiate = [&](auto hist) {
-        if (in_log) {
-          Problem::log_backward(x, g, iters, hist);
-        } else {
-          Problem::backward(x, g, iters, eps, hist);
-        }
-      };
-      if constexpr (SHARED_HISTORY) {
-        extern __shared__ __align__(16) unsigned char mhc_history[];
-        differentiate(math::History<T>{reinterpret_cast<T*>(mhc_history) + threadIdx.x,
-                                     static_cast<int>(blockDim.x)});
-      } else {
-        T hist[(2 * v4::kMaxIters - 1) * N];
-        differentiate(hist);
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < NN; ++k) g[k] = x[k];
-      if (in_log) {
-        Problem::log_forward(g, iters);
-      } else {
-        Problem::forward(g, iters, eps, nullptr);
-      }
-    }
+    if constexpr (BACKWARD) load_problem<N>(grad, b, g, words, paper);
+    mhc::run_problem<N, T, BACKWARD, SHARED_HISTORY>(x, g, iters, eps, paper);
     store_problem<N>(out, b, g, words, paper);
   }
 }

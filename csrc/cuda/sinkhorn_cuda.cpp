@@ -189,6 +189,11 @@ struct Cuda {
     sinkhorn::launch_mhc_mix(call.params, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  static void run(const detail::MappingsCall& call) {
+    const c10::cuda::CUDAGuard guard(call.proj.device());
+    sinkhorn::launch_mhc_mappings(call.params, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
 }  // namespace

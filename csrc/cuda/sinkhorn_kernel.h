@@ -71,4 +71,9 @@ void launch_mhc_v4(const V4Params& p, cudaStream_t stream);
 // at the front door). Never synchronises. Does nothing when p.T == 0.
 void launch_mhc_mix(const MixParams& p, cudaStream_t stream);
 
+// Enqueues mHC's per-token mappings (mhc_mappings.cu), forward or backward as p.backward says.
+// p.n <= v4::kMaxN and p.iters <= v4::kMaxIters (checked at the front door). Never synchronises.
+// Does nothing when p.T == 0.
+void launch_mhc_mappings(const MappingsParams& p, cudaStream_t stream);
+
 }  // namespace sinkhorn

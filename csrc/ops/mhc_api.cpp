@@ -64,4 +64,33 @@ PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
   return {dx, dy, dq, dr};
 }
 
+MHCMappings mhc_mappings(const at::Tensor& proj, const MHCWeights& w, int64_t iters, double eps,
+                         c10::string_view variant) {
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  static auto h = typed_op<R(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, int64_t, double, c10::string_view)>(
+      "sinkhorn_ops::mhc_mappings");
+  auto [pre, post, res] = h.call(proj, w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre, w.b_post,
+                                 w.b_res, iters, eps, variant);
+  return {pre, post, res};
+}
+
+MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre,
+                                       const c10::optional<at::Tensor>& grad_post,
+                                       const c10::optional<at::Tensor>& grad_res,
+                                       const at::Tensor& proj, const MHCWeights& w,
+                                       int64_t iters, double eps, c10::string_view variant) {
+  using T = const at::Tensor&;
+  using O = const c10::optional<at::Tensor>&;
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor>;
+  static auto h = typed_op<R(O, O, O, T, T, T, T, T, T, T, int64_t, double, c10::string_view)>(
+      "sinkhorn_ops::mhc_mappings_backward");
+  auto [dp, da0, da1, da2, db0, db1, db2] =
+      h.call(grad_pre, grad_post, grad_res, proj, w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre,
+             w.b_post, w.b_res, iters, eps, variant);
+  return {dp, da0, da1, da2, db0, db1, db2};
+}
+
 }  // namespace sinkhorn_ops

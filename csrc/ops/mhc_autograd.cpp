@@ -1,5 +1,5 @@
-// Autograd of the mHC operators, registered in C++ on the Autograd key: the two fused Sinkhorns
-// and the two stream mixings differentiate from LibTorch as from Python, and a call records one
+// Autograd of the mHC operators, registered in C++ on the Autograd key: the two fused Sinkhorns,
+// the two stream mixings and the mappings differentiate from LibTorch as from Python, and a call records one
 // C++ node instead of going through Python's autograd.Function machinery (a host cost that
 // bounds mHC's small calls on a GPU). Each forward saves its inputs and calls its backward
 // operator; each backward operator runs below autograd, and differentiating it raises a clear
@@ -101,6 +101,53 @@ struct PostMix : torch::autograd::Function<PostMix> {
   }
 };
 
+// The mappings: H_pre, H_post, H_res = op(proj, the six weights, iters, eps, variant); every
+// tensor input is differentiable and saved (proj is (..., 2n + n^2): small beside x).
+using Septet = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor>;
+using Opt = const c10::optional<at::Tensor>&;
+
+MHCWeights weights_of(T a0, T a1, T a2, T b0, T b1, T b2) { return {a0, a1, a2, b0, b1, b2}; }
+
+struct MappingsBackward {
+  static constexpr const char* name = "mhc_mappings";
+  static Septet call(Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2, T b0, T b1, T b2,
+                     int64_t iters, double eps, c10::string_view variant) {
+    const auto g = mhc_mappings_backward(g_pre, g_post, g_res, proj,
+                                         weights_of(a0, a1, a2, b0, b1, b2), iters, eps, variant);
+    return {g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
+  }
+};
+
+c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+struct Mappings : torch::autograd::Function<Mappings> {
+  static variable_list forward(AutogradContext* ctx, const Variable& proj, const Variable& a0,
+                               const Variable& a1, const Variable& a2, const Variable& b0,
+                               const Variable& b1, const Variable& b2, int64_t iters, double eps,
+                               const std::string& variant) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({proj, a0, a1, a2, b0, b1, b2});
+    ctx->saved_data["iters"] = iters;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["variant"] = variant;
+    const auto m = mhc_mappings(proj, weights_of(a0, a1, a2, b0, b1, b2), iters, eps, variant);
+    return {m.pre, m.post, m.res};
+  }
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
+    const auto s = ctx->get_saved_variables();
+    const std::string variant = ctx->saved_data["variant"].toStringRef();
+    auto grads = detail::as_list(MappingsBackward::call(
+        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0], s[1],
+        s[2], s[3], s[4], s[5], s[6], ctx->saved_data["iters"].toInt(),
+        ctx->saved_data["eps"].toDouble(), variant));
+    grads.insert(grads.end(), {Variable(), Variable(), Variable()});
+    return grads;
+  }
+};
+
 }  // namespace autograd
 }  // namespace sinkhorn_ops
 
@@ -128,5 +175,16 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   });
   m.impl("mhc_post_mix_backward", [](T grad, T x, T y, T h_post, T h_res) {
     return backward_kernel<PostMixBackward>(grad, x, y, h_post, h_res);
+  });
+  m.impl("mhc_mappings", [](T proj, T a0, T a1, T a2, T b0, T b1, T b2, int64_t iters, double eps,
+                            c10::string_view variant) {
+    const auto r = Mappings::apply(proj, a0, a1, a2, b0, b1, b2, iters, eps, std::string(variant));
+    return std::make_tuple(r[0], r[1], r[2]);
+  });
+  m.impl("mhc_mappings_backward", [](Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2,
+                                     T b0, T b1, T b2, int64_t iters, double eps,
+                                     c10::string_view variant) {
+    return backward_kernel<MappingsBackward>(g_pre, g_post, g_res, proj, a0, a1, a2, b0, b1, b2,
+                                             iters, eps, variant);
   });
 }

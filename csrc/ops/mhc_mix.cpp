@@ -4,32 +4,11 @@
 #include <string>
 
 #include "../mhc_mix_math.h"
+#include "arg_checks.h"
 #include "sinkhorn_forward.h"  // kernel_dtype, accumulation_type
 
 namespace sinkhorn_ops {
 namespace detail {
-namespace {
-
-std::vector<int64_t> with(at::IntArrayRef batch, std::initializer_list<int64_t> tail) {
-  std::vector<int64_t> s(batch.begin(), batch.end());
-  s.insert(s.end(), tail);
-  return s;
-}
-
-// `t` must have exactly `shape`, `dtype` and x's device.
-at::Tensor checked(const std::string& op, const char* name, const at::Tensor& t,
-                   const std::vector<int64_t>& shape, at::ScalarType dtype,
-                   const at::Tensor& x) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " of dtype ", dtype,
-                   ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": expected ", name, " of shape ",
-                    at::IntArrayRef(shape), ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": expected ", name, " on x's device ",
-                    x.device(), ", got ", t.device());
-  return t.contiguous();
-}
-
-}  // namespace
 
 MixCall prepare_mhc_mix(bool post, const at::Tensor& x, const at::Tensor& y,
                         const at::Tensor& h_pre, const at::Tensor& h_post,

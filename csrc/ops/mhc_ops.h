@@ -1,12 +1,14 @@
 // The mHC operators' bodies (the two fused Sinkhorns, the stream mixings, their backwards),
 // shared by the CPU and CUDA registrations: the front door's checks, then Device::run(call),
-// which launches the device's kernel on a checked call (a V4Call or a MixCall), then the outputs.
+// which launches the device's kernel on a checked call (a V4Call, a MixCall or a MappingsCall),
+// then the outputs.
 #pragma once
 
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "mhc_mappings.h"
 #include "mhc_mix.h"
 #include "mhc_v4.h"
 
@@ -76,7 +78,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_post_mix_backward
   return {call.out, call.grad_y, call.grad_h_post, call.grad_h_res};
 }
 
-// Registers the eight operators for one dispatch key with Device's kernels.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_mappings_op(
+    const at::Tensor& proj, const at::Tensor& alpha_pre, const at::Tensor& alpha_post,
+    const at::Tensor& alpha_res, const at::Tensor& b_pre, const at::Tensor& b_post,
+    const at::Tensor& b_res, int64_t iters, double eps, c10::string_view variant) {
+  auto call = prepare_mhc_mappings(false, proj,
+                                   {alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res},
+                                   iters, eps, variant);
+  Device::run(call);
+  return {call.pre, call.post, call.res};
+}
+
+using MappingsGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Device>
+MappingsGrads mhc_mappings_backward_op(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj,
+    const at::Tensor& alpha_pre, const at::Tensor& alpha_post, const at::Tensor& alpha_res,
+    const at::Tensor& b_pre, const at::Tensor& b_post, const at::Tensor& b_res, int64_t iters,
+    double eps, c10::string_view variant) {
+  auto call = prepare_mhc_mappings(
+      true, proj, {alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res}, iters, eps, variant,
+      grad_pre.value_or(at::Tensor()), grad_post.value_or(at::Tensor()),
+      grad_res.value_or(at::Tensor()));
+  Device::run(call);
+  const auto w = mappings_weight_grads(call);
+  return {call.grad_proj, w[0], w[1], w[2], w[3], w[4], w[5]};
+}
+
+// Registers the ten operators for one dispatch key with Device's kernels.
 template <typename Device>
 void register_mhc_ops(torch::Library& m) {
   m.impl("mhc_sinkhorn", &mhc_sinkhorn_op<Device>);
@@ -87,6 +120,8 @@ void register_mhc_ops(torch::Library& m) {
   m.impl("mhc_pre_mix_backward", &mhc_pre_mix_backward_op<Device>);
   m.impl("mhc_post_mix", &mhc_post_mix_op<Device>);
   m.impl("mhc_post_mix_backward", &mhc_post_mix_backward_op<Device>);
+  m.impl("mhc_mappings", &mhc_mappings_op<Device>);
+  m.impl("mhc_mappings_backward", &mhc_mappings_backward_op<Device>);
 }
 
 }  // namespace detail

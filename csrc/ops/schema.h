@@ -49,6 +49,19 @@ inline void define_ops(torch::Library& m) {
   m.def("mhc_post_mix_backward(Tensor grad, Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> "
         "(Tensor grad_x, Tensor grad_y, Tensor grad_h_post, Tensor grad_h_res)",
         {at::Tag::pt2_compliant_tag});
+  // mHC's per-token mappings (MATH.md section 4, mhc_mappings_math.h) from the normalised
+  // projections proj = RMSNorm(x) phi, (..., 2n + n^2): H_pre, H_post and H_res (the paper's
+  // Sinkhorn, or DeepSeek-V4's comb^T), and their backward.
+  m.def("mhc_mappings(Tensor proj, Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, "
+        "Tensor b_pre, Tensor b_post, Tensor b_res, int iters, float eps, str variant) -> "
+        "(Tensor pre, Tensor post, Tensor res)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_mappings_backward(Tensor? grad_pre, Tensor? grad_post, Tensor? grad_res, "
+        "Tensor proj, Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, "
+        "Tensor b_post, Tensor b_res, int iters, float eps, str variant) -> "
+        "(Tensor grad_proj, Tensor grad_alpha_pre, Tensor grad_alpha_post, Tensor grad_alpha_res, "
+        "Tensor grad_b_pre, Tensor grad_b_post, Tensor grad_b_res)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace detail

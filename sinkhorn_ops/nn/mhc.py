@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .._rms_projection import rms_projection
-from ..mhc import _GRADS, mhc_branch_input, mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn
+from ..mhc import (_GRADS, mappings_composite, mhc_branch_input, mhc_combine, mhc_mappings,
+                   mhc_sinkhorn, mhc_v4_sinkhorn)
 
 __all__ = [
     "MHCMappings",
@@ -213,14 +214,16 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         # than to the nC inputs, so the normalised copy of x is never materialised (nor x², nor
         # in the backward: rms_projection).
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1).to(acc)
-        pre, post, res = rms_projection(flat, phi, self.norm_eps).split([n, n, n * n], dim=-1)
-        pre = self.alpha_pre.to(acc) * pre + self.b_pre.to(acc)
-        post = self.alpha_post.to(acc) * post + self.b_post.to(acc)
-        res = self.alpha_res.to(acc) * res.unflatten(-1, (n, n)) + self.b_res.to(acc)
-        h_pre = torch.sigmoid(pre)
-        if self.variant == "v4":
-            h_pre = h_pre + self.eps
-        return MHCMappings(h_pre, 2.0 * torch.sigmoid(post), self.residual_matrix(res))
+        proj = rms_projection(flat, phi, self.norm_eps)
+        weights = (self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post,
+                   self.b_res)
+        if type(self).residual_matrix is ManifoldConstrainedHyperConnections.residual_matrix:
+            # One fused kernel for all the mappings where it applies (mhc_mappings).
+            return MHCMappings(*mhc_mappings(proj, *weights, self.iters, variant=self.variant,
+                                             eps=self.eps, grad=self.grad))
+        pre_eps = self.eps if self.variant == "v4" else None
+        return MHCMappings(*mappings_composite(proj.to(acc), [w.to(acc) for w in weights],
+                                               self.residual_matrix, pre_eps))
 
     def width_connection(self, x: Tensor) -> tuple[Tensor, MHCMappings]:
         """The sub-layer's input H_pre x of shape (..., C) in x's dtype, and the mappings that

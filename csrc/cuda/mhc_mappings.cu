@@ -1,0 +1,178 @@
+// CUDA kernels of mHC's per-token mappings (mhc_mappings_math.h), forward and backward: a thread
+// per token, its 2n + n^2 projections and its n x n Sinkhorn problem in registers, the math
+// shared with the CPU kernel. One read of the projections and one write of H_pre, H_post and
+// H_res per token (forward); one read of the projections and of the three upstream gradients,
+// and one write of dL/dproj, dz and the gate sums (backward, which recomputes the forward and
+// keeps the Sinkhorn's divisors as mhc_v4.cu does).
+#include <cstdint>
+
+#include "../mhc_mappings_math.h"
+#include "../n_switch.h"
+#include "kernel_common.cuh"
+#include "mhc_problem.cuh"
+#include "sinkhorn_kernel.h"
+
+namespace sinkhorn {
+namespace {
+
+using dev::aligned16;
+using dev::blocks_for;
+
+constexpr int kThreads = 128;
+
+template <typename T>
+struct Args {
+  const T* proj;
+  const T* alpha[3];
+  const T* bias[3];
+  const T* grad_pre;   // backward: nullptr reads as zeros, as do the next two
+  const T* grad_post;
+  const T* grad_res;
+  T* pre;               // forward outputs
+  T* post;
+  T* res;
+  T* grad_proj;         // backward outputs
+  T* grad_logits;
+  T* dots;
+  int64_t tokens;
+  int iters;
+  T eps;                // DeepSeek-V4's eps, 0 for the paper's variant
+  bool v4;
+  bool words;           // every row pointer on a 16-byte boundary
+};
+
+// Token b's projections into y and its logits z.
+template <int N, typename T>
+__device__ __forceinline__ void token_logits(const Args<T>& a, int64_t b, T* y, T* z) {
+  using Token = mappings::Token<N, T, mhc::DeviceOps<T>>;
+  mhc::load_row<Token::K>(a.proj, b, y, a.words);
+  const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
+  T bias[Token::K];
+#pragma unroll
+  for (int k = 0; k < Token::K; ++k) {
+    const int g = mappings::gate(k, N);
+    bias[k] = a.bias[g][k - (g == 0 ? 0 : g == 1 ? N : 2 * N)];
+  }
+  Token::logits(y, alpha, bias, z);
+}
+
+// A row of V values of src, or zeros for a null src.
+template <int V, typename T>
+__device__ __forceinline__ void load_or_zero(const T* src, int64_t b, T* x, bool words) {
+  if (src == nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = T{};
+  } else {
+    mhc::load_row<V>(src, b, x, words);
+  }
+}
+
+template <int N, typename T>
+__global__ void __launch_bounds__(kThreads) mhc_mappings_forward_kernel(const Args<T> a) {
+  using Token = mappings::Token<N, T, mhc::DeviceOps<T>>;
+  constexpr int NN = N * N;
+  const bool paper = !a.v4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.tokens;
+       b += stride) {
+    T y[Token::K], z[Token::K];
+    token_logits<N>(a, b, y, z);
+    T pre[N], post[N];
+    Token::gates(z, a.eps, pre, post);
+    mhc::store_row<N>(a.pre, b, pre, a.words);
+    mhc::store_row<N>(a.post, b, post, a.words);
+    T x[NN], c[NN], h[NN];
+    Token::res_logits(z, paper, x);
+    mhc::run_problem<N, T, false, false>(x, c, a.iters, a.eps, paper);
+    // H_res is the iterated matrix transposed in both variants: the paper's problem was loaded
+    // transposed, and DeepSeek-V4 applies comb^T.
+#pragma unroll
+    for (int k = 0; k < NN; ++k) h[v4::transposed(k, N)] = c[k];
+    mhc::store_row<NN>(a.res, b, h, a.words);
+  }
+}
+
+template <int N, typename T, bool SHARED_HISTORY>
+__global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const Args<T> a) {
+  using Token = mappings::Token<N, T, mhc::DeviceOps<T>>;
+  constexpr int NN = N * N, K = Token::K;
+  const bool paper = !a.v4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.tokens;
+       b += stride) {
+    T dz[K], x[NN], g[NN];
+    {
+      T y[K], z[K], gp[N], gq[N], graw[NN];
+      token_logits<N>(a, b, y, z);
+      load_or_zero<N>(a.grad_pre, b, gp, a.words);
+      load_or_zero<N>(a.grad_post, b, gq, a.words);
+      Token::gates_backward(z, gp, gq, dz);
+      load_or_zero<NN>(a.grad_res, b, graw, a.words);
+      Token::res_logits(z, paper, x);
+#pragma unroll
+      for (int k = 0; k < NN; ++k)
+        g[k] = graw[v4::transposed(k, N)];  // dL/d(iterated matrix), as H_res is its transpose
+    }
+    // A zero upstream gradient of H_res has a zero gradient of its logits.
+    if (a.grad_res != nullptr) mhc::run_problem<N, T, true, SHARED_HISTORY>(x, g, a.iters, a.eps, paper);
+    Token::res_gradient(g, paper, dz);
+    T y[K], grad_y[K], dots[3];
+    mhc::load_row<K>(a.proj, b, y, a.words);  // again, rather than live across the Sinkhorn
+    const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
+    Token::finish(y, alpha, dz, grad_y, dots);
+    mhc::store_row<K>(a.grad_proj, b, grad_y, a.words);
+    mhc::store_row<K>(a.grad_logits, b, dz, a.words);
+    mhc::store_row<3>(a.dots, b, dots, false);
+  }
+}
+
+template <typename T>
+void launch_typed(const MappingsParams& p, cudaStream_t stream) {
+  Args<T> a;
+  a.proj = static_cast<const T*>(p.proj);
+  for (int g = 0; g < 3; ++g) {
+    a.alpha[g] = static_cast<const T*>(p.alpha[g]);
+    a.bias[g] = static_cast<const T*>(p.bias[g]);
+  }
+  a.grad_pre = static_cast<const T*>(p.grad_pre);
+  a.grad_post = static_cast<const T*>(p.grad_post);
+  a.grad_res = static_cast<const T*>(p.grad_res);
+  a.pre = static_cast<T*>(p.pre);
+  a.post = static_cast<T*>(p.post);
+  a.res = static_cast<T*>(p.res);
+  a.grad_proj = static_cast<T*>(p.grad_proj);
+  a.grad_logits = static_cast<T*>(p.grad_logits);
+  a.dots = static_cast<T*>(p.dots);
+  a.tokens = p.T;
+  a.iters = p.iters;
+  a.eps = p.v4 ? static_cast<T>(p.eps) : T{};
+  a.v4 = p.v4;
+  a.words = aligned16(p.proj) && aligned16(p.grad_pre) && aligned16(p.grad_post) &&
+            aligned16(p.grad_res) && aligned16(p.pre) && aligned16(p.post) && aligned16(p.res) &&
+            aligned16(p.grad_proj) && aligned16(p.grad_logits);
+  n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
+    constexpr int N = decltype(n)::value;
+    const unsigned grid = blocks_for(p.T, kThreads);
+    if (!p.backward) {
+      mhc_mappings_forward_kernel<N, T><<<grid, kThreads, 0, stream>>>(a);
+      return;
+    }
+    const size_t per_thread = static_cast<size_t>(v4::normalisations(p.iters)) * N * sizeof(T);
+    dev::launch_with_history(&mhc_mappings_backward_kernel<N, T, false>,
+                             &mhc_mappings_backward_kernel<N, T, true>, grid, kThreads,
+                             per_thread, stream, a);
+  });
+}
+
+}  // namespace
+
+void launch_mhc_mappings(const MappingsParams& p, cudaStream_t stream) {
+  if (p.T == 0) return;
+  if (p.dtype == DType::Float64) {
+    launch_typed<double>(p, stream);
+  } else {
+    launch_typed<float>(p, stream);
+  }
+}
+
+}  // namespace sinkhorn

@@ -1,0 +1,88 @@
+// mHC's per-token mappings (MATH.md section 4) from the token's normalised projections, for one
+// token: the part of the coefficient computation after RMSNorm(x) phi. Shared by the CPU kernel
+// (T a SIMD vector, a token per lane) and the CUDA kernel (a thread per token, T = float or
+// double). Plain C++, no ATen.
+//
+// A token's K = 2n + n^2 projections y are laid out [pre (n) | post (n) | res (n x n, row-major)]
+// and each group g has a scalar gate alpha_g and per-entry biases b:
+//
+//   z = alpha_g y + b
+//   H_pre  = sigmoid(z_pre) + pre_eps          (pre_eps: 0 for the paper, eps for DeepSeek-V4)
+//   H_post = 2 sigmoid(z_post)
+//   H_res  = Sinkhorn(mat(z_res))              (mhc_v4_math.h; the kernels run it)
+//
+// and the backward, given dz (the sigmoids' here, the Sinkhorn's from v4::Problem):
+//
+//   dL/dy_k = alpha_g dz_k,  dL/db_k = sum over tokens of dz_k,
+//   dL/dalpha_g = sum over tokens of sum_{k in g} dz_k y_k (the per-token sums are `dots`).
+#pragma once
+
+#include "mhc_v4_math.h"
+
+namespace sinkhorn {
+namespace mappings {
+
+// The gate (0 pre, 1 post, 2 res) of a token's projection k.
+SK_HD constexpr int gate(int k, int n) { return k < n ? 0 : (k < 2 * n ? 1 : 2); }
+
+// Projections per token.
+SK_HD constexpr int projections(int n) { return 2 * n + n * n; }
+
+// Ops as in v4::Problem (E, exp; the kernels' Sinkhorn needs the rest).
+template <int N, typename T, typename Ops>
+struct Token {
+  using E = typename Ops::E;
+  static constexpr int NN = N * N, K = 2 * N + NN, RES = 2 * N;
+
+  // z = alpha_g y + b, alpha the three gates, b the K biases.
+  SK_HD static void logits(const T* y, const T* alpha, const T* bias, T* z) {
+    for (int k = 0; k < K; ++k) z[k] = alpha[gate(k, N)] * y[k] + bias[k];
+  }
+
+  SK_HD static T sigmoid(T z) {
+    const T one = T{} + static_cast<E>(1);
+    return one / (one + Ops::exp(-z));
+  }
+
+  // H_pre and H_post from z.
+  SK_HD static void gates(const T* z, E pre_eps, T* pre, T* post) {
+    for (int a = 0; a < N; ++a) {
+      pre[a] = sigmoid(z[a]) + pre_eps;
+      post[a] = static_cast<E>(2) * sigmoid(z[N + a]);
+    }
+  }
+
+  // dz of the pre and post groups (dz[0, 2N)) given dL/dH_pre and dL/dH_post: sigmoid's
+  // derivative s (1 - s), twice that for H_post.
+  SK_HD static void gates_backward(const T* z, const T* g_pre, const T* g_post, T* dz) {
+    const T one = T{} + static_cast<E>(1);
+    for (int a = 0; a < N; ++a) {
+      const T s = sigmoid(z[a]), t = sigmoid(z[N + a]);
+      dz[a] = g_pre[a] * ((one - s) * s);
+      dz[N + a] = (static_cast<E>(2) * g_post[a]) * ((one - t) * t);
+    }
+  }
+
+  // The Sinkhorn's logits x from z_res, in the orientation the kernels iterate (transposed for
+  // the paper's Sinkhorn, DeepSeek-V4's on the transpose), and dz_res back from the iterated
+  // problem's gradient g. A select between two compile-time indices, not a runtime index: a GPU
+  // thread keeps the arrays in registers.
+  SK_HD static void res_logits(const T* z, bool transpose, T* x) {
+    for (int k = 0; k < NN; ++k) x[k] = transpose ? z[RES + v4::transposed(k, N)] : z[RES + k];
+  }
+  SK_HD static void res_gradient(const T* g, bool transpose, T* dz) {
+    for (int k = 0; k < NN; ++k) dz[RES + k] = transpose ? g[v4::transposed(k, N)] : g[k];
+  }
+
+  // dL/dy and the per-gate sums of dz y given dz.
+  SK_HD static void finish(const T* y, const T* alpha, const T* dz, T* grad_y, T* dots) {
+    for (int g = 0; g < 3; ++g) dots[g] = T{};
+    for (int k = 0; k < K; ++k) {
+      grad_y[k] = alpha[gate(k, N)] * dz[k];
+      dots[gate(k, N)] = dots[gate(k, N)] + dz[k] * y[k];
+    }
+  }
+};
+
+}  // namespace mappings
+}  // namespace sinkhorn

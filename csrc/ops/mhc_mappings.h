@@ -1,0 +1,43 @@
+// Front door of mHC's fused mappings operators (mhc_mappings and its backward): the checks every
+// device shares, the outputs, and the params for a kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+#include "../sinkhorn_params.h"
+
+namespace sinkhorn_ops {
+namespace detail {
+
+// The gates' and biases' tensors of a call: alpha_pre, alpha_post, alpha_res, b_pre, b_post,
+// b_res.
+using MappingsWeights = std::array<at::Tensor, 6>;
+
+// One validated call. Inputs are contiguous; outputs are allocated in the caller's shapes.
+struct MappingsCall {
+  at::Tensor proj;
+  MappingsWeights weights;
+  at::Tensor grad_pre, grad_post, grad_res;         // backward inputs (undefined: zeros)
+  at::Tensor pre, post, res;                        // forward outputs
+  at::Tensor grad_proj, grad_logits, dots;          // backward outputs (the last two scratch)
+  sinkhorn::MappingsParams params;
+};
+
+// The forward (backward = false) or the backward (grads may be undefined) of the mappings of
+// projections proj (..., 2n + n^2) with the weights; variant "paper" or "v4". Raises
+// ValueError/TypeError naming the op, the argument, what was expected and what came.
+MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
+                                  const MappingsWeights& weights, int64_t iters, double eps,
+                                  c10::string_view variant, const at::Tensor& grad_pre = {},
+                                  const at::Tensor& grad_post = {},
+                                  const at::Tensor& grad_res = {});
+
+// The backward's gradients of the weights from a run call: the per-token dz and gate sums summed
+// over the tokens, in the weights' shapes.
+std::array<at::Tensor, 6> mappings_weight_grads(const MappingsCall& call);
+
+}  // namespace detail
+}  // namespace sinkhorn_ops
