@@ -88,6 +88,23 @@ for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
     got = torch.autograd.grad((out * W.to(dtype)).sum(), xl)[0]
     assert (out.double() - ref).abs().max().item() <= tol * 10, ("mix", dtype)
     assert (got.double() - want).abs().max().item() <= tol * 10, ("mix grad", dtype)
+# mHC's fused mappings (37 tokens: whole SIMD vectors of tokens and a tail), forward and the
+# gradients of proj and of every weight, against the same formulas in PyTorch ops.
+from sinkhorn_ops.mhc import mappings_composite
+P = (torch.randn(37, 24, dtype=torch.float64) * 2).requires_grad_(True)
+Wm = [torch.tensor(v, dtype=torch.float64) for v in (0.7, -0.4, 1.3)]
+Wm = [w.double().requires_grad_(True)
+      for w in Wm + [torch.randn(4), torch.randn(4), torch.randn(4, 4)]]
+ref = mappings_composite(P, Wm, lambda r: sinkhorn_ops.sinkhorn(r, steps=40, start="col"))
+ups = [torch.randn_like(r) for r in ref]
+ref_g = torch.autograd.grad(ref, [P, *Wm], ups)
+for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+    args = [t.detach().to(dtype).requires_grad_(True) for t in [P, *Wm]]
+    out = sinkhorn_ops.mhc_mappings(*args)
+    got_g = torch.autograd.grad(out, args, [u.to(dtype) for u in ups])
+    for u, v in zip(list(out) + list(got_g), list(ref) + list(ref_g)):
+        err = (u.double() - v).abs().max().item() / max(v.abs().max().item(), 1.0)
+        assert err <= tol, ("mappings", dtype, err)
 # The low-precision loads and stores (SIMD conversions in the AVX2 and AVX-512 builds): bit
 # for bit torch's own rounding, specials included.
 import sys

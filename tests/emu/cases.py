@@ -144,6 +144,30 @@ def check_mhc(kind, B, n, iters, dtype=torch.float32, scale=1.0, eps=1e-6, seed=
         assert_close(got, want, name + suffix, floor=0.05)
 
 
+def check_mappings(variant, T, n, iters=20, dtype=torch.float32, scale=1.0, seed=0,
+                   unaligned=False, grads=(True, True, True)):
+    """mHC's fused mappings, forward and backward; grads: which upstream gradients are given
+    (the others are None, zeros to the kernel); unaligned: proj and the gradients off 16-byte
+    boundaries (the element-wise loads)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    proj = rnd(T, 2 * n + n * n) * scale
+    weights = [torch.tensor(v, dtype=dtype) for v in (0.7, -0.4, 1.3)]
+    weights += [rnd(n), rnd(n), rnd(n, n)]
+    upstream = [rnd(T, n), rnd(T, n), rnd(T, n, n)]
+    if unaligned:
+        proj, upstream = _unaligned(proj), [_unaligned(u) for u in upstream]
+        assert proj.data_ptr() % 16
+    upstream = [u if given else None for u, given in zip(upstream, grads)]
+    tail = (iters, 1e-6, variant)
+    for suffix, args in (("", (proj, *weights) + tail),
+                         ("_backward", (*upstream, proj, *weights) + tail)):
+        got = getattr(emu(), "mhc_mappings" + suffix)(*args)
+        want = getattr(torch.ops.sinkhorn_ops, "mhc_mappings" + suffix)(*args)
+        for k, (u, v) in enumerate(zip(got, want)):
+            assert_close(u, v, f"mhc_mappings{suffix}[{k}]", floor=0.05)
+
+
 def check_mix(T, n, C, dtype, seed=0, offset=0):
     """offset: each activation tensor starts that many elements into its storage (offset 1
     takes them off the 16-byte boundary the chunked kernels need)."""
@@ -269,6 +293,23 @@ def _cases():
         for dtype in (F32, F64):
             add(f"mhc-{kind}-4-{dtype}-unaligned", check_mhc, kind=kind, B=70, n=4, iters=20,
                 dtype=dtype, unaligned=True)
+    # mHC's fused mappings: both variants, n = 1..8, fp32 and fp64, 1 to 32 iterations, wide
+    # logits (the paper's log-domain twin), unaligned rows, missing upstream gradients.
+    for variant in ("paper", "v4"):
+        for n in (1, 2, 3, 4, 8):
+            for dtype in (F32, F64):
+                add(f"mappings-{variant}-{n}-{dtype}", check_mappings, variant=variant, T=150,
+                    n=n, dtype=dtype, seed=n)
+            add(f"mappings-{variant}-{n}-iters-1", check_mappings, variant=variant, T=5, n=n,
+                iters=1)
+            add(f"mappings-{variant}-{n}-iters-32", check_mappings, variant=variant, T=5, n=n,
+                iters=32)
+        add(f"mappings-{variant}-4-unaligned", check_mappings, variant=variant, T=70, n=4,
+            unaligned=True)
+        for grads in ((True, False, False), (False, True, False), (False, False, True)):
+            add(f"mappings-{variant}-4-grads-{''.join('1' if x else '0' for x in grads)}",
+                check_mappings, variant=variant, T=20, n=4, grads=grads)
+    add("mappings-paper-wide", check_mappings, variant="paper", T=130, n=4, scale=60.0)
     # The stream mixings, every n and dtype, C not a multiple of the vector width.
     for n in (1, 2, 3, 4, 8):
         for dtype in ALL:
