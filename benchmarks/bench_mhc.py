@@ -223,6 +223,15 @@ class PlainResidual(nn.Module):
         return x + self.branch(x)
 
 
+class UnfusedMappings(ManifoldConstrainedHyperConnections):
+    """The layer with residual_matrix overridden (identically), which sends its mappings through
+    the composite path (about 15 ATen ops forward and 25 backward, around the fused Sinkhorn)
+    instead of the fused mhc_mappings kernels: the same-run baseline of that fusion."""
+
+    def residual_matrix(self, logits: torch.Tensor) -> torch.Tensor:
+        return super().residual_matrix(logits)
+
+
 def layer_step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor, mode: str) -> object:
     """The output, or the gradients of x and of every parameter for the upstream gradient."""
     if mode == "forward":
@@ -255,6 +264,8 @@ def run_layer(device: str, policy: dict) -> list[dict]:
         for name in ("alpha_pre", "alpha_post", "alpha_res"):
             getattr(layer, name).fill_(0.3)
     plain = PlainResidual(branch)
+    unfused = UnfusedMappings(N, LAYER_DIM, branch).to(device)
+    unfused.load_state_dict(layer.state_dict())
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(LAYER_TOKENS, N, LAYER_DIM, generator=gen).to(device)
     h = torch.randn(LAYER_TOKENS, LAYER_DIM, generator=gen).to(device)
@@ -264,21 +275,24 @@ def run_layer(device: str, policy: dict) -> list[dict]:
     rows = []
     for mode in MODES:
         pair = {}
-        for provider, module, x in (("mhc", layer, xs), ("residual", plain, h)):
+        for provider, module, x in (("mhc", layer, xs), ("unfused", unfused, xs),
+                                    ("residual", plain, h)):
             print(f"[layer {mode}] {provider}", flush=True)
             r = dict(section="layer", tokens=LAYER_TOKENS,
-                     problem=f"{LAYER_TOKENS}x{N if provider == 'mhc' else 1}x{LAYER_DIM}",
+                     problem=f"{LAYER_TOKENS}x{1 if provider == 'residual' else N}x{LAYER_DIM}",
                      mode=mode, provider=provider, iters=ITERS, ms_p20=None, ms_p50=None,
                      ms_p80=None, reps=None, overhead=None, peak_mb=None, err_fp64=None,
                      err_fp64_eager=None, check=None, note="")
             if provider == "mhc":
                 r.update(err_fp64=c["err"], err_fp64_eager=c["err_eager"],
                          check="ok" if c["ok"] else "FAIL")
-            bf.timed(r, functools.partial(layer_step, module, x, ups[provider], mode), device,
-                     policy)
+            up = ups["residual" if provider == "residual" else "mhc"]
+            bf.timed(r, functools.partial(layer_step, module, x, up, mode), device, policy)
             pair[provider] = r
         if pair["mhc"]["ms_p50"] and pair["residual"]["ms_p50"]:
             pair["mhc"]["overhead"] = pair["mhc"]["ms_p50"] / pair["residual"]["ms_p50"]
+        if pair["mhc"]["ms_p50"] and pair["unfused"]["ms_p50"]:
+            pair["unfused"]["speedup"] = pair["unfused"]["ms_p50"] / pair["mhc"]["ms_p50"]
         rows += pair.values()
     return rows
 
@@ -299,7 +313,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
               "check", "target"]
     if device == "cuda":
         header[5:5] = ["copy ms", "share of copy GB/s"]
-    big = max(r["tokens"] for r in rows if r["section"] == "sinkhorn")
+    big = max((r["tokens"] for r in rows if r["section"] == "sinkhorn"), default=0)
     table, notes = [], []
     for variant, tokens, mode in dict.fromkeys((r["variant"], r["tokens"], r["mode"])
                                                for r in rows if r["section"] == "sinkhorn"):
@@ -332,17 +346,17 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
             if text:
                 notes.append(f"- {variant} T={tokens} {mode} {p}: " + "; ".join(text))
 
-    lheader = ["tokens", "C", "mode", "mHC ms p50 (p20–p80)", "x + F(x) ms", "overhead ×",
-               "err vs fp64 mHC / reference", "check"]
+    lheader = ["tokens", "C", "mode", "mHC ms p50 (p20–p80)", "unfused mappings ms",
+               "× unfused", "x + F(x) ms", "overhead ×", "err vs fp64 mHC / reference", "check"]
     ltable = []
     for mode in MODES:
-        m, p = by.get(("layer", None, LAYER_TOKENS, mode, "mhc"), {}), \
-            by.get(("layer", None, LAYER_TOKENS, mode, "residual"), {})
-        ltable.append([LAYER_TOKENS, LAYER_DIM, mode, ms_cell(m, True), ms_cell(p),
-                       m.get("overhead"),
+        m, u, p = (by.get(("layer", None, LAYER_TOKENS, mode, k), {})
+                   for k in ("mhc", "unfused", "residual"))
+        ltable.append([LAYER_TOKENS, LAYER_DIM, mode, ms_cell(m, True), ms_cell(u),
+                       u.get("speedup"), ms_cell(p), m.get("overhead"),
                        f"{bu.fmt(m.get('err_fp64'))} / {bu.fmt(m.get('err_fp64_eager'))}",
                        m.get("check")])
-        for r in (m, p):
+        for r in (m, u, p):
             if r.get("note"):
                 notes.append(f"- layer {mode} {r['provider']}: {r['note']}")
 
@@ -376,7 +390,9 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         f"x of shape ({LAYER_TOKENS}, {N}, {LAYER_DIM}); against x + F(x) with the same F on "
         f"({LAYER_TOKENS}, {LAYER_DIM}). overhead × = mHC ms / plain residual ms (the mHC "
         f"layer also carries {N}× the residual state). forward+backward: the gradients of x "
-        "and every parameter for a random upstream gradient.",
+        "and every parameter for a random upstream gradient. unfused mappings: the same layer "
+        "with its mappings in PyTorch ops around the fused Sinkhorn (as before the fused "
+        "mhc_mappings kernels); × unfused = its ms / mHC ms.",
         "- check: the fp32 layer's output on the first 512 tokens against tests/test_mhc.py "
         "mhc_reference of a float64 copy; passes when its error is at most twice that of "
         "mhc_reference run in fp32 (+1e-5).",
@@ -389,6 +405,9 @@ def main() -> int:
     p = bu.bench_parser(__doc__,
                         "fewer repeats (about 1 s of calls each); on CPU 262144 tokens instead "
                         "of 1M")
+    p.add_argument("--layer-only", action="store_true",
+                   help="only the whole-layer section (write it with --out elsewhere: the "
+                        "tables are rewritten from this run's rows)")
     args = bu.parse_bench_args(p)
 
     env = bu.environment(args.device)
@@ -399,7 +418,7 @@ def main() -> int:
         bu.write_results(args.out, f"mhc_{args.device}", f"mHC benchmark ({args.device})", rows,
                          dict(env), markdown(rows, args.device, args.quick))
 
-    for variant in VARIANTS:
+    for variant in () if args.layer_only else VARIANTS:
         for tokens in token_counts(args.device, args.quick)[:1 if variant == "paper-wide" else None]:
             rows += run_sinkhorn(variant, tokens, args.device, policy)
             write()

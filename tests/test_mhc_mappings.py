@@ -239,3 +239,18 @@ def test_layer_fused_equals_composite(variant, device):
     torch.testing.assert_close(out, out2, atol=1e-12, rtol=0)
     for name in grads:
         torch.testing.assert_close(grads[name], grads2[name], atol=1e-11, rtol=0, msg=name)
+
+
+def test_layer_saves_no_fp32_copy_of_bf16_streams():
+    """The bf16 layer's autograd keeps the streams as they came: no saved fp32 tensor as large
+    as x (the coefficient projection used to save one, twice x's size)."""
+    layer = make_layer(4, dtype=torch.bfloat16)  # model.to(torch.bfloat16)
+    x = make_streams(4, dtype=torch.bfloat16, shape=(6, 5))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    big = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    assert not big, big
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()

@@ -94,3 +94,32 @@ def test_autocast_like_the_plain_formula():
     for name, a, r, t in zip(("y", "dx", "dphi"), *results, truth):
         assert a.dtype == torch.float32
         assert_flash_rule(a, r, t, floor=1e-6 * t.abs().max().item(), name=name)
+
+
+def _saved_tensors(fn):
+    """fn()'s result and the tensors autograd saved while computing it."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_x_is_computed_in_phis_dtype_and_saved_as_it_came(dtype):
+    """x in bf16/fp16 with an fp32 phi: the same values and gradients as for x converted by
+    hand, and no fp32 copy of x among the saved tensors (x itself is)."""
+    torch.manual_seed(3)
+    x = torch.randn(16, 40, dtype=torch.float64).to(dtype).requires_grad_()
+    phi = torch.randn(40, 6, requires_grad=True)
+    up = torch.randn(16, 6)
+    y, saved = _saved_tensors(lambda: rms_projection(x, phi, 1e-6))
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    dx, dphi = torch.autograd.grad(y, (x, phi), up)
+    xf = x.detach().float().requires_grad_()
+    y_ref = rms_projection(xf, phi, 1e-6)
+    dx_ref, dphi_ref = torch.autograd.grad(y_ref, (xf, phi), up)
+    assert y.dtype == torch.float32 and dx.dtype == dtype
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(dphi, dphi_ref, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx_ref.to(dtype), rtol=0, atol=0)

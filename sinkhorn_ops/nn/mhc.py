@@ -209,10 +209,10 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             raise ValueError(f"{type(self).__name__}: expected x of shape (..., n, C) = "
                              f"(..., {n}, {dim}), got {tuple(x.shape)}")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        flat = x.reshape(*x.shape[:-2], n * dim).to(acc)
+        flat = x.reshape(*x.shape[:-2], n * dim)
         # RMSNorm(x) φ = (x φ) / rms(x): the scale is applied to the n² + 2n projections rather
         # than to the nC inputs, so the normalised copy of x is never materialised (nor x², nor
-        # in the backward: rms_projection).
+        # in the backward, nor an fp32 copy of bf16 streams kept for it: rms_projection).
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1).to(acc)
         proj = rms_projection(flat, phi, self.norm_eps)
         weights = (self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post,
