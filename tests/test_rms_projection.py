@@ -123,3 +123,33 @@ def test_low_precision_x_is_computed_in_phis_dtype_and_saved_as_it_came(dtype):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(dphi, dphi_ref, rtol=0, atol=0)
     torch.testing.assert_close(dx, dx_ref.to(dtype), rtol=0, atol=0)
+
+
+def test_double_backward():
+    """The backward is made of differentiable ATen ops (csrc/ops/rms_projection.cpp)."""
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda a, b: rms_projection(a, b, 1e-6), (x, phi))
+
+
+def test_bad_arguments():
+    x, phi = torch.randn(3, 5), torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"rms_projection: expected phi of shape \(5, K\)"):
+        rms_projection(x, phi[:4], 1e-6)
+    with pytest.raises(TypeError, match=r"rms_projection: expected floating x and phi, got Long"):
+        torch.ops.sinkhorn_ops.rms_projection(x.long(), phi, 1e-6)
+    with pytest.raises(ValueError, match=r"rms_projection: expected phi of shape"):
+        torch.ops.sinkhorn_ops.rms_projection(x, phi.t(), 1e-6)
+
+
+def test_compile_traces_it():
+    torch.manual_seed(6)
+    x = torch.randn(7, 12, requires_grad=True)
+    phi = torch.randn(12, 5, requires_grad=True)
+    fn = lambda a, b: rms_projection(a, b, 1e-6).square().sum()  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, phi), (x, phi))
+    want = torch.autograd.grad(fn(x, phi), (x, phi))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -49,6 +49,8 @@ inline void define_ops(torch::Library& m) {
   m.def("mhc_post_mix_backward(Tensor grad, Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> "
         "(Tensor grad_x, Tensor grad_y, Tensor grad_h_post, Tensor grad_h_res)",
         {at::Tag::pt2_compliant_tag});
+  // RMSNorm(x) phi without the norm's weight (mHC's coefficient projection, rms_projection.cpp).
+  m.def("rms_projection(Tensor x, Tensor phi, float eps) -> Tensor", {at::Tag::pt2_compliant_tag});
   // mHC's per-token mappings (MATH.md section 4, mhc_mappings_math.h) from the normalised
   // projections proj = RMSNorm(x) phi, (..., 2n + n^2): H_pre, H_post and H_res (the paper's
   // Sinkhorn, or DeepSeek-V4's comb^T), and their backward.
