@@ -90,6 +90,11 @@ PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& y, const at::Tensor& h_post,
                                    const at::Tensor& h_res);
 
+// RMSNorm(x) phi without the norm's weight, (x phi) / sqrt(mean(x^2) + eps) over x's last
+// dimension: x (..., D), phi (D, K), computed in phi's dtype; x is saved for the backward as it
+// came. Differentiable (twice).
+at::Tensor rms_projection(const at::Tensor& x, const at::Tensor& phi, double eps = 1e-6);
+
 // mHC's per-token mappings from the normalised projections proj = RMSNorm(x) phi, (..., 2n + n^2)
 // laid out [pre (n) | post (n) | res (n x n)], float32 or float64, n <= 8, 1 <= iters <= 32:
 //   H_pre = sigmoid(alpha_pre proj_pre + b_pre) (+ eps for "v4"), (..., n);

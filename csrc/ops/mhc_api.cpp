@@ -64,6 +64,12 @@ PostMixGrads mhc_post_mix_backward(const at::Tensor& grad, const at::Tensor& x,
   return {dx, dy, dq, dr};
 }
 
+at::Tensor rms_projection(const at::Tensor& x, const at::Tensor& phi, double eps) {
+  static auto h = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
+      "sinkhorn_ops::rms_projection");
+  return h.call(x, phi, eps);
+}
+
 MHCMappings mhc_mappings(const at::Tensor& proj, const MHCWeights& w, int64_t iters, double eps,
                          c10::string_view variant) {
   using R = std::tuple<at::Tensor, at::Tensor, at::Tensor>;

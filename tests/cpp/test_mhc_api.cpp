@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <string>
 #include <vector>
 
 #include "sinkhorn_ops.h"
@@ -143,6 +144,73 @@ TEST(MhcApi, AutogradOfTheCppApi) {
     EXPECT_THROW(torch::autograd::grad({g.sum()}, {leaf}), c10::NotImplementedError) << dev;
     // Below autograd (no input requires grad) nothing is recorded.
     EXPECT_FALSE(sinkhorn_ops::mhc_sinkhorn(logits).requires_grad()) << dev;
+  }
+}
+
+// mHC's mappings from the projections: H_pre, H_post and H_res by their formulas in ATen
+// (both variants), the backward against ATen autograd for every weight, and the op's autograd;
+// and the coefficient projection against RMSNorm then matmul.
+TEST(MhcApi, MappingsAndRmsProjection) {
+  at::manual_seed(4);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const int64_t n = 4;
+    const auto proj = at::randn({6, 2 * n + n * n}, opt);
+    std::vector<at::Tensor> in = {proj,
+                                  at::full({}, 0.7, opt),
+                                  at::full({}, -0.4, opt),
+                                  at::full({}, 1.3, opt),
+                                  at::randn({n}, opt),
+                                  at::randn({n}, opt),
+                                  at::randn({n, n}, opt)};
+    const auto w_pre = at::randn({6, n}, opt), w_post = at::randn({6, n}, opt),
+               w_res = at::randn({6, n, n}, opt);
+    for (const char* variant : {"paper", "v4"}) {
+      const bool v4 = std::string(variant) == "v4";
+      // The three mappings, concatenated, by the formulas.
+      auto formula = [&](const std::vector<at::Tensor>& t) {
+        const auto pre = t[0].narrow(-1, 0, n), post = t[0].narrow(-1, n, n);
+        const auto res = t[0].narrow(-1, 2 * n, n * n).reshape({-1, n, n});
+        auto h_pre = at::sigmoid(t[1] * pre + t[4]);
+        if (v4) h_pre = h_pre + 1e-6;
+        const auto h_post = 2 * at::sigmoid(t[2] * post + t[5]);
+        const auto logits = t[3] * res + t[6];
+        const auto h_res = v4 ? v4_formula(logits, 20, 1e-6).mT() : paper_formula(logits, 20);
+        return at::cat({h_pre, h_post, h_res.flatten(1)}, -1);
+      };
+      auto fused = [&](const std::vector<at::Tensor>& t) {
+        const auto m = sinkhorn_ops::mhc_mappings(t[0], {t[1], t[2], t[3], t[4], t[5], t[6]}, 20,
+                                                  1e-6, variant);
+        return at::cat({m.pre, m.post, m.res.flatten(1)}, -1);
+      };
+      const auto w = at::cat({w_pre, w_post, w_res.flatten(1)}, -1);
+      EXPECT_TRUE(at::allclose(fused(in), formula(in), 1e-12, 1e-13)) << dev << variant;
+      const auto want = autograd_grads(formula, in, w);
+      const auto got = sinkhorn_ops::mhc_mappings_backward(
+          w_pre, w_post, w_res, proj, {in[1], in[2], in[3], in[4], in[5], in[6]}, 20, 1e-6,
+          variant);
+      const std::vector<at::Tensor> g = {got.proj,  got.alpha_pre, got.alpha_post, got.alpha_res,
+                                         got.b_pre, got.b_post,    got.b_res};
+      for (size_t k = 0; k < g.size(); ++k)
+        EXPECT_TRUE(at::allclose(g[k], want[k], 1e-9, 1e-11)) << dev << variant << k;
+      const auto through = autograd_grads(fused, in, w);
+      for (size_t k = 0; k < g.size(); ++k) EXPECT_TRUE(at::equal(through[k], g[k])) << dev << k;
+    }
+    EXPECT_THROW(sinkhorn_ops::mhc_mappings(proj.narrow(-1, 0, 20),
+                                            {in[1], in[2], in[3], in[4], in[5], in[6]}),
+                 c10::ValueError);
+    const auto x = at::randn({5, 12}, opt), phi = at::randn({12, 3}, opt);
+    const auto plain = [](const std::vector<at::Tensor>& t) {
+      return at::matmul(t[0] / at::sqrt(t[0].square().mean(-1, true) + 1e-6), t[1]);
+    };
+    EXPECT_TRUE(at::allclose(sinkhorn_ops::rms_projection(x, phi), plain({x, phi}), 1e-12, 1e-13));
+    const auto wy = at::randn({5, 3}, opt);
+    const auto ours = autograd_grads(
+        [](const std::vector<at::Tensor>& t) { return sinkhorn_ops::rms_projection(t[0], t[1]); },
+        {x, phi}, wy);
+    const auto ref = autograd_grads(plain, {x, phi}, wy);
+    EXPECT_TRUE(at::allclose(ours[0], ref[0], 1e-11, 1e-12) && at::allclose(ours[1], ref[1], 1e-11, 1e-12))
+        << dev;
   }
 }
 
