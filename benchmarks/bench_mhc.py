@@ -282,7 +282,7 @@ def run_layer(device: str, policy: dict) -> list[dict]:
                      problem=f"{LAYER_TOKENS}x{1 if provider == 'residual' else N}x{LAYER_DIM}",
                      mode=mode, provider=provider, iters=ITERS, ms_p20=None, ms_p50=None,
                      ms_p80=None, reps=None, overhead=None, peak_mb=None, err_fp64=None,
-                     err_fp64_eager=None, check=None, note="")
+                     err_fp64_eager=None, check=None, note="", **bu.PAIRED_FIELDS)
             if provider == "mhc":
                 r.update(err_fp64=c["err"], err_fp64_eager=c["err_eager"],
                          check="ok" if c["ok"] else "FAIL")
@@ -293,7 +293,55 @@ def run_layer(device: str, policy: dict) -> list[dict]:
             pair["mhc"]["overhead"] = pair["mhc"]["ms_p50"] / pair["residual"]["ms_p50"]
         if pair["mhc"]["ms_p50"] and pair["unfused"]["ms_p50"]:
             pair["unfused"]["speedup"] = pair["unfused"]["ms_p50"] / pair["mhc"]["ms_p50"]
+            bu.set_paired(pair["unfused"],
+                          functools.partial(layer_step, layer, xs, ups["mhc"], mode),
+                          functools.partial(layer_step, unfused, xs, ups["mhc"], mode), device,
+                          pair["mhc"]["ms_p50"], policy)
         rows += pair.values()
+    return rows
+
+
+MAPPING_TOKENS = (32, LAYER_TOKENS)
+
+
+def mappings_step(module: nn.Module, x: torch.Tensor, mode: str) -> object:
+    """H_pre, H_post, H_res of x, or the gradients of x and of every parameter of their sum."""
+    if mode == "forward":
+        with torch.no_grad():
+            return module.mappings(x)
+    leaf = x.detach().requires_grad_()
+    m = module.mappings(leaf)
+    return torch.autograd.grad(m.pre.sum() + m.post.sum() + m.res.sum(),
+                               [leaf, *module.parameters()])
+
+
+def run_mappings(device: str, policy: dict) -> list[dict]:
+    """The layer's mappings alone (RMSNorm(x) φ and the three mappings, no branch), fused
+    (mhc_mappings) against unfused (PyTorch ops around the fused Sinkhorn), timed in alternation:
+    at 32 tokens the calls' host and launch costs, at 4096 the work."""
+    torch.manual_seed(0)
+    fused = ManifoldConstrainedHyperConnections(N, LAYER_DIM).to(device)
+    unfused = UnfusedMappings(N, LAYER_DIM).to(device)
+    unfused.load_state_dict(fused.state_dict())
+    rows = []
+    for tokens in MAPPING_TOKENS:
+        x = torch.randn(tokens, N, LAYER_DIM, generator=torch.Generator().manual_seed(2))
+        x = x.to(device)
+        for mode in MODES:
+            pair = {}
+            for provider, module in (("mhc", fused), ("unfused", unfused)):
+                print(f"[mappings T={tokens} {mode}] {provider}", flush=True)
+                r = dict(section="mappings", tokens=tokens, mode=mode, provider=provider,
+                         ms_p20=None, ms_p50=None, ms_p80=None, reps=None, peak_mb=None,
+                         note="", **bu.PAIRED_FIELDS)
+                bf.timed(r, functools.partial(mappings_step, module, x, mode), device, policy)
+                pair[provider] = r
+            if pair["mhc"]["ms_p50"] and pair["unfused"]["ms_p50"]:
+                pair["unfused"]["speedup"] = pair["unfused"]["ms_p50"] / pair["mhc"]["ms_p50"]
+                bu.set_paired(pair["unfused"], functools.partial(mappings_step, fused, x, mode),
+                              functools.partial(mappings_step, unfused, x, mode), device,
+                              pair["mhc"]["ms_p50"], policy)
+            rows += pair.values()
     return rows
 
 
@@ -303,6 +351,13 @@ def ms_cell(r: dict, spread: bool = False) -> str:
         return ((r or {}).get("note") or "—").split(":")[0]
     text = bu.fmt(r["ms_p50"])
     return text + (f" ({bu.fmt(r['ms_p20'])}–{bu.fmt(r['ms_p80'])})" if spread else "")
+
+
+def paired_cell(r: dict) -> str:
+    """The paired ratio with its rounds' range, or the p50s' ratio without one."""
+    if r.get("paired_speedup"):
+        return f"{r['paired_speedup']:.2f} ({r['paired_min']:.2f}–{r['paired_max']:.2f})"
+    return bu.fmt(r.get("speedup")) if r.get("speedup") else "—"
 
 
 def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
@@ -347,19 +402,28 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
                 notes.append(f"- {variant} T={tokens} {mode} {p}: " + "; ".join(text))
 
     lheader = ["tokens", "C", "mode", "mHC ms p50 (p20–p80)", "unfused mappings ms",
-               "× unfused", "x + F(x) ms", "overhead ×", "err vs fp64 mHC / reference", "check"]
+               "× unfused (paired, rounds)", "x + F(x) ms", "overhead ×", "err vs fp64 mHC / reference", "check"]
     ltable = []
     for mode in MODES:
         m, u, p = (by.get(("layer", None, LAYER_TOKENS, mode, k), {})
                    for k in ("mhc", "unfused", "residual"))
         ltable.append([LAYER_TOKENS, LAYER_DIM, mode, ms_cell(m, True), ms_cell(u),
-                       u.get("speedup"), ms_cell(p), m.get("overhead"),
+                       paired_cell(u), ms_cell(p), m.get("overhead"),
                        f"{bu.fmt(m.get('err_fp64'))} / {bu.fmt(m.get('err_fp64_eager'))}",
                        m.get("check")])
         for r in (m, u, p):
             if r.get("note"):
                 notes.append(f"- layer {mode} {r['provider']}: {r['note']}")
 
+    mheader = ["tokens", "mode", "fused ms p50 (p20–p80)", "unfused ms", "× unfused (paired, rounds)"]
+    mtable = []
+    for tokens, mode in dict.fromkeys((r["tokens"], r["mode"]) for r in rows
+                                      if r["section"] == "mappings"):
+        f, u = (by.get(("mappings", None, tokens, mode, k), {}) for k in ("mhc", "unfused"))
+        mtable.append([tokens, mode, ms_cell(f, True), ms_cell(u), paired_cell(u)])
+        for r in (f, u):
+            if r.get("note"):
+                notes.append(f"- mappings T={tokens} {mode} {r['provider']}: {r['note']}")
     sizes = sorted({r["tokens"] for r in rows if r["section"] == "sinkhorn"})
     legend = [
         f"- Sinkhorn: fp32 logits (T, {N}, {N}) ~ N(0, 1), {ITERS} iterations (40 steps, "
@@ -392,13 +456,23 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         f"layer also carries {N}× the residual state). forward+backward: the gradients of x "
         "and every parameter for a random upstream gradient. unfused mappings: the same layer "
         "with its mappings in PyTorch ops around the fused Sinkhorn (as before the fused "
-        "mhc_mappings kernels); × unfused = its ms / mHC ms.",
+        "mhc_mappings kernels); × unfused: the median over rounds timing the two in alternation of "
+        "unfused / mHC.",
         "- check: the fp32 layer's output on the first 512 tokens against tests/test_mhc.py "
         "mhc_reference of a float64 copy; passes when its error is at most twice that of "
         "mhc_reference run in fp32 (+1e-5).",
     ]
-    return [*legend, "", bu.markdown_table(header, table), "", *llegend, "",
-            bu.markdown_table(lheader, ltable), "", "Notes:", "", *notes]
+    mlegend = [
+        f"- The mappings alone: layer.mappings(x) for x of shape (T, {N}, {LAYER_DIM}) "
+        "(RMSNorm(x) φ, then H_pre, H_post, H_res; forward+backward: the gradients of x and "
+        "every parameter of their sum), fused (the mhc_mappings kernels) against unfused (the "
+        "same formulas in PyTorch ops around the fused Sinkhorn), timed in alternation "
+        "(paired: median over rounds of unfused / fused).",
+    ]
+    out = [*legend, "", bu.markdown_table(header, table), ""] if table else []
+    if mtable:
+        out += [*mlegend, "", bu.markdown_table(mheader, mtable), ""]
+    return [*out, *llegend, "", bu.markdown_table(lheader, ltable), "", "Notes:", "", *notes]
 
 
 def main() -> int:
@@ -406,8 +480,8 @@ def main() -> int:
                         "fewer repeats (about 1 s of calls each); on CPU 262144 tokens instead "
                         "of 1M")
     p.add_argument("--layer-only", action="store_true",
-                   help="only the whole-layer section (write it with --out elsewhere: the "
-                        "tables are rewritten from this run's rows)")
+                   help="only the mappings and whole-layer sections, written to "
+                        "mhc_layer_<device>.md/.csv")
     args = bu.parse_bench_args(p)
 
     env = bu.environment(args.device)
@@ -415,13 +489,16 @@ def main() -> int:
     rows = []
 
     def write() -> None:  # after every part, so that a run cut short keeps what it measured
-        bu.write_results(args.out, f"mhc_{args.device}", f"mHC benchmark ({args.device})", rows,
+        name = f"mhc_layer_{args.device}" if args.layer_only else f"mhc_{args.device}"
+        bu.write_results(args.out, name, f"mHC benchmark ({args.device})", rows,
                          dict(env), markdown(rows, args.device, args.quick))
 
     for variant in () if args.layer_only else VARIANTS:
         for tokens in token_counts(args.device, args.quick)[:1 if variant == "paper-wide" else None]:
             rows += run_sinkhorn(variant, tokens, args.device, policy)
             write()
+    rows += run_mappings(args.device, policy)
+    write()
     rows += run_layer(args.device, policy)
     write()
     failed = [f"{r['section']} T={r['tokens']} {r['mode']}" for r in rows

@@ -2,7 +2,7 @@
 CUDA forward and unrolled backward kernels, the tiny forward path, the large-problem forward
 (short-wide, tall-narrow, and fused iterations with SINKHORN_CUDA_FUSED=1), the V4 and paper mHC
 Sinkhorn kernels (forward and backward, n = 1..8; the paper's on problems in both domains), the
-mHC stream mixings, both stopping modes, default, masked and explicit marginals, empty
+mHC stream mixings, the fused mHC mappings, both stopping modes, default, masked and explicit marginals, empty
 dimensions, every dtype. Each case is also compared with the reference, loosely: a sanitizer run
 should fail on a wrong kernel too, not only on a memory error.
 
@@ -242,6 +242,32 @@ def run_mix_case(tokens, n, c, dtype) -> str | None:
     return f"gradients {bad} differ" if bad else None
 
 
+def run_mappings_case(variant, tokens, n, dtype) -> str | None:
+    """mHC's fused mappings (forward and backward; every other token's logits wide, the paper's
+    log-domain twin) against the same formulas in PyTorch ops in float64 on the CPU."""
+    from sinkhorn_ops.mhc import mappings_composite
+    proj = torch.randn(tokens, 2 * n + n * n, dtype=torch.float64)
+    proj[1::2] *= 30
+    weights = [torch.tensor(v, dtype=torch.float64) for v in (0.7, -0.4, 1.3)]
+    weights += [torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64),
+                torch.randn(n, n, dtype=torch.float64)]
+    ups = [torch.randn(tokens, n, dtype=torch.float64), torch.randn(tokens, n, dtype=torch.float64),
+           torch.randn(tokens, n, n, dtype=torch.float64)]
+    dev = [t.to(dtype).cuda().requires_grad_(True) for t in (proj, *weights)]
+    out = sinkhorn_ops.mhc_mappings(*dev, 20, variant=variant)
+    grads = torch.autograd.grad(out, dev, [u.to(dtype).cuda() for u in ups])
+    torch.cuda.synchronize()
+    ref_in = [t.clone().requires_grad_(True) for t in (proj, *weights)]
+    residual = ((lambda r: sinkhorn_ops.mhc_v4_sinkhorn_loop(r, 20, 1e-6).mT) if variant == "v4"
+                else (lambda r: sinkhorn_ops.sinkhorn(r, steps=40, start="col")))
+    ref = mappings_composite(ref_in[0], ref_in[1:], residual, 1e-6 if variant == "v4" else None)
+    ref_grads = torch.autograd.grad(ref, ref_in, ups)
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    bad = [k for k, (g, r) in enumerate(zip(list(out) + list(grads), list(ref) + list(ref_grads)))
+           if (g.double().cpu() - r.detach()).abs().max().item() > tol * max(1.0, r.abs().max().item())]
+    return f"outputs/gradients {bad} differ" if bad else None
+
+
 def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures = 0
@@ -257,6 +283,13 @@ def main() -> int:
             for n in range(1, 9):
                 problem = run_mhc_sinkhorn_case(variant, 130, n, dtype)
                 name = f"{variant} {str(dtype)[6:]} 130x{n}x{n}"
+                print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+                failures += problem is not None
+    for variant in ("paper", "v4"):
+        for dtype in (torch.float32, torch.float64):
+            for n in (1, 3, 4, 8):
+                problem = run_mappings_case(variant, 130, n, dtype)
+                name = f"mappings {variant} {str(dtype)[6:]} 130x{n}"
                 print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
                 failures += problem is not None
     for dtype, batch, n, m, marginals, tol, start in cases():
