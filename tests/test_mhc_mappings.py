@@ -254,3 +254,21 @@ def test_layer_saves_no_fp32_copy_of_bf16_streams():
     assert not big, big
     out.float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_under_autocast(device):
+    """fp32 layer and streams under bf16 autocast: the projection's matmul and the branch run in
+    bf16, the mappings in fp32; the output keeps x's dtype and is close to the fp32 layer's."""
+    layer = make_layer(4, dtype=torch.float32, device=device)
+    x = make_streams(4, dtype=torch.float32, device=device)
+    want = layer(x)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        maps = layer.mappings(x)
+        out = layer(x)
+    assert all(t.dtype == torch.float32 for t in maps)
+    assert out.dtype == torch.float32
+    assert (out - want).abs().max().item() < 0.1 * want.abs().max().item()
+    out.square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
