@@ -1,4 +1,4 @@
-"""CUDA graphs: every CUDA path of the forward, of both backwards and of the mHC Sinkhorn,
+"""CUDA graphs: every CUDA path of the forward, of both backwards, the mHC Sinkhorn and layer,
 captured by torch.cuda.graph and replayed on new inputs, equals the eager call on those inputs.
 A capture fails if an operator synchronises with the host or launches what a graph cannot hold;
 a replay that differs from eager would mean a launch parameter read on the host at capture time
@@ -100,3 +100,25 @@ def test_mhc_sinkhorn_replays_like_eager():
         return torch.randn(4096, 4, 4, generator=gen).to("cuda")
 
     _replays_like_eager(fn, logits(0).requires_grad_(), logits(1), ("H", "grad"), "mhc")
+
+
+def test_mhc_layer_replays_like_eager():
+    """The whole mHC layer (rms_projection, the fused mappings, both stream mixings, an MLP
+    branch), forward and the gradient of x, in one graph: the way to take its many small
+    launches off the host (torch.compile(mode="reduce-overhead") does the same)."""
+    from sinkhorn_ops.nn import ManifoldConstrainedHyperConnections
+
+    torch.manual_seed(0)
+    branch = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    layer = ManifoldConstrainedHyperConnections(4, 64, branch).cuda()
+
+    def fn(x):
+        out = layer(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        return out, g
+
+    def streams(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(256, 4, 64, generator=gen).to("cuda")
+
+    _replays_like_eager(fn, streams(0).requires_grad_(), streams(1), ("out", "grad_x"), "layer")
