@@ -74,12 +74,17 @@ struct Token {
     for (int k = 0; k < NN; ++k) dz[RES + k] = transpose ? g[v4::transposed(k, N)] : g[k];
   }
 
-  // dL/dy and the per-gate sums of dz y given dz.
-  SK_HD static void finish(const T* y, const T* alpha, const T* dz, T* grad_y, T* dots) {
+  // dL/dy and the per-gate sums of dz y given dz. A gate whose outputs had no upstream gradient
+  // (live[g] false) gets exact zeros in dz and its sum, whatever y holds (a NaN or inf
+  // projection of an unused output must not leak into the others' gradients).
+  SK_HD static void finish(const T* y, const T* alpha, const bool* live, T* dz, T* grad_y,
+                           T* dots) {
     for (int g = 0; g < 3; ++g) dots[g] = T{};
     for (int k = 0; k < K; ++k) {
-      grad_y[k] = alpha[gate(k, N)] * dz[k];
-      dots[gate(k, N)] = dots[gate(k, N)] + dz[k] * y[k];
+      const int g = gate(k, N);
+      if (!live[g]) dz[k] = T{};
+      grad_y[k] = alpha[g] * dz[k];
+      if (live[g]) dots[g] = dots[g] + dz[k] * y[k];
     }
   }
 };

@@ -44,6 +44,8 @@ def _check(op, proj, weights, iters, eps, variant):
                 f"{tuple(t.shape)}"))
         torch._check_type(t.dtype == proj.dtype,
                           lambda: f"{op}: expected {name} of dtype {proj.dtype}, got {t.dtype}")
+        torch._check_value(t.device == proj.device, lambda: (
+            f"{op}: expected {name} on proj's device {proj.device}, got {t.device}"))
         torch._check_value(tuple(t.shape) == shape,
                            lambda: f"{op}: expected {name} of shape {shape}, got {tuple(t.shape)}")
     return n
@@ -74,6 +76,9 @@ def _backward_fake(grad_pre, grad_post, grad_res, proj, alpha_pre, alpha_post, a
             torch._check_value(tuple(g.shape) == shape,
                                lambda: f"mhc_mappings_backward: expected {name} of shape "
                                        f"{shape}, got {tuple(g.shape)}")
+            torch._check_value(g.device == proj.device,
+                               lambda: f"mhc_mappings_backward: expected {name} on proj's "
+                                       f"device {proj.device}, got {g.device}")
     return (torch.empty_like(proj, memory_format=torch.contiguous_format),
             *(w.new_empty(w.shape) for w in weights))
 

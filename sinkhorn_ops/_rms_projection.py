@@ -1,9 +1,9 @@
 """RMSNorm(x) φ with the norm's statistic folded into the projection's outputs (mHC's
 coefficients, MATH.md section 4): ``torch.ops.sinkhorn_ops.rms_projection``, whose backward is
-written out and recorded as one C++ autograd node (csrc/ops/rms_projection.cpp), so that neither
-pass builds a temporary the size of x, nor does autograd keep one: x in a lower precision than φ
-is converted in each pass and saved as it came (the mHC layer's bf16 streams, which its mixings
-save anyway, rather than an fp32 copy twice their size)."""
+written out and recorded as one C++ autograd node (csrc/ops/rms_projection.cpp): no x² or
+normalised copy of x in either pass, and none kept for the backward. x in a lower precision than
+φ is converted in each pass (a transient copy) and saved as it came (the mHC layer's bf16 streams,
+which its mixings save anyway, rather than an fp32 copy twice their size)."""
 from __future__ import annotations
 
 import torch
@@ -17,8 +17,9 @@ def rms_projection(x: Tensor, phi: Tensor, eps: float) -> Tensor:
     and c = (Σ_k dy_k y_k) · r² / D; it is made of ATen ops, so it differentiates again.
 
     Args:
-        x: (..., D) floating tensor; the mean is over its last dimension. Computed in phi's
-            dtype, saved for the backward in its own (no converted copy is kept).
+        x: (..., D) floating tensor in phi's dtype or a lower precision; the mean is over its
+            last dimension. Computed in phi's dtype, saved for the backward in its own (no
+            converted copy is kept).
         phi: (D, K) projection, in the dtype the norm and both passes compute in.
         eps: added to mean(x²) under the square root.
 

@@ -180,6 +180,9 @@ def mhc_mappings(
                          f"got {grad!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"mhc_mappings: expected iters to be an int >= 1, got {iters!r}")
+    if variant == "v4" and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not 0 < eps < float("inf")):
+        raise ValueError(f"mhc_mappings: expected a finite eps > 0 for variant 'v4', got {eps!r}")
     n = b_res.shape[-1] if b_res.dim() == 2 else 0
     if b_res.dim() != 2 or b_res.shape[0] != n or n < 1:
         raise ValueError(f"mhc_mappings: expected b_res of shape (n, n), got {tuple(b_res.shape)}")

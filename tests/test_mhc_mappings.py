@@ -103,7 +103,8 @@ def test_wide_logits_take_the_log_domain(device):
 @pytest.mark.parametrize("used", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, False, True)])
 def test_unused_outputs(used):
-    """Outputs left out of the loss reach the backward as undefined gradients (zeros)."""
+    """Outputs left out of the loss reach the backward undefined (no materialised zeros): the
+    gradients are those of the composite, exact zeros where an output was not used."""
     proj, weights = make_case(3)
 
     def loss(fn):
@@ -115,6 +116,24 @@ def test_unused_outputs(used):
                                allow_unused=True)
     for g, w in zip(got, want):
         assert g is not None
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, atol=1e-12, rtol=0)
+
+
+def test_non_finite_projections_of_an_unused_output_stay_out():
+    """A NaN or inf among one token's H_res projections, with a loss on H_pre and H_post only:
+    as autograd of the composite, the gradients are finite (zeros for the res group)."""
+    proj, weights = make_case(3, batch=(5,))
+    with torch.no_grad():
+        proj[1, 6] = float("nan")
+        proj[3, 7] = float("inf")
+    pre, post, res = ops.mhc_mappings(proj, *weights)
+    grads = torch.autograd.grad(pre.sum() + 2 * post.sum(), [proj, *weights])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][:, 6:] == 0).all() and grads[3] == 0 and (grads[6] == 0).all()
+    want = reference(proj, weights, 20, "paper")
+    want_g = torch.autograd.grad(want[0].sum() + 2 * want[1].sum(), [proj, *weights],
+                                 allow_unused=True)
+    for g, w in zip(grads, want_g):
         torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, atol=1e-12, rtol=0)
 
 
@@ -231,6 +250,11 @@ def test_layer_fused_equals_composite(variant, device):
     layer = make_layer(4, variant=variant, device=device)
     other = make_layer(4, variant=variant, device=device)
     other.__class__ = Composite
+    # An override set on an instance is honoured too (it runs the composite path).
+    third = make_layer(4, variant=variant, device=device)
+    third.residual_matrix = lambda logits: 0 * logits + 1.0 / 4
+    assert torch.equal(third.mappings(make_streams(4, device=device)).res,
+                       torch.full((3, 5, 4, 4), 0.25, dtype=torch.float64, device=device))
     x = make_streams(4, device=device)
     assert "Mappings" in layer.mappings(x).res.grad_fn.name()
     assert "Mappings" not in other.mappings(x).res.grad_fn.name()

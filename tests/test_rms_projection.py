@@ -141,6 +141,13 @@ def test_bad_arguments():
         torch.ops.sinkhorn_ops.rms_projection(x.long(), phi, 1e-6)
     with pytest.raises(ValueError, match=r"rms_projection: expected phi of shape"):
         torch.ops.sinkhorn_ops.rms_projection(x, phi.t(), 1e-6)
+    with pytest.raises(TypeError, match=r"rms_projection: expected x in phi's dtype \(Float, in "
+                                        r"which it computes\) or a lower precision, got Double"):
+        rms_projection(x.double(), phi, 1e-6)
+    with pytest.raises(ValueError, match=r"rms_projection: expected a finite eps >= 0, got -1"):
+        rms_projection(x, phi, -1.0)
+    with pytest.raises(ValueError, match=r"rms_projection: expected phi on x's device cpu, got meta"):
+        rms_projection(x, phi.to("meta"), 1e-6)
 
 
 def test_compile_traces_it():

@@ -27,6 +27,7 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
     bias[k] = V{} + in(p.bias[g])[k - (g == 0 ? 0 : g == 1 ? N : 2 * N)];
   }
   const Transpose<N> t;  // H_res is the iterated matrix transposed, in both variants
+  const bool live[3] = {p.grad_pre != nullptr, p.grad_post != nullptr, p.grad_res != nullptr};
   const int64_t groups = (p.T + L - 1) / L;
   at::parallel_for(0, groups, std::max<int64_t>(1, 64 / K), [&](int64_t g0, int64_t g1) {
     V y[K], z[K], x[NN], g[NN], lg[NN], a[N], c[N], dz[K], grad_y[K], dots[3];
@@ -59,7 +60,7 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
       load(p.grad_res, NN, b0, count, g, t.perm);  // dL/d(iterated matrix)
       if (p.grad_res != nullptr) run_lanes<N>(x, g, lg, hist, true, paper, p.iters, eps);
       Token::res_gradient(g, paper, dz);
-      Token::finish(y, alpha, dz, grad_y, dots);
+      Token::finish(y, alpha, live, dz, grad_y, dots);
       store_lanes(out(p.grad_proj), K, b0, count, grad_y);
       store_lanes(out(p.grad_logits), K, b0, count, dz);
       store_lanes(out(p.dots), 3, b0, count, dots);

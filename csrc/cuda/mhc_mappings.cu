@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const A
     T y[K], grad_y[K], dots[3];
     mhc::load_row<K>(a.proj, b, y, a.words);  // again, rather than live across the Sinkhorn
     const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
-    Token::finish(y, alpha, dz, grad_y, dots);
+    const bool live[3] = {a.grad_pre != nullptr, a.grad_post != nullptr, a.grad_res != nullptr};
+    Token::finish(y, alpha, live, dz, grad_y, dots);
     mhc::store_row<K>(a.grad_proj, b, grad_y, a.words);
     mhc::store_row<K>(a.grad_logits, b, dz, a.words);
     mhc::store_row<3>(a.dots, b, dots, false);

@@ -129,6 +129,9 @@ struct Mappings : torch::autograd::Function<Mappings> {
                                const Variable& b1, const Variable& b2, int64_t iters, double eps,
                                const std::string& variant) {
     at::AutoDispatchBelowADInplaceOrView below;
+    // An output left out of the loss reaches backward undefined, not as zeros: the kernel then
+    // skips its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({proj, a0, a1, a2, b0, b1, b2});
     ctx->saved_data["iters"] = iters;
     ctx->saved_data["eps"] = eps;

@@ -9,12 +9,14 @@
 //   dR = dy r,  dphi = x^T dR,  dx = dR phi^T - c x  with  c = (sum_k dy_k y_k) r^2 / D,
 //
 // since y = R r with R = x phi and dr/dx = -r^3 x / D. x in a lower precision than phi is
-// converted in each pass and saved as it came (the mHC layer's bf16 streams, which its mixings
-// save anyway), not as a converted copy. The backward is made of ATen ops, so it differentiates
+// converted in each pass (a transient copy) and saved as it came (the mHC layer's bf16 streams,
+// which its mixings save anyway), not as a converted copy. The backward is made of ATen ops, so it differentiates
 // again (double backward: under create_graph it recomputes y and r from x, one more matmul), and
 // torch.compile traces those ops rather than an opaque call.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "autograd_node.h"
 
@@ -25,13 +27,20 @@ using autograd::AutogradContext;
 using autograd::Variable;
 using autograd::variable_list;
 
-void check_args(const at::Tensor& x, const at::Tensor& phi) {
+void check_args(const at::Tensor& x, const at::Tensor& phi, double eps) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()) && at::isFloatingType(phi.scalar_type()),
                    "rms_projection: expected floating x and phi, got ", x.scalar_type(), " and ",
                    phi.scalar_type());
+  TORCH_CHECK_TYPE(c10::promoteTypes(x.scalar_type(), phi.scalar_type()) == phi.scalar_type(),
+                   "rms_projection: expected x in phi's dtype (", phi.scalar_type(),
+                   ", in which it computes) or a lower precision, got ", x.scalar_type());
   TORCH_CHECK_VALUE(phi.dim() == 2 && x.dim() >= 1 && x.size(-1) == phi.size(0),
                     "rms_projection: expected phi of shape (", x.dim() >= 1 ? x.size(-1) : 0,
                     ", K) for x of shape ", x.sizes(), ", got ", phi.sizes());
+  TORCH_CHECK_VALUE(phi.device() == x.device(), "rms_projection: expected phi on x's device ",
+                    x.device(), ", got ", phi.device());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "rms_projection: expected a finite eps >= 0, got ",
+                    eps);
 }
 
 // y and r (..., 1), computed in phi's dtype.
@@ -47,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> project(const at::Tensor& x_in, const at::Ten
 }
 
 at::Tensor rms_projection_op(const at::Tensor& x, const at::Tensor& phi, double eps) {
-  check_args(x, phi);
+  check_args(x, phi, eps);
   return std::get<0>(project(x, phi, eps));
 }
 
@@ -94,7 +103,7 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("rms_projection", [](const at::Tensor& x, const at::Tensor& phi, double eps) {
-    sinkhorn_ops::check_args(x, phi);
+    sinkhorn_ops::check_args(x, phi, eps);
     return sinkhorn_ops::RMSProjection::apply(x, phi, eps);
   });
 }

@@ -217,7 +217,8 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         proj = rms_projection(flat, phi, self.norm_eps)
         weights = (self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post,
                    self.b_res)
-        if type(self).residual_matrix is ManifoldConstrainedHyperConnections.residual_matrix:
+        own = getattr(self.residual_matrix, "__func__", None)  # None: set on the instance
+        if own is ManifoldConstrainedHyperConnections.residual_matrix:
             # One fused kernel for all the mappings where it applies (mhc_mappings).
             return MHCMappings(*mhc_mappings(proj, *weights, self.iters, variant=self.variant,
                                              eps=self.eps, grad=self.grad))

@@ -164,8 +164,15 @@ def check_mappings(variant, T, n, iters=20, dtype=torch.float32, scale=1.0, seed
                          ("_backward", (*upstream, proj, *weights) + tail)):
         got = getattr(emu(), "mhc_mappings" + suffix)(*args)
         want = getattr(torch.ops.sinkhorn_ops, "mhc_mappings" + suffix)(*args)
+        atol = [0.0] * len(want)
+        if suffix:  # the weights' gradients sum T tokens' terms, which may cancel
+            gates = torch.tensor([0] * n + [1] * n + [2] * n * n)
+            dz = want[0].double().abs() / torch.stack([w.double().abs() for w in weights[:3]])[gates]
+            bound = [(dz * proj.double().abs())[:, gates == g].sum() for g in range(3)]
+            bound += [dz[:, gates == g].sum(0).max() for g in range(3)]
+            atol[1:] = [4 * RTOL[dtype] * b.item() for b in bound]
         for k, (u, v) in enumerate(zip(got, want)):
-            assert_close(u, v, f"mhc_mappings{suffix}[{k}]", floor=0.05)
+            assert_close(u, v, f"mhc_mappings{suffix}[{k}]", floor=0.05, atol=atol[k])
 
 
 def check_mix(T, n, C, dtype, seed=0, offset=0):
