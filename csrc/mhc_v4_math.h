@@ -127,9 +127,49 @@ struct Problem {
     }
   }
 
-  // The forward without a history.
+  // The forward without a history: the same normalisations kept as scalings, comb =
+  // diag(a) K diag(b) with K = softmax(x) + eps, and comb written once at the end. A column step
+  // is b_j <- b_j / (b_j t_j + eps) with t = K^T a (what comb's column sums divided by b are),
+  // a row step a_i <- a_i / (a_i t_i + eps) with t = K b: N^2 fused multiply-adds and N
+  // reciprocals a normalisation, where rescaling comb takes N^2 adds for the sums and N^2
+  // multiplies. With eps = 0 (the paper's Sinkhorn) a step is just s <- 1 / t. The scalings stay
+  // in range: within the linear domain's spread every one is within exp(+-2 kLinearSpread) n.
   SK_HD static void forward(T* c, int iters, E eps, decltype(nullptr)) {
-    forward(c, iters, eps, static_cast<T*>(nullptr));
+    if (eps == static_cast<E>(0)) {
+      forward_scaled<true>(c, iters, eps);
+    } else {
+      forward_scaled<false>(c, iters, eps);
+    }
+  }
+
+  template <bool ZERO_EPS>
+  SK_HD static void forward_scaled(T* c, int iters, E eps) {
+    T k[N * N], a[N], b[N];
+    softmax(c, k);
+    for (int q = 0; q < N * N; ++q) k[q] = k[q] + eps;
+    for (int i = 0; i < N; ++i) a[i] = T{} + static_cast<E>(1), b[i] = a[i];
+    scale_step<true, ZERO_EPS>(k, a, b, eps);
+    for (int s = 1; s < normalisations(iters); s += 2) {
+      scale_step<false, ZERO_EPS>(k, a, b, eps);
+      scale_step<true, ZERO_EPS>(k, a, b, eps);
+    }
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j) c[i * N + j] = (a[i] * k[i * N + j]) * b[j];
+  }
+
+  // One normalisation of diag(a) K diag(b) over columns (COLUMNS: b changes) or rows (a).
+  template <bool COLUMNS, bool ZERO_EPS>
+  SK_HD static void scale_step(const T* k, T* a, T* b, E eps) {
+    T* s = COLUMNS ? b : a;        // the scalings of the lines this step divides
+    const T* o = COLUMNS ? a : b;  // the other side's
+    T d[N], inv[N];
+    for (int p = 0; p < N; ++p) {
+      T t = k[entry<COLUMNS>(p, 0)] * o[0];
+      for (int q = 1; q < N; ++q) t = t + k[entry<COLUMNS>(p, q)] * o[q];
+      d[p] = ZERO_EPS ? t : s[p] * t + eps;
+    }
+    Ops::template reciprocals<N>(d, inv);
+    for (int p = 0; p < N; ++p) s[p] = ZERO_EPS ? inv[p] : s[p] * inv[p];
   }
 
   // Normalisation s (over columns when COLUMNS, which must be over_columns(s)), its divisors to
