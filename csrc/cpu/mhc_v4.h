@@ -22,7 +22,11 @@ struct LaneOps {
   static V max(V a, V b) { return a > b ? a : b; }
   template <int K>
   static void reciprocals(const V* d, V* inv) {
-    for (int a = 0; a < K; ++a) inv[a] = static_cast<E>(1) / d[a];
+    if constexpr (std::is_same_v<V, VecF>) {
+      reciprocals_vec<K>(d, inv);  // rcp and Newton in the AVX builds
+    } else {
+      for (int a = 0; a < K; ++a) inv[a] = static_cast<E>(1) / d[a];
+    }
   }
 };
 

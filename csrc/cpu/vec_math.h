@@ -131,6 +131,33 @@ inline bool any_lane(M mask) {
   return any != 0;
 }
 
+// inv[a] = 1 / d[a] for a < K float vectors. In the AVX-512 and AVX2 builds, where every lane of
+// every divisor lies in [2^-126, 2^126) (one test for all K), the approximate reciprocal refined
+// by Newton steps (rcp14: one step, about 2^-28 relative; rcp: two) instead of a division: a
+// vector division has a throughput of several cycles, and the mHC kernels' normalisations wait on
+// theirs. Within 1 ulp of the division, not bit for bit. Any lane out of range (zero, subnormal,
+// huge, inf or NaN) sends all K to the division, so those keep its results.
+template <int K>
+inline void reciprocals_vec(const VecF* d, VecF* inv) {
+#if SK_VEC_BYTES == 64 || SK_VEC_BYTES == 32
+  auto in_range = (d[0] >= 0x1p-126f) & (d[0] < 0x1p126f);
+  for (int a = 1; a < K; ++a) in_range &= (d[a] >= 0x1p-126f) & (d[a] < 0x1p126f);
+  if (!any_lane(~in_range)) {
+    for (int a = 0; a < K; ++a) {
+#if SK_VEC_BYTES == 64
+      VecF r = (VecF)_mm512_maskz_rcp14_ps(0xFFFF, (__m512)d[a]);  // maskz: no GCC 12 warning
+#else
+      VecF r = (VecF)_mm256_rcp_ps((__m256)d[a]);
+      r = r + r * (1.0f - d[a] * r);
+#endif
+      inv[a] = r + r * (1.0f - d[a] * r);
+    }
+    return;
+  }
+#endif
+  for (int a = 0; a < K; ++a) inv[a] = 1.0f / d[a];
+}
+
 // The SIMD vector of an accumulation type, its lane count, unaligned loads and stores.
 template <typename T>
 using VecOf = std::conditional_t<std::is_same_v<T, double>, VecD, VecF>;
