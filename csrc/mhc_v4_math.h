@@ -42,9 +42,10 @@ SK_HD bool over_columns(int s) { return s % 2 == 0; }
 // this one on the transpose, with eps = 0).
 SK_HD int transposed(int k, int n) { return (k % n) * n + k / n; }
 
-// Ops supplies the lane type's element type E, exp, log, max and reciprocals<K>(d, inv) (inv[a] =
-// 1 / d[a] for a < K, exactly): scalar functions on the GPU, SIMD vector ones on the CPU. c holds
-// n x n lanes row-major.
+// Ops supplies the lane type's element type E, exp, log, max, reciprocals<K>(d, inv) (inv[a] =
+// 1 / d[a] for a < K, exactly) and forward_reciprocals<K> (the same to within about an ulp, for
+// the forward without a history, whose error does not build up through a walk back): scalar
+// functions on the GPU, SIMD vector ones on the CPU. c holds n x n lanes row-major.
 template <int N, typename T, typename Ops>
 struct Problem {
   using E = typename Ops::E;
@@ -168,7 +169,7 @@ struct Problem {
       for (int q = 1; q < N; ++q) t = t + k[entry<COLUMNS>(p, q)] * o[q];
       d[p] = ZERO_EPS ? t : s[p] * t + eps;
     }
-    Ops::template reciprocals<N>(d, inv);
+    Ops::template forward_reciprocals<N>(d, inv);
     for (int p = 0; p < N; ++p) s[p] = ZERO_EPS ? inv[p] : s[p] * inv[p];
   }
 

@@ -131,26 +131,26 @@ inline bool any_lane(M mask) {
   return any != 0;
 }
 
-// inv[a] = 1 / d[a] for a < K float vectors. In the AVX-512 and AVX2 builds, where every lane of
-// every divisor lies in [2^-126, 2^126) (one test for all K), the approximate reciprocal refined
-// by Newton steps (rcp14: one step, about 2^-28 relative; rcp: two) instead of a division: a
-// vector division has a throughput of several cycles, and the mHC kernels' normalisations wait on
-// theirs. Within 1 ulp of the division, not bit for bit. Any lane out of range (zero, subnormal,
-// huge, inf or NaN) sends all K to the division, so those keep its results.
+// inv[a] = 1 / d[a] for a < K float vectors, to within about an ulp. In the AVX-512 build, where
+// every lane of every divisor lies in [2^-126, 2^126) (one test for all K), rcp14 refined by two
+// Newton steps instead of a division, whose throughput is several cycles (the mHC forward's
+// normalisations wait on theirs). Nearly always the rounded reciprocal, but not bit for bit: the
+// mHC backward, whose walk back multiplies by the divisors its replay divided by, measured up to
+// 1.8x the fp32 error with it, so only the forward without a history takes it. Any lane out of
+// range (zero, subnormal, huge, inf or NaN) sends all K to the division. Other builds divide.
 template <int K>
 inline void reciprocals_vec(const VecF* d, VecF* inv) {
-#if SK_VEC_BYTES == 64 || SK_VEC_BYTES == 32
+#if SK_VEC_BYTES == 64
   auto in_range = (d[0] >= 0x1p-126f) & (d[0] < 0x1p126f);
   for (int a = 1; a < K; ++a) in_range &= (d[a] >= 0x1p-126f) & (d[a] < 0x1p126f);
   if (!any_lane(~in_range)) {
     for (int a = 0; a < K; ++a) {
-#if SK_VEC_BYTES == 64
-      VecF r = (VecF)_mm512_maskz_rcp14_ps(0xFFFF, (__m512)d[a]);  // maskz: no GCC 12 warning
-#else
-      VecF r = (VecF)_mm256_rcp_ps((__m256)d[a]);
-      r = r + r * (1.0f - d[a] * r);
-#endif
-      inv[a] = r + r * (1.0f - d[a] * r);
+      // Fused multiply-adds spelled out: the build's ISO mode does not contract, and a Newton
+      // step with the residual 1 - d r rounded after the product stalls near 1 ulp.
+      const __m512 dv = (__m512)d[a], one = _mm512_set1_ps(1.0f);
+      __m512 r = _mm512_maskz_rcp14_ps(0xFFFF, dv);  // maskz: no GCC 12 warning
+      r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(dv, r, one), r);
+      inv[a] = (VecF)_mm512_fmadd_ps(r, _mm512_fnmadd_ps(dv, r, one), r);
     }
     return;
   }

@@ -23,6 +23,10 @@ struct DeviceOps {
   static __device__ __forceinline__ void reciprocals(const T* d, T* inv) {
     dev::reciprocals<K>(d, inv);
   }
+  template <int K>
+  static __device__ __forceinline__ void forward_reciprocals(const T* d, T* inv) {
+    dev::reciprocals<K>(d, inv);
+  }
 };
 
 // 16-byte words of float and double values.

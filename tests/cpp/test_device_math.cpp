@@ -187,7 +187,8 @@ TEST(TinyProblem, BackwardMatchesTheCpuOperator) {
   check_backward_against_operator<8>({5, 7, 33, true, false, true, 1e-6});
 }
 
-// The scalar functions a CUDA thread gives mhc_v4_math.h (mhc_v4.cu's DeviceOps), on the host.
+// The scalar functions a CUDA thread gives mhc_v4_math.h (mhc_problem.cuh's DeviceOps), on the
+// host.
 template <typename T>
 struct HostOps {
   using E = T;
@@ -197,6 +198,10 @@ struct HostOps {
   template <int K>
   static void reciprocals(const T* d, T* inv) {  // the CUDA side's, bit for bit
     for (int a = 0; a < K; ++a) inv[a] = T(1) / d[a];
+  }
+  template <int K>
+  static void forward_reciprocals(const T* d, T* inv) {  // the CUDA side's: the same
+    reciprocals<K>(d, inv);
   }
 };
 
