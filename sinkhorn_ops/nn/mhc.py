@@ -67,7 +67,10 @@ class ManifoldConstrainedHyperConnections(nn.Module):
     The Sinkhorn is :func:`sinkhorn_ops.mhc_sinkhorn`: 20 iterations, column then row (steps =
     40, start = "col", a = b = 1), one fused kernel for all tokens and another for the backward
     (n <= 8, iters <= 32, the unrolled gradient). All mappings are computed in fp32
-    (fp64 for fp64 streams) whatever the activation dtype; the stream mixings are fused kernels
+    (fp64 for fp64 streams) whatever the activation dtype: after RMSNorm(x) φ
+    (``torch.ops.sinkhorn_ops.rms_projection``), the gates, biases, sigmoids and the Sinkhorn of
+    every token are one fused kernel (:func:`sinkhorn_ops.mhc_mappings`) and their backward
+    another, unless :meth:`residual_matrix` is overridden. The stream mixings are fused kernels
     (n <= 8) that accumulate in fp32 and write the streams' dtype.
 
     Args:
