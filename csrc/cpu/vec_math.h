@@ -145,8 +145,8 @@ inline void reciprocals_vec(const VecF* d, VecF* inv) {
   for (int a = 1; a < K; ++a) in_range &= (d[a] >= 0x1p-126f) & (d[a] < 0x1p126f);
   if (!any_lane(~in_range)) {
     for (int a = 0; a < K; ++a) {
-      // Fused multiply-adds spelled out: the build's ISO mode does not contract, and a Newton
-      // step with the residual 1 - d r rounded after the product stalls near 1 ulp.
+      // Fused multiply-adds spelled out rather than left to the compiler's contraction: a Newton
+      // step whose residual 1 - d r is rounded after the product stalls near 1 ulp.
       const __m512 dv = (__m512)d[a], one = _mm512_set1_ps(1.0f);
       __m512 r = _mm512_maskz_rcp14_ps(0xFFFF, dv);  // maskz: no GCC 12 warning
       r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(dv, r, one), r);
