@@ -25,6 +25,10 @@ namespace mappings {
 // The gate (0 pre, 1 post, 2 res) of a token's projection k.
 SK_HD constexpr int gate(int k, int n) { return k < n ? 0 : (k < 2 * n ? 1 : 2); }
 
+// The index of a token's projection k within its gate's biases (b_pre, b_post or b_res, each
+// starting at gate * n).
+SK_HD constexpr int bias_index(int k, int n) { return k - gate(k, n) * n; }
+
 // Projections per token.
 SK_HD constexpr int projections(int n) { return 2 * n + n * n; }
 

@@ -29,13 +29,23 @@ def _sinkhorn_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_iters(name: str, iters: int) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{name}: expected iters to be an int >= 1, got {iters!r}")
+
+
+def _check_eps(name: str, eps: float, context: str = "") -> None:
+    """DeepSeek-V4's eps: a finite number > 0 (context ends the expectation, e.g. " for ...")."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"{name}: expected a finite eps > 0{context}, got {eps!r}")
+
+
 def _check_logits(name: str, logits: Tensor, iters: int) -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name}: expected logits to be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"{name}: expected logits of shape (..., n, n), got {tuple(logits.shape)}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"{name}: expected iters to be an int >= 1, got {iters!r}")
+    _check_iters(name, iters)
 
 
 def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> Tensor:
@@ -104,8 +114,7 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
         (..., n, n) comb in fp32 (fp64 for fp64 logits), not transposed.
     """
     _check_logits("mhc_v4_sinkhorn", logits, iters)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"mhc_v4_sinkhorn: expected a finite eps > 0, got {eps!r}")
+    _check_eps("mhc_v4_sinkhorn", eps)
     x = logits.to(_sinkhorn_dtype(logits.dtype))
     if _mhc_v4_ops.fused(x, iters):
         return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn.default(x, iters, float(eps))
@@ -178,11 +187,9 @@ def mhc_mappings(
         allowed = ("unrolled",) if variant == "v4" else _GRADS
         raise ValueError(f"mhc_mappings: expected grad in {allowed} for variant {variant!r}, "
                          f"got {grad!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"mhc_mappings: expected iters to be an int >= 1, got {iters!r}")
-    if variant == "v4" and (isinstance(eps, bool) or not isinstance(eps, (int, float))
-                            or not 0 < eps < float("inf")):
-        raise ValueError(f"mhc_mappings: expected a finite eps > 0 for variant 'v4', got {eps!r}")
+    _check_iters("mhc_mappings", iters)
+    if variant == "v4":
+        _check_eps("mhc_mappings", eps, " for variant 'v4'")
     n = b_res.shape[-1] if b_res.dim() == 2 else 0
     if b_res.dim() != 2 or b_res.shape[0] != n or n < 1:
         raise ValueError(f"mhc_mappings: expected b_res of shape (n, n), got {tuple(b_res.shape)}")

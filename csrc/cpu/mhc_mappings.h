@@ -19,13 +19,11 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
   auto in = [](const void* ptr) { return static_cast<const acc_t*>(ptr); };
   auto out = [](void* ptr) { return static_cast<acc_t*>(ptr); };
   const bool paper = !p.v4;
-  const acc_t eps = p.v4 ? static_cast<acc_t>(p.eps) : acc_t(0);
+  const acc_t eps = static_cast<acc_t>(p.eps);  // 0 for the paper's variant (the front door)
   V alpha[3], bias[K];
   for (int g = 0; g < 3; ++g) alpha[g] = V{} + *in(p.alpha[g]);
-  for (int k = 0; k < K; ++k) {
-    const int g = sinkhorn::mappings::gate(k, N);
-    bias[k] = V{} + in(p.bias[g])[k - (g == 0 ? 0 : g == 1 ? N : 2 * N)];
-  }
+  using sinkhorn::mappings::bias_index, sinkhorn::mappings::gate;
+  for (int k = 0; k < K; ++k) bias[k] = V{} + in(p.bias[gate(k, N)])[bias_index(k, N)];
   const Transpose<N> t;  // H_res is the iterated matrix transposed, in both variants
   const bool live[3] = {p.grad_pre != nullptr, p.grad_post != nullptr, p.grad_res != nullptr};
   const int64_t groups = (p.T + L - 1) / L;

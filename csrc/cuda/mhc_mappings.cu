@@ -49,10 +49,8 @@ __device__ __forceinline__ void token_logits(const Args<T>& a, int64_t b, T* y, 
   const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
   T bias[Token::K];
 #pragma unroll
-  for (int k = 0; k < Token::K; ++k) {
-    const int g = mappings::gate(k, N);
-    bias[k] = a.bias[g][k - (g == 0 ? 0 : g == 1 ? N : 2 * N)];
-  }
+  for (int k = 0; k < Token::K; ++k)
+    bias[k] = a.bias[mappings::gate(k, N)][mappings::bias_index(k, N)];
   Token::logits(y, alpha, bias, z);
 }
 
@@ -114,7 +112,8 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const A
         g[k] = graw[v4::transposed(k, N)];  // dL/d(iterated matrix), as H_res is its transpose
     }
     // A zero upstream gradient of H_res has a zero gradient of its logits.
-    if (a.grad_res != nullptr) mhc::run_problem<N, T, true, SHARED_HISTORY>(x, g, a.iters, a.eps, paper);
+    if (a.grad_res != nullptr)
+      mhc::run_problem<N, T, true, SHARED_HISTORY>(x, g, a.iters, a.eps, paper);
     Token::res_gradient(g, paper, dz);
     T y[K], grad_y[K], dots[3];
     mhc::load_row<K>(a.proj, b, y, a.words);  // again, rather than live across the Sinkhorn
@@ -146,7 +145,7 @@ void launch_typed(const MappingsParams& p, cudaStream_t stream) {
   a.dots = static_cast<T*>(p.dots);
   a.tokens = p.T;
   a.iters = p.iters;
-  a.eps = p.v4 ? static_cast<T>(p.eps) : T{};
+  a.eps = static_cast<T>(p.eps);  // 0 for the paper's variant (the front door)
   a.v4 = p.v4;
   a.words = aligned16(p.proj) && aligned16(p.grad_pre) && aligned16(p.grad_post) &&
             aligned16(p.grad_res) && aligned16(p.pre) && aligned16(p.post) && aligned16(p.res) &&
