@@ -15,6 +15,10 @@
 //
 //   dL/dy_k = alpha_g dz_k,  dL/db_k = sum over tokens of dz_k,
 //   dL/dalpha_g = sum over tokens of sum_{k in g} dz_k y_k (the per-token sums are `dots`).
+//
+// A token's backward writes its partials row [dots (3) | dz (K) | zeros]: the weights' gradients
+// in their arguments' order (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res) once summed
+// over the tokens, which takes one reduction for all six.
 #pragma once
 
 #include "mhc_v4_math.h"
@@ -32,11 +36,16 @@ SK_HD constexpr int bias_index(int k, int n) { return k - gate(k, n) * n; }
 // Projections per token.
 SK_HD constexpr int projections(int n) { return 2 * n + n * n; }
 
+// The weights' values (three gates and the K biases), and the length of a token's partials row:
+// those, then zeros up to a multiple of 4 (whole 16-byte words in fp32 and fp64).
+SK_HD constexpr int weight_values(int n) { return 3 + projections(n); }
+SK_HD constexpr int partials(int n) { return (weight_values(n) + 3) / 4 * 4; }
+
 // Ops as in v4::Problem (E, exp; the kernels' Sinkhorn needs the rest).
 template <int N, typename T, typename Ops>
 struct Token {
   using E = typename Ops::E;
-  static constexpr int NN = N * N, K = 2 * N + NN, RES = 2 * N;
+  static constexpr int NN = N * N, K = 2 * N + NN, RES = 2 * N, P = partials(N);
 
   // z = alpha_g y + b, alpha the three gates, b the K biases.
   SK_HD static void logits(const T* y, const T* alpha, const T* bias, T* z) {
@@ -90,6 +99,11 @@ struct Token {
       grad_y[k] = alpha[g] * dz[k];
       if (live[g]) dots[g] = dots[g] + dz[k] * y[k];
     }
+  }
+
+  // The padding of a partials row part ([dots | dz | zeros]).
+  SK_HD static void pad_partials(T* part) {
+    for (int k = weight_values(N); k < P; ++k) part[k] = T{};
   }
 };
 

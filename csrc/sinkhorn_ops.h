@@ -115,12 +115,23 @@ MHCMappings mhc_mappings(const at::Tensor& proj, const MHCWeights& weights, int6
 struct MHCMappingsGrads {
   at::Tensor proj, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res;
 };
-// Its backward given dL/dH_pre, dL/dH_post, dL/dH_res (nullopt: zeros).
+// Its backward given dL/dH_pre, dL/dH_post, dL/dH_res (nullopt: zeros). The six weights'
+// gradients are views of one tensor (the operator's grad_weights), as cuDNN's RNN weight
+// gradients are views of one buffer.
 MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre,
                                        const c10::optional<at::Tensor>& grad_post,
                                        const c10::optional<at::Tensor>& grad_res,
                                        const at::Tensor& proj, const MHCWeights& weights,
                                        int64_t iters = 20, double eps = 1e-6,
                                        c10::string_view variant = "paper");
+
+namespace detail {
+// The backward operator's own result: dL/dproj and the six weights' gradients flattened in the
+// weights' order (3 + 2n + n^2 values).
+std::tuple<at::Tensor, at::Tensor> mhc_mappings_backward_flat(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj, const MHCWeights& weights,
+    int64_t iters, double eps, c10::string_view variant);
+}  // namespace detail
 
 }  // namespace sinkhorn_ops

@@ -129,7 +129,8 @@ struct V4Params {
 
 // One batched call of mHC's mappings (mhc_mappings_math.h) over T tokens: the forward writes
 // H_pre, H_post, H_res from the normalised projections; the backward (grad_pre, grad_post or
-// grad_res given; nullptr reads as zeros) writes dL/dproj, dz and the per-token gate sums. All in
+// grad_res given; nullptr reads as zeros) writes dL/dproj and each token's partials row (dz and
+// its gate sums, mappings::partials). All in
 // dtype, contiguous.
 struct MappingsParams {
   const void* proj = nullptr;                                      // (T, 2n + n^2)
@@ -139,8 +140,7 @@ struct MappingsParams {
   bool backward = false;
   void* pre = nullptr, *post = nullptr, *res = nullptr;            // forward: (T, n), (T, n), (T, n, n)
   void* grad_proj = nullptr;                                       // backward: (T, 2n + n^2)
-  void* grad_logits = nullptr;                                     // backward: dz, (T, 2n + n^2)
-  void* dots = nullptr;                                            // backward: (T, 3)
+  void* partials = nullptr;                                        // backward: (T, partials(n))
   int64_t T = 0, n = 0;
   int iters = 0;                                                   // 1 <= iters <= v4::kMaxIters
   // DeepSeek-V4's variant (H_pre + eps, H_res = comb^T with eps in every sum) when set, else

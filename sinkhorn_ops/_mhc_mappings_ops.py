@@ -79,8 +79,9 @@ def _backward_fake(grad_pre, grad_post, grad_res, proj, alpha_pre, alpha_post, a
             torch._check_value(g.device == proj.device,
                                lambda: f"mhc_mappings_backward: expected {name} on proj's "
                                        f"device {proj.device}, got {g.device}")
+    # grad_weights: the six weights' gradients flattened in their order (csrc/ops/schema.h).
     return (torch.empty_like(proj, memory_format=torch.contiguous_format),
-            *(w.new_empty(w.shape) for w in weights))
+            proj.new_empty((3 + 2 * n + n * n,)))
 
 
 # The autograd of the op and of its backward is registered in C++ (csrc/ops/mhc_autograd.cpp).

@@ -265,6 +265,37 @@ def test_layer_fused_equals_composite(variant, device):
         torch.testing.assert_close(grads[name], grads2[name], atol=1e-11, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradients_accumulate_and_step(device):
+    """The six weights' gradients come from one sum (views of one tensor, as cuDNN's RNN weight
+    gradients): a second backward accumulates into each without touching the others, zero_grad
+    without set_to_none zeroes them, and fused optimisers step on them."""
+    layer = make_layer(4, device=device)
+    x = make_streams(4, device=device)
+    names = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
+
+    def grads():
+        return {k: getattr(layer, k).grad.clone() for k in names}
+
+    run_once = lambda: layer(x).square().sum().backward()
+    run_once()
+    once = grads()
+    assert all(once[k].abs().sum() > 0 for k in names), once
+    run_once()
+    for k in names:
+        torch.testing.assert_close(getattr(layer, k).grad, 2 * once[k], rtol=1e-12, atol=0, msg=k)
+    layer.zero_grad(set_to_none=False)
+    assert all(getattr(layer, k).grad.abs().sum() == 0 for k in names)
+    run_once()
+    for k in names:
+        torch.testing.assert_close(getattr(layer, k).grad, once[k], rtol=1e-12, atol=0, msg=k)
+    before = {k: getattr(layer, k).detach().clone() for k in names}
+    for foreach in (False, True):
+        torch.optim.AdamW(layer.parameters(), lr=1e-2, foreach=foreach).step()
+    for k in names:
+        assert not torch.equal(getattr(layer, k).detach(), before[k]), k
+
+
 def test_layer_saves_no_fp32_copy_of_bf16_streams():
     """The bf16 layer's autograd keeps the streams as they came: no saved fp32 tensor as large
     as x (the coefficient projection used to save one, twice x's size)."""

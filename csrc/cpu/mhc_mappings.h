@@ -15,7 +15,7 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
   using V = VecOf<acc_t>;
   using Token = sinkhorn::mappings::Token<N, V, LaneOps<V>>;
   constexpr int64_t L = kVecLanes<acc_t>;
-  constexpr int NN = N * N, K = Token::K;
+  constexpr int NN = N * N, K = Token::K, P = Token::P;
   auto in = [](const void* ptr) { return static_cast<const acc_t*>(ptr); };
   auto out = [](void* ptr) { return static_cast<acc_t*>(ptr); };
   const bool paper = !p.v4;
@@ -28,7 +28,9 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
   const bool live[3] = {p.grad_pre != nullptr, p.grad_post != nullptr, p.grad_res != nullptr};
   const int64_t groups = (p.T + L - 1) / L;
   at::parallel_for(0, groups, std::max<int64_t>(1, 64 / K), [&](int64_t g0, int64_t g1) {
-    V y[K], z[K], x[NN], g[NN], lg[NN], a[N], c[N], dz[K], grad_y[K], dots[3];
+    V y[K], z[K], x[NN], g[NN], lg[NN], a[N], c[N], part[P], grad_y[K];
+    V* const dots = part;  // part: [dots | dz | zeros] (mhc_mappings_math.h)
+    V* const dz = part + 3;
     V hist[(2 * sinkhorn::v4::kMaxIters - 1) * N];
     // Lanes of a (count tokens, width) tensor from b0, zeros for a null one.
     auto load = [&](const void* src, int64_t width, int64_t b0, int64_t count, V* dst,
@@ -60,8 +62,8 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
       Token::res_gradient(g, paper, dz);
       Token::finish(y, alpha, live, dz, grad_y, dots);
       store_lanes(out(p.grad_proj), K, b0, count, grad_y);
-      store_lanes(out(p.grad_logits), K, b0, count, dz);
-      store_lanes(out(p.dots), 3, b0, count, dots);
+      Token::pad_partials(part);
+      store_lanes(out(p.partials), P, b0, count, part);
     }
   });
 }

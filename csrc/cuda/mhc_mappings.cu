@@ -2,8 +2,8 @@
 // per token, its 2n + n^2 projections and its n x n Sinkhorn problem in registers, the math
 // shared with the CPU kernel. One read of the projections and one write of H_pre, H_post and
 // H_res per token (forward); one read of the projections and of the three upstream gradients,
-// and one write of dL/dproj, dz and the gate sums (backward, which recomputes the forward and
-// keeps the Sinkhorn's divisors as mhc_v4.cu does).
+// and one write of dL/dproj and of the token's partials row (its gate sums and dz; backward,
+// which recomputes the forward and keeps the Sinkhorn's divisors as mhc_v4.cu does).
 #include <cstdint>
 
 #include "../mhc_mappings_math.h"
@@ -32,8 +32,7 @@ struct Args {
   T* post;
   T* res;
   T* grad_proj;         // backward outputs
-  T* grad_logits;
-  T* dots;
+  T* partials;
   int64_t tokens;
   int iters;
   T eps;                // DeepSeek-V4's eps, 0 for the paper's variant
@@ -93,12 +92,14 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_forward_kernel(const Ar
 template <int N, typename T, bool SHARED_HISTORY>
 __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const Args<T> a) {
   using Token = mappings::Token<N, T, mhc::DeviceOps<T>>;
-  constexpr int NN = N * N, K = Token::K;
+  constexpr int NN = N * N, K = Token::K, P = Token::P;
   const bool paper = !a.v4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.tokens;
        b += stride) {
-    T dz[K], x[NN], g[NN];
+    T part[P], x[NN], g[NN];  // part: [dots | dz | zeros] (mhc_mappings_math.h)
+    T* const dots = part;
+    T* const dz = part + 3;
     {
       T y[K], z[K], gp[N], gq[N], graw[NN];
       token_logits<N>(a, b, y, z);
@@ -115,14 +116,14 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const A
     if (a.grad_res != nullptr)
       mhc::run_problem<N, T, true, SHARED_HISTORY>(x, g, a.iters, a.eps, paper);
     Token::res_gradient(g, paper, dz);
-    T y[K], grad_y[K], dots[3];
+    T y[K], grad_y[K];
     mhc::load_row<K>(a.proj, b, y, a.words);  // again, rather than live across the Sinkhorn
     const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
     const bool live[3] = {a.grad_pre != nullptr, a.grad_post != nullptr, a.grad_res != nullptr};
     Token::finish(y, alpha, live, dz, grad_y, dots);
     mhc::store_row<K>(a.grad_proj, b, grad_y, a.words);
-    mhc::store_row<K>(a.grad_logits, b, dz, a.words);
-    mhc::store_row<3>(a.dots, b, dots, false);
+    Token::pad_partials(part);
+    mhc::store_row<P>(a.partials, b, part, a.words);
   }
 }
 
@@ -141,15 +142,14 @@ void launch_typed(const MappingsParams& p, cudaStream_t stream) {
   a.post = static_cast<T*>(p.post);
   a.res = static_cast<T*>(p.res);
   a.grad_proj = static_cast<T*>(p.grad_proj);
-  a.grad_logits = static_cast<T*>(p.grad_logits);
-  a.dots = static_cast<T*>(p.dots);
+  a.partials = static_cast<T*>(p.partials);
   a.tokens = p.T;
   a.iters = p.iters;
   a.eps = static_cast<T>(p.eps);  // 0 for the paper's variant (the front door)
   a.v4 = p.v4;
   a.words = aligned16(p.proj) && aligned16(p.grad_pre) && aligned16(p.grad_post) &&
             aligned16(p.grad_res) && aligned16(p.pre) && aligned16(p.post) && aligned16(p.res) &&
-            aligned16(p.grad_proj) && aligned16(p.grad_logits);
+            aligned16(p.grad_proj) && aligned16(p.partials);
   n_switch<v4::kMaxN>(p.n, [&](auto n) {  // the front door admits n <= kMaxN only
     constexpr int N = decltype(n)::value;
     const unsigned grid = blocks_for(p.T, kThreads);

@@ -82,21 +82,42 @@ MHCMappings mhc_mappings(const at::Tensor& proj, const MHCWeights& w, int64_t it
   return {pre, post, res};
 }
 
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> mhc_mappings_backward_flat(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj, const MHCWeights& w,
+    int64_t iters, double eps, c10::string_view variant) {
+  using T = const at::Tensor&;
+  using O = const c10::optional<at::Tensor>&;
+  using R = std::tuple<at::Tensor, at::Tensor>;
+  static auto h = typed_op<R(O, O, O, T, T, T, T, T, T, T, int64_t, double, c10::string_view)>(
+      "sinkhorn_ops::mhc_mappings_backward");
+  return h.call(grad_pre, grad_post, grad_res, proj, w.alpha_pre, w.alpha_post, w.alpha_res,
+                w.b_pre, w.b_post, w.b_res, iters, eps, variant);
+}
+
+}  // namespace detail
+
 MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre,
                                        const c10::optional<at::Tensor>& grad_post,
                                        const c10::optional<at::Tensor>& grad_res,
                                        const at::Tensor& proj, const MHCWeights& w,
                                        int64_t iters, double eps, c10::string_view variant) {
-  using T = const at::Tensor&;
-  using O = const c10::optional<at::Tensor>&;
-  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                       at::Tensor>;
-  static auto h = typed_op<R(O, O, O, T, T, T, T, T, T, T, int64_t, double, c10::string_view)>(
-      "sinkhorn_ops::mhc_mappings_backward");
-  auto [dp, da0, da1, da2, db0, db1, db2] =
-      h.call(grad_pre, grad_post, grad_res, proj, w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre,
-             w.b_post, w.b_res, iters, eps, variant);
-  return {dp, da0, da1, da2, db0, db1, db2};
+  auto [dp, flat] =
+      detail::mhc_mappings_backward_flat(grad_pre, grad_post, grad_res, proj, w, iters, eps,
+                                         variant);
+  // Views of the one sum, in the weights' order and shapes (the operator checked the shapes).
+  // Symbolic sizes: under torch.compile with dynamic shapes the weights' may be.
+  c10::SymInt at = 0;
+  auto next = [&](const at::Tensor& like) {
+    const at::Tensor t = flat.narrow_symint(0, at, like.sym_numel()).view_symint(like.sym_sizes());
+    at += like.sym_numel();
+    return t;
+  };
+  auto a0 = next(w.alpha_pre), a1 = next(w.alpha_post), a2 = next(w.alpha_res);
+  auto b0 = next(w.b_pre), b1 = next(w.b_post), b2 = next(w.b_res);
+  return {dp, a0, a1, a2, b0, b1, b2};
 }
 
 }  // namespace sinkhorn_ops

@@ -103,19 +103,18 @@ struct PostMix : torch::autograd::Function<PostMix> {
 
 // The mappings: H_pre, H_post, H_res = op(proj, the six weights, iters, eps, variant); every
 // tensor input is differentiable and saved (proj is (..., 2n + n^2): small beside x).
-using Septet = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                          at::Tensor>;
 using Opt = const c10::optional<at::Tensor>&;
 
 MHCWeights weights_of(T a0, T a1, T a2, T b0, T b1, T b2) { return {a0, a1, a2, b0, b1, b2}; }
 
 struct MappingsBackward {
   static constexpr const char* name = "mhc_mappings";
-  static Septet call(Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2, T b0, T b1, T b2,
-                     int64_t iters, double eps, c10::string_view variant) {
-    const auto g = mhc_mappings_backward(g_pre, g_post, g_res, proj,
-                                         weights_of(a0, a1, a2, b0, b1, b2), iters, eps, variant);
-    return {g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
+  static std::tuple<at::Tensor, at::Tensor> call(Opt g_pre, Opt g_post, Opt g_res, T proj, T a0,
+                                                 T a1, T a2, T b0, T b1, T b2, int64_t iters,
+                                                 double eps, c10::string_view variant) {
+    return detail::mhc_mappings_backward_flat(g_pre, g_post, g_res, proj,
+                                              weights_of(a0, a1, a2, b0, b1, b2), iters, eps,
+                                              variant);
   }
 };
 
@@ -142,10 +141,11 @@ struct Mappings : torch::autograd::Function<Mappings> {
   static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
     const auto s = ctx->get_saved_variables();
     const std::string variant = ctx->saved_data["variant"].toStringRef();
-    auto grads = detail::as_list(MappingsBackward::call(
-        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0], s[1],
-        s[2], s[3], s[4], s[5], s[6], ctx->saved_data["iters"].toInt(),
-        ctx->saved_data["eps"].toDouble(), variant));
+    const auto g = mhc_mappings_backward(
+        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0],
+        weights_of(s[1], s[2], s[3], s[4], s[5], s[6]), ctx->saved_data["iters"].toInt(),
+        ctx->saved_data["eps"].toDouble(), variant);
+    variable_list grads{g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
     grads.insert(grads.end(), {Variable(), Variable(), Variable()});
     return grads;
   }

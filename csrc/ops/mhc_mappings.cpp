@@ -71,11 +71,9 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
     p.grad_post = grad("grad_post", grad_post, with(batch, {n}), c.grad_post);
     p.grad_res = grad("grad_res", grad_res, with(batch, {n, n}), c.grad_res);
     c.grad_proj = at::empty(proj.sizes(), options);
-    c.grad_logits = at::empty(proj.sizes(), options);
-    c.dots = at::empty(with(batch, {3}), options);
+    c.partials = at::empty(with(batch, {sinkhorn::mappings::partials(n)}), options);
     p.grad_proj = c.grad_proj.data_ptr();
-    p.grad_logits = c.grad_logits.data_ptr();
-    p.dots = c.dots.data_ptr();
+    p.partials = c.partials.data_ptr();
   } else {
     c.pre = at::empty(with(batch, {n}), options);
     c.post = at::empty(with(batch, {n}), options);
@@ -94,16 +92,11 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
   return c;
 }
 
-std::array<at::Tensor, 6> mappings_weight_grads(const MappingsCall& call) {
+at::Tensor mappings_weight_grads(const MappingsCall& call) {
   const int64_t n = call.params.n;
-  const at::Tensor dz = call.grad_logits.view({-1, sinkhorn::mappings::projections(n)});
-  const at::Tensor dots = call.dots.view({-1, 3});
-  std::array<at::Tensor, 6> g;
-  for (int w = 0; w < 3; ++w) g[w] = dots.select(1, w).sum().view(call.weights[w].sizes());
-  g[3] = dz.narrow(1, 0, n).sum(0);
-  g[4] = dz.narrow(1, n, n).sum(0);
-  g[5] = dz.narrow(1, 2 * n, n * n).sum(0).view({n, n});
-  return g;
+  return call.partials.view({-1, sinkhorn::mappings::partials(n)})
+      .sum(0)
+      .narrow(0, 0, sinkhorn::mappings::weight_values(n));
 }
 
 }  // namespace detail

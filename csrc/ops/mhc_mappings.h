@@ -22,7 +22,7 @@ struct MappingsCall {
   MappingsWeights weights;
   at::Tensor grad_pre, grad_post, grad_res;         // backward inputs (undefined: zeros)
   at::Tensor pre, post, res;                        // forward outputs
-  at::Tensor grad_proj, grad_logits, dots;          // backward outputs (the last two scratch)
+  at::Tensor grad_proj, partials;                   // backward outputs (partials: scratch)
   sinkhorn::MappingsParams params;
 };
 
@@ -35,9 +35,9 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
                                   const at::Tensor& grad_post = {},
                                   const at::Tensor& grad_res = {});
 
-// The backward's gradients of the weights from a run call: the per-token dz and gate sums summed
-// over the tokens, in the weights' shapes.
-std::array<at::Tensor, 6> mappings_weight_grads(const MappingsCall& call);
+// The backward's gradients of the weights from a run call, flattened in the weights' order
+// (3 + 2n + n^2 values): the tokens' partials rows summed, one reduction for all six.
+at::Tensor mappings_weight_grads(const MappingsCall& call);
 
 }  // namespace detail
 }  // namespace sinkhorn_ops

@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_mappings_op(
   return {call.pre, call.post, call.res};
 }
 
-using MappingsGrads =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (dL/dproj, the six weights' gradients flattened).
+using MappingsGrads = std::tuple<at::Tensor, at::Tensor>;
 
 template <typename Device>
 MappingsGrads mhc_mappings_backward_op(
@@ -105,8 +105,7 @@ MappingsGrads mhc_mappings_backward_op(
       grad_pre.value_or(at::Tensor()), grad_post.value_or(at::Tensor()),
       grad_res.value_or(at::Tensor()));
   Device::run(call);
-  const auto w = mappings_weight_grads(call);
-  return {call.grad_proj, w[0], w[1], w[2], w[3], w[4], w[5]};
+  return std::make_tuple(call.grad_proj, mappings_weight_grads(call));
 }
 
 // Registers the ten operators for one dispatch key with Device's kernels.

@@ -58,11 +58,13 @@ inline void define_ops(torch::Library& m) {
         "Tensor b_pre, Tensor b_post, Tensor b_res, int iters, float eps, str variant) -> "
         "(Tensor pre, Tensor post, Tensor res)",
         {at::Tag::pt2_compliant_tag});
+  // The backward's grad_weights (3 + 2n + n^2): the gradients of alpha_pre, alpha_post,
+  // alpha_res, b_pre, b_post and b_res, flattened in that order (one sum over the tokens for
+  // all six; the C++ API's mhc_mappings_backward splits it).
   m.def("mhc_mappings_backward(Tensor? grad_pre, Tensor? grad_post, Tensor? grad_res, "
         "Tensor proj, Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, int iters, float eps, str variant) -> "
-        "(Tensor grad_proj, Tensor grad_alpha_pre, Tensor grad_alpha_post, Tensor grad_alpha_res, "
-        "Tensor grad_b_pre, Tensor grad_b_post, Tensor grad_b_res)",
+        "(Tensor grad_proj, Tensor grad_weights)",
         {at::Tag::pt2_compliant_tag});
 }
 
