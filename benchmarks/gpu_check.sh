@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200, CUDA torch preinstalled, no network): build in
-# place, the crash probe, CUDA tests, compute-sanitizer memcheck and racecheck, the profile, the
+# place (or take the extension benchmarks/device_prebuild.sh built for these sources), the crash
+# probe, CUDA tests, compute-sanitizer memcheck and racecheck, the profile, the
 # mHC and large-OT benchmarks (large OT without the fused iterations and with them), the forward,
 # backward and attention benchmarks. Every step runs even when an earlier one failed (except
 # after a failed build); its exit code and time go to $OUT/summary.txt.
@@ -83,9 +84,33 @@ step() {
   nvidia-smi
 } >"$OUT/env.txt" 2>&1
 
-step build "$OUT/build.log" "${T_BUILD:-200}" \
-  env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
-  python setup.py build_ext --inplace
+# An extension prebuilt for exactly these sources, this torch and this Python
+# (benchmarks/device_prebuild.sh; .prebuilt/ carried with the call) takes the build's place when
+# it imports; otherwise the build runs here.
+prebuilt=""
+if [ -f .prebuilt/stamp ]; then
+  here="$(TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/device_stamp.py 2>&1)"
+  {
+    echo "### prebuilt: $(cat .prebuilt/stamp)"
+    echo "### here:     $here"
+    cat .prebuilt/build_info.txt 2>/dev/null
+  } >>"$OUT/build.log"
+  if [ "$here" = "$(cat .prebuilt/stamp)" ] && cp .prebuilt/_C*.so sinkhorn_ops/ &&
+    python -c "import sinkhorn_ops, torch; assert torch.ops.sinkhorn_ops.sinkhorn.default" \
+      >>"$OUT/build.log" 2>&1; then
+    prebuilt=yes
+    echo "build rc=0 0s (prebuilt: $(head -1 .prebuilt/build_info.txt 2>/dev/null))" >>"$SUMMARY"
+  else
+    rm -f sinkhorn_ops/_C*.so
+    echo "### prebuilt extension not used (stamp differs or it does not import): building" \
+      >>"$OUT/build.log"
+  fi
+fi
+if [ -z "$prebuilt" ]; then
+  step build "$OUT/build.log" "${T_BUILD:-200}" \
+    env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
+    python setup.py build_ext --inplace
+fi
 # Without the extension nothing below can run: stop at once and show why, so that a lease is not
 # spent on steps that fail on import.
 if ! ls sinkhorn_ops/_C*.so >/dev/null 2>&1 || ! grep -q "^build rc=0 " "$SUMMARY"; then

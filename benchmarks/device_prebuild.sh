@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the CUDA extension on this machine (no GPU needed) for the device machines' Python and
+# torch, into .prebuilt/ (ignored; carry it with the device call). benchmarks/gpu_check.sh there
+# then skips its build, about two minutes of a fifteen-minute lease, when the stamp
+# (benchmarks/device_stamp.py: the sources, torch, Python, the architectures) is the same there.
+# The extension is also built by another compiler than the device image's, which is one of the
+# two differences left for the crash on C++ ValueErrors seen there (README, GPU results).
+#
+#   bash benchmarks/device_prebuild.sh      # about 15-25 minutes on 2 cores
+#
+# VENV (default /tmp/dev312): a Python 3.12 environment with TORCH_SPEC (default torch==2.11.0,
+# the device image's 2.11.0+cu130), created when missing from PY312 (default python3.12).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${VENV:-/tmp/dev312}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PY312:-python3.12}" -m venv "$VENV"
+  "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.11.0}" numpy setuptools ninja
+fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+# The files the device copy gets (tracked, and untracked but not ignored), as they are now: the
+# stamp is taken from this copy, so edits made during the build cannot be stamped as built.
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$work"
+stamp="$(cd "$work" && TORCH_CUDA_ARCH_LIST=9.0 "$VENV/bin/python" benchmarks/device_stamp.py)"
+(cd "$work" && MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
+  "$VENV/bin/python" setup.py build_ext --inplace >"$work/build.log" 2>&1) ||
+  { tail -40 "$work/build.log"; exit 1; }
+rm -rf .prebuilt && mkdir -p .prebuilt
+cp "$work"/sinkhorn_ops/_C*.so .prebuilt/
+strip --strip-debug .prebuilt/_C*.so  # -g from Python's flags: the carry holds 64 MiB in all
+echo "$stamp" >.prebuilt/stamp
+{
+  echo "built $(date -u +%FT%TZ) from commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- csrc setup.py || echo ' with uncommitted changes')"
+  echo "stamp: $stamp"
+  c++ --version | head -1
+  nvcc --version | tail -1
+} >.prebuilt/build_info.txt
+cat .prebuilt/build_info.txt
+ls -l .prebuilt/
