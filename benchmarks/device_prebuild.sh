@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${VENV:-/tmp/dev312}"
+# torch would take CUDA_HOME from the nvcc on PATH (/usr/local/bin here: no headers under it).
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${PY312:-python3.12}" -m venv "$VENV"
   "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.11.0}" numpy setuptools ninja
@@ -25,7 +27,7 @@ git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$
 stamp="$(cd "$work" && TORCH_CUDA_ARCH_LIST=9.0 "$VENV/bin/python" benchmarks/device_stamp.py)"
 (cd "$work" && MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   "$VENV/bin/python" setup.py build_ext --inplace >"$work/build.log" 2>&1) ||
-  { tail -40 "$work/build.log"; exit 1; }
+  { grep -E -m 40 "error|Error" "$work/build.log"; tail -15 "$work/build.log"; exit 1; }
 rm -rf .prebuilt && mkdir -p .prebuilt
 cp "$work"/sinkhorn_ops/_C*.so .prebuilt/
 strip --strip-debug .prebuilt/_C*.so  # -g from Python's flags: the carry holds 64 MiB in all

@@ -50,7 +50,8 @@ fi
 # The limit shrinks to what is left before DEADLINE (less 15 s for the kill and the packing).
 # PART=bench: a second call on the same warm machine, when the first ran out of time before the
 # benchmarks (the probes, tests, sanitizers and profiles fill most of a call): the build (a no-op
-# there: the build folder is kept between calls) and the bench_* steps only.
+# there: the build folder is kept between calls; the prebuilt extension again when the first call
+# took it, as it then left no build folder) and the bench_* steps only.
 PART="${PART:-all}"
 step() {
   local name=$1 log=$2 limit=$3 start=$SECONDS rc left
@@ -89,15 +90,16 @@ step() {
 # it imports; otherwise the build runs here.
 prebuilt=""
 if [ -f .prebuilt/stamp ]; then
-  here="$(TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/device_stamp.py 2>&1)"
+  here="$(TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/device_stamp.py 2>>"$OUT/build.log")"
   {
     echo "### prebuilt: $(cat .prebuilt/stamp)"
     echo "### here:     $here"
     cat .prebuilt/build_info.txt 2>/dev/null
   } >>"$OUT/build.log"
   if [ "$here" = "$(cat .prebuilt/stamp)" ] && cp .prebuilt/_C*.so sinkhorn_ops/ &&
-    python -c "import sinkhorn_ops, torch; assert torch.ops.sinkhorn_ops.sinkhorn.default" \
-      >>"$OUT/build.log" 2>&1; then
+    python -c "import torch, sinkhorn_ops as so; p = so.sinkhorn(torch.randn(3, 5, 5, \
+      device='cuda'), steps=3); torch.cuda.synchronize(); assert p.isfinite().all()" \
+      >>"$OUT/build.log" 2>&1; then  # the kernels load and run on this card
     prebuilt=yes
     echo "build rc=0 0s (prebuilt: $(head -1 .prebuilt/build_info.txt 2>/dev/null))" >>"$SUMMARY"
   else

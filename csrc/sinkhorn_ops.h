@@ -117,7 +117,8 @@ struct MHCMappingsGrads {
 };
 // Its backward given dL/dH_pre, dL/dH_post, dL/dH_res (nullopt: zeros). The six weights'
 // gradients are views of one tensor (the operator's grad_weights), as cuDNN's RNN weight
-// gradients are views of one buffer.
+// gradients are views of one buffer: one storage and one version counter, so an in-place change
+// to one of them also bumps the others' versions.
 MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre,
                                        const c10::optional<at::Tensor>& grad_post,
                                        const c10::optional<at::Tensor>& grad_res,

@@ -269,7 +269,7 @@ def test_layer_fused_equals_composite(variant, device):
 def test_weight_gradients_accumulate_and_step(device):
     """The six weights' gradients come from one sum (views of one tensor, as cuDNN's RNN weight
     gradients): a second backward accumulates into each without touching the others, zero_grad
-    without set_to_none zeroes them, and fused optimisers step on them."""
+    without set_to_none zeroes them, and the foreach and fused optimisers step on them."""
     layer = make_layer(4, device=device)
     x = make_streams(4, device=device)
     names = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
@@ -290,8 +290,8 @@ def test_weight_gradients_accumulate_and_step(device):
     for k in names:
         torch.testing.assert_close(getattr(layer, k).grad, once[k], rtol=1e-12, atol=0, msg=k)
     before = {k: getattr(layer, k).detach().clone() for k in names}
-    for foreach in (False, True):
-        torch.optim.AdamW(layer.parameters(), lr=1e-2, foreach=foreach).step()
+    for kw in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+        torch.optim.AdamW(layer.parameters(), lr=1e-2, **kw).step()
     for k in names:
         assert not torch.equal(getattr(layer, k).detach(), before[k]), k
 

@@ -102,6 +102,9 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         b_res: (n, n), init 4·I, so H_res is close to the identity (0.95 on the diagonal at n=4).
         With copied streams (:func:`expand_streams`) and α → 0, this makes the layer start as
         x + F(x) on every stream. ``branch``'s parameters are registered as a submodule.
+        With the fused mappings, the gradients of the three α and three b are views of one
+        small tensor (one reduction for all six): one storage and one version counter, so an
+        in-place change to one of these ``.grad`` bumps the others' versions.
 
     Shapes: x is (..., n, C), any leading dimensions (e.g. (batch, time, n, C)); F receives and
     returns (..., C); the output is (..., n, C) in x's dtype.
