@@ -89,6 +89,12 @@ step() {
 # (benchmarks/device_prebuild.sh; .prebuilt/ carried with the call) takes the build's place when
 # it imports; otherwise the build runs here.
 prebuilt=""
+unpack_prebuilt() {
+  local gz
+  for gz in .prebuilt/_C*.so.gz; do
+    [ -f "$gz" ] && gunzip -c "$gz" >"sinkhorn_ops/$(basename "${gz%.gz}")" || return 1
+  done
+}
 if [ -f .prebuilt/stamp ]; then
   here="$(TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/device_stamp.py 2>>"$OUT/build.log")"
   {
@@ -96,7 +102,7 @@ if [ -f .prebuilt/stamp ]; then
     echo "### here:     $here"
     cat .prebuilt/build_info.txt 2>/dev/null
   } >>"$OUT/build.log"
-  if [ "$here" = "$(cat .prebuilt/stamp)" ] && cp .prebuilt/_C*.so sinkhorn_ops/ &&
+  if [ "$here" = "$(cat .prebuilt/stamp)" ] && unpack_prebuilt &&
     python -c "import torch, sinkhorn_ops as so; p = so.sinkhorn(torch.randn(3, 5, 5, \
       device='cuda'), steps=3); torch.cuda.synchronize(); assert p.isfinite().all()" \
       >>"$OUT/build.log" 2>&1; then  # the kernels load and run on this card
