@@ -29,6 +29,12 @@ def _sinkhorn_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype: t itself when it already is (Tensor.to costs about a microsecond of argument
+    parsing even then, and a layer call makes eight of them)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_iters(name: str, iters: int) -> None:
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"{name}: expected iters to be an int >= 1, got {iters!r}")
@@ -197,8 +203,8 @@ def mhc_mappings(
         raise ValueError(f"mhc_mappings: expected proj of shape (..., 2n + n^2) = "
                          f"(..., {2 * n + n * n}) for n = {n}, got {tuple(proj.shape)}")
     acc = _sinkhorn_dtype(proj.dtype)
-    y = proj.to(acc)
-    weights = [w.to(acc) for w in (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)]
+    y = _in(proj, acc)
+    weights = [_in(w, acc) for w in (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)]
     if grad == "unrolled" and _mhc_mappings_ops.fused(n, iters, y.device):
         pre, post, res = torch.ops.sinkhorn_ops.mhc_mappings.default(
             y, *weights, iters, float(eps), variant)
@@ -226,8 +232,7 @@ def mappings_composite(proj: Tensor, weights, residual: Callable[[Tensor], Tenso
 def _fit(t: Tensor, dtype: torch.dtype, shape) -> Tensor:
     """t in dtype, broadcast to shape; t itself when it already is (no autograd node: a
     differentiated call pays host time for each)."""
-    if t.dtype != dtype:
-        t = t.to(dtype)
+    t = _in(t, dtype)
     return t if t.shape == shape else torch.broadcast_to(t, shape)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._rms_projection import rms_projection
-from ..mhc import (_GRADS, mappings_composite, mhc_branch_input, mhc_combine, mhc_mappings,
+from ..mhc import (_GRADS, _in, mappings_composite, mhc_branch_input, mhc_combine, mhc_mappings,
                    mhc_sinkhorn, mhc_v4_sinkhorn)
 
 __all__ = [
@@ -219,7 +219,7 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         # RMSNorm(x) φ = (x φ) / rms(x): the scale is applied to the n² + 2n projections rather
         # than to the nC inputs, so the normalised copy of x is never materialised (nor x², nor
         # in the backward, nor an fp32 copy of bf16 streams kept for it: rms_projection).
-        phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1).to(acc)
+        phi = _in(torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1), acc)
         proj = rms_projection(flat, phi, self.norm_eps)
         weights = (self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post,
                    self.b_res)
@@ -229,7 +229,7 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             return MHCMappings(*mhc_mappings(proj, *weights, self.iters, variant=self.variant,
                                              eps=self.eps, grad=self.grad))
         pre_eps = self.eps if self.variant == "v4" else None
-        return MHCMappings(*mappings_composite(proj.to(acc), [w.to(acc) for w in weights],
+        return MHCMappings(*mappings_composite(_in(proj, acc), [_in(w, acc) for w in weights],
                                                self.residual_matrix, pre_eps))
 
     def width_connection(self, x: Tensor) -> tuple[Tensor, MHCMappings]:
