@@ -250,6 +250,56 @@ def peak_mb(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+# ATen operators that move or compute no data (views, metadata, allocation): not counted as work.
+_NO_WORK = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view",
+            "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
+            "aten::expand", "aten::reshape", "aten::_reshape_alias", "aten::resolve_conj",
+            "aten::resolve_neg", "aten::detach", "aten::select", "aten::narrow", "aten::slice",
+            "aten::unsqueeze", "aten::squeeze", "aten::alias", "aten::permute",
+            "aten::lift_fresh", "aten::result_type", "aten::split", "aten::split_with_sizes",
+            "aten::unflatten", "aten::flatten", "aten::contiguous", "aten::to", "aten::_to_copy",
+            "aten::broadcast_to", "aten::numpy_T", "aten::matrix_H", "aten::mT", "aten::unbind",
+            "aten::set_", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense"}
+
+
+# Operators of ours that launch nothing themselves (their ATen ops are counted instead).
+_COMPOSITE = {"sinkhorn_ops::rms_projection"}
+
+
+def launches(fn: Callable[[], object], device: str) -> int:
+    """Units of device work in one call of fn. On CUDA: the kernels, copies and memsets it
+    launched (the profiler's device events). On the CPU: each innermost operator of ours that
+    runs a kernel (sinkhorn_ops::..., the innermost of a nested call), plus each innermost ATen
+    operator that computes or copies (no views, allocations or metadata). On a host-bound call
+    each costs about a launch's host time, so this counts what fusion removes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: caches, lazy initialisation
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    if device == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    ours = "sinkhorn_ops::"
+
+    def work(e) -> bool:
+        return e.name.startswith(("aten::", ours)) and e.name not in _NO_WORK
+
+    def any_below(e, pred) -> bool:
+        return any(pred(c) or any_below(c, pred) for c in e.cpu_children)
+
+    count = 0
+    for e in events:
+        if e.name.startswith(ours):
+            count += e.name not in _COMPOSITE and not any_below(e, lambda c: c.name.startswith(ours))
+        elif work(e):
+            count += not any(work(c) for c in e.cpu_children)
+    return count
+
+
 def fmt(x: object, digits: int = 3) -> str:
     """Compact cell text: significant digits for floats, '—' for missing values."""
     if x is None or (isinstance(x, float) and math.isnan(x)) or x == "":

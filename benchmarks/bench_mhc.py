@@ -282,12 +282,14 @@ def run_layer(device: str, policy: dict) -> list[dict]:
                      problem=f"{LAYER_TOKENS}x{1 if provider == 'residual' else N}x{LAYER_DIM}",
                      mode=mode, provider=provider, iters=ITERS, ms_p20=None, ms_p50=None,
                      ms_p80=None, reps=None, overhead=None, peak_mb=None, err_fp64=None,
-                     err_fp64_eager=None, check=None, note="", **bu.PAIRED_FIELDS)
+                     err_fp64_eager=None, check=None, note="", launches=None,
+                     **bu.PAIRED_FIELDS)
             if provider == "mhc":
                 r.update(err_fp64=c["err"], err_fp64_eager=c["err_eager"],
                          check="ok" if c["ok"] else "FAIL")
             up = ups["residual" if provider == "residual" else "mhc"]
             bf.timed(r, functools.partial(layer_step, module, x, up, mode), device, policy)
+            r["launches"] = bu.launches(functools.partial(layer_step, module, x, up, mode), device)
             pair[provider] = r
         if pair["mhc"]["ms_p50"] and pair["residual"]["ms_p50"]:
             pair["mhc"]["overhead"] = pair["mhc"]["ms_p50"] / pair["residual"]["ms_p50"]
@@ -333,8 +335,10 @@ def run_mappings(device: str, policy: dict) -> list[dict]:
                 print(f"[mappings T={tokens} {mode}] {provider}", flush=True)
                 r = dict(section="mappings", tokens=tokens, mode=mode, provider=provider,
                          ms_p20=None, ms_p50=None, ms_p80=None, reps=None, peak_mb=None,
-                         note="", **bu.PAIRED_FIELDS)
-                bf.timed(r, functools.partial(mappings_step, module, x, mode), device, policy)
+                         note="", launches=None, **bu.PAIRED_FIELDS)
+                step_fn = functools.partial(mappings_step, module, x, mode)
+                bf.timed(r, step_fn, device, policy)
+                r["launches"] = bu.launches(step_fn, device)
                 pair[provider] = r
             if pair["mhc"]["ms_p50"] and pair["unfused"]["ms_p50"]:
                 pair["unfused"]["speedup"] = pair["unfused"]["ms_p50"] / pair["mhc"]["ms_p50"]
@@ -358,6 +362,12 @@ def paired_cell(r: dict) -> str:
     if r.get("paired_speedup"):
         return f"{r['paired_speedup']:.2f} ({r['paired_min']:.2f}–{r['paired_max']:.2f})"
     return bu.fmt(r.get("speedup")) if r.get("speedup") else "—"
+
+
+LAUNCHES_LEGEND = ("- launches: units of device work in one call (_bench_util.launches): on CUDA "
+                   "the kernels, copies and memsets the profiler saw; on the CPU the innermost "
+                   "operators that compute or copy. A host-bound call pays about a launch's "
+                   "host time for each.")
 
 
 def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
@@ -402,25 +412,29 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
                 notes.append(f"- {variant} T={tokens} {mode} {p}: " + "; ".join(text))
 
     lheader = ["tokens", "C", "mode", "mHC ms p50 (p20–p80)", "unfused mappings ms",
-               "× unfused (paired, rounds)", "x + F(x) ms", "overhead ×", "err vs fp64 mHC / reference", "check"]
+               "× unfused (paired, rounds)", "x + F(x) ms", "overhead ×",
+               "launches mHC / unfused / x + F(x)", "err vs fp64 mHC / reference", "check"]
     ltable = []
     for mode in MODES:
         m, u, p = (by.get(("layer", None, LAYER_TOKENS, mode, k), {})
                    for k in ("mhc", "unfused", "residual"))
         ltable.append([LAYER_TOKENS, LAYER_DIM, mode, ms_cell(m, True), ms_cell(u),
                        paired_cell(u), ms_cell(p), m.get("overhead"),
+                       " / ".join(str(r.get("launches", "—")) for r in (m, u, p)),
                        f"{bu.fmt(m.get('err_fp64'))} / {bu.fmt(m.get('err_fp64_eager'))}",
                        m.get("check")])
         for r in (m, u, p):
             if r.get("note"):
                 notes.append(f"- layer {mode} {r['provider']}: {r['note']}")
 
-    mheader = ["tokens", "mode", "fused ms p50 (p20–p80)", "unfused ms", "× unfused (paired, rounds)"]
+    mheader = ["tokens", "mode", "fused ms p50 (p20–p80)", "unfused ms",
+               "× unfused (paired, rounds)", "launches fused / unfused"]
     mtable = []
     for tokens, mode in dict.fromkeys((r["tokens"], r["mode"]) for r in rows
                                       if r["section"] == "mappings"):
         f, u = (by.get(("mappings", None, tokens, mode, k), {}) for k in ("mhc", "unfused"))
-        mtable.append([tokens, mode, ms_cell(f, True), ms_cell(u), paired_cell(u)])
+        mtable.append([tokens, mode, ms_cell(f, True), ms_cell(u), paired_cell(u),
+                       f"{f.get('launches', '—')} / {u.get('launches', '—')}"])
         for r in (f, u):
             if r.get("note"):
                 notes.append(f"- mappings T={tokens} {mode} {r['provider']}: {r['note']}")
@@ -446,7 +460,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         "(H, or dL/dL); passes when ours' max abs error is at most twice the fp32 eager "
         "reference's (+1e-6·max|truth|).",
     ]
-    if device == "cpu" and quick and (1 << 20) not in sizes:
+    if device == "cpu" and quick and sizes and (1 << 20) not in sizes:
         legend.append(f"- --quick on CPU: the 1M-token case is replaced by T = {sizes[-1]}.")
     llegend = [
         f"- The whole layer: ManifoldConstrainedHyperConnections(n={N}, dim={LAYER_DIM}) "
@@ -461,6 +475,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         "- check: the fp32 layer's output on the first 512 tokens against tests/test_mhc.py "
         "mhc_reference of a float64 copy; passes when its error is at most twice that of "
         "mhc_reference run in fp32 (+1e-5).",
+        LAUNCHES_LEGEND,
     ]
     mlegend = [
         f"- The mappings alone: layer.mappings(x) for x of shape (T, {N}, {LAYER_DIM}) "
@@ -468,6 +483,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         "every parameter of their sum), fused (the mhc_mappings kernels) against unfused (the "
         "same formulas in PyTorch ops around the fused Sinkhorn), timed in alternation "
         "(paired: median over rounds of unfused / fused).",
+        LAUNCHES_LEGEND,
     ]
     out = [*legend, "", bu.markdown_table(header, table), ""] if table else []
     if mtable:
