@@ -25,6 +25,8 @@ trap 'rm -rf "$work"' EXIT
 # stamp is taken from this copy, so edits made during the build cannot be stamped as built.
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$work"
 stamp="$(cd "$work" && TORCH_CUDA_ARCH_LIST=9.0 "$VENV/bin/python" benchmarks/device_stamp.py)"
+source_of="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- csrc setup.py ||
+  echo ' with uncommitted changes to csrc or setup.py')"
 (cd "$work" && MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST=9.0 SINKHORN_FORCE_CUDA=1 \
   "$VENV/bin/python" setup.py build_ext --inplace >"$work/build.log" 2>&1) ||
   { grep -E -m 40 "error|Error" "$work/build.log"; tail -15 "$work/build.log"; exit 1; }
@@ -37,7 +39,7 @@ for so in "$work"/sinkhorn_ops/_C*.so; do
 done
 echo "$stamp" >.prebuilt/stamp
 {
-  echo "built $(date -u +%FT%TZ) from commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- csrc setup.py || echo ' with uncommitted changes')"
+  echo "built $(date -u +%FT%TZ) from the sources of $source_of"
   echo "stamp: $stamp"
   c++ --version | head -1
   nvcc --version | tail -1
