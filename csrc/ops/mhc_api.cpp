@@ -109,10 +109,10 @@ MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre
                                          variant);
   // Views of the one sum, in the weights' order and shapes (the operator checked the shapes).
   // Symbolic sizes: under torch.compile with dynamic shapes the weights' may be.
-  c10::SymInt at = 0;
+  c10::SymInt offset = 0;
   auto next = [&](const at::Tensor& like) {
-    const at::Tensor t = flat.narrow_symint(0, at, like.sym_numel()).view_symint(like.sym_sizes());
-    at += like.sym_numel();
+    at::Tensor t = flat.narrow_symint(0, offset, like.sym_numel()).view_symint(like.sym_sizes());
+    offset += like.sym_numel();
     return t;
   };
   auto a0 = next(w.alpha_pre), a1 = next(w.alpha_post), a2 = next(w.alpha_res);
