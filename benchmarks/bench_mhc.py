@@ -288,8 +288,9 @@ def run_layer(device: str, policy: dict) -> list[dict]:
                 r.update(err_fp64=c["err"], err_fp64_eager=c["err_eager"],
                          check="ok" if c["ok"] else "FAIL")
             up = ups["residual" if provider == "residual" else "mhc"]
-            bf.timed(r, functools.partial(layer_step, module, x, up, mode), device, policy)
-            r["launches"] = bu.launches(functools.partial(layer_step, module, x, up, mode), device)
+            step_fn = functools.partial(layer_step, module, x, up, mode)
+            bf.timed(r, step_fn, device, policy)
+            r["launches"] = bu.launches(step_fn, device)
             pair[provider] = r
         if pair["mhc"]["ms_p50"] and pair["residual"]["ms_p50"]:
             pair["mhc"]["overhead"] = pair["mhc"]["ms_p50"] / pair["residual"]["ms_p50"]

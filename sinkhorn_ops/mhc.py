@@ -84,7 +84,7 @@ def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> 
     _check_logits("mhc_sinkhorn", logits, iters)
     if grad not in _GRADS:
         raise ValueError(f"mhc_sinkhorn: expected grad in {_GRADS}, got {grad!r}")
-    x = logits.to(_sinkhorn_dtype(logits.dtype))
+    x = _in(logits, _sinkhorn_dtype(logits.dtype))
     if grad == "unrolled" and _mhc_v4_ops.fused(x, iters):
         return torch.ops.sinkhorn_ops.mhc_sinkhorn.default(x, iters)
     return sinkhorn(x, steps=2 * iters, start="col", grad=grad)
@@ -121,7 +121,7 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     """
     _check_logits("mhc_v4_sinkhorn", logits, iters)
     _check_eps("mhc_v4_sinkhorn", eps)
-    x = logits.to(_sinkhorn_dtype(logits.dtype))
+    x = _in(logits, _sinkhorn_dtype(logits.dtype))
     if _mhc_v4_ops.fused(x, iters):
         return torch.ops.sinkhorn_ops.mhc_v4_sinkhorn.default(x, iters, float(eps))
     return mhc_v4_sinkhorn_loop(x, iters, eps)
