@@ -16,6 +16,14 @@
 //   dL/dy_k = alpha_g dz_k,  dL/db_k = sum over tokens of dz_k,
 //   dL/dalpha_g = sum over tokens of sum_{k in g} dz_k y_k (the per-token sums are `dots`).
 //
+// With the RMSNorm's statistic folded in (mhc_coefficients: the kernels read the raw projections
+// R = x phi and the norm nu = ||x|| of the token's D inputs instead of y), y = R r with
+// r = (nu^2 / D + norm_eps)^(-1/2), and the backward turns dL/dy into
+//
+//   dL/dR = r dL/dy  and  c = (sum_k dL/dy_k y_k) r^2 / D,  so that  dL/dx = dL/dR phi^T - c x
+//
+// (dr/dx = -r^3 x / D). Only the live gates' terms enter c, as in `dots` below.
+//
 // A token's backward writes its partials row [dots (3) | dz (K) | zeros]: the weights' gradients
 // in their arguments' order (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res) once summed
 // over the tokens, which takes one reduction for all six.
@@ -40,6 +48,12 @@ SK_HD constexpr int projections(int n) { return 2 * n + n * n; }
 // those, then zeros up to a multiple of 4 (whole 16-byte words in fp32 and fp64).
 SK_HD constexpr int weight_values(int n) { return 3 + projections(n); }
 SK_HD constexpr int partials(int n) { return (weight_values(n) + 3) / 4 * 4; }
+
+// r = (nu^2 / D + eps)^(-1/2) of a token whose D inputs have the norm nu (inv_dim = 1 / D).
+template <typename E>
+SK_HD E inverse_rms(E nu, E inv_dim, E eps) {
+  return static_cast<E>(1) / math::sqrt_(nu * nu * inv_dim + eps);
+}
 
 // Ops as in v4::Problem (E, exp; the kernels' Sinkhorn needs the rest).
 template <int N, typename T, typename Ops>
@@ -99,6 +113,22 @@ struct Token {
       grad_y[k] = alpha[g] * dz[k];
       if (live[g]) dots[g] = dots[g] + dz[k] * y[k];
     }
+  }
+
+  // y = R r: the normalised projections from the raw ones (in place).
+  SK_HD static void normalise(T* y, T r) {
+    for (int k = 0; k < K; ++k) y[k] = y[k] * r;
+  }
+
+  // dL/dR (in place of dL/dy) and the coefficient c of x in dL/dx, given the normalised y and r
+  // (the live gates' terms only; inv_dim = 1 / D).
+  SK_HD static T rms_backward(const T* y, const bool* live, T r, E inv_dim, T* grad) {
+    T dot{};
+    for (int k = 0; k < K; ++k) {
+      if (live[gate(k, N)]) dot = dot + grad[k] * y[k];
+      grad[k] = grad[k] * r;
+    }
+    return dot * (r * r) * inv_dim;
   }
 
   // The padding of a partials row part ([dots | dz | zeros]).

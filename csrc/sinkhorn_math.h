@@ -29,6 +29,14 @@ SK_HD float exp_<float>(float x) {
   return ::expf(x);
 }
 template <typename T>
+SK_HD T sqrt_(T x) {
+  return ::sqrt(x);
+}
+template <>
+SK_HD float sqrt_<float>(float x) {
+  return ::sqrtf(x);
+}
+template <typename T>
 SK_HD T log_(T x) {
   return ::log(x);
 }

@@ -5,8 +5,8 @@ from . import _C  # noqa: F401  (registers the torch.ops.sinkhorn_ops operators)
 from . import nn
 from ._ops import SinkhornResult, sinkhorn
 from .attention import sinkhorn_attention
-from .mhc import (mhc_branch_input, mhc_combine, mhc_mappings, mhc_sinkhorn, mhc_v4_sinkhorn,
-                  mhc_v4_sinkhorn_loop)
+from .mhc import (mhc_branch_input, mhc_coefficients, mhc_combine, mhc_mappings, mhc_sinkhorn,
+                  mhc_v4_sinkhorn, mhc_v4_sinkhorn_loop)
 from .optvq import SinkhornAssignment, balanced_assignment, sinkhorn_assign
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "SinkhornResult",
     "balanced_assignment",
     "mhc_branch_input",
+    "mhc_coefficients",
     "mhc_combine",
     "mhc_mappings",
     "mhc_sinkhorn",

@@ -7,11 +7,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _mhc_mappings_ops, _mhc_mix_ops, _mhc_v4_ops
+from . import _mhc_coefficients_ops, _mhc_mappings_ops, _mhc_mix_ops, _mhc_v4_ops  # noqa: F401
 from ._ops import sinkhorn
+from ._rms_projection import rms_projection
 
 __all__ = [
     "mhc_branch_input",
+    "mhc_coefficients",
     "mhc_combine",
     "mhc_mappings",
     "mhc_sinkhorn",
@@ -212,6 +214,73 @@ def mhc_mappings(
     if variant == "v4":
         return mappings_composite(y, weights, lambda r: mhc_v4_sinkhorn(r, iters, eps).mT, eps)
     return mappings_composite(y, weights, lambda r: mhc_sinkhorn(r, iters, grad=grad))
+
+
+def mhc_coefficients(
+    x: Tensor,
+    phi_pre: Tensor,
+    phi_post: Tensor,
+    phi_res: Tensor,
+    alpha_pre: Tensor,
+    alpha_post: Tensor,
+    alpha_res: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int = 20,
+    *,
+    norm_eps: float = 1e-6,
+    variant: str = "paper",
+    eps: float = 1e-6,
+    grad: str = "unrolled",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC's coefficients from the streams (MATH.md section 4): :func:`mhc_mappings` of
+    proj = RMSNorm(x) [φ_pre | φ_post | φ_res], the norm without a gain (it would fold into φ)::
+
+        proj = (x φ) / sqrt(mean(x²) + norm_eps)      (mean over the D = nC values of a token)
+
+    Where :func:`mhc_mappings` is fused (n <= 8, iters <= 32, CPU or CUDA, the unrolled
+    gradient), the norm's statistic is folded into its kernel
+    (``torch.ops.sinkhorn_ops.mhc_coefficients``): a call is the norms ||x||, the raw projections
+    x φ (one matmul) and the kernel, with no normalised copy of x, and its backward is the kernel,
+    one reduction for the six weights and three matmuls, each φ's gradient contiguous. Elsewhere
+    it is ``rms_projection`` then :func:`mhc_mappings`.
+
+    Args:
+        x: (..., D) the flattened streams vec(x_l), D = n·C, in phi's dtype or a lower precision
+            (converted in each pass, a transient copy; saved as it came).
+        phi_pre, phi_post: (D, n); phi_res: (D, n²), with mat(v)[i, j] = v[i·n + j]. float32 or
+            float64, the dtype of every weight and of the computation (autocast does not lower
+            it).
+        alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, iters, variant, eps, grad: as in
+            :func:`mhc_mappings`.
+        norm_eps: added to mean(x²), finite and > 0.
+
+    Returns:
+        (H_pre (..., n), H_post (..., n), H_res (..., n, n)) in phi's dtype.
+    """
+    phis = (phi_pre, phi_post, phi_res)
+    weights = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    for name, t in zip(("x", "phi_pre", "phi_post", "phi_res"), (x, *phis)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"mhc_coefficients: expected {name} to be a torch.Tensor, got "
+                            f"{type(t).__name__}")
+    if (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
+            or not 0 < norm_eps < float("inf")):
+        raise ValueError(f"mhc_coefficients: expected a finite norm_eps > 0, got {norm_eps!r}")
+    n = b_res.shape[-1] if isinstance(b_res, Tensor) and b_res.dim() == 2 else 0
+    if (grad == "unrolled" and variant in _VARIANTS and type(iters) is int
+            and _mhc_mappings_ops.fused(n, iters, x.device)):
+        pre, post, res, _, _ = torch.ops.sinkhorn_ops.mhc_coefficients.default(
+            x, *phis, *weights, float(norm_eps), iters, float(eps), variant)
+        return pre, post, res
+    for name, t, width in zip(("phi_pre", "phi_post", "phi_res"), phis, (n, n, n * n)):
+        if n >= 1 and (t.dim() != 2 or t.shape[1] != width):
+            raise ValueError(f"mhc_coefficients: expected {name} of shape (D, {width}) for "
+                             f"n = {n}, got {tuple(t.shape)}")
+    phi = torch.cat([phi_pre, phi_post, phi_res], dim=-1)
+    return mhc_mappings(rms_projection(x, phi, norm_eps), *weights, iters, variant=variant,
+                        eps=eps, grad=grad)
 
 
 def mappings_composite(proj: Tensor, weights, residual: Callable[[Tensor], Tensor],

@@ -1,4 +1,5 @@
-// CUDA kernels of mHC's per-token mappings (mhc_mappings_math.h), forward and backward: a thread
+// CUDA kernels of mHC's per-token mappings (mhc_mappings_math.h), forward and backward, from the
+// normalised projections or from the raw ones and the norms (the RMSNorm folded in): a thread
 // per token, its 2n + n^2 projections and its n x n Sinkhorn problem in registers, the math
 // shared with the CPU kernel. One read of the projections and one write of H_pre, H_post and
 // H_res per token (forward); one read of the projections and of the three upstream gradients,
@@ -33,6 +34,10 @@ struct Args {
   T* res;
   T* grad_proj;         // backward outputs
   T* partials;
+  const T* norm;        // the RMSNorm folded in (MappingsParams::norm): per-token ||x||, or null
+  T* rms_coef;          // backward with norm: the coefficient c of x in dL/dx
+  T inv_dim;            // 1 / D
+  T norm_eps;
   int64_t tokens;
   int iters;
   T eps;                // DeepSeek-V4's eps, 0 for the paper's variant
@@ -40,11 +45,16 @@ struct Args {
   bool words;           // every row pointer on a 16-byte boundary
 };
 
-// Token b's projections into y and its logits z.
+// Token b's normalised projections into y (its inverse RMS r, 1 without a norm) and its logits z.
 template <int N, typename T>
-__device__ __forceinline__ void token_logits(const Args<T>& a, int64_t b, T* y, T* z) {
+__device__ __forceinline__ void token_logits(const Args<T>& a, int64_t b, T* y, T* z, T& r) {
   using Token = mappings::Token<N, T, mhc::DeviceOps<T>>;
   mhc::load_row<Token::K>(a.proj, b, y, a.words);
+  r = T{1};
+  if (a.norm != nullptr) {
+    r = mappings::inverse_rms(a.norm[b], a.inv_dim, a.norm_eps);
+    Token::normalise(y, r);
+  }
   const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
   T bias[Token::K];
 #pragma unroll
@@ -72,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_forward_kernel(const Ar
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.tokens;
        b += stride) {
-    T y[Token::K], z[Token::K];
-    token_logits<N>(a, b, y, z);
+    T y[Token::K], z[Token::K], r;
+    token_logits<N>(a, b, y, z, r);
     T pre[N], post[N];
     Token::gates(z, a.eps, pre, post);
     mhc::store_row<N>(a.pre, b, pre, a.words);
@@ -97,12 +107,12 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const A
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.tokens;
        b += stride) {
-    T part[P], x[NN], g[NN];  // part: [dots | dz | zeros] (mhc_mappings_math.h)
+    T part[P], x[NN], g[NN], r;  // part: [dots | dz | zeros] (mhc_mappings_math.h)
     T* const dots = part;
     T* const dz = part + 3;
     {
       T y[K], z[K], gp[N], gq[N], graw[NN];
-      token_logits<N>(a, b, y, z);
+      token_logits<N>(a, b, y, z, r);
       load_or_zero<N>(a.grad_pre, b, gp, a.words);
       load_or_zero<N>(a.grad_post, b, gq, a.words);
       Token::gates_backward(z, gp, gq, dz);
@@ -118,9 +128,11 @@ __global__ void __launch_bounds__(kThreads) mhc_mappings_backward_kernel(const A
     Token::res_gradient(g, paper, dz);
     T y[K], grad_y[K];
     mhc::load_row<K>(a.proj, b, y, a.words);  // again, rather than live across the Sinkhorn
+    if (a.norm != nullptr) Token::normalise(y, r);
     const T alpha[3] = {*a.alpha[0], *a.alpha[1], *a.alpha[2]};
     const bool live[3] = {a.grad_pre != nullptr, a.grad_post != nullptr, a.grad_res != nullptr};
     Token::finish(y, alpha, live, dz, grad_y, dots);
+    if (a.norm != nullptr) a.rms_coef[b] = Token::rms_backward(y, live, r, a.inv_dim, grad_y);
     mhc::store_row<K>(a.grad_proj, b, grad_y, a.words);
     Token::pad_partials(part);
     mhc::store_row<P>(a.partials, b, part, a.words);
@@ -143,6 +155,10 @@ void launch_typed(const MappingsParams& p, cudaStream_t stream) {
   a.res = static_cast<T*>(p.res);
   a.grad_proj = static_cast<T*>(p.grad_proj);
   a.partials = static_cast<T*>(p.partials);
+  a.norm = static_cast<const T*>(p.norm);
+  a.rms_coef = static_cast<T*>(p.rms_coef);
+  a.inv_dim = p.norm != nullptr ? static_cast<T>(1.0 / static_cast<double>(p.dim)) : T{};
+  a.norm_eps = static_cast<T>(p.norm_eps);
   a.tokens = p.T;
   a.iters = p.iters;
   a.eps = static_cast<T>(p.eps);  // 0 for the paper's variant (the front door)

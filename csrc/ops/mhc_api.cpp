@@ -107,6 +107,55 @@ MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre
   auto [dp, flat] =
       detail::mhc_mappings_backward_flat(grad_pre, grad_post, grad_res, proj, w, iters, eps,
                                          variant);
+  const auto g = detail::split_weight_grads(flat, w);
+  return {dp, g[0], g[1], g[2], g[3], g[4], g[5]};
+}
+
+MHCCoefficients mhc_coefficients(const at::Tensor& x, const MHCProjections& phi,
+                                 const MHCWeights& w, double norm_eps, int64_t iters, double eps,
+                                 c10::string_view variant) {
+  using T = const at::Tensor&;
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto h = typed_op<R(T, T, T, T, T, T, T, T, T, T, double, int64_t, double,
+                             c10::string_view)>("sinkhorn_ops::mhc_coefficients");
+  auto [pre, post, res, proj, norm] =
+      h.call(x, phi.pre, phi.post, phi.res, w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre,
+             w.b_post, w.b_res, norm_eps, iters, eps, variant);
+  return {pre, post, res, proj, norm};
+}
+
+MHCCoefficientsGrads mhc_coefficients_backward(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
+    const at::Tensor& proj, const at::Tensor& norm, const MHCWeights& w, double norm_eps,
+    int64_t iters, double eps, c10::string_view variant) {
+  auto [dx, d_pre, d_post, d_res, flat] = detail::mhc_coefficients_backward_flat(
+      grad_pre, grad_post, grad_res, x, phi, proj, norm, w, norm_eps, iters, eps, variant);
+  const auto g = detail::split_weight_grads(flat, w);
+  return {dx, d_pre, d_post, d_res, g[0], g[1], g[2], g[3], g[4], g[5]};
+}
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mhc_coefficients_backward_flat(const c10::optional<at::Tensor>& grad_pre,
+                               const c10::optional<at::Tensor>& grad_post,
+                               const c10::optional<at::Tensor>& grad_res, const at::Tensor& x,
+                               const MHCProjections& phi, const at::Tensor& proj,
+                               const at::Tensor& norm, const MHCWeights& w, double norm_eps,
+                               int64_t iters, double eps, c10::string_view variant) {
+  using T = const at::Tensor&;
+  using O = const c10::optional<at::Tensor>&;
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto h = typed_op<R(O, O, O, T, T, T, T, T, T, T, T, T, T, T, T, double, int64_t,
+                             double, c10::string_view)>(
+      "sinkhorn_ops::mhc_coefficients_backward");
+  return h.call(grad_pre, grad_post, grad_res, x, phi.pre, phi.post, phi.res, proj, norm,
+                w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre, w.b_post, w.b_res, norm_eps,
+                iters, eps, variant);
+}
+
+std::array<at::Tensor, 6> split_weight_grads(const at::Tensor& flat, const MHCWeights& w) {
   // Views of the one sum, in the weights' order and shapes (the operator checked the shapes).
   // Symbolic sizes: under torch.compile with dynamic shapes the weights' may be.
   c10::SymInt offset = 0;
@@ -115,9 +164,17 @@ MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre
     offset += like.sym_numel();
     return t;
   };
-  auto a0 = next(w.alpha_pre), a1 = next(w.alpha_post), a2 = next(w.alpha_res);
-  auto b0 = next(w.b_pre), b1 = next(w.b_post), b2 = next(w.b_res);
-  return {dp, a0, a1, a2, b0, b1, b2};
+  // One statement per view: the offsets must advance in the weights' order.
+  std::array<at::Tensor, 6> g;
+  g[0] = next(w.alpha_pre);
+  g[1] = next(w.alpha_post);
+  g[2] = next(w.alpha_res);
+  g[3] = next(w.b_pre);
+  g[4] = next(w.b_post);
+  g[5] = next(w.b_res);
+  return g;
 }
+
+}  // namespace detail
 
 }  // namespace sinkhorn_ops

@@ -1,5 +1,5 @@
 // Autograd of the mHC operators, registered in C++ on the Autograd key: the two fused Sinkhorns,
-// the two stream mixings and the mappings differentiate from LibTorch as from Python, and a call records one
+// the two stream mixings, the mappings and the coefficients differentiate from LibTorch as from Python, and a call records one
 // C++ node instead of going through Python's autograd.Function machinery (a host cost that
 // bounds mHC's small calls on a GPU). Each forward saves its inputs and calls its backward
 // operator; each backward operator runs below autograd, and differentiating it raises a clear
@@ -151,6 +151,52 @@ struct Mappings : torch::autograd::Function<Mappings> {
   }
 };
 
+// The coefficients: H_pre, H_post, H_res, proj, norm = op(x, phi_pre, phi_post, phi_res, the six
+// weights, norm_eps, iters, eps, variant). proj and norm are saved for the backward and are not
+// differentiable; x is saved as it came (the mixings save it too).
+struct CoefficientsBackward {
+  static constexpr const char* name = "mhc_coefficients";
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call(
+      Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1, T a2,
+      T b0, T b1, T b2, double norm_eps, int64_t iters, double eps, c10::string_view variant) {
+    return detail::mhc_coefficients_backward_flat(g_pre, g_post, g_res, x, {p0, p1, p2}, proj,
+                                                  norm, weights_of(a0, a1, a2, b0, b1, b2),
+                                                  norm_eps, iters, eps, variant);
+  }
+};
+
+struct Coefficients : torch::autograd::Function<Coefficients> {
+  static variable_list forward(AutogradContext* ctx, const Variable& x, const Variable& p0,
+                               const Variable& p1, const Variable& p2, const Variable& a0,
+                               const Variable& a1, const Variable& a2, const Variable& b0,
+                               const Variable& b1, const Variable& b2, double norm_eps,
+                               int64_t iters, double eps, const std::string& variant) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // as Mappings: an unused output's part is skipped
+    const auto c = mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
+                                    norm_eps, iters, eps, variant);
+    ctx->mark_non_differentiable({c.proj, c.norm});
+    ctx->save_for_backward({x, p0, p1, p2, c.proj, c.norm, a0, a1, a2, b0, b1, b2});
+    ctx->saved_data["norm_eps"] = norm_eps;
+    ctx->saved_data["iters"] = iters;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["variant"] = variant;
+    return {c.pre, c.post, c.res, c.proj, c.norm};
+  }
+  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
+    const auto s = ctx->get_saved_variables();
+    const std::string variant = ctx->saved_data["variant"].toStringRef();
+    const auto g = mhc_coefficients_backward(
+        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0],
+        {s[1], s[2], s[3]}, s[4], s[5], weights_of(s[6], s[7], s[8], s[9], s[10], s[11]),
+        ctx->saved_data["norm_eps"].toDouble(), ctx->saved_data["iters"].toInt(),
+        ctx->saved_data["eps"].toDouble(), variant);
+    return {g.x,         g.phi_pre, g.phi_post, g.phi_res, g.alpha_pre, g.alpha_post,
+            g.alpha_res, g.b_pre,   g.b_post,   g.b_res,   Variable(),  Variable(),
+            Variable(),  Variable()};
+  }
+};
+
 }  // namespace autograd
 }  // namespace sinkhorn_ops
 
@@ -190,4 +236,19 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     return backward_kernel<MappingsBackward>(g_pre, g_post, g_res, proj, a0, a1, a2, b0, b1, b2,
                                              iters, eps, variant);
   });
+  m.impl("mhc_coefficients", [](T x, T p0, T p1, T p2, T a0, T a1, T a2, T b0, T b1, T b2,
+                                double norm_eps, int64_t iters, double eps,
+                                c10::string_view variant) {
+    const auto r = Coefficients::apply(x, p0, p1, p2, a0, a1, a2, b0, b1, b2, norm_eps, iters, eps,
+                                       std::string(variant));
+    return std::make_tuple(r[0], r[1], r[2], r[3], r[4]);
+  });
+  m.impl("mhc_coefficients_backward",
+         [](Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1,
+            T a2, T b0, T b1, T b2, double norm_eps, int64_t iters, double eps,
+            c10::string_view variant) {
+           return backward_kernel<CoefficientsBackward>(g_pre, g_post, g_res, x, p0, p1, p2, proj,
+                                                        norm, a0, a1, a2, b0, b1, b2, norm_eps,
+                                                        iters, eps, variant);
+         });
 }

@@ -19,8 +19,11 @@ constexpr const char* kWeightNames[6] = {"alpha_pre", "alpha_post", "alpha_res",
 MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
                                   const MappingsWeights& weights, int64_t iters, double eps,
                                   c10::string_view variant, const at::Tensor& grad_pre,
-                                  const at::Tensor& grad_post, const at::Tensor& grad_res) {
-  const std::string op = backward ? "mhc_mappings_backward" : "mhc_mappings";
+                                  const at::Tensor& grad_post, const at::Tensor& grad_res,
+                                  const FoldedNorm* rms) {
+  const std::string op = rms != nullptr ? rms->op
+                         : backward     ? "mhc_mappings_backward"
+                                        : "mhc_mappings";
   const auto dtype = proj.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                    ": expected proj of dtype float32 or float64 (mHC computes its mappings in "
@@ -60,6 +63,19 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
     p.bias[g] = c.weights[3 + g].data_ptr();
   }
   const auto options = c.proj.options();
+  if (rms != nullptr) {
+    TORCH_CHECK_VALUE(rms->dim >= 1 && std::isfinite(rms->eps) && rms->eps > 0, op,
+                      ": expected D >= 1 inputs per token and a finite norm_eps > 0, got D = ",
+                      rms->dim, " and norm_eps = ", rms->eps);
+    c.norm = checked(op, "norm", rms->norm, batch.vec(), dtype, proj, "proj");
+    p.norm = c.norm.data_ptr();
+    p.dim = rms->dim;
+    p.norm_eps = rms->eps;
+    if (backward) {
+      c.rms_coef = at::empty(batch, options);
+      p.rms_coef = c.rms_coef.data_ptr();
+    }
+  }
   if (backward) {
     auto grad = [&](const char* name, const at::Tensor& t, std::vector<int64_t> shape,
                     at::Tensor& into) -> const void* {

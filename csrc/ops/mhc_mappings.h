@@ -16,6 +16,16 @@ namespace detail {
 // b_res.
 using MappingsWeights = std::array<at::Tensor, 6>;
 
+// The RMSNorm folded into a call by the op `op` (mhc_coefficients and its backward): the
+// per-token norms ||x|| over dim inputs, with proj's leading shape and dtype; proj then holds the
+// raw projections x phi.
+struct FoldedNorm {
+  const char* op;
+  at::Tensor norm;
+  int64_t dim;
+  double eps;
+};
+
 // One validated call. Inputs are contiguous; outputs are allocated in the caller's shapes.
 struct MappingsCall {
   at::Tensor proj;
@@ -23,17 +33,20 @@ struct MappingsCall {
   at::Tensor grad_pre, grad_post, grad_res;         // backward inputs (undefined: zeros)
   at::Tensor pre, post, res;                        // forward outputs
   at::Tensor grad_proj, partials;                   // backward outputs (partials: scratch)
+  at::Tensor norm, rms_coef;                        // a folded norm's input and backward output
   sinkhorn::MappingsParams params;
 };
 
 // The forward (backward = false) or the backward (grads may be undefined) of the mappings of
-// projections proj (..., 2n + n^2) with the weights; variant "paper" or "v4". Raises
-// ValueError/TypeError naming the op, the argument, what was expected and what came.
+// projections proj (..., 2n + n^2) with the weights; variant "paper" or "v4"; rms: the norm
+// folded in, if any. Raises ValueError/TypeError naming the op, the argument, what was expected
+// and what came.
 MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
                                   const MappingsWeights& weights, int64_t iters, double eps,
                                   c10::string_view variant, const at::Tensor& grad_pre = {},
                                   const at::Tensor& grad_post = {},
-                                  const at::Tensor& grad_res = {});
+                                  const at::Tensor& grad_res = {},
+                                  const FoldedNorm* rms = nullptr);
 
 // The backward's gradients of the weights from a run call, flattened in the weights' order
 // (3 + 2n + n^2 values): the tokens' partials rows summed, one reduction for all six.

@@ -66,6 +66,22 @@ inline void define_ops(torch::Library& m) {
         "Tensor b_post, Tensor b_res, int iters, float eps, str variant) -> "
         "(Tensor grad_proj, Tensor grad_weights)",
         {at::Tag::pt2_compliant_tag});
+  // mHC's coefficients from the streams x (..., D = nC): RMSNorm(x) [phi_pre | phi_post |
+  // phi_res] and the mappings, with the norm's statistic folded into the mappings kernel
+  // (mhc_coefficients.h). proj (..., 2n + n^2) and norm (...) are the raw projections x phi and
+  // the norms ||x||, outputs that the backward takes back.
+  m.def("mhc_coefficients(Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, "
+        "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
+        "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
+        "(Tensor pre, Tensor post, Tensor res, Tensor proj, Tensor norm)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_coefficients_backward(Tensor? grad_pre, Tensor? grad_post, Tensor? grad_res, "
+        "Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, Tensor proj, Tensor norm, "
+        "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
+        "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
+        "(Tensor grad_x, Tensor grad_phi_pre, Tensor grad_phi_post, Tensor grad_phi_res, "
+        "Tensor grad_weights)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace detail

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .._rms_projection import rms_projection
-from ..mhc import (_GRADS, _in, mappings_composite, mhc_branch_input, mhc_combine, mhc_mappings,
-                   mhc_sinkhorn, mhc_v4_sinkhorn)
+from ..mhc import (_GRADS, _in, mappings_composite, mhc_branch_input, mhc_coefficients,
+                   mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn)
 
 __all__ = [
     "MHCMappings",
@@ -67,11 +67,12 @@ class ManifoldConstrainedHyperConnections(nn.Module):
     The Sinkhorn is :func:`sinkhorn_ops.mhc_sinkhorn`: 20 iterations, column then row (steps =
     40, start = "col", a = b = 1), one fused kernel for all tokens and another for the backward
     (n <= 8, iters <= 32, the unrolled gradient). All mappings are computed in fp32
-    (fp64 for fp64 streams) whatever the activation dtype: after RMSNorm(x) φ
-    (``torch.ops.sinkhorn_ops.rms_projection``), the gates, biases, sigmoids and the Sinkhorn of
-    every token are one fused kernel (:func:`sinkhorn_ops.mhc_mappings`) and their backward
-    another, unless :meth:`residual_matrix` is overridden. The stream mixings are fused kernels
-    (n <= 8) that accumulate in fp32 and write the streams' dtype.
+    (fp64 for fp64 streams) whatever the activation dtype: the norm of every token and the raw
+    projections x φ (one matmul), then the norm's scale, the gates, biases, sigmoids and the
+    Sinkhorn of every token in one fused kernel (:func:`sinkhorn_ops.mhc_coefficients`), and
+    their backward in another, unless :meth:`residual_matrix` is overridden (then
+    ``torch.ops.sinkhorn_ops.rms_projection`` and PyTorch ops around your H_res). The stream
+    mixings are fused kernels (n <= 8) that accumulate in fp32 and write the streams' dtype.
 
     Args:
         num_streams: n >= 2, the number of residual streams (the paper uses 4).
@@ -90,7 +91,7 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             "implicit" (also "implicit_dense", "implicit_cg"). "v4" has the unrolled gradient
             only (its fused kernel's backward, or autograd through the loop beyond the kernel's
             limits); it accepts only "unrolled".
-        norm_eps: the eps of the RMSNorm over all nC values.
+        norm_eps: the eps of the RMSNorm over all nC values, finite and > 0.
         alpha_init: initial value of the three gates α (0.01 in the paper).
 
     Parameters (shapes):
@@ -162,6 +163,9 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         if variant == "v4" and grad != "unrolled":
             raise ValueError(f"{name}: variant 'v4' has only the unrolled gradient (of its "
                              f"iterations); expected grad='unrolled', got {grad!r}")
+        if (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
+                or not 0 < norm_eps < math.inf):
+            raise ValueError(f"{name}: expected a finite norm_eps > 0, got {norm_eps!r}")
         if branch is not None and not callable(branch):
             raise TypeError(f"{name}: expected branch to be a module or None, got "
                             f"{type(branch).__name__}")
@@ -218,16 +222,19 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         flat = x.reshape(*x.shape[:-2], n * dim)
         # RMSNorm(x) φ = (x φ) / rms(x): the scale is applied to the n² + 2n projections rather
         # than to the nC inputs, so the normalised copy of x is never materialised (nor x², nor
-        # in the backward, nor an fp32 copy of bf16 streams kept for it: rms_projection).
-        phi = _in(torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1), acc)
-        proj = rms_projection(flat, phi, self.norm_eps)
+        # in the backward, nor an fp32 copy of bf16 streams kept for it).
         weights = (self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post,
                    self.b_res)
         own = getattr(self.residual_matrix, "__func__", None)  # None: set on the instance
         if own is ManifoldConstrainedHyperConnections.residual_matrix:
-            # One fused kernel for all the mappings where it applies (mhc_mappings).
-            return MHCMappings(*mhc_mappings(proj, *weights, self.iters, variant=self.variant,
-                                             eps=self.eps, grad=self.grad))
+            # The norm, the projections and the mappings in two ATen ops and one fused kernel
+            # where it applies (mhc_coefficients; otherwise rms_projection and mhc_mappings).
+            phis = (_in(self.phi_pre, acc), _in(self.phi_post, acc), _in(self.phi_res, acc))
+            return MHCMappings(*mhc_coefficients(
+                flat, *phis, *(_in(w, acc) for w in weights), self.iters,
+                norm_eps=self.norm_eps, variant=self.variant, eps=self.eps, grad=self.grad))
+        phi = _in(torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1), acc)
+        proj = rms_projection(flat, phi, self.norm_eps)
         pre_eps = self.eps if self.variant == "v4" else None
         return MHCMappings(*mappings_composite(_in(proj, acc), [_in(w, acc) for w in weights],
                                                self.residual_matrix, pre_eps))

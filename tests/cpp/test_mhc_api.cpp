@@ -214,4 +214,52 @@ TEST(MhcApi, MappingsAndRmsProjection) {
   }
 }
 
+// mHC's coefficients from the streams: the same as rms_projection then mhc_mappings, forward, the
+// C++ backward against autograd of that composite (x, the three phi, the six weights), and the
+// op's own autograd.
+TEST(MhcApi, CoefficientsAreRmsProjectionThenMappings) {
+  at::manual_seed(5);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const int64_t n = 3, D = 12;
+    std::vector<at::Tensor> in = {at::randn({2, 4, D}, opt), at::randn({D, n}, opt),
+                                  at::randn({D, n}, opt),    at::randn({D, n * n}, opt),
+                                  at::full({}, 0.7, opt),    at::full({}, -0.4, opt),
+                                  at::full({}, 1.3, opt),    at::randn({n}, opt),
+                                  at::randn({n}, opt),       at::randn({n, n}, opt)};
+    auto weights = [](const std::vector<at::Tensor>& t) -> sinkhorn_ops::MHCWeights {
+      return {t[4], t[5], t[6], t[7], t[8], t[9]};
+    };
+    auto flat = [](const at::Tensor& pre, const at::Tensor& post, const at::Tensor& res) {
+      return at::cat({pre, post, res.flatten(-2)}, -1);
+    };
+    auto composite = [&](const std::vector<at::Tensor>& t) {
+      const auto proj = sinkhorn_ops::rms_projection(t[0], at::cat({t[1], t[2], t[3]}, 1));
+      const auto m = sinkhorn_ops::mhc_mappings(proj, weights(t));
+      return flat(m.pre, m.post, m.res);
+    };
+    auto fused = [&](const std::vector<at::Tensor>& t) {
+      const auto c = sinkhorn_ops::mhc_coefficients(t[0], {t[1], t[2], t[3]}, weights(t));
+      return flat(c.pre, c.post, c.res);
+    };
+    EXPECT_TRUE(at::allclose(fused(in), composite(in), 1e-12, 1e-13)) << dev;
+    const auto w = at::randn({2, 4, 2 * n + n * n}, opt);
+    const auto want = autograd_grads(composite, in, w);
+    const auto c = sinkhorn_ops::mhc_coefficients(in[0], {in[1], in[2], in[3]}, weights(in));
+    const auto got = sinkhorn_ops::mhc_coefficients_backward(
+        w.narrow(-1, 0, n), w.narrow(-1, n, n), w.narrow(-1, 2 * n, n * n).unflatten(-1, {n, n}),
+        in[0], {in[1], in[2], in[3]}, c.proj, c.norm, weights(in));
+    const std::vector<at::Tensor> g = {got.x,         got.phi_pre,   got.phi_post,
+                                       got.phi_res,   got.alpha_pre, got.alpha_post,
+                                       got.alpha_res, got.b_pre,     got.b_post,
+                                       got.b_res};
+    for (size_t k = 0; k < g.size(); ++k)
+      EXPECT_TRUE(at::allclose(g[k], want[k], 1e-9, 1e-11)) << dev << k;
+    const auto through = autograd_grads(fused, in, w);
+    for (size_t k = 0; k < g.size(); ++k) EXPECT_TRUE(at::equal(through[k], g[k])) << dev << k;
+    EXPECT_THROW(sinkhorn_ops::mhc_coefficients(in[0], {in[1], in[2], in[3]}, weights(in), 0.0),
+                 c10::ValueError);
+  }
+}
+
 }  // namespace

@@ -178,6 +178,57 @@ def check_mappings(variant, T, n, iters=20, dtype=torch.float32, scale=1.0, seed
             assert_close(u, v, f"mhc_mappings{suffix}[{k}]", floor=0.05, atol=atol[k])
 
 
+def check_coefficients(variant, T, n, C=6, dtype=torch.float32, x_dtype=None, iters=20, seed=0,
+                       grads=(True, True, True)):
+    """mHC's fused coefficients (the mappings kernel with the RMSNorm folded in), forward and
+    backward; x in x_dtype (a lower precision is converted by the op), token 1 all zeros. The
+    two sides share the ATen ops (norm, matmuls); the bounds follow the kernel's dL/dR, c and
+    partials through them."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    D = n * C
+    x = rnd(T, D) * 2
+    x[1] = 0
+    x = x.to(x_dtype or dtype)
+    phis = [(rnd(D, k) / math.sqrt(D)).to(dtype) for k in (n, n, n * n)]
+    weights = [torch.tensor(v, dtype=dtype) for v in (0.7, -0.4, 1.3)]
+    weights += [rnd(n).to(dtype), rnd(n).to(dtype), rnd(n, n).to(dtype)]
+    tail = (1e-6, iters, 1e-6, variant)
+    args = (x, *phis, *weights) + tail
+    got, want = emu().mhc_coefficients(*args), torch.ops.sinkhorn_ops.mhc_coefficients(*args)
+    for k, (u, v) in enumerate(zip(got, want)):
+        assert_close(u, v, f"mhc_coefficients[{k}]", floor=0.05)
+    proj, norm = want[3], want[4]
+    upstream = [rnd(T, n).to(dtype), rnd(T, n).to(dtype), rnd(T, n, n).to(dtype)]
+    upstream = [u if given else None for u, given in zip(upstream, grads)]
+    args = (*upstream, x, *phis, proj, norm, *weights) + tail
+    got = emu().mhc_coefficients_backward(*args)
+    want = torch.ops.sinkhorn_ops.mhc_coefficients_backward(*args)
+    # Bounds from the CPU mappings backward on the normalised projections: dL/dy, then dL/dR
+    # = r dL/dy and c = (dL/dy . y) r^2 / D, through |x|, |phi| and the weights' sums.
+    r = torch.rsqrt(norm.double().square() / D + 1e-6).unsqueeze(-1)
+    y = (proj.double() * r).to(dtype)
+    grad_y, _ = torch.ops.sinkhorn_ops.mhc_mappings_backward(*upstream, y, *weights, iters,
+                                                              1e-6, variant)
+    grad_y, y = grad_y.double(), y.double()
+    d_raw = (grad_y * r).abs()
+    coef = (grad_y.abs() * y.abs()).sum(-1, keepdim=True) * r.square() / D
+    ax, phi = x.double().abs(), torch.cat(phis, -1).double().abs()
+    gates = torch.tensor([0] * n + [1] * n + [2] * n * n)
+    alpha = torch.stack([w.double().abs() for w in weights[:3]])[gates]
+    dz = grad_y.abs() / alpha
+    bound = [d_raw @ phi.T + coef * ax]
+    bound += [ax.T @ d_raw[:, gates == k] for k in range(3)]
+    flat = [(dz * y.abs())[:, gates == k].sum() for k in range(3)] + [dz.sum(0).max()]
+    bound.append(torch.stack(flat).max())
+    rtol = RTOL[dtype] * 16
+    for k, (u, v) in enumerate(zip(got, want)):
+        atol = rtol * bound[k].max().item() if k < 4 else rtol * bound[4].item()
+        if k == 0:
+            atol += RTOL[v.dtype] * v.double().abs().max().item()  # dL/dx rounds to x's dtype
+        assert_close(u, v, f"mhc_coefficients_backward[{k}]", floor=0.05, atol=atol)
+
+
 def check_mix(T, n, C, dtype, seed=0, offset=0):
     """offset: each activation tensor starts that many elements into its storage (offset 1
     takes them off the 16-byte boundary the chunked kernels need)."""
@@ -320,6 +371,17 @@ def _cases():
             add(f"mappings-{variant}-4-grads-{''.join('1' if x else '0' for x in grads)}",
                 check_mappings, variant=variant, T=20, n=4, grads=grads)
     add("mappings-paper-wide", check_mappings, variant="paper", T=130, n=4, scale=60.0)
+    # The coefficients (the same kernels with the RMSNorm folded in): both variants, every n,
+    # fp32 and fp64, bf16 streams, missing upstream gradients.
+    for variant in ("paper", "v4"):
+        for n in (1, 2, 4, 8):
+            for dtype in (F32, F64):
+                add(f"coefficients-{variant}-{n}-{dtype}", check_coefficients, variant=variant,
+                    T=90, n=n, dtype=dtype, seed=n)
+        add(f"coefficients-{variant}-4-bf16-streams", check_coefficients, variant=variant, T=40,
+            n=4, x_dtype=torch.bfloat16)
+        add(f"coefficients-{variant}-4-grads-001", check_coefficients, variant=variant, T=20, n=4,
+            grads=(False, False, True))
     # The stream mixings, every n and dtype, C not a multiple of the vector width.
     for n in (1, 2, 3, 4, 8):
         for dtype in ALL:

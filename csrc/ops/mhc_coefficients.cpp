@@ -1,0 +1,88 @@
+// Front door of mHC's fused coefficients (mhc_coefficients.h).
+#include "mhc_coefficients.h"
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <cmath>
+
+#include "../mhc_mappings_math.h"
+
+namespace sinkhorn_ops {
+namespace detail {
+namespace {
+
+constexpr const char* kPhiNames[3] = {"phi_pre", "phi_post", "phi_res"};
+constexpr const char* kWeightNames[6] = {"alpha_pre", "alpha_post", "alpha_res",
+                                         "b_pre",     "b_post",     "b_res"};
+
+}  // namespace
+
+CoefficientsInputs prepare_coefficients(const std::string& op, const at::Tensor& x,
+                                        const Projections& phi, const MappingsWeights& weights,
+                                        double norm_eps) {
+  const at::Tensor& b_res = weights[5];
+  TORCH_CHECK_VALUE(b_res.dim() == 2 && b_res.size(0) == b_res.size(1) && b_res.size(0) >= 1 &&
+                        b_res.size(0) <= sinkhorn::v4::kMaxN,
+                    op, ": expected b_res of shape (n, n) with 1 <= n <= ", sinkhorn::v4::kMaxN,
+                    " (the fused kernel's largest n), got ", b_res.sizes());
+  const int64_t n = b_res.size(0);
+  const auto dtype = phi[0].scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": expected phi_pre of dtype float32 or float64 (mHC computes its mappings in "
+                   "fp32), got ", dtype);
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()) &&
+                       c10::promoteTypes(x.scalar_type(), dtype) == dtype,
+                   op, ": expected x floating, in phi's dtype (", dtype,
+                   ") or a lower precision, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, op,
+                    ": expected x of shape (..., D) with D >= 1, got ", x.sizes());
+  const int64_t dim = x.size(-1);
+  const int64_t widths[3] = {n, n, n * n};
+  for (int g = 0; g < 3; ++g) {
+    const at::Tensor& t = phi[g];
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", kPhiNames[g],
+                     " of phi_pre's dtype ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == dim && t.size(1) == widths[g], op,
+                      ": expected ", kPhiNames[g], " of shape (D, ", g < 2 ? "n" : "n^2",
+                      ") = (", dim, ", ", widths[g], ") for x of shape ", x.sizes(),
+                      " and n = ", n, ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": expected ", kPhiNames[g],
+                      " on x's device ", x.device(), ", got ", t.device());
+  }
+  for (int w = 0; w < 6; ++w) {
+    TORCH_CHECK_TYPE(weights[w].scalar_type() == dtype, op, ": expected ", kWeightNames[w],
+                     " of phi's dtype ", dtype, ", got ", weights[w].scalar_type());
+    TORCH_CHECK_VALUE(weights[w].device() == x.device(), op, ": expected ", kWeightNames[w],
+                      " on x's device ", x.device(), ", got ", weights[w].device());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps > 0, op,
+                    ": expected a finite norm_eps > 0, got ", norm_eps);
+  CoefficientsInputs in;
+  in.batch = x.sizes().slice(0, x.dim() - 1).vec();
+  in.dim = dim;
+  in.x = x.to(dtype).reshape({-1, dim});
+  in.phi = at::cat({phi[0], phi[1], phi[2]}, 1);
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> raw_projection(const CoefficientsInputs& in) {
+  // Below autocast: a bf16 matmul would round the projections that the Sinkhorn then amplifies.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return {in.x.mm(in.phi), at::linalg_vector_norm(in.x, 2, at::IntArrayRef{-1})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficient_grads(
+    const CoefficientsInputs& in, const at::Tensor& x, const MappingsCall& call) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t n = call.params.n, K = sinkhorn::mappings::projections(n);
+  const at::Tensor grad_raw = call.grad_proj.view({-1, K});
+  const at::Tensor dx = grad_raw.mm(in.phi.t()).addcmul_(in.x, call.rms_coef.view({-1, 1}), -1);
+  // One matmul per phi, each into its own contiguous gradient (no copy by AccumulateGrad).
+  auto dphi = [&](int64_t start, int64_t width) {
+    return in.x.t().mm(grad_raw.narrow(1, start, width));
+  };
+  return {dx.to(x.scalar_type()).view(x.sizes()), dphi(0, n), dphi(n, n), dphi(2 * n, n * n)};
+}
+
+}  // namespace detail
+}  // namespace sinkhorn_ops
