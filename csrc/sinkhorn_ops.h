@@ -131,7 +131,7 @@ MHCMappingsGrads mhc_mappings_backward(const c10::optional<at::Tensor>& grad_pre
 // mHC's coefficients from the streams x (..., D), D = nC, of any floating dtype no wider than
 // phi's: mhc_mappings of proj = RMSNorm(x) [phi_pre | phi_post | phi_res] (no norm weight;
 // rms_projection's), with the norm's statistic folded into the mappings kernel (two ATen ops and
-// one kernel; the backward a kernel, a reduction and three matmuls). phi_pre (D, n),
+// one kernel; the backward a kernel, a reduction and two matmuls). phi_pre (D, n),
 // phi_post (D, n), phi_res (D, n^2) and the weights in float32 or float64, the dtype everything
 // computes in (x is converted, a transient copy); norm_eps > 0. Also returns the raw projections
 // x phi (..., 2n + n^2) and the norms ||x|| (...), which the backward takes back.
@@ -151,8 +151,9 @@ struct MHCCoefficientsGrads {
       b_res;
 };
 // Its backward given dL/dH_pre, dL/dH_post, dL/dH_res (nullopt: zeros) and the forward's proj and
-// norm. dL/dx comes in x's shape and dtype; the six weights' gradients are views of one tensor,
-// as mhc_mappings_backward's are.
+// norm. dL/dx comes in x's shape and dtype; the three phi's gradients are column views of one
+// (D, 2n + n^2) tensor, and the six weights' gradients views of another, as
+// mhc_mappings_backward's are.
 MHCCoefficientsGrads mhc_coefficients_backward(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
@@ -161,14 +162,13 @@ MHCCoefficientsGrads mhc_coefficients_backward(
     c10::string_view variant = "paper");
 
 namespace detail {
-// The backward operators' own results: dL/dproj (dL/dx and the three dL/dphi) and the six
-// weights' gradients flattened in the weights' order (3 + 2n + n^2 values).
+// The backward operators' own results: dL/dproj (dL/dx and dL/d[phi_pre | phi_post | phi_res])
+// and the six weights' gradients flattened in the weights' order (3 + 2n + n^2 values).
 std::tuple<at::Tensor, at::Tensor> mhc_mappings_backward_flat(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj, const MHCWeights& weights,
     int64_t iters, double eps, c10::string_view variant);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-mhc_coefficients_backward_flat(const c10::optional<at::Tensor>& grad_pre,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(const c10::optional<at::Tensor>& grad_pre,
                                const c10::optional<at::Tensor>& grad_post,
                                const c10::optional<at::Tensor>& grad_res, const at::Tensor& x,
                                const MHCProjections& phi, const at::Tensor& proj,

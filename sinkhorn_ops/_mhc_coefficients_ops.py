@@ -86,10 +86,8 @@ def _backward_fake(grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res,
                                        f"{tuple(t.shape)}")
             torch._check_value(t.device == x.device, lambda: (
                 f"{op}: expected {name} on proj's device {x.device}, got {t.device}"))
+    # grad_phi: the three φ's gradients side by side (csrc/ops/schema.h).
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(phi_pre, memory_format=torch.contiguous_format),
-            torch.empty_like(phi_post, memory_format=torch.contiguous_format),
-            torch.empty_like(phi_res, memory_format=torch.contiguous_format),
-            like.new_empty((3 + 2 * n + n * n,)))
+            like.new_empty((x.shape[-1], 2 * n + n * n)), like.new_empty((3 + 2 * n + n * n,)))
 
 # The autograd of the op and of its backward is registered in C++ (csrc/ops/mhc_autograd.cpp).

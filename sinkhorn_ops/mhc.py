@@ -243,7 +243,8 @@ def mhc_coefficients(
     gradient), the norm's statistic is folded into its kernel
     (``torch.ops.sinkhorn_ops.mhc_coefficients``): a call is the norms ||x||, the raw projections
     x φ (one matmul) and the kernel, with no normalised copy of x, and its backward is the kernel,
-    one reduction for the six weights and three matmuls, each φ's gradient contiguous. Elsewhere
+    one reduction for the six weights and two matmuls (the three φ's gradients are views of one;
+    AccumulateGrad stores them as contiguous copies). Elsewhere
     it is ``rms_projection`` then :func:`mhc_mappings`.
 
     Args:

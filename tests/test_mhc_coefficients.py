@@ -68,7 +68,6 @@ def test_float64_forward_and_every_gradient(n, variant, device):
     assert worst(got[1], want[1]) < 1e-10
     x, phis, _ = case
     assert got[1][0].shape == x.shape and [g.shape for g in got[1][1:4]] == [p.shape for p in phis]
-    assert all(g.is_contiguous() for g in got[1][1:4])
 
 
 @pytest.mark.parametrize("variant", ["paper", "v4"])
@@ -290,8 +289,8 @@ def test_compile_fullgraph_dynamic():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_runs_the_fused_coefficients(device):
-    """The layer's mappings come from one Coefficients node, and each φ's gradient is its own
-    contiguous tensor (no cat of the three φ to differentiate)."""
+    """The layer's mappings come from one Coefficients node, and each φ's .grad is a contiguous
+    tensor of its own (AccumulateGrad copies the backward's views of one matmul)."""
     layer = make_layer(4, device=device)
     x = make_streams(4, device=device)
     maps = layer.mappings(x)
@@ -300,3 +299,4 @@ def test_layer_runs_the_fused_coefficients(device):
     for name in PHIS:
         grad = getattr(layer, name).grad
         assert grad is not None and grad.is_contiguous() and grad.abs().sum() > 0, name
+    assert len({getattr(layer, name).grad.data_ptr() for name in PHIS}) == 3

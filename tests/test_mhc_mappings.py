@@ -256,8 +256,8 @@ def test_layer_fused_equals_composite(variant, device):
     assert torch.equal(third.mappings(make_streams(4, device=device)).res,
                        torch.full((3, 5, 4, 4), 0.25, dtype=torch.float64, device=device))
     x = make_streams(4, device=device)
-    assert "Mappings" in layer.mappings(x).res.grad_fn.name()
-    assert "Mappings" not in other.mappings(x).res.grad_fn.name()
+    assert "Coefficients" in layer.mappings(x).res.grad_fn.name()
+    assert "Coefficients" not in other.mappings(x).res.grad_fn.name()
     out, grads = run(layer, x, layer)
     out2, grads2 = run(other, x, other)
     torch.testing.assert_close(out, out2, atol=1e-12, rtol=0)

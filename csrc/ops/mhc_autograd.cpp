@@ -156,7 +156,7 @@ struct Mappings : torch::autograd::Function<Mappings> {
 // differentiable; x is saved as it came (the mixings save it too).
 struct CoefficientsBackward {
   static constexpr const char* name = "mhc_coefficients";
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> call(
       Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1, T a2,
       T b0, T b1, T b2, double norm_eps, int64_t iters, double eps, c10::string_view variant) {
     return detail::mhc_coefficients_backward_flat(g_pre, g_post, g_res, x, {p0, p1, p2}, proj,

@@ -3,9 +3,9 @@
 // mappings kernel (mhc_mappings_math.h) instead of applied by separate ops. A call is two ATen
 // ops (the norm of every token, one read of x; the raw projections x phi, one matmul) and the
 // mappings kernel; its backward is the kernel (dL/dR and the norm's coefficient c per token),
-// one reduction for the six weights, and three matmuls:
+// one reduction for the six weights, and two matmuls:
 //
-//   dL/dx = dL/dR phi^T - c x,   dL/dphi_g = x^T dL/dR_g (one contiguous gradient per phi).
+//   dL/dx = dL/dR phi^T - c x,   dL/d[phi_pre | phi_post | phi_res] = x^T dL/dR.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,9 +42,9 @@ CoefficientsInputs prepare_coefficients(const std::string& op, const at::Tensor&
 // their dtype whatever autocast says.
 std::tuple<at::Tensor, at::Tensor> raw_projection(const CoefficientsInputs& in);
 
-// (dL/dx in x's shape and dtype, dL/dphi_pre, dL/dphi_post, dL/dphi_res) from a backward call
-// that ran with the norm folded in.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefficient_grads(
+// (dL/dx in x's shape and dtype, dL/d[phi_pre | phi_post | phi_res] (D, 2n + n^2)) from a
+// backward call that ran with the norm folded in.
+std::tuple<at::Tensor, at::Tensor> coefficient_grads(
     const CoefficientsInputs& in, const at::Tensor& x, const MappingsCall& call);
 
 }  // namespace detail

@@ -136,8 +136,8 @@ Coefficients mhc_coefficients_op(const at::Tensor& x, const at::Tensor& phi_pre,
   return {call.pre, call.post, call.res, proj, norm};
 }
 
-// (dL/dx, dL/dphi_pre, dL/dphi_post, dL/dphi_res, the six weights' gradients flattened).
-using CoefficientsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (dL/dx, dL/d[phi_pre | phi_post | phi_res], the six weights' gradients flattened).
+using CoefficientsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Device>
 CoefficientsGrads mhc_coefficients_backward_op(
@@ -161,8 +161,8 @@ CoefficientsGrads mhc_coefficients_backward_op(
                                    grad_post.value_or(at::Tensor()),
                                    grad_res.value_or(at::Tensor()), &rms);
   Device::run(call);
-  auto [dx, d_pre, d_post, d_res] = coefficient_grads(in, x, call);
-  return {dx, d_pre, d_post, d_res, mappings_weight_grads(call)};
+  auto [dx, dphi] = coefficient_grads(in, x, call);
+  return {dx, dphi, mappings_weight_grads(call)};
 }
 
 // Registers the twelve operators for one dispatch key with Device's kernels.

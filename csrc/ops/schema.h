@@ -69,7 +69,9 @@ inline void define_ops(torch::Library& m) {
   // mHC's coefficients from the streams x (..., D = nC): RMSNorm(x) [phi_pre | phi_post |
   // phi_res] and the mappings, with the norm's statistic folded into the mappings kernel
   // (mhc_coefficients.h). proj (..., 2n + n^2) and norm (...) are the raw projections x phi and
-  // the norms ||x||, outputs that the backward takes back.
+  // the norms ||x||, outputs that the backward takes back. The backward's grad_phi is
+  // (D, 2n + n^2), the three phi's gradients side by side (the C++ API splits it), and
+  // grad_weights as mhc_mappings_backward's.
   m.def("mhc_coefficients(Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, "
         "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
         "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
@@ -79,8 +81,7 @@ inline void define_ops(torch::Library& m) {
         "Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, Tensor proj, Tensor norm, "
         "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
         "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
-        "(Tensor grad_x, Tensor grad_phi_pre, Tensor grad_phi_post, Tensor grad_phi_res, "
-        "Tensor grad_weights)",
+        "(Tensor grad_x, Tensor grad_phi, Tensor grad_weights)",
         {at::Tag::pt2_compliant_tag});
 }
 
