@@ -226,7 +226,7 @@ class PlainResidual(nn.Module):
 class UnfusedMappings(ManifoldConstrainedHyperConnections):
     """The layer with residual_matrix overridden (identically), which sends its mappings through
     the composite path (about 15 ATen ops forward and 25 backward, around the fused Sinkhorn)
-    instead of the fused mhc_mappings kernels: the same-run baseline of that fusion."""
+    instead of the fused mhc_coefficients kernels: the same-run baseline of that fusion."""
 
     def residual_matrix(self, logits: torch.Tensor) -> torch.Tensor:
         return super().residual_matrix(logits)
@@ -320,8 +320,8 @@ def mappings_step(module: nn.Module, x: torch.Tensor, mode: str) -> object:
 
 def run_mappings(device: str, policy: dict) -> list[dict]:
     """The layer's mappings alone (RMSNorm(x) φ and the three mappings, no branch), fused
-    (mhc_mappings) against unfused (PyTorch ops around the fused Sinkhorn), timed in alternation:
-    at 32 tokens the calls' host and launch costs, at 4096 the work."""
+    (mhc_coefficients) against unfused (PyTorch ops around the fused Sinkhorn), timed in
+    alternation: at 32 tokens the calls' host and launch costs, at 4096 the work."""
     torch.manual_seed(0)
     fused = ManifoldConstrainedHyperConnections(N, LAYER_DIM).to(device)
     unfused = UnfusedMappings(N, LAYER_DIM).to(device)
@@ -471,7 +471,8 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
         f"layer also carries {N}× the residual state). forward+backward: the gradients of x "
         "and every parameter for a random upstream gradient. unfused mappings: the same layer "
         "with its mappings in PyTorch ops around the fused Sinkhorn (as before the fused "
-        "mhc_mappings kernels); × unfused: the median over rounds timing the two in alternation of "
+        "mhc_coefficients kernels); × unfused: the median over rounds timing the two in "
+        "alternation of "
         "unfused / mHC.",
         "- check: the fp32 layer's output on the first 512 tokens against tests/test_mhc.py "
         "mhc_reference of a float64 copy; passes when its error is at most twice that of "
@@ -481,7 +482,7 @@ def markdown(rows: list[dict], device: str, quick: bool) -> list[str]:
     mlegend = [
         f"- The mappings alone: layer.mappings(x) for x of shape (T, {N}, {LAYER_DIM}) "
         "(RMSNorm(x) φ, then H_pre, H_post, H_res; forward+backward: the gradients of x and "
-        "every parameter of their sum), fused (the mhc_mappings kernels) against unfused (the "
+        "every parameter of their sum), fused (the mhc_coefficients kernels) against unfused (the "
         "same formulas in PyTorch ops around the fused Sinkhorn), timed in alternation "
         "(paired: median over rounds of unfused / fused).",
         LAUNCHES_LEGEND,

@@ -268,6 +268,40 @@ def run_mappings_case(variant, tokens, n, dtype) -> str | None:
     return f"outputs/gradients {bad} differ" if bad else None
 
 
+def run_coefficients_case(variant, tokens, n, dtype) -> str | None:
+    """mHC's fused coefficients (the mappings kernel with the RMSNorm folded in; x in dtype, the
+    rest in its accumulation dtype; token 0 all zeros), forward and backward, against RMSNorm
+    then the mappings in float64 on the CPU."""
+    from sinkhorn_ops.mhc import mappings_composite
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    D = 8 * n
+    x = torch.randn(tokens, D, dtype=torch.float64)
+    x[0] = 0
+    phis = [torch.randn(D, k, dtype=torch.float64) / D ** 0.5 for k in (n, n, n * n)]
+    weights = [torch.tensor(v, dtype=torch.float64) for v in (0.7, -0.4, 1.3)]
+    weights += [torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64),
+                torch.randn(n, n, dtype=torch.float64)]
+    ups = [torch.randn(tokens, n, dtype=torch.float64), torch.randn(tokens, n, dtype=torch.float64),
+           torch.randn(tokens, n, n, dtype=torch.float64)]
+    x = x.to(dtype).double()  # the values the device sees
+    dev = [x.to(dtype).cuda().requires_grad_(True)]
+    dev += [t.to(acc).cuda().requires_grad_(True) for t in (*phis, *weights)]
+    out = sinkhorn_ops.mhc_coefficients(*dev, 20, variant=variant)
+    grads = torch.autograd.grad(out, dev, [u.to(acc).cuda() for u in ups])
+    torch.cuda.synchronize()
+    ref_in = [t.clone().requires_grad_(True) for t in (x, *phis, *weights)]
+    proj = (ref_in[0] @ torch.cat(ref_in[1:4], -1)) * torch.rsqrt(
+        ref_in[0].square().mean(-1, keepdim=True) + 1e-6)
+    residual = ((lambda r: sinkhorn_ops.mhc_v4_sinkhorn_loop(r, 20, 1e-6).mT) if variant == "v4"
+                else (lambda r: sinkhorn_ops.sinkhorn(r, steps=40, start="col")))
+    ref = mappings_composite(proj, ref_in[4:], residual, 1e-6 if variant == "v4" else None)
+    ref_grads = torch.autograd.grad(ref, ref_in, ups)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 2e-2}[dtype]
+    bad = [k for k, (g, r) in enumerate(zip(list(out) + list(grads), list(ref) + list(ref_grads)))
+           if (g.double().cpu() - r.detach()).abs().max().item() > tol * max(1.0, r.abs().max().item())]
+    return f"outputs/gradients {bad} differ" if bad else None
+
+
 def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures = 0
@@ -290,6 +324,13 @@ def main() -> int:
             for n in (1, 3, 4, 8):
                 problem = run_mappings_case(variant, 130, n, dtype)
                 name = f"mappings {variant} {str(dtype)[6:]} 130x{n}"
+                print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
+                failures += problem is not None
+    for variant in ("paper", "v4"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for n in (1, 4, 8):
+                problem = run_coefficients_case(variant, 70, n, dtype)
+                name = f"coefficients {variant} {str(dtype)[6:]} 70x{n}"
                 print(f"{'FAIL' if problem else 'ok'} {name}" + (f": {problem}" if problem else ""))
                 failures += problem is not None
     for dtype, batch, n, m, marginals, tol, start in cases():

@@ -103,7 +103,7 @@ def test_mhc_sinkhorn_replays_like_eager():
 
 
 def test_mhc_layer_replays_like_eager():
-    """The whole mHC layer (rms_projection, the fused mappings, both stream mixings, an MLP
+    """The whole mHC layer (the fused coefficients, both stream mixings, an MLP
     branch), forward and the gradient of x, in one graph: the way to take its many small
     launches off the host (torch.compile(mode="reduce-overhead") does the same)."""
     from sinkhorn_ops.nn import ManifoldConstrainedHyperConnections
