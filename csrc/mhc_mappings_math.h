@@ -102,15 +102,16 @@ struct Token {
   }
 
   // dL/dy and the per-gate sums of dz y given dz. A gate whose outputs had no upstream gradient
-  // (live[g] false) gets exact zeros in dz and its sum, whatever y holds (a NaN or inf
-  // projection of an unused output must not leak into the others' gradients).
+  // (live[g] false) gets exact zeros in dz, dL/dy and its sum, whatever y and its alpha hold (a
+  // NaN or inf projection or gate of an unused output must not leak into the others' gradients,
+  // nor through dL/dR phi^T into every entry of dL/dx).
   SK_HD static void finish(const T* y, const T* alpha, const bool* live, T* dz, T* grad_y,
                            T* dots) {
     for (int g = 0; g < 3; ++g) dots[g] = T{};
     for (int k = 0; k < K; ++k) {
       const int g = gate(k, N);
       if (!live[g]) dz[k] = T{};
-      grad_y[k] = alpha[g] * dz[k];
+      grad_y[k] = live[g] ? alpha[g] * dz[k] : T{};
       if (live[g]) dots[g] = dots[g] + dz[k] * y[k];
     }
   }

@@ -168,13 +168,11 @@ std::tuple<at::Tensor, at::Tensor> mhc_mappings_backward_flat(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj, const MHCWeights& weights,
     int64_t iters, double eps, c10::string_view variant);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(const c10::optional<at::Tensor>& grad_pre,
-                               const c10::optional<at::Tensor>& grad_post,
-                               const c10::optional<at::Tensor>& grad_res, const at::Tensor& x,
-                               const MHCProjections& phi, const at::Tensor& proj,
-                               const at::Tensor& norm, const MHCWeights& weights,
-                               double norm_eps, int64_t iters, double eps,
-                               c10::string_view variant);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
+    const at::Tensor& proj, const at::Tensor& norm, const MHCWeights& weights, double norm_eps,
+    int64_t iters, double eps, c10::string_view variant);
 // The six weights' gradients as views of their flat sum, in the weights' shapes (symbolic sizes,
 // for dynamic-shape compilation).
 std::array<at::Tensor, 6> split_weight_grads(const at::Tensor& flat, const MHCWeights& weights);

@@ -70,6 +70,9 @@ def _backward_fake(grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res,
     op = "mhc_coefficients_backward"
     weights = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     like = _check(op, x, (phi_pre, phi_post, phi_res), weights, norm_eps, iters, eps, variant)
+    torch._check_type(proj.dtype == like.dtype, lambda: (
+        f"{op}: expected proj (the forward's raw projections) of phi's dtype {like.dtype}, got "
+        f"{proj.dtype}"))
     torch._check_value(proj.shape == like.shape, lambda: (
         f"{op}: expected proj (the forward's raw projections) of shape {tuple(like.shape)}, got "
         f"{tuple(proj.shape)}"))
@@ -85,7 +88,7 @@ def _backward_fake(grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res,
                                lambda: f"{op}: expected {name} of shape {shape}, got "
                                        f"{tuple(t.shape)}")
             torch._check_value(t.device == x.device, lambda: (
-                f"{op}: expected {name} on proj's device {x.device}, got {t.device}"))
+                f"{op}: expected {name} on proj's device {proj.device}, got {t.device}"))
     # grad_phi: the three φ's gradients side by side (csrc/ops/schema.h).
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             like.new_empty((x.shape[-1], 2 * n + n * n)), like.new_empty((3 + 2 * n + n * n,)))

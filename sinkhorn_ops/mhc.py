@@ -252,7 +252,7 @@ def mhc_coefficients(
             (converted in each pass, a transient copy; saved as it came).
         phi_pre, phi_post: (D, n); phi_res: (D, n²), with mat(v)[i, j] = v[i·n + j]. float32 or
             float64, the dtype of every weight and of the computation (autocast does not lower
-            it).
+            it, on either path).
         alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, iters, variant, eps, grad: as in
             :func:`mhc_mappings`.
         norm_eps: added to mean(x²), finite and > 0.
@@ -275,13 +275,16 @@ def mhc_coefficients(
         pre, post, res, _, _ = torch.ops.sinkhorn_ops.mhc_coefficients.default(
             x, *phis, *weights, float(norm_eps), iters, float(eps), variant)
         return pre, post, res
+    dim = x.shape[-1] if x.dim() >= 1 else 0
     for name, t, width in zip(("phi_pre", "phi_post", "phi_res"), phis, (n, n, n * n)):
-        if n >= 1 and (t.dim() != 2 or t.shape[1] != width):
-            raise ValueError(f"mhc_coefficients: expected {name} of shape (D, {width}) for "
-                             f"n = {n}, got {tuple(t.shape)}")
-    phi = torch.cat([phi_pre, phi_post, phi_res], dim=-1)
-    return mhc_mappings(rms_projection(x, phi, norm_eps), *weights, iters, variant=variant,
-                        eps=eps, grad=grad)
+        if n >= 1 and tuple(t.shape) != (dim, width):
+            raise ValueError(f"mhc_coefficients: expected {name} of shape (D, {width}) = "
+                             f"({dim}, {width}) for x of shape {tuple(x.shape)} and n = {n}, got "
+                             f"{tuple(t.shape)}")
+    # As the fused op: the projection in phi's dtype whatever autocast says.
+    with torch.autocast(x.device.type, enabled=False):
+        proj = rms_projection(x, torch.cat([phi_pre, phi_post, phi_res], dim=-1), norm_eps)
+    return mhc_mappings(proj, *weights, iters, variant=variant, eps=eps, grad=grad)
 
 
 def mappings_composite(proj: Tensor, weights, residual: Callable[[Tensor], Tensor],

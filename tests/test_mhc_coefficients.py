@@ -220,6 +220,8 @@ def test_bad_arguments():
     mb = "mhc_coefficients_backward: expected "
     with pytest.raises(ValueError, match=mb + r"proj \(the forward's raw projections\) of shape \[2, 24\], got \[2, 23\]"):
         back(None, None, None, *args[:4], proj[:, :23], *args[5:])
+    with pytest.raises(TypeError, match=mb + r"proj \(the forward's raw projections\) of phi's dtype Float, got Double"):
+        back(None, None, None, *args[:4], proj.double(), *args[5:])
     with pytest.raises(ValueError, match=mb + r"norm of shape \[2\], got \[3\]"):
         back(None, None, None, *args[:5], torch.ones(3), *args[6:])
     with pytest.raises(ValueError, match=mb + r"grad_res of shape \[2, 4, 4\], got \[2, 16\]"):
@@ -300,3 +302,21 @@ def test_layer_runs_the_fused_coefficients(device):
         grad = getattr(layer, name).grad
         assert grad is not None and grad.is_contiguous() and grad.abs().sum() > 0, name
     assert len({getattr(layer, name).grad.data_ptr() for name in PHIS}) == 3
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan")])
+def test_non_finite_gate_of_an_unused_output_stays_out(alpha):
+    """α_res inf or NaN with H_res left out of the loss: dL/dR's res columns are exact zeros (not
+    inf · 0), so dL/dx = dL/dR φᵀ - c x and every other gradient stay finite, as the composite's."""
+    x, phis, weights = make_case(3, batch=(5,))
+    with torch.no_grad():
+        weights[2].fill_(alpha)
+    inputs = [x, *phis, *weights]
+    pre, post, _ = ops.mhc_coefficients(*inputs)
+    got = torch.autograd.grad(pre.sum() + 2 * post.sum(), inputs)
+    want_pre, want_post, _ = reference(x, phis, weights, 20, "paper")
+    want = torch.autograd.grad(want_pre.sum() + 2 * want_post.sum(), inputs, allow_unused=True)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all(), k
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, atol=1e-12, rtol=0,
+                                   msg=str(k))

@@ -134,21 +134,17 @@ MHCCoefficientsGrads mhc_coefficients_backward(
   const auto g = detail::split_weight_grads(flat, w);
   // Column views of the one matmul (AccumulateGrad stores contiguous copies).
   const c10::SymInt a = phi.pre.sym_size(1), b = a + phi.post.sym_size(1);
-  return {dx,
-          dphi.narrow_symint(1, 0, a),
-          dphi.narrow_symint(1, a, phi.post.sym_size(1)),
-          dphi.narrow_symint(1, b, phi.res.sym_size(1)),
-          g[0], g[1], g[2], g[3], g[4], g[5]};
+  return {dx,   dphi.narrow_symint(1, 0, a), dphi.narrow_symint(1, a, phi.post.sym_size(1)),
+          dphi.narrow_symint(1, b, phi.res.sym_size(1)), g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
 namespace detail {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(const c10::optional<at::Tensor>& grad_pre,
-                               const c10::optional<at::Tensor>& grad_post,
-                               const c10::optional<at::Tensor>& grad_res, const at::Tensor& x,
-                               const MHCProjections& phi, const at::Tensor& proj,
-                               const at::Tensor& norm, const MHCWeights& w, double norm_eps,
-                               int64_t iters, double eps, c10::string_view variant) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(
+    const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
+    const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
+    const at::Tensor& proj, const at::Tensor& norm, const MHCWeights& w, double norm_eps,
+    int64_t iters, double eps, c10::string_view variant) {
   using T = const at::Tensor&;
   using O = const c10::optional<at::Tensor>&;
   using R = std::tuple<at::Tensor, at::Tensor, at::Tensor>;

@@ -1,9 +1,9 @@
 // Autograd of the mHC operators, registered in C++ on the Autograd key: the two fused Sinkhorns,
-// the two stream mixings, the mappings and the coefficients differentiate from LibTorch as from Python, and a call records one
-// C++ node instead of going through Python's autograd.Function machinery (a host cost that
-// bounds mHC's small calls on a GPU). Each forward saves its inputs and calls its backward
-// operator; each backward operator runs below autograd, and differentiating it raises a clear
-// NotImplementedError (no double backward).
+// the two stream mixings, the mappings and the coefficients differentiate from LibTorch as from
+// Python, and a call records one C++ node instead of going through Python's autograd.Function
+// machinery (a host cost that bounds mHC's small calls on a GPU). Each forward saves its inputs
+// and calls its backward operator; each backward operator runs below autograd, and
+// differentiating it raises a clear NotImplementedError (no double backward).
 #include <torch/library.h>
 
 #include "../sinkhorn_ops.h"

@@ -1,8 +1,7 @@
 // The mHC operators' bodies (the two fused Sinkhorns, the stream mixings, the mappings and the
-// coefficients, their backwards),
-// shared by the CPU and CUDA registrations: the front door's checks, then Device::run(call),
-// which launches the device's kernel on a checked call (a V4Call, a MixCall or a MappingsCall),
-// then the outputs.
+// coefficients, their backwards), shared by the CPU and CUDA registrations: the front door's
+// checks, then Device::run(call), which launches the device's kernel on a checked call (a V4Call,
+// a MixCall or a MappingsCall), then the outputs.
 #pragma once
 
 #include <torch/library.h>
@@ -152,6 +151,9 @@ CoefficientsGrads mhc_coefficients_backward_op(
   const MappingsWeights weights{alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res};
   const auto in = prepare_coefficients(op, x, {phi_pre, phi_post, phi_res}, weights, norm_eps);
   const int64_t K = sinkhorn::mappings::projections(b_res.size(0));
+  TORCH_CHECK_TYPE(proj.scalar_type() == phi_pre.scalar_type(), op,
+                   ": expected proj (the forward's raw projections) of phi's dtype ",
+                   phi_pre.scalar_type(), ", got ", proj.scalar_type());
   TORCH_CHECK_VALUE(proj.sizes() == at::IntArrayRef(with(in.batch, {K})), op,
                     ": expected proj (the forward's raw projections) of shape ",
                     at::IntArrayRef(with(in.batch, {K})), ", got ", proj.sizes());
