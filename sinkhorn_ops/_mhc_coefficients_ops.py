@@ -6,21 +6,16 @@ from __future__ import annotations
 import torch
 
 from ._mhc_mappings_ops import _check as _check_mappings
-from ._mhc_v4_ops import MAX_N
+from ._mhc_mappings_ops import check_b_res
 
 _PHIS = ("phi_pre", "phi_post", "phi_res")
 _WEIGHTS = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
 
 
 def _check(op, x, phis, weights, norm_eps, iters, eps, variant):
-    """The front door's checks (csrc/ops/mhc_coefficients.cpp, then the mappings'); returns
-    (n, the projections' dtype)."""
-    b_res = weights[5]
-    torch._check_value(b_res.dim() == 2 and b_res.shape[0] == b_res.shape[1]
-                       and 1 <= b_res.shape[0] <= MAX_N, lambda: (
-                           f"{op}: expected b_res of shape (n, n) with 1 <= n <= {MAX_N} (the "
-                           f"fused kernel's largest n), got {tuple(b_res.shape)}"))
-    n = b_res.shape[0]
+    """The front door's checks (csrc/ops/mhc_coefficients.cpp, then the mappings'); returns an
+    empty tensor shaped and typed as the raw projections."""
+    n = check_b_res(op, weights[5])
     dtype = phis[0].dtype
     torch._check_type(dtype in (torch.float32, torch.float64), lambda: (
         f"{op}: expected phi_pre of dtype float32 or float64 (mHC computes its mappings in fp32), "

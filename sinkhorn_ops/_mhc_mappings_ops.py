@@ -15,6 +15,15 @@ def fused(n: int, iters: int, device: torch.device) -> bool:
     return 1 <= n <= MAX_N and 1 <= iters <= MAX_ITERS and device.type in ("cpu", "cuda")
 
 
+def check_b_res(op, b_res):
+    """b_res (n, n) with n within the fused kernels' limit; returns n."""
+    torch._check_value(b_res.dim() == 2 and b_res.shape[0] == b_res.shape[1]
+                       and 1 <= b_res.shape[0] <= MAX_N, lambda: (
+                           f"{op}: expected b_res of shape (n, n) with 1 <= n <= {MAX_N} (the "
+                           f"fused kernel's largest n), got {tuple(b_res.shape)}"))
+    return b_res.shape[0]
+
+
 def _check(op, proj, weights, iters, eps, variant):
     """The front door's checks (csrc/ops/mhc_mappings.cpp); returns n."""
     torch._check_type(proj.dtype in (torch.float32, torch.float64), lambda: (
@@ -22,12 +31,7 @@ def _check(op, proj, weights, iters, eps, variant):
         f"got {proj.dtype}"))
     torch._check_value(variant in VARIANTS,
                        lambda: f'{op}: expected variant "paper" or "v4", got "{variant}"')
-    b_res = weights[5]
-    torch._check_value(b_res.dim() == 2 and b_res.shape[0] == b_res.shape[1]
-                       and 1 <= b_res.shape[0] <= MAX_N, lambda: (
-                           f"{op}: expected b_res of shape (n, n) with 1 <= n <= {MAX_N} (the "
-                           f"fused kernel's largest n), got {tuple(b_res.shape)}"))
-    n = b_res.shape[0]
+    n = check_b_res(op, weights[5])
     k = 2 * n + n * n
     torch._check_value(proj.dim() >= 1 and proj.shape[-1] == k, lambda: (
         f"{op}: expected proj of shape (..., 2n + n^2) = (..., {k}) for n = {n}, "
