@@ -244,8 +244,8 @@ def mhc_coefficients(
     (``torch.ops.sinkhorn_ops.mhc_coefficients``): a call is the norms ||x||, the raw projections
     x φ (one matmul) and the kernel, with no normalised copy of x, and its backward is the kernel,
     one reduction for the six weights and two matmuls (the three φ's gradients are views of one;
-    AccumulateGrad stores them as contiguous copies). Elsewhere
-    it is ``rms_projection`` then :func:`mhc_mappings`.
+    AccumulateGrad stores them as contiguous copies). Elsewhere it is ``rms_projection`` then
+    :func:`mhc_mappings`.
 
     Args:
         x: (..., D) the flattened streams vec(x_l), D = n·C, in phi's dtype or a lower precision
