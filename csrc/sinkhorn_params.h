@@ -142,12 +142,12 @@ struct MappingsParams {
   void* grad_proj = nullptr;                                       // backward: (T, 2n + n^2)
   void* partials = nullptr;                                        // backward: (T, partials(n))
   // The RMSNorm folded in (mhc_coefficients) when norm is set: proj holds the raw projections
-  // R = x phi, norm the per-token ||x|| over dim inputs (T), and the kernels normalise
-  // (mhc_mappings_math.h); the backward's grad_proj is then dL/dR and rms_coef (T) the
+  // R = x phi, norm the per-token ||x|| over D inputs (T; inv_dim = 1 / D), and the kernels
+  // normalise (mhc_mappings_math.h); the backward's grad_proj is then dL/dR and rms_coef (T) the
   // coefficient c of x in dL/dx = dL/dR phi^T - c x.
   const void* norm = nullptr;
   void* rms_coef = nullptr;
-  int64_t dim = 0;
+  double inv_dim = 0.0;
   double norm_eps = 0.0;
   int64_t T = 0, n = 0;
   int iters = 0;                                                   // 1 <= iters <= v4::kMaxIters

@@ -28,7 +28,7 @@ void mhc_mappings_lanes(const sinkhorn::MappingsParams& p) {
   const Transpose<N> t;  // H_res is the iterated matrix transposed, in both variants
   const bool live[3] = {p.grad_pre != nullptr, p.grad_post != nullptr, p.grad_res != nullptr};
   const bool rms = p.norm != nullptr;
-  const acc_t inv_dim = rms ? static_cast<acc_t>(1.0 / static_cast<double>(p.dim)) : acc_t{};
+  const acc_t inv_dim = static_cast<acc_t>(p.inv_dim);
   const acc_t norm_eps = static_cast<acc_t>(p.norm_eps);
   const int64_t groups = (p.T + L - 1) / L;
   at::parallel_for(0, groups, std::max<int64_t>(1, 64 / K), [&](int64_t g0, int64_t g1) {

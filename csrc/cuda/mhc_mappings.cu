@@ -157,7 +157,7 @@ void launch_typed(const MappingsParams& p, cudaStream_t stream) {
   a.partials = static_cast<T*>(p.partials);
   a.norm = static_cast<const T*>(p.norm);
   a.rms_coef = static_cast<T*>(p.rms_coef);
-  a.inv_dim = p.norm != nullptr ? static_cast<T>(1.0 / static_cast<double>(p.dim)) : T{};
+  a.inv_dim = static_cast<T>(p.inv_dim);
   a.norm_eps = static_cast<T>(p.norm_eps);
   a.tokens = p.T;
   a.iters = p.iters;

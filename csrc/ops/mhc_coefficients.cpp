@@ -12,20 +12,13 @@ namespace detail {
 namespace {
 
 constexpr const char* kPhiNames[3] = {"phi_pre", "phi_post", "phi_res"};
-constexpr const char* kWeightNames[6] = {"alpha_pre", "alpha_post", "alpha_res",
-                                         "b_pre",     "b_post",     "b_res"};
 
 }  // namespace
 
 CoefficientsInputs prepare_coefficients(const std::string& op, const at::Tensor& x,
                                         const Projections& phi, const MappingsWeights& weights,
                                         double norm_eps) {
-  const at::Tensor& b_res = weights[5];
-  TORCH_CHECK_VALUE(b_res.dim() == 2 && b_res.size(0) == b_res.size(1) && b_res.size(0) >= 1 &&
-                        b_res.size(0) <= sinkhorn::v4::kMaxN,
-                    op, ": expected b_res of shape (n, n) with 1 <= n <= ", sinkhorn::v4::kMaxN,
-                    " (the fused kernel's largest n), got ", b_res.sizes());
-  const int64_t n = b_res.size(0);
+  const int64_t n = checked_streams(op, weights[5]);
   const auto dtype = phi[0].scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                    ": expected phi_pre of dtype float32 or float64 (mHC computes its mappings in "

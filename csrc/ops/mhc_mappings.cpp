@@ -9,12 +9,14 @@
 
 namespace sinkhorn_ops {
 namespace detail {
-namespace {
 
-constexpr const char* kWeightNames[6] = {"alpha_pre", "alpha_post", "alpha_res",
-                                         "b_pre",     "b_post",     "b_res"};
-
-}  // namespace
+int64_t checked_streams(const std::string& op, const at::Tensor& b_res) {
+  TORCH_CHECK_VALUE(b_res.dim() == 2 && b_res.size(0) == b_res.size(1) && b_res.size(0) >= 1 &&
+                        b_res.size(0) <= sinkhorn::v4::kMaxN,
+                    op, ": expected b_res of shape (n, n) with 1 <= n <= ", sinkhorn::v4::kMaxN,
+                    " (the fused kernel's largest n), got ", b_res.sizes());
+  return b_res.size(0);
+}
 
 MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
                                   const MappingsWeights& weights, int64_t iters, double eps,
@@ -31,12 +33,7 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
   TORCH_CHECK_VALUE(variant == "paper" || variant == "v4", op,
                     ": expected variant \"paper\" or \"v4\", got \"", std::string(variant), "\"");
   const bool v4 = variant == "v4";
-  const at::Tensor& b_res = weights[5];
-  TORCH_CHECK_VALUE(b_res.dim() == 2 && b_res.size(0) == b_res.size(1) && b_res.size(0) >= 1 &&
-                        b_res.size(0) <= sinkhorn::v4::kMaxN,
-                    op, ": expected b_res of shape (n, n) with 1 <= n <= ", sinkhorn::v4::kMaxN,
-                    " (the fused kernel's largest n), got ", b_res.sizes());
-  const int64_t n = b_res.size(0), K = sinkhorn::mappings::projections(n);
+  const int64_t n = checked_streams(op, weights[5]), K = sinkhorn::mappings::projections(n);
   TORCH_CHECK_VALUE(proj.dim() >= 1 && proj.size(-1) == K, op,
                     ": expected proj of shape (..., 2n + n^2) = (..., ", K, ") for n = ", n,
                     ", got ", proj.sizes());
@@ -64,12 +61,11 @@ MappingsCall prepare_mhc_mappings(bool backward, const at::Tensor& proj,
   }
   const auto options = c.proj.options();
   if (rms != nullptr) {
-    TORCH_CHECK_VALUE(rms->dim >= 1 && std::isfinite(rms->eps) && rms->eps > 0, op,
-                      ": expected D >= 1 inputs per token and a finite norm_eps > 0, got D = ",
-                      rms->dim, " and norm_eps = ", rms->eps);
+    // D and norm_eps were checked by the op's own front door (prepare_coefficients).
+    TORCH_INTERNAL_ASSERT(rms->dim >= 1 && rms->eps > 0);
     c.norm = checked(op, "norm", rms->norm, batch.vec(), dtype, proj, "proj");
     p.norm = c.norm.data_ptr();
-    p.dim = rms->dim;
+    p.inv_dim = 1.0 / static_cast<double>(rms->dim);
     p.norm_eps = rms->eps;
     if (backward) {
       c.rms_coef = at::empty(batch, options);

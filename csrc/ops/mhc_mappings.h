@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <string>
 #include <tuple>
 
 #include "../sinkhorn_params.h"
@@ -15,6 +16,13 @@ namespace detail {
 // The gates' and biases' tensors of a call: alpha_pre, alpha_post, alpha_res, b_pre, b_post,
 // b_res.
 using MappingsWeights = std::array<at::Tensor, 6>;
+
+// The weights' names, in MappingsWeights' order (for the messages).
+inline constexpr const char* kWeightNames[6] = {"alpha_pre", "alpha_post", "alpha_res",
+                                                "b_pre",     "b_post",     "b_res"};
+
+// n of b_res (n, n) with 1 <= n <= the fused kernels' largest; raises ValueError naming op.
+int64_t checked_streams(const std::string& op, const at::Tensor& b_res);
 
 // The RMSNorm folded into a call by the op `op` (mhc_coefficients and its backward): the
 // per-token norms ||x|| over dim inputs, with proj's leading shape and dtype; proj then holds the
