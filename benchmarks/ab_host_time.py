@@ -1,4 +1,4 @@
-"""Host time of tiny mHC calls, this checkout against another build of the package (A/B).
+"""Host time of tiny mHC and Sinkhorn calls, this checkout against another build of the package (A/B).
 
 On a GPU a small mHC layer is bound by host time: Python, the dispatcher, autograd and one launch
 per operator. The same calls on tiny CPU inputs measure that host cost here, where the kernels
@@ -12,7 +12,10 @@ builds take turns for ROUNDS rounds, so that a noisy minute of a shared machine 
 Cases (one thread, fp32, an identity branch so that only mHC's own calls are timed):
 - layer: ManifoldConstrainedHyperConnections(4, 16) on x of shape (8, 4, 16), forward and
   forward + backward (the gradients of x and every parameter);
-- mappings: layer.mappings(x) for x of shape (32, 4, 64), forward + backward.
+- mappings: layer.mappings(x) for x of shape (32, 4, 64), forward + backward;
+- mhc_sinkhorn: sinkhorn_ops.mhc_sinkhorn on logits of shape (8, 4, 4), 20 iterations, forward
+  + backward (the call bench_mhc.py times at 32768 tokens, host-bound on a GPU);
+- sinkhorn: sinkhorn_ops.sinkhorn on scores of shape (8, 4, 4), 3 steps, forward + backward.
 Writes <out>/<stem>.md (stem default host_ab_cpu): per case, the median over rounds of each
 build's per-call median, and new / base.
 """
@@ -31,7 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, CALLS, REPEATS = 3, 400, 9
-CASES = ("layer forward", "layer forward+backward", "mappings forward+backward")
+CASES = ("layer forward", "layer forward+backward", "mappings forward+backward",
+         "mhc_sinkhorn forward+backward", "sinkhorn forward+backward")
 
 
 def child(tree: str) -> None:
@@ -64,9 +68,16 @@ def child(tree: str) -> None:
         loss = m.pre.sum() + m.post.sum() + m.res.square().sum()
         return torch.autograd.grad(loss, [xw, *wide.parameters()])
 
+    import sinkhorn_ops
+    logits = torch.randn(8, 4, 4, requires_grad=True)
+    weights = torch.randn(8, 4, 4)
     fns = [lambda: small(x),
            lambda: torch.autograd.grad(small(x).sum(), [x, *small.parameters()]),
-           mappings_step]
+           mappings_step,
+           lambda: torch.autograd.grad((sinkhorn_ops.mhc_sinkhorn(logits, 20) * weights).sum(),
+                                       logits),
+           lambda: torch.autograd.grad((sinkhorn_ops.sinkhorn(logits, steps=3) * weights).sum(),
+                                       logits)]
     print(json.dumps({case: per_call_us(fn) for case, fn in zip(CASES, fns)}))
 
 
@@ -96,7 +107,7 @@ def main() -> int:
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     rev = lambda tree: subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
                                       capture_output=True, text=True).stdout.strip() or "?"
-    lines = [f"# mHC host time per call, A/B ({ROUNDS} rounds, builds alternating)", "",
+    lines = [f"# Host time per call, A/B ({ROUNDS} rounds, builds alternating)", "",
              f"- **base**: `{trees['base']}` at `{rev(trees['base'])}`",
              f"- **new**: this checkout at `{rev(trees['new'])}` (uncommitted changes included)",
              f"- **command**: `python benchmarks/ab_host_time.py {args.base}`",

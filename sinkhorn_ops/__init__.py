@@ -2,6 +2,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sinkhorn_ops operators)
+from . import _vmap  # noqa: F401  (their batching rules for torch.func.vmap)
 from . import nn
 from ._ops import SinkhornResult, sinkhorn
 from .attention import sinkhorn_attention

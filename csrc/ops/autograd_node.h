@@ -1,89 +1,267 @@
-// Pieces shared by the C++ autograd registrations (sinkhorn_autograd.cpp, mhc_autograd.cpp): a
-// backward operator as an autograd node of its own whose backward is the double-backward error.
+// The C++ autograd of the operators (sinkhorn_autograd.cpp, mhc_autograd.cpp,
+// rms_projection.cpp): each forward operator's Autograd kernel records one node, the way
+// PyTorch's own generated kernels do (a torch::autograd::Node with its next edges and saved
+// variables, outputs given their history), rather than through torch::autograd::Function. That
+// keeps them usable under torch.func's transforms (grad, vjp, jacrev, vmap of those), which
+// refuse C++ autograd Functions, and under compiled autograd, through the nodes' compiled_args
+// and apply_with_saved. A backward operator's own node raises NotImplementedError (no double
+// backward).
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
+#include <memory>
+#include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace sinkhorn_ops {
-namespace detail {
+namespace autograd {
 
-// Whether a call with these tensor arguments records an autograd node (what Function::apply
-// decides): grad mode on and one of them requiring grad. Asked before apply (a forward runs with
-// grad mode off); without a node a forward saves nothing (no size of an input read under
-// torch.compile either). The call still goes through Function::apply, which raises for
-// forward-mode AD rather than dropping the tangent.
-inline bool any_requires_grad() { return false; }
-template <typename... Rest>
-bool any_requires_grad(const at::Tensor& t, const Rest&... rest);
-template <typename... Rest>
-bool any_requires_grad(const c10::optional<at::Tensor>& t, const Rest&... rest) {
-  return (t.has_value() && t->defined() && t->requires_grad()) || any_requires_grad(rest...);
-}
-template <typename... Rest>
-bool any_requires_grad(const at::Tensor& t, const Rest&... rest) {
-  return (t.defined() && t.requires_grad()) || any_requires_grad(rest...);
-}
-template <typename... Tensors>
-bool records_graph(const Tensors&... t) {
-  return c10::GradMode::is_enabled() && any_requires_grad(t...);
-}
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
+using T = const at::Tensor&;
+using Opt = const c10::optional<at::Tensor>&;
 
-inline torch::autograd::variable_list as_list(const at::Tensor& t) { return {t}; }
-template <typename... T>
-torch::autograd::variable_list as_list(const std::tuple<T...>& t) {
-  return std::apply([](const auto&... x) { return torch::autograd::variable_list{x...}; }, t);
-}
+// How this LibTorch holds nodes: std::shared_ptr<Node> (torch <= 2.11), c10::intrusive_ptr<Node>
+// (later).
+using NodePtr = decltype(torch::autograd::Edge::function);
+constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<Node>>;
 
-// A backward operator: Op::call(args...) runs below autograd; differentiating its result raises
-// NotImplementedError naming the forward operator Op::name.
-template <typename Op>
-struct BackwardNode : torch::autograd::Function<BackwardNode<Op>> {
-  template <typename... Args>
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*,
-                                                const Args&... args) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return as_list(Op::call(args...));
+template <typename N>
+auto make_node() {
+  if constexpr (kSharedNodes) {
+    // deleteNode frees long chains without deep recursion; found by argument-dependent lookup,
+    // since later versions do not declare it.
+    return std::shared_ptr<N>(new N(), [](N* n) { deleteNode(n); });
+  } else {
+    return c10::make_intrusive<N>();
   }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
-                                                 const torch::autograd::variable_list&) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, Op::name,
+}
+
+template <typename N>
+auto self_ptr(N* n) {
+  if constexpr (kSharedNodes) {
+    return n->shared_from_this();
+  } else {
+    return n->getptr();
+  }
+}
+
+// The optional argument as Node::apply's gradients come: undefined for absent.
+inline c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// A forward operator's node: the variables it saved (inputs, or outputs after their history is
+// set), its name, and compiled autograd's hooks. A subclass adds its options and its apply,
+// which asks needs_grad(i) whether input i's gradient is wanted.
+//
+// Compiled autograd (torch._dynamo.compiled_autograd) keys its graph on compiled_args (the saved
+// variables and collect_options) and calls the backward as an opaque function of the incoming
+// gradients and packed arguments, as PyTorch's own nodes do: apply_with_saved binds
+// functional<N>, which rebuilds the node from [the saved variables' count, the saved variables,
+// which inputs need gradients, pack_options] and runs its apply.
+struct OpNode : Node {
+  std::vector<SavedVariable> saved_;
+  std::vector<bool> saved_is_output_;
+  std::vector<bool> needs_;  // the functional form's: which inputs need gradients
+
+  void save(const at::Tensor& t, bool is_output = false) {
+    saved_.emplace_back(t, is_output);
+    saved_is_output_.push_back(is_output);
+  }
+  void save_optional(const c10::optional<at::Tensor>& t) { save(t.value_or(at::Tensor())); }
+
+  // The saved variables, unpacked (raises PyTorch's usual error after they were freed).
+  variable_list unpack_saved() {
+    variable_list out;
+    out.reserve(saved_.size());
+    for (size_t i = 0; i < saved_.size(); ++i)
+      out.push_back(saved_is_output_[i] ? saved_[i].unpack(self_ptr(this)) : saved_[i].unpack());
+    return out;
+  }
+
+  bool needs_grad(size_t i) const {
+    return needs_.empty() ? task_should_compute_output(i) : needs_[i];
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& s : saved_) s.reset_data();
+  }
+
+  virtual void collect_options(CompiledNodeArgs&) const {}
+  virtual void swap_options(SwapSavedVariables&, bool /*before*/) {}
+  virtual void pack_options(std::vector<c10::IValue>&) const {}
+  virtual void unpack_options(const std::vector<c10::IValue>&, size_t /*first*/) {}
+  virtual torch::autograd::functional_apply_t functional() const = 0;
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(name());
+    for (size_t i = 0; i < saved_.size(); ++i) args.collect(saved_[i], saved_is_output_[i]);
+    collect_options(args);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
+    swap.before(saved_);
+    swap_options(swap, true);
+    std::vector<c10::IValue> args{static_cast<int64_t>(saved_.size())};
+    for (const auto& t : unpack_saved())
+      args.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
+    std::vector<bool> needs;
+    for (size_t i = 0; i < num_outputs(); ++i) needs.push_back(task_should_compute_output(i));
+    args.emplace_back(needs);
+    pack_options(args);
+    std::vector<at::TypePtr> schema;
+    for (const auto& v : args) schema.push_back(v.isTensor() ? at::TensorType::get() : v.type());
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    // Bound anew on each trace under a unique name, as a C++ autograd Function's node is (the
+    // schema changes with the saved variables and the options).
+    const auto fn = py->bind_function(swap.get_py_compiler(), name(), functional(), schema,
+                                      /*is_custom_function=*/true, /*is_traceable=*/true);
+    const auto metadata = torch::dynamo::autograd::IValuePacker<
+        std::vector<std::optional<torch::autograd::InputMetadata>>>::
+        pack(torch::dynamo::autograd::get_input_metadata(next_edges()));
+    auto out = py->call_function(swap.get_py_compiler(), "apply_functional", fn, grads, args,
+                                 metadata);
+    swap.after(saved_);
+    swap_options(swap, false);
+    return out;
+  }
+};
+
+// The functional form of node N (see OpNode).
+template <typename N>
+variable_list functional_apply(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  auto node = make_node<N>();
+  const auto count = static_cast<size_t>(args[0].toInt());
+  for (size_t i = 1; i <= count; ++i)
+    node->save(args[i].isNone() ? at::Tensor() : args[i].toTensor());
+  for (const auto b : args[count + 1].toBoolList()) node->needs_.push_back(b);
+  node->unpack_options(args, count + 2);
+  return node->apply(variable_list(grads));
+}
+
+// A node's functional(): `SINKHORN_OPS_FUNCTIONAL(Name)` in its class.
+#define SINKHORN_OPS_FUNCTIONAL(N)                                     \
+  torch::autograd::functional_apply_t functional() const override { \
+    return &functional_apply<N>;                                       \
+  }
+
+// Tensor arguments of a call, as one list (the rest skipped).
+inline void tensors_of(std::vector<at::Tensor>&) {}
+template <typename A, typename... Rest>
+void tensors_of(std::vector<at::Tensor>& out, const A& arg, const Rest&... rest) {
+  using D = std::decay_t<A>;
+  if constexpr (std::is_same_v<D, at::Tensor>) {
+    out.push_back(arg);
+  } else if constexpr (std::is_same_v<D, c10::optional<at::Tensor>>) {
+    out.push_back(arg.value_or(at::Tensor()));
+  }
+  tensors_of(out, rest...);
+}
+
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: a tangent on
+// any argument raises rather than being dropped.
+inline void check_no_tangents(const char* op, const std::vector<at::Tensor>& args) {
+  for (const auto& t : args) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(t), op,
+                                ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, "
+                                "jacfwd) is not supported; use reverse mode (backward, "
+                                "torch.func.grad, vjp, jacrev)");
+  }
+}
+
+// The node of a call whose differentiable inputs are `inputs` (their order is the order of the
+// gradients the node's apply returns; undefined ones get no edge), or null when nothing is
+// recorded (grad mode off, or no input requires grad).
+template <typename N>
+auto begin_node(const char* op, const std::vector<at::Tensor>& inputs) {
+  check_no_tangents(op, inputs);
+  decltype(make_node<N>()) node;
+  bool record = at::GradMode::is_enabled();
+  if (record) {
+    record = false;
+    for (const auto& t : inputs) record = record || (t.defined() && t.requires_grad());
+  }
+  if (!record) return node;
+  node = make_node<N>();
+  torch::autograd::edge_list edges;
+  edges.reserve(inputs.size());
+  for (const auto& t : inputs)
+    edges.push_back(t.defined() ? torch::autograd::impl::gradient_edge(t)
+                                : torch::autograd::Edge());
+  node->set_next_edges(std::move(edges));
+  return node;
+}
+
+// Gives the differentiable outputs their history (in the order of the node's incoming
+// gradients); an undefined output takes a slot.
+template <typename P>
+void set_history(const P& node, std::initializer_list<at::Tensor> outputs) {
+  for (const auto& t : outputs) torch::autograd::set_history(t, node);
+}
+
+// The result of fn() computed below the Autograd key (the operators' own kernels).
+template <typename F>
+auto below_autograd(F&& fn) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return fn();
+}
+
+// A backward operator's node: differentiating its result raises NotImplementedError naming the
+// forward operator.
+struct DoubleBackward : Node {
+  std::string op;
+  std::string name() const override { return "SinkhornOpsDoubleBackward"; }
+  variable_list apply(variable_list&&) override {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, op,
                                 ": double backward (differentiating the gradient) is not "
                                 "supported; compute second-order terms by finite differences of "
                                 "the gradient instead");
   }
+  void compiled_args(CompiledNodeArgs& args) const override { args.collect(op); }
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables&) override {
+    return apply(variable_list(grads));
+  }
 };
 
-// The Autograd kernel of a backward operator: Op::call's result (a tensor or a tuple of them),
-// recorded as a BackwardNode when grad mode is on and an argument requires grad.
-template <typename R, size_t... I>
-R to_tuple(const torch::autograd::variable_list& v, std::index_sequence<I...>) {
-  return R(v[I]...);
+inline variable_list as_list(const at::Tensor& t) { return {t}; }
+template <typename... R>
+variable_list as_list(const std::tuple<R...>& t) {
+  return std::apply([](const auto&... x) { return variable_list{x...}; }, t);
 }
+
+// The Autograd kernel of a backward operator: Op::call(args...) below autograd, its outputs
+// (a tensor or a tuple of them) recorded as a DoubleBackward node when grad mode is on and a
+// tensor argument requires grad (create_graph, or torch.func's nested levels).
 template <typename Op, typename... Args>
 auto backward_kernel(const Args&... args) {
-  using R = decltype(Op::call(args...));
-  const auto r = BackwardNode<Op>::apply(args...);
-  if constexpr (std::is_same_v<R, at::Tensor>) {
-    return r[0];
-  } else {
-    return to_tuple<R>(r, std::make_index_sequence<std::tuple_size_v<R>>{});
+  std::vector<at::Tensor> inputs;
+  tensors_of(inputs, args...);
+  auto node = begin_node<DoubleBackward>(Op::name, inputs);
+  auto result = below_autograd([&] { return Op::call(args...); });
+  if (node) {
+    node->op = Op::name;
+    for (const auto& t : as_list(result)) {
+      if (!t.defined() || at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()))
+        torch::autograd::set_history(t, node);
+    }
   }
+  return result;
 }
 
-}  // namespace detail
-
-// The autograd registrations' classes (sinkhorn_autograd.cpp, mhc_autograd.cpp) live here, named
-// rather than anonymous, so that a grad_fn reads e.g.
-// torch::autograd::CppNode<sinkhorn_ops::autograd::Sinkhorn>.
-namespace autograd {
-using torch::autograd::AutogradContext;
-using torch::autograd::Variable;
-using torch::autograd::variable_list;
-using T = const at::Tensor&;
 }  // namespace autograd
 }  // namespace sinkhorn_ops

@@ -1,9 +1,10 @@
 // Autograd of the mHC operators, registered in C++ on the Autograd key: the two fused Sinkhorns,
 // the two stream mixings, the mappings and the coefficients differentiate from LibTorch as from
-// Python, and a call records one C++ node instead of going through Python's autograd.Function
-// machinery (a host cost that bounds mHC's small calls on a GPU). Each forward saves its inputs
-// and calls its backward operator; each backward operator runs below autograd, and
-// differentiating it raises a clear NotImplementedError (no double backward).
+// Python, and a call records one C++ node (autograd_node.h) instead of going through Python's
+// autograd.Function machinery (a host cost that bounds mHC's small calls on a GPU). Each
+// forward's node saves its inputs and calls its backward operator; each backward operator runs
+// below autograd, and differentiating it raises a clear NotImplementedError (no double
+// backward).
 #include <torch/library.h>
 
 #include "../sinkhorn_ops.h"
@@ -16,7 +17,7 @@ using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward operators (the C++ API's calls through the dispatcher, below autograd in
-// BackwardNode), in the schemas' return types.
+// backward_kernel), in the schemas' return types.
 struct PaperBackward {
   static constexpr const char* name = "mhc_sinkhorn";
   static at::Tensor call(T grad, T logits, int64_t iters) {
@@ -44,67 +45,74 @@ struct PostMixBackward {
   }
 };
 
+// Each forward's node: its saved inputs and options, and the backward operator's call.
 // The Sinkhorns: H = op(logits, iters[, eps]); dL/dlogits = backward(dL/dH, logits, ...).
-struct PaperSinkhorn : torch::autograd::Function<PaperSinkhorn> {
-  static Variable forward(AutogradContext* ctx, const Variable& logits, int64_t iters) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({logits});
-    ctx->saved_data["iters"] = iters;
-    return mhc_sinkhorn(logits, iters);
+struct MhcSinkhornBackward : OpNode {
+  int64_t iters = 0;
+  std::string name() const override { return "MhcSinkhornBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcSinkhornBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined()) return {Variable()};
+    return {mhc_sinkhorn_backward(grad[0], s[0], iters)};
   }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto logits = ctx->get_saved_variables()[0];
-    return {mhc_sinkhorn_backward(grad[0], logits, ctx->saved_data["iters"].toInt()), Variable()};
+  void collect_options(CompiledNodeArgs& args) const override { args.collect(iters); }
+  void pack_options(std::vector<c10::IValue>& args) const override { args.emplace_back(iters); }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    iters = args[i].toInt();
   }
 };
 
-struct V4Sinkhorn : torch::autograd::Function<V4Sinkhorn> {
-  static Variable forward(AutogradContext* ctx, const Variable& logits, int64_t iters,
-                          double eps) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({logits});
-    ctx->saved_data["iters"] = iters;
-    ctx->saved_data["eps"] = eps;
-    return mhc_v4_sinkhorn(logits, iters, eps);
+struct MhcV4SinkhornBackward : OpNode {
+  int64_t iters = 0;
+  double eps = 0;
+  std::string name() const override { return "MhcV4SinkhornBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcV4SinkhornBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined()) return {Variable()};
+    return {mhc_v4_sinkhorn_backward(grad[0], s[0], iters, eps)};
   }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto logits = ctx->get_saved_variables()[0];
-    return {mhc_v4_sinkhorn_backward(grad[0], logits, ctx->saved_data["iters"].toInt(),
-                                     ctx->saved_data["eps"].toDouble()),
-            Variable(), Variable()};
+  void collect_options(CompiledNodeArgs& args) const override {
+    args.collect(iters);
+    args.collect(eps);
+  }
+  void pack_options(std::vector<c10::IValue>& args) const override {
+    args.insert(args.end(), {iters, eps});
+  }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    iters = args[i].toInt();
+    eps = args[i + 1].toDouble();
   }
 };
 
 // The mixings: every input is differentiable and saved.
-struct PreMix : torch::autograd::Function<PreMix> {
-  static Variable forward(AutogradContext* ctx, const Variable& x, const Variable& h_pre) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({x, h_pre});
-    return mhc_pre_mix(x, h_pre);
-  }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto s = ctx->get_saved_variables();
-    return detail::as_list(PreMixBackward::call(grad[0], s[0], s[1]));
+struct MhcPreMixBackward : OpNode {
+  std::string name() const override { return "MhcPreMixBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcPreMixBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined()) return {Variable(), Variable()};
+    return as_list(PreMixBackward::call(grad[0], s[0], s[1]));
   }
 };
 
-struct PostMix : torch::autograd::Function<PostMix> {
-  static Variable forward(AutogradContext* ctx, const Variable& x, const Variable& y,
-                          const Variable& h_post, const Variable& h_res) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({x, y, h_post, h_res});
-    return mhc_post_mix(x, y, h_post, h_res);
-  }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto s = ctx->get_saved_variables();
-    return detail::as_list(PostMixBackward::call(grad[0], s[0], s[1], s[2], s[3]));
+struct MhcPostMixBackward : OpNode {
+  std::string name() const override { return "MhcPostMixBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcPostMixBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined()) return variable_list(4);
+    return as_list(PostMixBackward::call(grad[0], s[0], s[1], s[2], s[3]));
   }
 };
 
 // The mappings: H_pre, H_post, H_res = op(proj, the six weights, iters, eps, variant); every
 // tensor input is differentiable and saved (proj is (..., 2n + n^2): small beside x).
-using Opt = const c10::optional<at::Tensor>&;
-
 MHCWeights weights_of(T a0, T a1, T a2, T b0, T b1, T b2) { return {a0, a1, a2, b0, b1, b2}; }
 
 struct MappingsBackward {
@@ -118,36 +126,39 @@ struct MappingsBackward {
   }
 };
 
-c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-}
-
-struct Mappings : torch::autograd::Function<Mappings> {
-  static variable_list forward(AutogradContext* ctx, const Variable& proj, const Variable& a0,
-                               const Variable& a1, const Variable& a2, const Variable& b0,
-                               const Variable& b1, const Variable& b2, int64_t iters, double eps,
-                               const std::string& variant) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    // An output left out of the loss reaches backward undefined, not as zeros: the kernel then
-    // skips its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({proj, a0, a1, a2, b0, b1, b2});
-    ctx->saved_data["iters"] = iters;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["variant"] = variant;
-    const auto m = mhc_mappings(proj, weights_of(a0, a1, a2, b0, b1, b2), iters, eps, variant);
-    return {m.pre, m.post, m.res};
+// Options shared by the mappings' and the coefficients' nodes.
+struct MappingsOptions : OpNode {
+  int64_t iters = 0;
+  double eps = 0;
+  std::string variant;
+  void collect_options(CompiledNodeArgs& args) const override {
+    args.collect(iters);
+    args.collect(eps);
+    args.collect(variant);
   }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto s = ctx->get_saved_variables();
-    const std::string variant = ctx->saved_data["variant"].toStringRef();
-    const auto g = mhc_mappings_backward(
-        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0],
-        weights_of(s[1], s[2], s[3], s[4], s[5], s[6]), ctx->saved_data["iters"].toInt(),
-        ctx->saved_data["eps"].toDouble(), variant);
-    variable_list grads{g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
-    grads.insert(grads.end(), {Variable(), Variable(), Variable()});
-    return grads;
+  void pack_options(std::vector<c10::IValue>& args) const override {
+    args.insert(args.end(), {iters, eps, variant});
+  }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    iters = args[i].toInt();
+    eps = args[i + 1].toDouble();
+    variant = args[i + 2].toStringRef();
+  }
+};
+
+// An output left out of the loss reaches apply undefined, not as zeros: the kernel then skips
+// its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
+struct MhcMappingsBackward : MappingsOptions {
+  std::string name() const override { return "MhcMappingsBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcMappingsBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return variable_list(7);
+    const auto g = mhc_mappings_backward(present(grad[0]), present(grad[1]), present(grad[2]),
+                                         s[0], weights_of(s[1], s[2], s[3], s[4], s[5], s[6]),
+                                         iters, eps, variant);
+    return {g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
   }
 };
 
@@ -165,35 +176,31 @@ struct CoefficientsBackward {
   }
 };
 
-struct Coefficients : torch::autograd::Function<Coefficients> {
-  static variable_list forward(AutogradContext* ctx, const Variable& x, const Variable& p0,
-                               const Variable& p1, const Variable& p2, const Variable& a0,
-                               const Variable& a1, const Variable& a2, const Variable& b0,
-                               const Variable& b1, const Variable& b2, double norm_eps,
-                               int64_t iters, double eps, const std::string& variant) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->set_materialize_grads(false);  // as Mappings: an unused output's part is skipped
-    const auto c = mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
-                                    norm_eps, iters, eps, variant);
-    ctx->mark_non_differentiable({c.proj, c.norm});
-    ctx->save_for_backward({x, p0, p1, p2, c.proj, c.norm, a0, a1, a2, b0, b1, b2});
-    ctx->saved_data["norm_eps"] = norm_eps;
-    ctx->saved_data["iters"] = iters;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["variant"] = variant;
-    return {c.pre, c.post, c.res, c.proj, c.norm};
-  }
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto s = ctx->get_saved_variables();
-    const std::string variant = ctx->saved_data["variant"].toStringRef();
+struct MhcCoefficientsBackward : MappingsOptions {
+  double norm_eps = 0;
+  std::string name() const override { return "MhcCoefficientsBackward"; }
+  SINKHORN_OPS_FUNCTIONAL(MhcCoefficientsBackward)
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
+    if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return variable_list(10);
     const auto g = mhc_coefficients_backward(
-        defined_or_none(grad[0]), defined_or_none(grad[1]), defined_or_none(grad[2]), s[0],
-        {s[1], s[2], s[3]}, s[4], s[5], weights_of(s[6], s[7], s[8], s[9], s[10], s[11]),
-        ctx->saved_data["norm_eps"].toDouble(), ctx->saved_data["iters"].toInt(),
-        ctx->saved_data["eps"].toDouble(), variant);
-    return {g.x,         g.phi_pre, g.phi_post, g.phi_res, g.alpha_pre, g.alpha_post,
-            g.alpha_res, g.b_pre,   g.b_post,   g.b_res,   Variable(),  Variable(),
-            Variable(),  Variable()};
+        present(grad[0]), present(grad[1]), present(grad[2]), s[0], {s[1], s[2], s[3]}, s[4],
+        s[5], weights_of(s[6], s[7], s[8], s[9], s[10], s[11]), norm_eps, iters, eps, variant);
+    return {g.x,         g.phi_pre, g.phi_post, g.phi_res, g.alpha_pre,
+            g.alpha_post, g.alpha_res, g.b_pre,  g.b_post,  g.b_res};
+  }
+  void collect_options(CompiledNodeArgs& args) const override {
+    MappingsOptions::collect_options(args);
+    args.collect(norm_eps);
+  }
+  void pack_options(std::vector<c10::IValue>& args) const override {
+    MappingsOptions::pack_options(args);
+    args.emplace_back(norm_eps);
+  }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    MappingsOptions::unpack_options(args, i);
+    norm_eps = args[i + 3].toDouble();
   }
 };
 
@@ -202,16 +209,45 @@ struct Coefficients : torch::autograd::Function<Coefficients> {
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   using namespace sinkhorn_ops::autograd;
-  using sinkhorn_ops::detail::backward_kernel;
+  using sinkhorn_ops::MHCWeights;
   m.impl("mhc_sinkhorn", [](T logits, int64_t iters) {
-    return PaperSinkhorn::apply(logits, iters);
+    auto node = begin_node<MhcSinkhornBackward>("mhc_sinkhorn", {logits});
+    auto h = below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
+    if (node) {
+      set_history(node, {h});
+      node->save(logits);
+      node->iters = iters;
+    }
+    return h;
   });
   m.impl("mhc_v4_sinkhorn", [](T logits, int64_t iters, double eps) {
-    return V4Sinkhorn::apply(logits, iters, eps);
+    auto node = begin_node<MhcV4SinkhornBackward>("mhc_v4_sinkhorn", {logits});
+    auto h = below_autograd([&] { return sinkhorn_ops::mhc_v4_sinkhorn(logits, iters, eps); });
+    if (node) {
+      set_history(node, {h});
+      node->save(logits);
+      node->iters = iters;
+      node->eps = eps;
+    }
+    return h;
   });
-  m.impl("mhc_pre_mix", [](T x, T h_pre) { return PreMix::apply(x, h_pre); });
+  m.impl("mhc_pre_mix", [](T x, T h_pre) {
+    auto node = begin_node<MhcPreMixBackward>("mhc_pre_mix", {x, h_pre});
+    auto out = below_autograd([&] { return sinkhorn_ops::mhc_pre_mix(x, h_pre); });
+    if (node) {
+      set_history(node, {out});
+      for (const auto& t : {x, h_pre}) node->save(t);
+    }
+    return out;
+  });
   m.impl("mhc_post_mix", [](T x, T y, T h_post, T h_res) {
-    return PostMix::apply(x, y, h_post, h_res);
+    auto node = begin_node<MhcPostMixBackward>("mhc_post_mix", {x, y, h_post, h_res});
+    auto out = below_autograd([&] { return sinkhorn_ops::mhc_post_mix(x, y, h_post, h_res); });
+    if (node) {
+      set_history(node, {out});
+      for (const auto& t : {x, y, h_post, h_res}) node->save(t);
+    }
+    return out;
   });
   m.impl("mhc_sinkhorn_backward", [](T grad, T logits, int64_t iters) {
     return backward_kernel<PaperBackward>(grad, logits, iters);
@@ -227,8 +263,19 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   });
   m.impl("mhc_mappings", [](T proj, T a0, T a1, T a2, T b0, T b1, T b2, int64_t iters, double eps,
                             c10::string_view variant) {
-    const auto r = Mappings::apply(proj, a0, a1, a2, b0, b1, b2, iters, eps, std::string(variant));
-    return std::make_tuple(r[0], r[1], r[2]);
+    auto node = begin_node<MhcMappingsBackward>("mhc_mappings", {proj, a0, a1, a2, b0, b1, b2});
+    auto m = below_autograd([&] {
+      return sinkhorn_ops::mhc_mappings(proj, weights_of(a0, a1, a2, b0, b1, b2), iters, eps,
+                                        variant);
+    });
+    if (node) {
+      set_history(node, {m.pre, m.post, m.res});
+      for (const auto& t : {proj, a0, a1, a2, b0, b1, b2}) node->save(t);
+      node->iters = iters;
+      node->eps = eps;
+      node->variant = std::string(variant);
+    }
+    return std::make_tuple(m.pre, m.post, m.res);
   });
   m.impl("mhc_mappings_backward", [](Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2,
                                      T b0, T b1, T b2, int64_t iters, double eps,
@@ -239,9 +286,22 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_coefficients", [](T x, T p0, T p1, T p2, T a0, T a1, T a2, T b0, T b1, T b2,
                                 double norm_eps, int64_t iters, double eps,
                                 c10::string_view variant) {
-    const auto r = Coefficients::apply(x, p0, p1, p2, a0, a1, a2, b0, b1, b2, norm_eps, iters, eps,
-                                       std::string(variant));
-    return std::make_tuple(r[0], r[1], r[2], r[3], r[4]);
+    auto node = begin_node<MhcCoefficientsBackward>("mhc_coefficients",
+                                                    {x, p0, p1, p2, a0, a1, a2, b0, b1, b2});
+    auto c = below_autograd([&] {
+      return sinkhorn_ops::mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
+                                            norm_eps, iters, eps, variant);
+    });
+    if (node) {
+      // proj and norm are not differentiable: no history.
+      set_history(node, {c.pre, c.post, c.res});
+      for (const auto& t : {x, p0, p1, p2, c.proj, c.norm, a0, a1, a2, b0, b1, b2}) node->save(t);
+      node->norm_eps = norm_eps;
+      node->iters = iters;
+      node->eps = eps;
+      node->variant = std::string(variant);
+    }
+    return std::make_tuple(c.pre, c.post, c.res, c.proj, c.norm);
   });
   m.impl("mhc_coefficients_backward",
          [](Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1,

@@ -23,7 +23,6 @@
 namespace sinkhorn_ops {
 namespace {
 
-using autograd::AutogradContext;
 using autograd::Variable;
 using autograd::variable_list;
 
@@ -60,37 +59,41 @@ at::Tensor rms_projection_op(const at::Tensor& x, const at::Tensor& phi, double 
   return std::get<0>(project(x, phi, eps));
 }
 
-struct RMSProjection : torch::autograd::Function<RMSProjection> {
-  static Variable forward(AutogradContext* ctx, const Variable& x, const Variable& phi,
-                          double eps) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, inv_rms] = project(x, phi, eps);
-    ctx->save_for_backward({x, phi, y, inv_rms});
-    ctx->saved_data["eps"] = eps;
-    return y;
+// Saved: x (as it came), phi, y (the output) and r.
+struct RmsProjectionBackward : autograd::OpNode {
+  double eps = 0;
+  std::string name() const override { return "RmsProjectionBackward"; }
+  torch::autograd::functional_apply_t functional() const override {
+    return &autograd::functional_apply<RmsProjectionBackward>;
   }
 
-  static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto s = ctx->get_saved_variables();
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto s = unpack_saved();
     const at::Tensor& saved = s[0];
     const at::Tensor& phi = s[1];
     at::Tensor y = s[2], inv_rms = s[3];
     const at::Tensor& dy = grad[0];
+    if (!dy.defined()) return {Variable(), Variable()};
     const at::Tensor x = saved.to(phi.scalar_type());
     // Under create_graph, y and r again as functions of x and phi (the saved ones carry no
     // history to them), so that the backward's own derivative is right.
-    if (at::GradMode::is_enabled())
-      std::tie(y, inv_rms) = project(saved, phi, ctx->saved_data["eps"].toDouble());
+    if (at::GradMode::is_enabled()) std::tie(y, inv_rms) = project(saved, phi, eps);
     const int64_t d = x.size(-1);
     const at::Tensor dr = dy * inv_rms;
     at::Tensor dx, dphi;
-    if (ctx->needs_input_grad(0)) {
+    if (needs_grad(0)) {
       const at::Tensor c = (dy * y).sum(-1, /*keepdim=*/true) * inv_rms.square() / d;
       dx = at::matmul(dr, phi.mT()).addcmul_(x, c, -1).to(saved.scalar_type());
     }
-    if (ctx->needs_input_grad(1))
+    if (needs_grad(1))
       dphi = x.reshape({-1, d}).mT().mm(dr.reshape({-1, dr.size(-1)}));
-    return {dx, dphi, Variable()};
+    return {dx, dphi};
+  }
+  void collect_options(autograd::CompiledNodeArgs& args) const override { args.collect(eps); }
+  void pack_options(std::vector<c10::IValue>& args) const override { args.emplace_back(eps); }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    eps = args[i].toDouble();
   }
 };
 
@@ -103,7 +106,18 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("rms_projection", [](const at::Tensor& x, const at::Tensor& phi, double eps) {
-    sinkhorn_ops::check_args(x, phi, eps);
-    return sinkhorn_ops::RMSProjection::apply(x, phi, eps);
+    using namespace sinkhorn_ops;
+    check_args(x, phi, eps);
+    auto node = autograd::begin_node<RmsProjectionBackward>("rms_projection", {x, phi});
+    auto [y, inv_rms] = autograd::below_autograd([&] { return project(x, phi, eps); });
+    if (node) {
+      autograd::set_history(node, {y});
+      node->save(x);
+      node->save(phi);
+      node->save(y, /*is_output=*/true);
+      node->save(inv_rms);
+      node->eps = eps;
+    }
+    return y;
   });
 }

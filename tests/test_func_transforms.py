@@ -1,0 +1,302 @@
+"""torch.func and compiled autograd over the operators' C++ autograd (csrc/ops/autograd_node.h).
+
+The operators record PyTorch-style autograd nodes, so torch.func's reverse-mode transforms (grad,
+vjp, jacrev, and vmap of them, e.g. per-sample gradients) give the same gradients as
+loss.backward(); forward mode and second derivatives of the fused backwards raise a clear
+NotImplementedError naming the operator; compiled autograd traces the nodes' backwards.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import func
+
+import sinkhorn_ops as so
+from sinkhorn_ops import nn as snn
+from conftest import DEVICES
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _quiet_vmap_fallback():
+    # The mHC mappings' and coefficients' backwards run PyTorch's per-sample fallback under vmap
+    # (it warns about speed).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        yield
+
+
+def _autograd_grads(fn, *args):
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    return torch.autograd.grad(fn(*leaves), leaves)
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert w.abs().max() > 0  # a gradient that could be wrong
+
+
+def _ot_problem(device, B=3, n=4, m=5):
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(B, n, m, dtype=F64, generator=g).to(device)
+    a = torch.rand(B, n, dtype=F64, generator=g).to(device) + 0.5
+    b = torch.rand(m, dtype=F64, generator=g).to(device) + 0.5
+    b = b * a.sum(-1, keepdim=True) / b.sum()
+    W = torch.randn(B, n, m, dtype=F64, generator=g).to(device)
+    return S, a, b, W
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_and_vjp_match_backward(grad, device):
+    S, a, b, W = _ot_problem(device)
+
+    def loss(S, a, b):
+        r = so.sinkhorn(S, a, b, steps=30, grad=grad, return_potentials=True)
+        return (r.plan * W).sum() + r.f.square().sum() + r.g.sin().sum()
+
+    want = _autograd_grads(loss, S, a, b)
+    _assert_same(func.grad(loss, argnums=(0, 1, 2))(S, a, b), want)
+    # b of shape (m,) broadcast over the batch: its gradient is summed back to (m,).
+    assert want[2].shape == b.shape
+    out, pullback = func.vjp(lambda S, a, b: so.sinkhorn(S, a, b, steps=30, grad=grad), S, a, b)
+    torch.testing.assert_close(out, so.sinkhorn(S, a, b, steps=30))
+    got = pullback(W)
+    want = _autograd_grads(lambda S, a, b: (so.sinkhorn(S, a, b, steps=30, grad=grad) * W).sum(),
+                           S, a, b)
+    _assert_same(got, want)
+
+
+def test_jacrev_matches_autograd_jacobian():
+    S = torch.randn(3, 3, dtype=F64)
+    f = lambda S: so.sinkhorn(S, steps=7)  # noqa: E731
+    got = func.jacrev(f)(S)
+    want = torch.autograd.functional.jacobian(f, S)
+    assert got.shape == (3, 3, 3, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _fallbacks(fn, *args):
+    """fn(*args) and the operators that ran PyTorch's per-sample vmap fallback."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    return out, {str(w.message).split("batching rule for ")[1].split(".")[0]
+                 for w in caught if "batching rule for sinkhorn_ops" in str(w.message)}
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
+def test_per_sample_gradients_with_vmap_of_grad(grad):
+    S, a, b, W = _ot_problem("cpu", B=4)
+    b = b[0]  # (m,), shared by the samples
+    a = a * b.sum() / a.sum(-1, keepdim=True)
+
+    def loss(S, a, W):  # one sample: a (n, m) problem, b shared
+        r = so.sinkhorn(S, a, b, steps=10, grad=grad, return_potentials=True)
+        return (r.plan * W).sum() + r.g.sin().sum()
+
+    (got_s, got_a), fallbacks = _fallbacks(func.vmap(func.grad(loss, argnums=(0, 1))), S, a, W)
+    assert not fallbacks  # one call of each operator for the batch, not one per sample
+    for i in range(4):
+        want = _autograd_grads(loss, S[i], a[i], W[i])
+        torch.testing.assert_close(got_s[i], want[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_a[i], want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_moves_and_broadcasts_the_vmapped_dimension():
+    g = torch.Generator().manual_seed(4)
+    S = torch.randn(2, 5, 3, 4, dtype=F64, generator=g)  # vmapped over dim 1 (5 samples)
+    a = torch.rand(3, dtype=F64, generator=g) + 0.5  # not vmapped, broadcast over the batch
+    b = torch.rand(5, 4, dtype=F64, generator=g) + 0.5  # vmapped over dim 0
+    b = b * a.sum() / b.sum(-1, keepdim=True)
+    f = lambda S, b: so.sinkhorn(S, a, b, steps=8, return_potentials=True)  # noqa: E731
+    got, fallbacks = _fallbacks(func.vmap(f, in_dims=(1, 0)), S, b)
+    assert not fallbacks
+    for v in range(5):
+        want = f(S[:, v], b[v])
+        for x, w in zip(got, want):
+            torch.testing.assert_close(x[v], w, rtol=1e-12, atol=1e-12)
+    L = torch.randn(3, 6, 4, 4, dtype=F64, generator=g)
+    x = torch.randn(6, 3, 4, 5, dtype=F64, generator=g)
+    h = torch.rand(4, dtype=F64, generator=g)
+    for fn, args, dims in [
+        (lambda L: so.mhc_sinkhorn(L, 20), (L,), (1,)),
+        (lambda L: so.mhc_v4_sinkhorn(L, 20), (L,), (1,)),
+        (lambda x: so.mhc_branch_input(x, h), (x,), (0,)),
+        (lambda x, L: so.mhc_combine(x, x[..., 0, :], h, L[0]), (x, L), (0, 1)),
+    ]:
+        got, fallbacks = _fallbacks(func.vmap(fn, in_dims=dims), *args)
+        assert not fallbacks
+        for v in range(6):
+            want = fn(*(t.select(d, v) for t, d in zip(args, dims)))
+            torch.testing.assert_close(got[v], want, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_over_mhc_weights_runs_one_call_per_sample():
+    # An ensemble: the shared weights vmapped (no single call can take them).
+    torch.manual_seed(5)
+    n, C, E = 4, 3, 3
+    proj = torch.randn(7, 2 * n + n * n, dtype=F64)
+    weights = [torch.rand(E, dtype=F64), torch.rand(E, dtype=F64), torch.rand(E, dtype=F64),
+               torch.randn(E, n, dtype=F64), torch.randn(E, n, dtype=F64),
+               torch.randn(E, n, n, dtype=F64)]
+    got = func.vmap(lambda *w: so.mhc_mappings(proj, *w))(*weights)
+    for e in range(E):
+        want = so.mhc_mappings(proj, *(w[e] for w in weights))
+        for x, w in zip(got, want):
+            torch.testing.assert_close(x[e], w, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_gradients_of_the_mhc_layer():
+    torch.manual_seed(6)
+    n, C = 4, 6
+    layer = snn.ManifoldConstrainedHyperConnections(
+        n, C, torch.nn.Linear(C, C, dtype=F64), alpha_init=0.3, dtype=F64)
+    x = torch.randn(5, 3, n, C, dtype=F64)  # 5 samples of 3 tokens
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(params, x):
+        return func.functional_call(layer, params, (x,)).sin().sum()
+
+    got = func.vmap(func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(5):
+        want = func.grad(loss)(params, x[i])
+        for k in params:
+            torch.testing.assert_close(got[k][i], want[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mhc_operators_under_grad(device):
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, dtype=F64, generator=g).to(device)  # noqa: E731
+    n, C, T = 4, 3, 5
+    L, Wh = rnd(T, n, n), rnd(T, n, n)
+    x, h_pre, y, h_post, h_res = rnd(T, n, C), rnd(T, n), rnd(T, C), rnd(T, n), rnd(T, n, n)
+    cases = {
+        "mhc_sinkhorn": (lambda L: (so.mhc_sinkhorn(L, 20) * Wh).sum(), (L,)),
+        "mhc_v4_sinkhorn": (lambda L: (so.mhc_v4_sinkhorn(L, 20) * Wh).sum(), (L,)),
+        "mhc_branch_input": (lambda x, h: so.mhc_branch_input(x, h).sin().sum(), (x, h_pre)),
+        "mhc_combine": (lambda x, y, hp, hr: so.mhc_combine(x, y, hp, hr).sin().sum(),
+                        (x, y, h_post, h_res)),
+    }
+    for name, (fn, args) in cases.items():
+        argnums = tuple(range(len(args)))
+        _assert_same(func.grad(fn, argnums=argnums)(*args), _autograd_grads(fn, *args))
+
+
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_mhc_layer_parameters_under_functional_call(variant):
+    torch.manual_seed(2)
+    n, C = 4, 6
+    layer = snn.ManifoldConstrainedHyperConnections(
+        n, C, torch.nn.Linear(C, C, dtype=F64), variant=variant, alpha_init=0.3, dtype=F64)
+    x = torch.randn(7, n, C, dtype=F64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(params, x):
+        return func.functional_call(layer, params, (x,)).sin().sum()
+
+    got_p, got_x = func.grad(loss, argnums=(0, 1))(params, x)
+    x_leaf = x.clone().requires_grad_()
+    layer.zero_grad()
+    loss(dict(layer.named_parameters()), x_leaf).backward()
+    for k, p in layer.named_parameters():
+        torch.testing.assert_close(got_p[k], p.grad, rtol=1e-12, atol=1e-12, msg=k)
+    torch.testing.assert_close(got_x, x_leaf.grad, rtol=1e-12, atol=1e-12)
+    # The mappings' fused node (not the composite) ran under the transform.
+    assert "Coefficients" in layer.mappings(x_leaf).res.grad_fn.name()
+
+
+def test_rms_projection_differentiates_twice_under_func():
+    x = torch.randn(3, 8, dtype=F64)
+    phi = torch.randn(8, 5, dtype=F64)
+    op = torch.ops.sinkhorn_ops.rms_projection
+    f = lambda x: op(x, phi, 1e-6).sin().sum()  # noqa: E731
+    got = func.hessian(f)(x[0:1])
+    want = torch.autograd.functional.hessian(f, x[0:1])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op, fn", [
+    ("sinkhorn", lambda t: so.sinkhorn(t.view(2, 2, 2), steps=3).sin().sum()),
+    ("mhc_sinkhorn", lambda t: so.mhc_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
+    ("mhc_v4_sinkhorn", lambda t: so.mhc_v4_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
+])
+def test_second_order_and_forward_mode_are_clear_errors(op, fn):
+    t = torch.randn(8, dtype=F64)
+    with pytest.raises(NotImplementedError, match=f"{op}: double backward"):
+        func.grad(lambda t: func.grad(fn)(t).sin().sum())(t)
+    with pytest.raises(NotImplementedError, match=f"{op}: double backward"):
+        func.jacrev(func.jacrev(fn))(t)
+    with pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+        func.jvp(fn, (t,), (torch.ones_like(t),))
+    with pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+        func.jacfwd(fn)(t)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        fn(fwAD.make_dual(t, torch.ones_like(t)))
+
+
+def test_saved_variables_behave_like_pytorchs():
+    S = torch.randn(2, 3, 3, dtype=F64, requires_grad=True)
+    for grad in ("unrolled", "implicit"):
+        P = so.sinkhorn(S, steps=5, grad=grad)
+        assert P.grad_fn.name() == "SinkhornBackward"
+        P.sum().backward(retain_graph=True)
+        P.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            P.sum().backward()
+    # Saved-tensor hooks see the saved variables (the implicit mode saves its output, the plan).
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        P = so.sinkhorn(S, steps=5, grad="implicit")
+        H = so.mhc_sinkhorn(S, 5)
+    assert packed == [S.shape, S.shape]
+    (g_p,) = torch.autograd.grad((P * H).sum(), S)
+    assert torch.isfinite(g_p).all()
+    # Without a leaf that requires grad, or under no_grad, nothing is recorded.
+    assert so.sinkhorn(S.detach(), steps=5).grad_fn is None
+    with torch.no_grad():
+        assert so.mhc_sinkhorn(S, 5).grad_fn is None
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
+def test_compiled_autograd_traces_the_nodes(grad):
+    torch._dynamo.reset()
+    S, a, b, W = _ot_problem("cpu")
+    L = torch.randn(5, 4, 4, dtype=F64)
+    torch.manual_seed(3)
+    layer = snn.ManifoldConstrainedHyperConnections(4, 6, torch.nn.Linear(6, 6, dtype=F64),
+                                                    alpha_init=0.3, dtype=F64)
+    x = torch.randn(5, 4, 6, dtype=F64)
+    phi = torch.randn(6, 3, dtype=F64)
+
+    def step(S, a, b, L, x):
+        r = so.sinkhorn(S, a, b, steps=10, return_potentials=True, grad=grad)
+        loss = (r.plan * W).sum() + r.f.sum() + (so.mhc_sinkhorn(L, 10) * L).sum()
+        loss = loss + (so.mhc_v4_sinkhorn(L, 10) * L).sum() + layer(x).sin().sum()
+        loss = loss + torch.ops.sinkhorn_ops.rms_projection(x[:, 0], phi, 1e-6).sin().sum()
+        loss.backward()
+
+    def run():
+        layer.zero_grad()
+        leaves = [t.clone().requires_grad_() for t in (S, a, b, L, x)]
+        step(*leaves)
+        return [t.grad for t in leaves] + [p.grad.clone() for p in layer.parameters()]
+
+    want = run()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        got = run()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
