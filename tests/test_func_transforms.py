@@ -300,3 +300,14 @@ def test_compiled_autograd_traces_the_nodes(grad):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_vmap_and_per_sample_gradients_under_torch_compile():
+    torch._dynamo.reset()
+    S = torch.randn(5, 3, 4)
+    fwd = func.vmap(lambda s: so.sinkhorn(s, steps=5))
+    torch.testing.assert_close(torch.compile(fwd, fullgraph=True)(S), fwd(S))
+    L = torch.randn(5, 2, 4, 4)
+    per_sample = func.vmap(func.grad(lambda l: so.mhc_sinkhorn(l, 20).sin().sum()))
+    torch.testing.assert_close(torch.compile(per_sample)(L), per_sample(L))
+    torch._dynamo.reset()
