@@ -65,14 +65,14 @@ inline c10::optional<at::Tensor> present(const at::Tensor& t) {
 }
 
 // A forward operator's node: the variables it saved (inputs, or outputs after their history is
-// set), its name, and compiled autograd's hooks. A subclass adds its options and its apply,
-// which asks needs_grad(i) whether input i's gradient is wanted.
+// set), its name, and compiled autograd's hooks. A subclass (through NodeWith) adds its options
+// and its apply, which asks needs_grad(i) whether input i's gradient is wanted.
 //
 // Compiled autograd (torch._dynamo.compiled_autograd) keys its graph on compiled_args (the saved
-// variables and collect_options) and calls the backward as an opaque function of the incoming
+// variables and the options) and calls the backward as an opaque function of the incoming
 // gradients and packed arguments, as PyTorch's own nodes do: apply_with_saved binds
-// functional<N>, which rebuilds the node from [the saved variables' count, the saved variables,
-// which inputs need gradients, pack_options] and runs its apply.
+// functional_apply<N>, which rebuilds the node from [the saved variables' count, the saved
+// variables, which inputs need gradients, the options] and runs its apply.
 struct OpNode : Node {
   std::vector<SavedVariable> saved_;
   std::vector<bool> saved_is_output_;
@@ -102,10 +102,11 @@ struct OpNode : Node {
     for (auto& s : saved_) s.reset_data();
   }
 
-  virtual void collect_options(CompiledNodeArgs&) const {}
-  virtual void swap_options(SwapSavedVariables&, bool /*before*/) {}
-  virtual void pack_options(std::vector<c10::IValue>&) const {}
-  virtual void unpack_options(const std::vector<c10::IValue>&, size_t /*first*/) {}
+  // The options, in NodeWith.
+  virtual void collect_options(CompiledNodeArgs&) const = 0;
+  virtual void swap_options(SwapSavedVariables&, bool before) = 0;
+  virtual void pack_options(std::vector<c10::IValue>&) const = 0;
+  virtual void unpack_options(const std::vector<c10::IValue>&, size_t first) = 0;
   virtual torch::autograd::functional_apply_t functional() const = 0;
 
   void compiled_args(CompiledNodeArgs& args) const override {
@@ -154,11 +155,41 @@ variable_list functional_apply(const variable_list& grads, const std::vector<c10
   return node->apply(variable_list(grads));
 }
 
-// A node's functional(): `SINKHORN_OPS_FUNCTIONAL(Name)` in its class.
-#define SINKHORN_OPS_FUNCTIONAL(N)                                     \
-  torch::autograd::functional_apply_t functional() const override { \
-    return &functional_apply<N>;                                       \
+// The base of node N, whose options are listed once, by `template <typename S> static auto
+// options(S& self) { return std::tie(self.a, self.b); }` (ints, doubles, bools, strings, dtypes,
+// symbolic shapes): compiled autograd's key, swaps and packing follow that list.
+template <typename N>
+struct NodeWith : OpNode {
+  void collect_options(CompiledNodeArgs& args) const override {
+    std::apply([&](const auto&... o) { (args.collect(o), ...); },
+               N::options(static_cast<const N&>(*this)));
   }
+  void swap_options(SwapSavedVariables& swap, bool before) override {
+    std::apply([&](auto&... o) { ((before ? swap.before(o) : swap.after(o)), ...); },
+               N::options(static_cast<N&>(*this)));
+  }
+  void pack_options(std::vector<c10::IValue>& args) const override {
+    std::apply(
+        [&](const auto&... o) {
+          (args.push_back(
+               torch::dynamo::autograd::IValuePacker<std::decay_t<decltype(o)>>::pack(o)),
+           ...);
+        },
+        N::options(static_cast<const N&>(*this)));
+  }
+  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
+    std::apply(
+        [&](auto&... o) {
+          ((o = torch::dynamo::autograd::IValuePacker<std::decay_t<decltype(o)>>::unpack(
+                args[i++])),
+           ...);
+        },
+        N::options(static_cast<N&>(*this)));
+  }
+  torch::autograd::functional_apply_t functional() const override {
+    return &functional_apply<N>;
+  }
+};
 
 // Tensor arguments of a call, as one list (the rest skipped).
 inline void tensors_of(std::vector<at::Tensor>&) {}

@@ -47,51 +47,44 @@ struct PostMixBackward {
 
 // Each forward's node: its saved inputs and options, and the backward operator's call.
 // The Sinkhorns: H = op(logits, iters[, eps]); dL/dlogits = backward(dL/dH, logits, ...).
-struct MhcSinkhornBackward : OpNode {
+struct MhcSinkhornBackward : NodeWith<MhcSinkhornBackward> {
   int64_t iters = 0;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.iters);
+  }
   std::string name() const override { return "MhcSinkhornBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcSinkhornBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
     if (!grad[0].defined()) return {Variable()};
     return {mhc_sinkhorn_backward(grad[0], s[0], iters)};
   }
-  void collect_options(CompiledNodeArgs& args) const override { args.collect(iters); }
-  void pack_options(std::vector<c10::IValue>& args) const override { args.emplace_back(iters); }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    iters = args[i].toInt();
-  }
 };
 
-struct MhcV4SinkhornBackward : OpNode {
+struct MhcV4SinkhornBackward : NodeWith<MhcV4SinkhornBackward> {
   int64_t iters = 0;
   double eps = 0;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.iters, n.eps);
+  }
   std::string name() const override { return "MhcV4SinkhornBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcV4SinkhornBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
     if (!grad[0].defined()) return {Variable()};
     return {mhc_v4_sinkhorn_backward(grad[0], s[0], iters, eps)};
   }
-  void collect_options(CompiledNodeArgs& args) const override {
-    args.collect(iters);
-    args.collect(eps);
-  }
-  void pack_options(std::vector<c10::IValue>& args) const override {
-    args.insert(args.end(), {iters, eps});
-  }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    iters = args[i].toInt();
-    eps = args[i + 1].toDouble();
-  }
 };
 
 // The mixings: every input is differentiable and saved.
-struct MhcPreMixBackward : OpNode {
+struct MhcPreMixBackward : NodeWith<MhcPreMixBackward> {
+  template <typename S>
+  static auto options(S&) {
+    return std::tuple<>();
+  }
   std::string name() const override { return "MhcPreMixBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcPreMixBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
@@ -100,9 +93,12 @@ struct MhcPreMixBackward : OpNode {
   }
 };
 
-struct MhcPostMixBackward : OpNode {
+struct MhcPostMixBackward : NodeWith<MhcPostMixBackward> {
+  template <typename S>
+  static auto options(S&) {
+    return std::tuple<>();
+  }
   std::string name() const override { return "MhcPostMixBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcPostMixBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
@@ -126,31 +122,17 @@ struct MappingsBackward {
   }
 };
 
-// Options shared by the mappings' and the coefficients' nodes.
-struct MappingsOptions : OpNode {
+// An output left out of the loss reaches apply undefined, not as zeros: the kernel then skips
+// its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
+struct MhcMappingsBackward : NodeWith<MhcMappingsBackward> {
   int64_t iters = 0;
   double eps = 0;
   std::string variant;
-  void collect_options(CompiledNodeArgs& args) const override {
-    args.collect(iters);
-    args.collect(eps);
-    args.collect(variant);
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.iters, n.eps, n.variant);
   }
-  void pack_options(std::vector<c10::IValue>& args) const override {
-    args.insert(args.end(), {iters, eps, variant});
-  }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    iters = args[i].toInt();
-    eps = args[i + 1].toDouble();
-    variant = args[i + 2].toStringRef();
-  }
-};
-
-// An output left out of the loss reaches apply undefined, not as zeros: the kernel then skips
-// its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
-struct MhcMappingsBackward : MappingsOptions {
   std::string name() const override { return "MhcMappingsBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcMappingsBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
@@ -176,10 +158,15 @@ struct CoefficientsBackward {
   }
 };
 
-struct MhcCoefficientsBackward : MappingsOptions {
-  double norm_eps = 0;
+struct MhcCoefficientsBackward : NodeWith<MhcCoefficientsBackward> {
+  int64_t iters = 0;
+  double eps = 0, norm_eps = 0;
+  std::string variant;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.iters, n.eps, n.norm_eps, n.variant);
+  }
   std::string name() const override { return "MhcCoefficientsBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(MhcCoefficientsBackward)
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
@@ -189,18 +176,6 @@ struct MhcCoefficientsBackward : MappingsOptions {
         s[5], weights_of(s[6], s[7], s[8], s[9], s[10], s[11]), norm_eps, iters, eps, variant);
     return {g.x,         g.phi_pre, g.phi_post, g.phi_res, g.alpha_pre,
             g.alpha_post, g.alpha_res, g.b_pre,  g.b_post,  g.b_res};
-  }
-  void collect_options(CompiledNodeArgs& args) const override {
-    MappingsOptions::collect_options(args);
-    args.collect(norm_eps);
-  }
-  void pack_options(std::vector<c10::IValue>& args) const override {
-    MappingsOptions::pack_options(args);
-    args.emplace_back(norm_eps);
-  }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    MappingsOptions::unpack_options(args, i);
-    norm_eps = args[i + 3].toDouble();
   }
 };
 

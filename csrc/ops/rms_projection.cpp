@@ -60,12 +60,13 @@ at::Tensor rms_projection_op(const at::Tensor& x, const at::Tensor& phi, double 
 }
 
 // Saved: x (as it came), phi, y (the output) and r.
-struct RmsProjectionBackward : autograd::OpNode {
+struct RmsProjectionBackward : autograd::NodeWith<RmsProjectionBackward> {
   double eps = 0;
-  std::string name() const override { return "RmsProjectionBackward"; }
-  torch::autograd::functional_apply_t functional() const override {
-    return &autograd::functional_apply<RmsProjectionBackward>;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.eps);
   }
+  std::string name() const override { return "RmsProjectionBackward"; }
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -89,11 +90,6 @@ struct RmsProjectionBackward : autograd::OpNode {
     if (needs_grad(1))
       dphi = x.reshape({-1, d}).mT().mm(dr.reshape({-1, dr.size(-1)}));
     return {dx, dphi};
-  }
-  void collect_options(autograd::CompiledNodeArgs& args) const override { args.collect(eps); }
-  void pack_options(std::vector<c10::IValue>& args) const override { args.emplace_back(eps); }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    eps = args[i].toDouble();
   }
 };
 

@@ -37,7 +37,7 @@ struct ImplicitBackward {
 
 // Gradients of scores, a and b from those of plan, f and g. Saved: unrolled, the scores, a, b,
 // mask and the steps run; implicit, the plan (an output).
-struct SinkhornBackward : OpNode {
+struct SinkhornBackward : NodeWith<SinkhornBackward> {
   std::string grad, start;
   int64_t steps = 0, cg_max_iter = 0;
   double cg_tol = 0;
@@ -48,8 +48,12 @@ struct SinkhornBackward : OpNode {
   at::ScalarType a_dtype = at::kFloat, b_dtype = at::kFloat;
   bool marginals = false;
 
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.grad, n.start, n.steps, n.cg_max_iter, n.cg_tol, n.marginals, n.a_shape,
+                    n.b_shape, n.a_dtype, n.b_dtype);
+  }
   std::string name() const override { return "SinkhornBackward"; }
-  SINKHORN_OPS_FUNCTIONAL(SinkhornBackward)
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -68,46 +72,6 @@ struct SinkhornBackward : OpNode {
       if (needs_grad(2)) out[2] = db.sum_to_size_symint(b_shape).to(b_dtype);
     }
     return out;
-  }
-
-  void collect_options(CompiledNodeArgs& args) const override {
-    args.collect(grad);
-    args.collect(start);
-    args.collect(steps);
-    args.collect(cg_max_iter);
-    args.collect(cg_tol);
-    args.collect(marginals);
-    args.collect(a_shape);
-    args.collect(b_shape);
-    args.collect(a_dtype);
-    args.collect(b_dtype);
-  }
-  void pack_options(std::vector<c10::IValue>& args) const override {
-    using Shape = torch::dynamo::autograd::IValuePacker<std::vector<c10::SymInt>>;
-    args.insert(args.end(), {grad, start, steps, cg_max_iter, cg_tol, marginals,
-                             Shape::pack(a_shape), Shape::pack(b_shape), a_dtype, b_dtype});
-  }
-  void unpack_options(const std::vector<c10::IValue>& args, size_t i) override {
-    using Shape = torch::dynamo::autograd::IValuePacker<std::vector<c10::SymInt>>;
-    grad = args[i].toStringRef();
-    start = args[i + 1].toStringRef();
-    steps = args[i + 2].toInt();
-    cg_max_iter = args[i + 3].toInt();
-    cg_tol = args[i + 4].toDouble();
-    marginals = args[i + 5].toBool();
-    a_shape = Shape::unpack(args[i + 6]);
-    b_shape = Shape::unpack(args[i + 7]);
-    a_dtype = args[i + 8].toScalarType();
-    b_dtype = args[i + 9].toScalarType();
-  }
-  void swap_options(SwapSavedVariables& swap, bool before) override {
-    if (before) {
-      swap.before(a_shape);
-      swap.before(b_shape);
-    } else {
-      swap.after(a_shape);
-      swap.after(b_shape);
-    }
   }
 };
 
