@@ -2,9 +2,12 @@
 reference (importable without the compiled extension) and an assert_close that shows the worst
 mismatches."""
 
+import contextlib
 import importlib.util
 import os
 import pathlib
+import socket
+import tempfile
 
 import pytest
 import torch
@@ -204,3 +207,32 @@ def assert_flash_rule(actual, lowp_ref, truth, *, floor, name):
     assert err <= 2 * ref_err + floor, (
         f"{name}: max error {err:.3e} > 2 x reference error {ref_err:.3e} + floor {floor:.1e}"
     )
+
+
+# ---- torch.distributed on gloo processes ----------------------------------------------------
+
+@contextlib.contextmanager
+def gloo_group(rank, world, port):
+    """A gloo process group of `world` processes on this machine, for a spawned worker."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(worker, world, *args):
+    """Spawns worker(rank, port, path, *args) on `world` processes; each saves its result to
+    path/<rank>.pt with torch.save. Returns the results, by rank."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as path:
+        mp.spawn(worker, args=(port, path, *args), nprocs=world, join=True)
+        return [torch.load(os.path.join(path, f"{r}.pt")) for r in range(world)]

@@ -3,12 +3,11 @@ each rank's gradients, all-reduced through the operators' autograd nodes, equal 
 single-process gradients of the whole batch; the same with torch.compile."""
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 
+from conftest import gloo_group, run_on_gloo
 from sinkhorn_ops import nn as snn
 
 F64 = torch.float64
@@ -58,36 +57,20 @@ def _loss(model, x, y):
 
 
 def _worker(rank, port, path, compiled):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, WORLD, port):
         model = DDP(_model())
         step = torch.compile(model) if compiled else model
         x, y = _data()
         _loss(step, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]).backward()
         torch.save({k: p.grad for k, p in model.module.named_parameters()},
                    os.path.join(path, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_ddp_gradients_equal_the_whole_batch(compiled):
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as path:
-        mp.spawn(_worker, args=(_free_port(), path, compiled), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(path, f"{r}.pt")) for r in range(WORLD)]
+    ranks = run_on_gloo(_worker, WORLD, compiled)
     model = _model()
     _loss(model, *_data()).backward()
     for name, p in model.named_parameters():

@@ -140,7 +140,7 @@ def test_vmap_moves_and_broadcasts_the_vmapped_dimension():
 def test_vmap_over_mhc_weights_runs_one_call_per_sample():
     # An ensemble: the shared weights vmapped (no single call can take them).
     torch.manual_seed(5)
-    n, C, E = 4, 3, 3
+    n, E = 4, 3
     proj = torch.randn(7, 2 * n + n * n, dtype=F64)
     weights = [torch.rand(E, dtype=F64), torch.rand(E, dtype=F64), torch.rand(E, dtype=F64),
                torch.randn(E, n, dtype=F64), torch.randn(E, n, dtype=F64),

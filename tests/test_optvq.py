@@ -2,13 +2,11 @@
 memory, balanced_assignment against SwAV, the quantiser module, and the distributed column
 reductions on two gloo processes."""
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close, load_ops
+from conftest import DEVICES, assert_close, gloo_group, load_ops, run_on_gloo
 
 sinkhorn_ops = load_ops()
 from sinkhorn_ops.nn import SinkhornVectorQuantizer, codebook_stats
@@ -248,13 +246,8 @@ def test_module_utilisation_and_nearest_at_eval():
 
 # ---- torch.distributed -------------------------------------------------------------------
 
-def _gloo_worker(rank, world, port, path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        torch.set_num_threads(1)
+def _gloo_worker(rank, port, path, world):
+    with gloo_group(rank, world, port):
         x, e = problem(2 * 37, 19, 6, seed=11, dtype=torch.float32)
         mine = x.chunk(world)[rank]
         idx, g = sinkhorn_assign(mine, e, chunk_size=5, return_potentials=True)
@@ -264,23 +257,11 @@ def _gloo_worker(rank, world, port, path):
         stats = codebook_stats(idx, 19)
         torch.save({"idx": idx, "g": g, "q": q, "guarded": guarded, "counts": stats["counts"]},
                    os.path.join(path, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_gloo_matches_single_process():
-    import torch.multiprocessing as mp
-
     world = 2
-    with tempfile.TemporaryDirectory() as path:
-        mp.spawn(_gloo_worker, args=(world, _free_port(), path), nprocs=world, join=True)
-        parts = [torch.load(os.path.join(path, f"{r}.pt")) for r in range(world)]
+    parts = run_on_gloo(_gloo_worker, world, world)
     x, e = problem(2 * 37, 19, 6, seed=11, dtype=torch.float32)
     idx, g = sinkhorn_assign(x, e, chunk_size=5, return_potentials=True, distributed=False)
     assert torch.equal(torch.cat([p["idx"] for p in parts]), idx)
