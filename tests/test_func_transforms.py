@@ -332,3 +332,33 @@ def test_sinkhorn_attention_parameters_under_functional_call(grad):
     per_sample = func.vmap(func.grad(lambda p, x: loss(p, x[None])), in_dims=(None, 0))(params, x)
     for k in params:
         torch.testing.assert_close(per_sample[k].sum(0), got[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_compiled_autograd_ignores_hooks_active_only_during_backward():
+    # Saved-tensor hooks around backward() alone pack nothing in eager mode; compiled autograd's
+    # functional form of a node must not pack its saved tensors through them either.
+    torch._dynamo.reset()
+    L = torch.randn(3, 4, 4, dtype=F64)
+    W = torch.randn(4, 4, dtype=F64)
+    packed = []
+
+    def pack(t):
+        packed.append(t.dtype)
+        return t.to(torch.bfloat16)
+
+    def run(compiled):
+        leaf = L.clone().requires_grad_()
+        loss = (so.mhc_sinkhorn(leaf, 5) * W).sum() + so.sinkhorn(leaf, steps=4).sin().sum()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.to(F64)):
+            if compiled:
+                with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                    loss.backward()
+            else:
+                loss.backward()
+        return leaf.grad
+
+    want = run(False)
+    for _ in range(2):  # a cache miss, then a hit
+        torch.testing.assert_close(run(True), want, rtol=1e-12, atol=1e-12)
+    assert packed == []
+    torch._dynamo.reset()

@@ -8,6 +8,7 @@
 // backward).
 #pragma once
 
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -148,8 +149,14 @@ template <typename N>
 variable_list functional_apply(const variable_list& grads, const std::vector<c10::IValue>& args) {
   auto node = make_node<N>();
   const auto count = static_cast<size_t>(args[0].toInt());
-  for (size_t i = 1; i <= count; ++i)
-    node->save(args[i].isNone() ? at::Tensor() : args[i].toTensor());
+  {
+    // Saved without the saved-tensor hooks active during the backward (those of the forward
+    // already ran), as SwapSavedVariables saves its proxies.
+    const bool prior = at::SavedTensorDefaultHooks::set_tracing(true);
+    for (size_t i = 1; i <= count; ++i)
+      node->save(args[i].isNone() ? at::Tensor() : args[i].toTensor());
+    at::SavedTensorDefaultHooks::set_tracing(prior);
+  }
   for (const auto b : args[count + 1].toBoolList()) node->needs_.push_back(b);
   node->unpack_options(args, count + 2);
   return node->apply(variable_list(grads));
