@@ -168,11 +168,15 @@ std::tuple<at::Tensor, at::Tensor> mhc_mappings_backward_flat(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& proj, const MHCWeights& weights,
     int64_t iters, double eps, c10::string_view variant);
+// (grad_x, grad_phi, grad_weights false: that result is not computed, an empty tensor.)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
     const at::Tensor& proj, const at::Tensor& norm, const MHCWeights& weights, double norm_eps,
-    int64_t iters, double eps, c10::string_view variant);
+    int64_t iters, double eps, c10::string_view variant, bool grad_x = true,
+    bool grad_phi = true, bool grad_weights = true);
+// The three phi's gradients as column views of their (D, 2n + n^2) matmul.
+std::array<at::Tensor, 3> split_phi_grads(const at::Tensor& dphi, const MHCProjections& phi);
 // The six weights' gradients as views of their flat sum, in the weights' shapes (symbolic sizes,
 // for dynamic-shape compilation).
 std::array<at::Tensor, 6> split_weight_grads(const at::Tensor& flat, const MHCWeights& weights);

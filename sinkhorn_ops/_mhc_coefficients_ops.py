@@ -61,7 +61,7 @@ def _forward_fake(x, phi_pre, phi_post, phi_res, alpha_pre, alpha_post, alpha_re
 @torch.library.register_fake("sinkhorn_ops::mhc_coefficients_backward")
 def _backward_fake(grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res, proj, norm,
                    alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, norm_eps, iters, eps,
-                   variant):
+                   variant, grad_x=True, grad_phi=True, grad_weights=True):
     op = "mhc_coefficients_backward"
     weights = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     like = _check(op, x, (phi_pre, phi_post, phi_res), weights, norm_eps, iters, eps, variant)
@@ -84,8 +84,10 @@ def _backward_fake(grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res,
                                        f"{tuple(t.shape)}")
             torch._check_value(t.device == x.device, lambda: (
                 f"{op}: expected {name} on proj's device {proj.device}, got {t.device}"))
-    # grad_phi: the three φ's gradients side by side (csrc/ops/schema.h).
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            like.new_empty((x.shape[-1], 2 * n + n * n)), like.new_empty((3 + 2 * n + n * n,)))
+    # grad_phi: the three φ's gradients side by side; one not asked for is empty (schema.h).
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if grad_x
+            else x.new_empty((0,)),
+            like.new_empty((x.shape[-1], 2 * n + n * n) if grad_phi else (0,)),
+            like.new_empty((3 + 2 * n + n * n,) if grad_weights else (0,)))
 
 # The autograd of the op and of its backward is registered in C++ (csrc/ops/mhc_autograd.cpp).

@@ -256,8 +256,62 @@ def test_opcheck():
         det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
         *_, proj, norm = op(*det)
         grads = (torch.randn(6, 3), None, torch.randn(6, 3, 3))
+        back_args = grads + tuple(det[:4] + [proj, norm] + det[4:])
         torch.library.opcheck(torch.ops.sinkhorn_ops.mhc_coefficients_backward.default,
-                              grads + tuple(det[:4] + [proj, norm] + det[4:]))
+                              back_args)
+        torch.library.opcheck(torch.ops.sinkhorn_ops.mhc_coefficients_backward.default,
+                              back_args + (False, True, False))
+
+
+def test_backward_computes_only_what_is_asked_for():
+    x, phis, weights = make_case(4, batch=(9,))
+    back = torch.ops.sinkhorn_ops.mhc_coefficients_backward.default
+    det = [t.detach() for t in (x, *phis, *weights)]
+    *_, proj, norm = torch.ops.sinkhorn_ops.mhc_coefficients.default(*det, NORM_EPS, 20, EPS,
+                                                                     "paper")
+    grads = (torch.randn(9, 4, dtype=torch.float64), None,
+             torch.randn(9, 4, 4, dtype=torch.float64))
+    args = grads + tuple(det[:4] + [proj, norm] + det[4:]) + (NORM_EPS, 20, EPS, "paper")
+    full = back(*args)
+    for mask in ((True, False, False), (False, True, False), (False, False, True),
+                 (False, False, False)):
+        got = back(*args, *mask)
+        for want, g, asked in zip(full, got, mask):
+            if asked:
+                assert torch.equal(g, want)
+            else:
+                assert g.shape == (0,)
+
+
+def _backward_matmuls(x, phis, weights):
+    out = ops.mhc_coefficients(x, *phis, *weights)
+    loss = out[0].sum() + out[1].square().sum() + out[2].sin().sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(e.name == "aten::mm" for e in prof.events())
+
+
+@pytest.mark.parametrize("frozen", ["phi", "x", "weights", "phi and weights"])
+def test_frozen_inputs_skip_their_gradients(frozen):
+    x, phis, weights = make_case(4, batch=(5, 3))
+    want = outputs_and_grads(fused(), x, phis, weights)[1]
+    x, phis, weights = make_case(4, batch=(5, 3))
+    frozen_tensors = {"phi": phis, "x": [x], "weights": weights,
+                      "phi and weights": phis + weights}[frozen]
+    for t in frozen_tensors:
+        t.requires_grad_(False)
+    # The matmuls of the backward: dL/dx (T, D) and dL/dphi (D, 2n + n^2), one each.
+    assert _backward_matmuls(x, phis, weights) == 2 - ("phi" in frozen) - (frozen == "x")
+    for t in (x, *phis, *weights):
+        t.grad = None
+    live = [t for t in (x, *phis, *weights) if t.requires_grad]
+    out = ops.mhc_coefficients(x, *phis, *weights)
+    gen = torch.Generator().manual_seed(5)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in out]
+    got = torch.autograd.grad(out, live, upstream)
+    expected = [w for t, w in zip((x, *phis, *weights), want) if t.requires_grad]
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -132,10 +132,8 @@ MHCCoefficientsGrads mhc_coefficients_backward(
   auto [dx, dphi, flat] = detail::mhc_coefficients_backward_flat(
       grad_pre, grad_post, grad_res, x, phi, proj, norm, w, norm_eps, iters, eps, variant);
   const auto g = detail::split_weight_grads(flat, w);
-  // Column views of the one matmul (AccumulateGrad stores contiguous copies).
-  const c10::SymInt a = phi.pre.sym_size(1), b = a + phi.post.sym_size(1);
-  return {dx,   dphi.narrow_symint(1, 0, a), dphi.narrow_symint(1, a, phi.post.sym_size(1)),
-          dphi.narrow_symint(1, b, phi.res.sym_size(1)), g[0], g[1], g[2], g[3], g[4], g[5]};
+  const auto p = detail::split_phi_grads(dphi, phi);
+  return {dx, p[0], p[1], p[2], g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
 namespace detail {
@@ -144,16 +142,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_coefficients_backward_flat(
     const c10::optional<at::Tensor>& grad_pre, const c10::optional<at::Tensor>& grad_post,
     const c10::optional<at::Tensor>& grad_res, const at::Tensor& x, const MHCProjections& phi,
     const at::Tensor& proj, const at::Tensor& norm, const MHCWeights& w, double norm_eps,
-    int64_t iters, double eps, c10::string_view variant) {
+    int64_t iters, double eps, c10::string_view variant, bool grad_x, bool grad_phi,
+    bool grad_weights) {
   using T = const at::Tensor&;
   using O = const c10::optional<at::Tensor>&;
   using R = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   static auto h = typed_op<R(O, O, O, T, T, T, T, T, T, T, T, T, T, T, T, double, int64_t,
-                             double, c10::string_view)>(
+                             double, c10::string_view, bool, bool, bool)>(
       "sinkhorn_ops::mhc_coefficients_backward");
   return h.call(grad_pre, grad_post, grad_res, x, phi.pre, phi.post, phi.res, proj, norm,
                 w.alpha_pre, w.alpha_post, w.alpha_res, w.b_pre, w.b_post, w.b_res, norm_eps,
-                iters, eps, variant);
+                iters, eps, variant, grad_x, grad_phi, grad_weights);
+}
+
+std::array<at::Tensor, 3> split_phi_grads(const at::Tensor& dphi, const MHCProjections& phi) {
+  // Column views of the one matmul (AccumulateGrad stores contiguous copies).
+  const c10::SymInt a = phi.pre.sym_size(1), b = a + phi.post.sym_size(1);
+  return {dphi.narrow_symint(1, 0, a), dphi.narrow_symint(1, a, phi.post.sym_size(1)),
+          dphi.narrow_symint(1, b, phi.res.sym_size(1))};
 }
 
 std::array<at::Tensor, 6> split_weight_grads(const at::Tensor& flat, const MHCWeights& w) {

@@ -7,6 +7,8 @@
 // backward).
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../sinkhorn_ops.h"
 #include "autograd_node.h"
 
@@ -151,10 +153,12 @@ struct CoefficientsBackward {
   static constexpr const char* name = "mhc_coefficients";
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> call(
       Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1, T a2,
-      T b0, T b1, T b2, double norm_eps, int64_t iters, double eps, c10::string_view variant) {
+      T b0, T b1, T b2, double norm_eps, int64_t iters, double eps, c10::string_view variant,
+      bool grad_x, bool grad_phi, bool grad_weights) {
     return detail::mhc_coefficients_backward_flat(g_pre, g_post, g_res, x, {p0, p1, p2}, proj,
                                                   norm, weights_of(a0, a1, a2, b0, b1, b2),
-                                                  norm_eps, iters, eps, variant);
+                                                  norm_eps, iters, eps, variant, grad_x, grad_phi,
+                                                  grad_weights);
   }
 };
 
@@ -170,12 +174,29 @@ struct MhcCoefficientsBackward : NodeWith<MhcCoefficientsBackward> {
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto s = unpack_saved();
-    if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return variable_list(10);
-    const auto g = mhc_coefficients_backward(
-        present(grad[0]), present(grad[1]), present(grad[2]), s[0], {s[1], s[2], s[3]}, s[4],
-        s[5], weights_of(s[6], s[7], s[8], s[9], s[10], s[11]), norm_eps, iters, eps, variant);
-    return {g.x,         g.phi_pre, g.phi_post, g.phi_res, g.alpha_pre,
-            g.alpha_post, g.alpha_res, g.b_pre,  g.b_post,  g.b_res};
+    variable_list out(10);
+    if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return out;
+    // Only what is needed: frozen phi (fine-tuning) skips the (D, 2n + n^2) matmul, an x that
+    // needs no gradient the (T, D) one.
+    const bool need_x = needs_grad(0);
+    const bool need_phi = needs_grad(1) || needs_grad(2) || needs_grad(3);
+    bool need_weights = false;
+    for (size_t i = 4; i < 10; ++i) need_weights = need_weights || needs_grad(i);
+    const MHCProjections phi{s[1], s[2], s[3]};
+    const MHCWeights weights = weights_of(s[6], s[7], s[8], s[9], s[10], s[11]);
+    const auto [dx, dphi, flat] = detail::mhc_coefficients_backward_flat(
+        present(grad[0]), present(grad[1]), present(grad[2]), s[0], phi, s[4], s[5], weights,
+        norm_eps, iters, eps, variant, need_x, need_phi, need_weights);
+    if (need_x) out[0] = dx;
+    if (need_phi) {
+      const auto p = detail::split_phi_grads(dphi, phi);
+      std::copy(p.begin(), p.end(), out.begin() + 1);
+    }
+    if (need_weights) {
+      const auto w = detail::split_weight_grads(flat, weights);
+      std::copy(w.begin(), w.end(), out.begin() + 4);
+    }
+    return out;
   }
 };
 
@@ -281,9 +302,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_coefficients_backward",
          [](Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1,
             T a2, T b0, T b1, T b2, double norm_eps, int64_t iters, double eps,
-            c10::string_view variant) {
+            c10::string_view variant, bool grad_x, bool grad_phi, bool grad_weights) {
            return backward_kernel<CoefficientsBackward>(g_pre, g_post, g_res, x, p0, p1, p2, proj,
                                                         norm, a0, a1, a2, b0, b1, b2, norm_eps,
-                                                        iters, eps, variant);
+                                                        iters, eps, variant, grad_x, grad_phi,
+                                                        grad_weights);
          });
 }

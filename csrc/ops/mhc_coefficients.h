@@ -43,9 +43,11 @@ CoefficientsInputs prepare_coefficients(const std::string& op, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> raw_projection(const CoefficientsInputs& in);
 
 // (dL/dx in x's shape and dtype, dL/d[phi_pre | phi_post | phi_res] (D, 2n + n^2)) from a
-// backward call that ran with the norm folded in.
-std::tuple<at::Tensor, at::Tensor> coefficient_grads(
-    const CoefficientsInputs& in, const at::Tensor& x, const MappingsCall& call);
+// backward call that ran with the norm folded in; each an empty tensor unless asked for.
+std::tuple<at::Tensor, at::Tensor> coefficient_grads(const CoefficientsInputs& in,
+                                                     const at::Tensor& x,
+                                                     const MappingsCall& call, bool grad_x,
+                                                     bool grad_phi);
 
 }  // namespace detail
 }  // namespace sinkhorn_ops

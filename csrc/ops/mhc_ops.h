@@ -145,8 +145,8 @@ CoefficientsGrads mhc_coefficients_backward_op(
     const at::Tensor& phi_post, const at::Tensor& phi_res, const at::Tensor& proj,
     const at::Tensor& norm, const at::Tensor& alpha_pre, const at::Tensor& alpha_post,
     const at::Tensor& alpha_res, const at::Tensor& b_pre, const at::Tensor& b_post,
-    const at::Tensor& b_res, double norm_eps, int64_t iters, double eps,
-    c10::string_view variant) {
+    const at::Tensor& b_res, double norm_eps, int64_t iters, double eps, c10::string_view variant,
+    bool grad_x, bool grad_phi, bool grad_weights) {
   constexpr const char* op = "mhc_coefficients_backward";
   const MappingsWeights weights{alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res};
   const auto in = prepare_coefficients(op, x, {phi_pre, phi_post, phi_res}, weights, norm_eps);
@@ -163,8 +163,8 @@ CoefficientsGrads mhc_coefficients_backward_op(
                                    grad_post.value_or(at::Tensor()),
                                    grad_res.value_or(at::Tensor()), &rms);
   Device::run(call);
-  auto [dx, dphi] = coefficient_grads(in, x, call);
-  return {dx, dphi, mappings_weight_grads(call)};
+  auto [dx, dphi] = coefficient_grads(in, x, call, grad_x, grad_phi);
+  return {dx, dphi, grad_weights ? mappings_weight_grads(call) : proj.new_empty({0})};
 }
 
 // Registers the twelve operators for one dispatch key with Device's kernels.

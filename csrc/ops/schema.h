@@ -71,7 +71,8 @@ inline void define_ops(torch::Library& m) {
   // (mhc_coefficients.h). proj (..., 2n + n^2) and norm (...) are the raw projections x phi and
   // the norms ||x||, outputs that the backward takes back. The backward's grad_phi is
   // (D, 2n + n^2), the three phi's gradients side by side (the C++ API splits it), and
-  // grad_weights as mhc_mappings_backward's.
+  // grad_weights as mhc_mappings_backward's. grad_x, grad_phi, grad_weights False: that output is
+  // not computed (an empty tensor), e.g. for frozen phi, or for x that needs no gradient.
   m.def("mhc_coefficients(Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, "
         "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
         "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
@@ -80,7 +81,8 @@ inline void define_ops(torch::Library& m) {
   m.def("mhc_coefficients_backward(Tensor? grad_pre, Tensor? grad_post, Tensor? grad_res, "
         "Tensor x, Tensor phi_pre, Tensor phi_post, Tensor phi_res, Tensor proj, Tensor norm, "
         "Tensor alpha_pre, Tensor alpha_post, Tensor alpha_res, Tensor b_pre, Tensor b_post, "
-        "Tensor b_res, float norm_eps, int iters, float eps, str variant) -> "
+        "Tensor b_res, float norm_eps, int iters, float eps, str variant, bool grad_x=True, "
+        "bool grad_phi=True, bool grad_weights=True) -> "
         "(Tensor grad_x, Tensor grad_phi, Tensor grad_weights)",
         {at::Tag::pt2_compliant_tag});
 }
