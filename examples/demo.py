@@ -60,7 +60,7 @@ def main():
         C = torch.cdist(torch.rand(1000, 2), torch.rand(1000, 2)) ** 2
         u = torch.full((1000,), 1e-3, dtype=torch.float64)
         Cn, un = C.double().numpy(), u.numpy()
-        pot = best_ms(lambda: ot.sinkhorn_log(un, un, Cn, 0.05, numItermax=50, stopThr=0.0))
+        pot = best_ms(lambda: ot.bregman.sinkhorn_log(un, un, Cn, 0.05, numItermax=50, stopThr=0.0))
         ours = best_ms(lambda: sinkhorn_ops.sinkhorn(-C.double() / 0.05, u, u, steps=100))
         print(f"   {'POT sinkhorn_log 1000x1000, 50 its':34s} ours {ours:8.2f}   POT   {pot:8.2f}   x{pot / ours:5.1f}")
     except ImportError:

@@ -5,6 +5,7 @@ sinkhorn_ops.nn.convert_to_sinkhorn_attention. Writes plots to examples/output/.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import time
 
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 
 from sinkhorn_ops.nn import convert_to_sinkhorn_attention
 
-OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
+# Plots go to examples/output, or to $SINKHORN_EXAMPLES_OUTPUT (the smoke tests' temporary folder).
+OUTPUT = pathlib.Path(os.environ.get("SINKHORN_EXAMPLES_OUTPUT",
+                                   pathlib.Path(__file__).resolve().parent / "output"))
 
 
 def load_data(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -23,7 +23,9 @@ from torch import nn
 
 from sinkhorn_ops.nn import ManifoldConstrainedHyperConnections, expand_streams, reduce_streams
 
-OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
+# Plots go to examples/output, or to $SINKHORN_EXAMPLES_OUTPUT (the smoke tests' temporary folder).
+OUTPUT = pathlib.Path(os.environ.get("SINKHORN_EXAMPLES_OUTPUT",
+                                   pathlib.Path(__file__).resolve().parent / "output"))
 
 
 def load_text() -> str:

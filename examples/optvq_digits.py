@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import pathlib
 import time
 
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 
 from sinkhorn_ops.nn import SinkhornVectorQuantizer, codebook_stats
 
-OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
+# Plots go to examples/output, or to $SINKHORN_EXAMPLES_OUTPUT (the smoke tests' temporary folder).
+OUTPUT = pathlib.Path(os.environ.get("SINKHORN_EXAMPLES_OUTPUT",
+                                   pathlib.Path(__file__).resolve().parent / "output"))
 TOKENS, CODE_DIM = 4, 8  # each image becomes 4 latent vectors of 8 channels
 
 
@@ -61,7 +64,7 @@ def train(model: VQAutoencoder, train_x: Tensor, test_x: Tensor, steps: int, see
         opt.zero_grad()
         (rec + vq_loss).backward()
         opt.step()
-        if step % 50 == 0:
+        if step % 50 == 0 or step == steps:
             stats = model.quantizer.last_stats
             curve["step"].append(step)
             curve["recon"].append(rec.item())
