@@ -264,6 +264,13 @@ def test_saved_variables_behave_like_pytorchs():
     assert packed == [S.shape, S.shape]
     (g_p,) = torch.autograd.grad((P * H).sum(), S)
     assert torch.isfinite(g_p).all()
+    # An in-place change of a saved input (unrolled) or of the saved plan (implicit) is caught.
+    for grad, change in (("unrolled", "input"), ("implicit", "output")):
+        X = S * 1.0
+        P = so.sinkhorn(X, steps=5, grad=grad)
+        (X if change == "input" else P).mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            P.sum().backward()
     # Without a leaf that requires grad, or under no_grad, nothing is recorded.
     assert so.sinkhorn(S.detach(), steps=5).grad_fn is None
     with torch.no_grad():
