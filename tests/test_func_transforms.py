@@ -91,8 +91,9 @@ def _fallbacks(fn, *args):
 
 
 @pytest.mark.parametrize("grad", ["unrolled", "implicit"])
-def test_per_sample_gradients_with_vmap_of_grad(grad):
-    S, a, b, W = _ot_problem("cpu", B=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_gradients_with_vmap_of_grad(grad, device):
+    S, a, b, W = _ot_problem(device, B=4)
     b = b[0]  # (m,), shared by the samples
     a = a * b.sum() / a.sum(-1, keepdim=True)
 
@@ -108,12 +109,14 @@ def test_per_sample_gradients_with_vmap_of_grad(grad):
         torch.testing.assert_close(got_a[i], want[1], rtol=1e-12, atol=1e-12)
 
 
-def test_vmap_moves_and_broadcasts_the_vmapped_dimension():
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_moves_and_broadcasts_the_vmapped_dimension(device):
     g = torch.Generator().manual_seed(4)
     S = torch.randn(2, 5, 3, 4, dtype=F64, generator=g)  # vmapped over dim 1 (5 samples)
     a = torch.rand(3, dtype=F64, generator=g) + 0.5  # not vmapped, broadcast over the batch
     b = torch.rand(5, 4, dtype=F64, generator=g) + 0.5  # vmapped over dim 0
     b = b * a.sum() / b.sum(-1, keepdim=True)
+    S, a, b = S.to(device), a.to(device), b.to(device)
     f = lambda S, b: so.sinkhorn(S, a, b, steps=8, return_potentials=True)  # noqa: E731
     got, fallbacks = _fallbacks(func.vmap(f, in_dims=(1, 0)), S, b)
     assert not fallbacks
@@ -121,9 +124,9 @@ def test_vmap_moves_and_broadcasts_the_vmapped_dimension():
         want = f(S[:, v], b[v])
         for x, w in zip(got, want):
             torch.testing.assert_close(x[v], w, rtol=1e-12, atol=1e-12)
-    L = torch.randn(3, 6, 4, 4, dtype=F64, generator=g)
-    x = torch.randn(6, 3, 4, 5, dtype=F64, generator=g)
-    h = torch.rand(4, dtype=F64, generator=g)
+    L = torch.randn(3, 6, 4, 4, dtype=F64, generator=g).to(device)
+    x = torch.randn(6, 3, 4, 5, dtype=F64, generator=g).to(device)
+    h = torch.rand(4, dtype=F64, generator=g).to(device)
     for fn, args, dims in [
         (lambda L: so.mhc_sinkhorn(L, 20), (L,), (1,)),
         (lambda L: so.mhc_v4_sinkhorn(L, 20), (L,), (1,)),
