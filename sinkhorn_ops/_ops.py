@@ -35,6 +35,7 @@ def sinkhorn(
     grad: str = "unrolled",
     cg_tol: float = 1e-6,
     cg_max_iter: int = 100,
+    init: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Union[Tensor, SinkhornResult]:
     """Batched log-domain Sinkhorn: finds P = exp(S + f ⊕ g) with P 1 = a and Pᵀ 1 = b.
 
@@ -73,6 +74,14 @@ def sinkhorn(
             smaller side, densely up to 256, by conjugate gradients above; "implicit_dense" and
             "implicit_cg" force a solver. Double backward is not supported (clear error).
         cg_tol, cg_max_iter: relative residual and iteration cap of the conjugate gradients.
+        init: ``(f0, g0)``, the potentials to start from instead of zeros (a warm start; either
+            may be None for zeros), in this function's convention P = exp(S + f ⊕ g): f0
+            broadcastable to (..., n), g0 to (..., m), any floating dtype, finite. The steps then
+            run exactly as from zeros (MATH.md section 1), so ``init=(r.f, r.g)`` of a run of
+            k steps continues it (with ``start`` flipped when k is odd). For entropic OT at a new
+            temperature, rescale: f0 = f_prev * eps_prev / eps. Computed as a run from zeros on
+            the shifted scores S + f0 ⊕ g0 (in the accumulation dtype, one more pass over S),
+            differentiable with respect to f0 and g0 as well.
 
     Returns:
         The plan P of shape (..., n, m) in the scores' dtype, or a :class:`SinkhornResult`
@@ -85,11 +94,74 @@ def sinkhorn(
         raise TypeError(f"sinkhorn: expected steps to be an int, got {type(steps).__name__}")
     if not isinstance(start, str):
         raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
-    result = SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
-        scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol), int(cg_max_iter)))
+    if init is not None:
+        result = _warm_started(scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol),
+                               int(cg_max_iter), init)
+    else:
+        result = SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
+            scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol), int(cg_max_iter)))
     if validate:  # after the op, whose argument checks (shapes, dtypes) come first
         _validate(scores, a, b, mask)
+        for name, x in zip(("f0", "g0"), init or ()):
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"sinkhorn: expected init's {name} finite, got "
+                                 f"{int((~torch.isfinite(x)).sum())} non-finite entries")
     return result if return_potentials else result.plan
+
+
+def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],
+                  mask: Optional[Tensor], steps: int, start: str, tol: float, grad: str,
+                  cg_tol: float, cg_max_iter: int, init) -> SinkhornResult:
+    """The run from init = (f0, g0): the steps from (f0, g0) on S are the steps from zeros on
+    S + f0 ⊕ g0, with f0 and g0 added back to the potentials (a row step's LSE over S + g
+    shifts by f0_i, which the potential subtracts back; likewise for columns)."""
+    if not (isinstance(init, (tuple, list)) and len(init) == 2):
+        raise TypeError("sinkhorn: expected init to be a pair (f0, g0) of tensors or None, got "
+                        f"{type(init).__name__}")
+    if not isinstance(scores, Tensor) or scores.dim() < 2:
+        # The operator's own message.
+        return SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
+            scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter))
+    *batch, n, m = scores.shape
+    for name, x, full in (("f0", init[0], (*batch, n)), ("g0", init[1], (*batch, m))):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"sinkhorn: expected init's {name} to be a torch.Tensor or None, got "
+                            f"{type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"sinkhorn: expected init's {name} of a floating dtype, got {x.dtype}")
+        if x.device != scores.device:
+            raise ValueError(f"sinkhorn: expected init's {name} on the scores' device "
+                             f"{scores.device}, got {x.device}")
+        if x.dim() > len(full) or any(s != 1 and s != t for s, t in
+                                      zip(reversed(x.shape), reversed(full))):
+            raise ValueError(f"sinkhorn: expected init's {name} broadcastable to {tuple(full)}, "
+                             f"got {tuple(x.shape)}")
+    acc = _accumulation_dtype(scores.dtype)
+    f0, g0 = (None if x is None else x.to(acc) for x in init)
+    shifted = scores.to(acc)
+    if f0 is not None:
+        shifted = shifted + f0.unsqueeze(-1)
+    if g0 is not None:
+        shifted = shifted + g0.unsqueeze(-2)
+    # Marginals in the scores' dtype follow the scores to the accumulation dtype.
+    a, b = (x.to(acc) if x is not None and x.dtype == scores.dtype else x for x in (a, b))
+    plan, f, g, used, error = torch.ops.sinkhorn_ops.sinkhorn.default(
+        shifted, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter)
+    # An empty line (every entry masked) gets potential 0 from a step, as in a run from zeros;
+    # one whose axis took no step keeps its initial potential.
+    empty = torch.isneginf(shifted)
+    if mask is not None:
+        empty = empty | ~mask
+    row_first = start == "row"
+    if f0 is not None:
+        stepped = (used >= (1 if row_first else 2)).unsqueeze(-1)
+        f = torch.where(stepped & empty.all(-1), 0.0, f + f0)
+    if g0 is not None:
+        stepped = (used >= (2 if row_first else 1)).unsqueeze(-1)
+        g = torch.where(stepped & empty.all(-2), 0.0, g + g0)
+    return SinkhornResult(plan.to(scores.dtype), f, g, used, error)
 
 
 def _validate(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor], mask: Optional[Tensor]) -> None:

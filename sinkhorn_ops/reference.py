@@ -79,6 +79,7 @@ def sinkhorn_reference(
     steps: int = 100,
     start: str = "row",
     tol: float = 0.0,
+    init: "tuple[torch.Tensor | None, torch.Tensor | None] | None" = None,
 ) -> ReferenceResult:
     """Log-domain Sinkhorn with the semantics of sinkhorn_ops.sinkhorn(return_potentials=True).
 
@@ -87,6 +88,8 @@ def sinkhorn_reference(
     (k even) == (start == "row"). With tol > 0 a problem stops before step k >= 1 once the L1
     error of the marginal that step would fix is <= tol * sum(a). The reported error is the L1
     error of the marginal the next step would fix (the one the last step did not fix).
+    init = (f0, g0): the potentials to start from (a warm start; None for zeros), f0
+    broadcastable to (..., n), g0 to (..., m).
     """
     if scores.dim() < 2:
         raise ValueError(f"sinkhorn_reference: expected scores of rank >= 2, got {scores.dim()}")
@@ -108,6 +111,12 @@ def sinkhorn_reference(
 
     f = S.new_zeros(batch + (n,))
     g = S.new_zeros(batch + (m,))
+    if init is not None:
+        f0, g0 = init
+        if f0 is not None:
+            f = f + f0.to(acc)
+        if g0 is not None:
+            g = g + g0.to(acc)
     row_first = start == "row"
 
     def is_row(k: int) -> bool:
