@@ -80,7 +80,8 @@ def sinkhorn(
             run exactly as from zeros (MATH.md section 1), so ``init=(r.f, r.g)`` of a run of
             k steps continues it (with ``start`` flipped when k is odd). For entropic OT at a new
             temperature, rescale: f0 = f_prev * eps_prev / eps. Computed as a run from zeros on
-            the shifted scores S + f0 ⊕ g0 (in the accumulation dtype, one more pass over S),
+            the shifted scores S + f0 ⊕ g0, a copy of S in the accumulation dtype (for bf16 or
+            fp16 scores twice their memory; the unrolled backward saves it in place of S),
             differentiable with respect to f0 and g0 as well.
 
     Returns:
@@ -116,12 +117,22 @@ def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],
     S + f0 ⊕ g0, with f0 and g0 added back to the potentials (a row step's LSE over S + g
     shifts by f0_i, which the potential subtracts back; likewise for columns)."""
     if not (isinstance(init, (tuple, list)) and len(init) == 2):
-        raise TypeError("sinkhorn: expected init to be a pair (f0, g0) of tensors or None, got "
-                        f"{type(init).__name__}")
-    if not isinstance(scores, Tensor) or scores.dim() < 2:
-        # The operator's own message.
+        got = (f"a {type(init).__name__} of length {len(init)}"
+               if isinstance(init, (tuple, list)) else type(init).__name__)
+        raise TypeError(f"sinkhorn: expected init to be a pair (f0, g0) of tensors or None, got "
+                        f"{got}")
+    floating = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    if not isinstance(scores, Tensor) or scores.dim() < 2 or scores.dtype not in floating:
+        # The operator's own message, before any conversion could hide the problem.
         return SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
             scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter))
+    acc = _accumulation_dtype(scores.dtype)
+    for name, x in (("a", a), ("b", b)):
+        # The operator's dtype rule, checked here: it sees the shifted scores in acc.
+        if isinstance(x, Tensor) and x.dtype not in (scores.dtype, acc):
+            allowed = (f"{scores.dtype} (the scores dtype)" if acc == scores.dtype else
+                       f"{scores.dtype} or {acc} (the scores dtype or its accumulation dtype)")
+            raise TypeError(f"sinkhorn: expected {name} of dtype {allowed}, got {x.dtype}")
     *batch, n, m = scores.shape
     for name, x, full in (("f0", init[0], (*batch, n)), ("g0", init[1], (*batch, m))):
         if x is None:
@@ -138,7 +149,6 @@ def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],
                                       zip(reversed(x.shape), reversed(full))):
             raise ValueError(f"sinkhorn: expected init's {name} broadcastable to {tuple(full)}, "
                              f"got {tuple(x.shape)}")
-    acc = _accumulation_dtype(scores.dtype)
     f0, g0 = (None if x is None else x.to(acc) for x in init)
     shifted = scores.to(acc)
     if f0 is not None:
@@ -149,18 +159,19 @@ def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],
     a, b = (x.to(acc) if x is not None and x.dtype == scores.dtype else x for x in (a, b))
     plan, f, g, used, error = torch.ops.sinkhorn_ops.sinkhorn.default(
         shifted, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter)
-    # An empty line (every entry masked) gets potential 0 from a step, as in a run from zeros;
-    # one whose axis took no step keeps its initial potential.
+    # An empty line (every entry masked) gets potential 0 from a step, as in a run from zeros
+    # (where the operator gave 0: a problem with NaN or +inf scores keeps its NaN); one whose
+    # axis took no step keeps its initial potential.
     empty = torch.isneginf(shifted)
     if mask is not None:
         empty = empty | ~mask
     row_first = start == "row"
     if f0 is not None:
         stepped = (used >= (1 if row_first else 2)).unsqueeze(-1)
-        f = torch.where(stepped & empty.all(-1), 0.0, f + f0)
+        f = torch.where(stepped & empty.all(-1) & (f == 0), 0.0, f + f0)
     if g0 is not None:
         stepped = (used >= (2 if row_first else 1)).unsqueeze(-1)
-        g = torch.where(stepped & empty.all(-2), 0.0, g + g0)
+        g = torch.where(stepped & empty.all(-2) & (g == 0), 0.0, g + g0)
     return SinkhornResult(plan.to(scores.dtype), f, g, used, error)
 
 

@@ -114,7 +114,7 @@ def test_gradients_of_scores_and_initial_potentials(grad):
 def test_bad_init_is_a_clear_error():
     S, _, f0, g0 = _problem("cpu")
     cases = [
-        ((f0,), TypeError, "expected init to be a pair"),
+        ((f0,), TypeError, "expected init to be a pair .* got a tuple of length 1"),
         ((f0.tolist(), None), TypeError, "expected init's f0 to be a torch.Tensor"),
         ((None, g0.long()), TypeError, "expected init's g0 of a floating dtype"),
         ((f0[:, :2], None), ValueError, r"expected init's f0 broadcastable to \(3, 5\)"),
@@ -123,6 +123,14 @@ def test_bad_init_is_a_clear_error():
     for init, error, match in cases:
         with pytest.raises(error, match=match):
             so.sinkhorn(S, steps=3, init=init)
+    # The operator's own dtype rules, on the scores and marginals as they came.
+    with pytest.raises(TypeError, match="sinkhorn: expected scores of dtype"):
+        so.sinkhorn(S.long(), steps=3, init=(f0, g0))
+    with pytest.raises(TypeError, match=r"expected a of dtype torch.bfloat16 or torch.float32 "
+                                        r"\(the scores dtype or its accumulation dtype\), got "
+                                        r"torch.float16"):
+        so.sinkhorn(S.bfloat16(), torch.ones(3, 5, dtype=torch.float16),
+                    torch.full((4,), 1.25), steps=3, init=(f0, g0))
     bad = f0.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="expected init's f0 finite, got 1 non-finite"):
@@ -139,3 +147,16 @@ def test_torch_compile_fullgraph_dynamic():
         for x, w in zip(got, want):
             torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_nan_scores_spoil_their_problem_as_without_init():
+    S, mask, f0, g0 = _problem("cpu", masked=True)
+    S = S.clone()
+    S[0, 1, 1] = float("nan")  # problem 0 also has an empty row and column
+    plain = so.sinkhorn(S, mask=mask, steps=4, return_potentials=True)
+    warm = so.sinkhorn(S, mask=mask, steps=4, init=(torch.zeros_like(f0), torch.zeros_like(g0)),
+                       return_potentials=True)
+    for name in ("plan", "f", "g"):
+        torch.testing.assert_close(getattr(warm, name), getattr(plain, name), equal_nan=True,
+                                   rtol=0, atol=0, msg=name)
+    assert torch.isnan(warm.f[0]).all() and torch.isfinite(warm.f[1:]).all()
