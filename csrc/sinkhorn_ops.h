@@ -23,6 +23,10 @@ struct SinkhornOptions {
   std::string grad = "unrolled";
   double cg_tol = 1e-6;
   int64_t cg_max_iter = 100;
+  // A warm start (MATH.md section 1): the potentials to start from instead of zeros, f0
+  // broadcastable to (..., n), g0 to (..., m), in sinkhorn()'s convention P = exp(S + f + g);
+  // differentiable through autograd (sinkhorn_warm.cpp).
+  c10::optional<at::Tensor> f0, g0;
 };
 
 struct SinkhornResult {

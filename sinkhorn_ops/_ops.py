@@ -113,66 +113,19 @@ def sinkhorn(
 def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],
                   mask: Optional[Tensor], steps: int, start: str, tol: float, grad: str,
                   cg_tol: float, cg_max_iter: int, init) -> SinkhornResult:
-    """The run from init = (f0, g0): the steps from (f0, g0) on S are the steps from zeros on
-    S + f0 ⊕ g0, with f0 and g0 added back to the potentials (a row step's LSE over S + g
-    shifts by f0_i, which the potential subtracts back; likewise for columns)."""
+    """The run from init = (f0, g0): torch.ops.sinkhorn_ops.sinkhorn_warm (csrc/ops/
+    sinkhorn_warm.cpp), the operator on S + f0 ⊕ g0 with f0 and g0 added back."""
     if not (isinstance(init, (tuple, list)) and len(init) == 2):
         got = (f"a {type(init).__name__} of length {len(init)}"
                if isinstance(init, (tuple, list)) else type(init).__name__)
         raise TypeError(f"sinkhorn: expected init to be a pair (f0, g0) of tensors or None, got "
                         f"{got}")
-    floating = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    if not isinstance(scores, Tensor) or scores.dim() < 2 or scores.dtype not in floating:
-        # The operator's own message, before any conversion could hide the problem.
-        return SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
-            scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter))
-    acc = _accumulation_dtype(scores.dtype)
-    for name, x in (("a", a), ("b", b)):
-        # The operator's dtype rule, checked here: it sees the shifted scores in acc.
-        if isinstance(x, Tensor) and x.dtype not in (scores.dtype, acc):
-            allowed = (f"{scores.dtype} (the scores dtype)" if acc == scores.dtype else
-                       f"{scores.dtype} or {acc} (the scores dtype or its accumulation dtype)")
-            raise TypeError(f"sinkhorn: expected {name} of dtype {allowed}, got {x.dtype}")
-    *batch, n, m = scores.shape
-    for name, x, full in (("f0", init[0], (*batch, n)), ("g0", init[1], (*batch, m))):
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
+    for name, x in zip(("f0", "g0"), init):
+        if x is not None and not isinstance(x, Tensor):
             raise TypeError(f"sinkhorn: expected init's {name} to be a torch.Tensor or None, got "
                             f"{type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"sinkhorn: expected init's {name} of a floating dtype, got {x.dtype}")
-        if x.device != scores.device:
-            raise ValueError(f"sinkhorn: expected init's {name} on the scores' device "
-                             f"{scores.device}, got {x.device}")
-        if x.dim() > len(full) or any(s != 1 and s != t for s, t in
-                                      zip(reversed(x.shape), reversed(full))):
-            raise ValueError(f"sinkhorn: expected init's {name} broadcastable to {tuple(full)}, "
-                             f"got {tuple(x.shape)}")
-    f0, g0 = (None if x is None else x.to(acc) for x in init)
-    shifted = scores.to(acc)
-    if f0 is not None:
-        shifted = shifted + f0.unsqueeze(-1)
-    if g0 is not None:
-        shifted = shifted + g0.unsqueeze(-2)
-    # Marginals in the scores' dtype follow the scores to the accumulation dtype.
-    a, b = (x.to(acc) if x is not None and x.dtype == scores.dtype else x for x in (a, b))
-    plan, f, g, used, error = torch.ops.sinkhorn_ops.sinkhorn.default(
-        shifted, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter)
-    # An empty line (every entry masked) gets potential 0 from a step, as in a run from zeros
-    # (where the operator gave 0: a problem with NaN or +inf scores keeps its NaN); one whose
-    # axis took no step keeps its initial potential.
-    empty = torch.isneginf(shifted)
-    if mask is not None:
-        empty = empty | ~mask
-    row_first = start == "row"
-    if f0 is not None:
-        stepped = (used >= (1 if row_first else 2)).unsqueeze(-1)
-        f = torch.where(stepped & empty.all(-1) & (f == 0), 0.0, f + f0)
-    if g0 is not None:
-        stepped = (used >= (2 if row_first else 1)).unsqueeze(-1)
-        g = torch.where(stepped & empty.all(-2) & (g == 0), 0.0, g + g0)
-    return SinkhornResult(plan.to(scores.dtype), f, g, used, error)
+    return SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn_warm.default(
+        scores, a, b, mask, init[0], init[1], steps, start, tol, grad, cg_tol, cg_max_iter))
 
 
 def _validate(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor], mask: Optional[Tensor]) -> None:

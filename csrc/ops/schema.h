@@ -16,6 +16,13 @@ inline void define_ops(torch::Library& m) {
       "float tol, str grad=\"unrolled\", float cg_tol=1e-6, int cg_max_iter=100) -> "
       "(Tensor plan, Tensor f, Tensor g, Tensor steps, Tensor error)",
       {at::Tag::pt2_compliant_tag});
+  // The operator's run from the potentials (f0, g0) instead of zeros (a warm start), made of the
+  // operator and ATen ops (sinkhorn_warm.cpp).
+  m.def(
+      "sinkhorn_warm(Tensor scores, Tensor? a, Tensor? b, Tensor? mask, Tensor? f0, Tensor? g0, "
+      "int steps, str start, float tol, str grad=\"unrolled\", float cg_tol=1e-6, "
+      "int cg_max_iter=100) -> (Tensor plan, Tensor f, Tensor g, Tensor steps, Tensor error)",
+      {at::Tag::pt2_compliant_tag});
   m.def(
       "sinkhorn_backward_unrolled(Tensor grad_plan, Tensor? grad_f, Tensor? grad_g, "
       "Tensor scores, Tensor? a, Tensor? b, Tensor? mask, Tensor steps_used, int steps, "

@@ -101,6 +101,14 @@ ForwardResult call_sinkhorn(const at::Tensor& scores, const c10::optional<at::Te
                             const c10::optional<at::Tensor>& mask, int64_t steps,
                             c10::string_view start, double tol, c10::string_view grad,
                             double cg_tol, int64_t cg_max_iter);
+// The warm-started run (sinkhorn_warm.cpp): from (f0, g0) instead of zeros.
+ForwardResult call_sinkhorn_warm(const at::Tensor& scores, const c10::optional<at::Tensor>& a,
+                                 const c10::optional<at::Tensor>& b,
+                                 const c10::optional<at::Tensor>& mask,
+                                 const c10::optional<at::Tensor>& f0,
+                                 const c10::optional<at::Tensor>& g0, int64_t steps,
+                                 c10::string_view start, double tol, c10::string_view grad,
+                                 double cg_tol, int64_t cg_max_iter);
 BackwardResult call_backward_unrolled(const at::Tensor& grad_plan,
                                       const c10::optional<at::Tensor>& grad_f,
                                       const c10::optional<at::Tensor>& grad_g,

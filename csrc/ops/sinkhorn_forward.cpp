@@ -24,12 +24,7 @@ std::string shape_str(at::IntArrayRef s) {
 at::Tensor log_marginal(const at::Tensor& x, const char* name, at::IntArrayRef expected,
                         const at::Tensor& scores, int64_t B, int64_t len) {
   const auto acc = accumulation_type(scores.scalar_type());
-  TORCH_CHECK_TYPE(x.scalar_type() == scores.scalar_type() || x.scalar_type() == acc,
-                   "sinkhorn: expected ", name, " of dtype ", scores.scalar_type(),
-                   acc == scores.scalar_type()
-                       ? std::string(" (the scores dtype)")
-                       : c10::str(" or ", acc, " (the scores dtype or its accumulation dtype)"),
-                   ", got ", x.scalar_type());
+  check_marginal_dtype(x, name, scores.scalar_type());
   TORCH_CHECK_VALUE(x.device() == scores.device(), "sinkhorn: expected ", name,
                     " on the scores' device ", scores.device(), ", got ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && at::is_expandable_to(x.sizes(), expected),
@@ -39,6 +34,16 @@ at::Tensor log_marginal(const at::Tensor& x, const char* name, at::IntArrayRef e
 }
 
 }  // namespace
+
+void check_marginal_dtype(const at::Tensor& x, const char* name, at::ScalarType scores) {
+  const auto acc = accumulation_type(scores);
+  TORCH_CHECK_TYPE(x.scalar_type() == scores || x.scalar_type() == acc, "sinkhorn: expected ",
+                   name, " of dtype ", scores,
+                   acc == scores
+                       ? std::string(" (the scores dtype)")
+                       : c10::str(" or ", acc, " (the scores dtype or its accumulation dtype)"),
+                   ", got ", x.scalar_type());
+}
 
 sinkhorn::DType kernel_dtype(at::ScalarType t) {
   switch (t) {

@@ -28,6 +28,9 @@ struct ForwardProblem {
 // Accumulation dtype of a scores dtype: double for double, float otherwise.
 at::ScalarType accumulation_type(at::ScalarType t);
 
+// TypeError unless a marginal x is in the scores dtype or its accumulation dtype.
+void check_marginal_dtype(const at::Tensor& x, const char* name, at::ScalarType scores);
+
 // The kernels' element type of a scores dtype; TypeError for any other dtype.
 sinkhorn::DType kernel_dtype(at::ScalarType t);
 

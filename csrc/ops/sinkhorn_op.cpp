@@ -20,6 +20,17 @@ ForwardResult call_sinkhorn(const at::Tensor& scores, const Opt& a, const Opt& b
   return op.call(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter);
 }
 
+ForwardResult call_sinkhorn_warm(const at::Tensor& scores, const Opt& a, const Opt& b,
+                                 const Opt& mask, const Opt& f0, const Opt& g0, int64_t steps,
+                                 c10::string_view start, double tol, c10::string_view grad,
+                                 double cg_tol, int64_t cg_max_iter) {
+  static auto op = typed_op<ForwardResult(const at::Tensor&, const Opt&, const Opt&, const Opt&,
+                                          const Opt&, const Opt&, int64_t, c10::string_view,
+                                          double, c10::string_view, double, int64_t)>(
+      "sinkhorn_ops::sinkhorn_warm");
+  return op.call(scores, a, b, mask, f0, g0, steps, start, tol, grad, cg_tol, cg_max_iter);
+}
+
 BackwardResult call_backward_unrolled(const at::Tensor& grad_plan, const Opt& grad_f,
                                       const Opt& grad_g, const at::Tensor& scores, const Opt& a,
                                       const Opt& b, const Opt& mask, const at::Tensor& steps_used,
@@ -45,8 +56,12 @@ BackwardResult call_backward_implicit(const at::Tensor& grad_plan, const Opt& gr
 }  // namespace detail
 
 SinkhornResult sinkhorn(const at::Tensor& scores, const SinkhornOptions& o) {
-  auto [plan, f, g, steps, error] = detail::call_sinkhorn(
-      scores, o.a, o.b, o.mask, o.steps, o.start, o.tol, o.grad, o.cg_tol, o.cg_max_iter);
+  auto [plan, f, g, steps, error] =
+      o.f0 || o.g0
+          ? detail::call_sinkhorn_warm(scores, o.a, o.b, o.mask, o.f0, o.g0, o.steps, o.start,
+                                       o.tol, o.grad, o.cg_tol, o.cg_max_iter)
+          : detail::call_sinkhorn(scores, o.a, o.b, o.mask, o.steps, o.start, o.tol, o.grad,
+                                  o.cg_tol, o.cg_max_iter);
   return {plan, f, g, steps, error};
 }
 
@@ -54,6 +69,9 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
                                 const SinkhornResult& forward, const at::Tensor& grad_plan,
                                 const c10::optional<at::Tensor>& grad_f,
                                 const c10::optional<at::Tensor>& grad_g) {
+  TORCH_CHECK_VALUE(!o.f0 && !o.g0,
+                    "sinkhorn_backward: expected options without a warm start (f0, g0), got "
+                    "one; differentiate a warm-started sinkhorn() with autograd instead");
   auto [ds, da, db] =
       o.grad == "unrolled"
           ? detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores, o.a, o.b, o.mask,

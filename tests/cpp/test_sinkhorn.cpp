@@ -222,3 +222,42 @@ TEST(SinkhornBackward, AutogradOfTheCppApi) {
 }
 
 }  // namespace
+
+namespace {
+
+// A warm start continues a run: `first` steps, then the rest from their potentials (start
+// flipped after an odd count), equals the whole run; autograd reaches f0 and g0.
+TEST(Sinkhorn, WarmStartContinuesARun) {
+  at::manual_seed(4);
+  for (auto dev : devices()) {
+    const auto opt = at::dtype(at::kDouble).device(dev);
+    const auto S = at::randn({3, 6, 5}, opt) * 2;
+    sinkhorn_ops::SinkhornOptions whole, head, tail;
+    whole.steps = 12;
+    head.steps = 5;
+    const auto w = sinkhorn_ops::sinkhorn(S, whole);
+    const auto h = sinkhorn_ops::sinkhorn(S, head);
+    tail.steps = 7;
+    tail.start = "col";
+    tail.f0 = h.f;
+    tail.g0 = h.g;
+    const auto t = sinkhorn_ops::sinkhorn(S, tail);
+    EXPECT_TRUE(at::allclose(t.plan, w.plan, 1e-12, 1e-14)) << dev;
+    EXPECT_TRUE(at::allclose(t.f, w.f, 1e-12, 1e-12)) << dev;
+    EXPECT_TRUE(at::allclose(t.g, w.g, 1e-12, 1e-12)) << dev;
+    EXPECT_TRUE(at::allclose(t.error, w.error, 1e-12, 1e-14)) << dev;
+    // The gradient reaches the initial potentials (a column-first run reads f0 in its first
+    // step), and the manual backward refuses warm-started options.
+    auto f0 = h.f.clone().set_requires_grad(true);
+    tail.f0 = f0;
+    const auto grad = torch::autograd::grad({sinkhorn_ops::sinkhorn(S, tail).plan.square().sum()},
+                                            {f0})[0];
+    EXPECT_TRUE(grad.abs().max().item<double>() > 0) << dev;
+    EXPECT_THROW(sinkhorn_ops::sinkhorn_backward(S, tail, t, at::ones_like(S)), c10::ValueError)
+        << dev;
+    tail.f0 = at::zeros({3, 2}, opt);
+    EXPECT_THROW(sinkhorn_ops::sinkhorn(S, tail), c10::ValueError) << dev;
+  }
+}
+
+}  // namespace

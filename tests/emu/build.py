@@ -29,7 +29,7 @@ OUT = os.path.join(ROOT, "build", "emu")
 # The dispatcher-level C++ API, the schema and the C++ autograd registrations (all on the
 # sinkhorn_ops namespace) belong to the real library only.
 SKIPPED_OPS = {"sinkhorn_op.cpp", "mhc_api.cpp", "mhc_autograd.cpp", "sinkhorn_autograd.cpp",
-               "rms_projection.cpp"}
+               "rms_projection.cpp", "sinkhorn_warm.cpp"}
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
 _REGISTRATION = "TORCH_LIBRARY_IMPL(sinkhorn_ops, CUDA, m)"
 # The implicit backward's CUDA conjugate gradients (implicit_cg.cu), registered for CPU tensors
