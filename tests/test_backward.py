@@ -1,8 +1,8 @@
 """The backward (MATH.md section 2): the unrolled gradient against autograd through the float64
 reference for every step count, start axis and dtype; the implicit gradient against a dense
 solve of section 2.2, against finite differences of the converged map and against the unrolled
-gradient at convergence; invariants, masks, empty shapes, early stopping, torch.compile, opcheck
-and the double-backward error."""
+gradient at convergence; invariants, masks, empty shapes, early stopping, torch.compile and
+opcheck. Second order: tests/test_second_order.py."""
 
 import math
 
@@ -739,7 +739,7 @@ def test_early_stopping_unrolled(device, start, marginals):
 
 
 # ---------------------------------------------------------------------------------------------
-# The backward ops called directly, opcheck, torch.compile, double backward
+# The backward ops called directly, opcheck, torch.compile
 
 
 def test_backward_unrolled_op_direct(device):
@@ -844,17 +844,6 @@ def test_compile_backward_matches_eager(device, grad):
             if xe is not None:
                 assert xc.grad is not None, "compiled backward produced no gradient"
                 assert_close(xc.grad, xe.grad, atol=1e-12, rtol=1e-12, name=f"{grad} compiled grad")
-
-
-@pytest.mark.parametrize("grad", ["unrolled", *IMPLICIT])
-def test_double_backward_raises(device, grad):
-    S, a, b = problem((2,), 3, 4, seed=0, device=device)
-    S.requires_grad_()
-    out = op_run(S, a, b, steps=5 if grad == "unrolled" else 100, grad=grad)
-    W, _, _ = upstream((2,), 3, 4, seed=0, device=device)
-    with pytest.raises((RuntimeError, NotImplementedError), match="double backward"):
-        (gS,) = torch.autograd.grad((out.plan * W).sum(), S, create_graph=True)
-        (gS**2).sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -225,8 +225,20 @@ def test_rms_projection_differentiates_twice_under_func():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_sinkhorn_differentiates_twice_under_func():
+    """Nested torch.func transforms through the operator (tests/test_second_order.py checks the
+    values against the reference)."""
+    t = torch.randn(8, dtype=F64)
+    fn = lambda t: so.sinkhorn(t.view(2, 2, 2), steps=3).sin().sum()  # noqa: E731
+    gg = func.grad(lambda t: func.grad(fn)(t).sin().sum())(t)
+    rr = func.jacrev(func.jacrev(fn))(t)
+    fr = func.jacfwd(func.jacrev(fn))(t)
+    assert torch.isfinite(gg).all()
+    torch.testing.assert_close(rr, fr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rr, rr.T, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("op, fn", [
-    ("sinkhorn", lambda t: so.sinkhorn(t.view(2, 2, 2), steps=3).sin().sum()),
     ("mhc_sinkhorn", lambda t: so.mhc_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
     ("mhc_v4_sinkhorn", lambda t: so.mhc_v4_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
 ])

@@ -222,6 +222,22 @@ inline void check_no_tangents(const char* op, const std::vector<at::Tensor>& arg
   }
 }
 
+// Whether a call on `inputs` is recorded by reverse mode: grad mode on and an input that
+// requires grad.
+inline bool records_history(const std::vector<at::Tensor>& inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+// Whether an input carries a forward-mode tangent.
+inline bool has_tangent(const std::vector<at::Tensor>& inputs) {
+  for (const auto& t : inputs)
+    if (t.defined() && torch::autograd::isFwGradDefined(t)) return true;
+  return false;
+}
+
 // The node of a call whose differentiable inputs are `inputs` (their order is the order of the
 // gradients the node's apply returns; undefined ones get no edge), or null when nothing is
 // recorded (grad mode off, or no input requires grad).
@@ -229,12 +245,7 @@ template <typename N>
 auto begin_node(const char* op, const std::vector<at::Tensor>& inputs) {
   check_no_tangents(op, inputs);
   decltype(make_node<N>()) node;
-  bool record = at::GradMode::is_enabled();
-  if (record) {
-    record = false;
-    for (const auto& t : inputs) record = record || (t.defined() && t.requires_grad());
-  }
-  if (!record) return node;
+  if (!records_history(inputs)) return node;
   node = make_node<N>();
   torch::autograd::edge_list edges;
   edges.reserve(inputs.size());

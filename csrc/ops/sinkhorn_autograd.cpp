@@ -2,8 +2,13 @@
 // (autograd_node.h): sinkhorn_ops::sinkhorn differentiates from LibTorch as from Python, and a
 // call records one C++ node. The forward saves what the chosen backward needs (grad="unrolled":
 // the inputs and the steps run, for the replay; the implicit modes: the plan alone); the
-// backward calls the backward operator, which is a node of its own whose differentiation raises
-// NotImplementedError (no double backward).
+// backward calls the backward operator.
+//
+// Second order: the backward operators are differentiable. When their own result is to be
+// differentiated (create_graph, torch.func's nested transforms, forward-mode tangents), they
+// run in out-of-place ATen ops (the unrolled backward's replay and reverse steps; the implicit
+// backward's solve) that autograd and forward-mode AD go through. Forward-mode AD of the
+// unrolled operator itself recomputes its outputs the same way from the steps its run took.
 #include <torch/library.h>
 
 #include <string>
@@ -75,6 +80,30 @@ struct SinkhornBackward : NodeWith<SinkhornBackward> {
   }
 };
 
+namespace {
+
+// Whether a backward operator's result is itself differentiated.
+bool second_order(const std::vector<at::Tensor>& inputs) {
+  return records_history(inputs) || has_tangent(inputs);
+}
+
+// Forward-mode AD of the unrolled operator: its run (the steps each problem took, the error),
+// then its outputs recomputed by the differentiable replay, which carries the tangents.
+detail::ForwardResult unrolled_with_tangents(T scores, Opt a, Opt b, Opt mask, int64_t steps,
+                                             Str start, double tol, Str grad, double cg_tol,
+                                             int64_t cg_max_iter) {
+  const auto run = below_autograd([&] {
+    return detail::call_sinkhorn(scores, a, b, mask, steps, start, tol, grad, cg_tol,
+                                 cg_max_iter);
+  });
+  const auto problem = detail::prepare_forward(scores, a, b, mask, steps, start, tol);
+  return detail::unrolled_forward_differentiable(problem, a.value_or(at::Tensor()),
+                                                 b.value_or(at::Tensor()), std::get<3>(run),
+                                                 std::get<4>(run));
+}
+
+}  // namespace
+
 }  // namespace autograd
 }  // namespace sinkhorn_ops
 
@@ -82,6 +111,18 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   using namespace sinkhorn_ops::autograd;
   m.impl("sinkhorn", [](T scores, Opt a, Opt b, Opt mask, int64_t steps, Str start, double tol,
                         Str grad, double cg_tol, int64_t cg_max_iter) {
+    const std::vector<at::Tensor> inputs{scores, a.value_or(at::Tensor()),
+                                         b.value_or(at::Tensor())};
+    if (has_tangent(inputs)) {
+      TORCH_CHECK_NOT_IMPLEMENTED(grad == "unrolled",
+                                  "sinkhorn: forward-mode AD (torch.autograd.forward_ad, "
+                                  "torch.func.jvp, jacfwd) supports grad=\"unrolled\" only, got "
+                                  "grad=\"",
+                                  std::string(grad), "\"; use reverse mode for the implicit "
+                                  "gradient");
+      return unrolled_with_tangents(scores, a, b, mask, steps, start, tol, grad, cg_tol,
+                                    cg_max_iter);
+    }
     auto node = begin_node<SinkhornBackward>(
         "sinkhorn", {scores, a.value_or(at::Tensor()), b.value_or(at::Tensor())});
     auto r = below_autograd([&] {
@@ -118,11 +159,24 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("sinkhorn_backward_unrolled",
          [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b, Opt mask, T steps_used,
             int64_t steps, Str start) {
+           if (second_order({grad_plan, grad_f.value_or(at::Tensor()),
+                             grad_g.value_or(at::Tensor()), scores, a.value_or(at::Tensor()),
+                             b.value_or(at::Tensor())})) {
+             return sinkhorn_ops::detail::unrolled_backward_composite(
+                 sinkhorn_ops::detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
+                                          steps_used, steps, start),
+                 at::Tensor(), nullptr, /*differentiable=*/true);
+           }
            return backward_kernel<UnrolledBackward>(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                                     steps_used, steps, start);
          });
   m.impl("sinkhorn_backward_implicit", [](T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver,
                                           double cg_tol, int64_t cg_max_iter) {
+    if (second_order({grad_plan, grad_f.value_or(at::Tensor()), grad_g.value_or(at::Tensor()),
+                      plan})) {
+      return sinkhorn_ops::detail::sinkhorn_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
+                                                cg_max_iter, /*differentiable=*/true);
+    }
     return backward_kernel<ImplicitBackward>(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
                                              cg_max_iter);
   });

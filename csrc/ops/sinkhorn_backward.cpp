@@ -16,12 +16,14 @@ at::Tensor flat_grad(const c10::optional<at::Tensor>& g, const char* name,
   return g->to(accumulation_type(like.scalar_type())).reshape({B, len}).contiguous();
 }
 
-// d a = d(log a) / a, broadcast shape; an a_i of 0 (an empty row's mass) gets 0, not inf.
+// d a = d(log a) / a, broadcast shape; an a_i of 0 (an empty row's mass) gets 0, not inf (nor
+// NaN in the derivative of this division, for the differentiable backward).
 at::Tensor to_linear(const at::Tensor& grad_log, const at::Tensor& x, at::IntArrayRef shape) {
   if (!x.defined()) return at::empty({0}, grad_log.options());
-  const auto g = grad_log.view(shape);
+  const auto g = grad_log.reshape(shape);
   const auto xv = x.to(g.scalar_type()).expand(shape);
-  return at::where(xv != 0, g / xv, at::zeros_like(g));
+  const auto zero = xv == 0;
+  return (g / xv.masked_fill(zero, 1)).masked_fill(zero, 0);
 }
 
 }  // namespace

@@ -68,9 +68,12 @@ struct ReverseStepArgs {
   at::Tensor S, dS, steps_used, lse, before_lse, other_log_marginal, u, target, grad_log_marginal;
 };
 using ReverseStep = std::function<bool(const ReverseStepArgs&)>;
+// differentiable: out-of-place ATen ops only (no history, no reverse), so that autograd and
+// forward-mode AD differentiate the gradient itself (the backward operator's second order).
 BackwardResult unrolled_backward_composite(const BackwardProblem& p,
                                            const at::Tensor& history = at::Tensor(),
-                                           const ReverseStep& reverse = nullptr);
+                                           const ReverseStep& reverse = nullptr,
+                                           bool differentiable = false);
 
 // A device's conjugate-gradient solve of the implicit backward's Schur system (the CUDA glue
 // registers its fused kernel, cuda/implicit_cg.cu; sinkhorn::CgParams says what it solves): P
@@ -88,11 +91,23 @@ using CgSolver = bool (*)(const CgSystem&, const at::Tensor& y);
 void register_cg_solver(c10::DeviceType device, CgSolver solver);
 
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
+// differentiable: without a device's fused CG solver, so that autograd and forward-mode AD
+// differentiate the gradient (through the dense solve exactly; through the CG iterations, the
+// derivative of the iterate they stop at).
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,
                                           const c10::optional<at::Tensor>& grad_g,
                                           const at::Tensor& plan, c10::string_view solver,
-                                          double cg_tol, int64_t cg_max_iter);
+                                          double cg_tol, int64_t cg_max_iter,
+                                          bool differentiable = false);
+
+// The unrolled forward's outputs recomputed from the steps each problem ran (steps_used, from
+// the operator's own run) in out-of-place ATen ops, for forward-mode AD (and, with it, reverse
+// mode through the same ops): plan = exp(S + f (+) g), f and g the replayed potentials; a and b
+// the caller's marginals (undefined for the defaults).
+ForwardResult unrolled_forward_differentiable(const ForwardProblem& f, const at::Tensor& a,
+                                              const at::Tensor& b, const at::Tensor& steps_used,
+                                              const at::Tensor& error);
 
 // The three operators called through the dispatcher (sinkhorn_op.cpp): the C++ API's calls, and
 // the autograd registration's below the Autograd key (sinkhorn_autograd.cpp).

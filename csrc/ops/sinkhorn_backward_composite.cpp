@@ -19,6 +19,28 @@
 namespace sinkhorn_ops {
 namespace detail {
 
+namespace {
+
+// log(x) flattened to (B, len) as the forward's log marginal, with a derivative that stays
+// finite where x is 0 (there log x = -inf and the gradient's 1 / x would make 0 x inf = NaN).
+at::Tensor differentiable_log(const at::Tensor& x, at::ScalarType acc,
+                              const std::vector<int64_t>& batch, int64_t len, int64_t B) {
+  std::vector<int64_t> shape(batch);
+  shape.push_back(len);
+  const auto v = x.to(acc).expand(shape).reshape({B, len});
+  const auto zero = v == 0;
+  return at::log(v.masked_fill(zero, 1)).masked_fill(zero, -std::numeric_limits<double>::infinity());
+}
+
+// logsumexp over dim whose derivative is 0, not NaN, on an empty line (all -inf).
+at::Tensor differentiable_lse(const at::Tensor& x, int64_t dim) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const auto empty = (x == ninf).all(dim);
+  return at::logsumexp(x.masked_fill(empty.unsqueeze(dim), 0), dim).masked_fill(empty, ninf);
+}
+
+}  // namespace
+
 bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
   static const bool cpu_forced = sinkhorn::env_is("SINKHORN_CPU_BACKWARD", "composite");
   static const bool cuda_disabled = sinkhorn::env_is("SINKHORN_CUDA_BACKWARD", "block");
@@ -27,56 +49,109 @@ bool composite_backward_applies(const BackwardProblem& p, bool cpu) {
   return cuda_forced || (!cuda_disabled && p.fwd.n * p.fwd.m >= (int64_t(1) << 20));
 }
 
-BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::Tensor& history,
-                                           const ReverseStep& reverse) {
-  const auto& f = p.fwd;
-  BackwardOutputs out = allocate_backward(p);
-  if (f.B == 0) return finish_backward(p, out);
+namespace {
+
+// The replay of a forward (MATH.md section 1): each step's LSEs (from `history` when given: the
+// same steps, run without the freezing, whose extra steps the reverse never reads) and the
+// potentials each problem ended with, frozen after its steps_used steps; differentiable when
+// asked (out of place, safe logs).
+struct Replay {
+  at::Tensor S, la, lb, pf, pg;  // S (B, n, m) in the accumulation type, masked entries -inf
+  std::vector<at::Tensor> hist;
+};
+
+// math::potential: log(marginal) - LSE, 0 for an empty line, NaN for a NaN LSE.
+at::Tensor potential(const at::Tensor& lm, const at::Tensor& lse) {
+  return at::where(lse == -std::numeric_limits<double>::infinity(), at::zeros({}, lse.options()),
+                   lm - lse);
+}
+
+bool row_step(const ForwardProblem& f, int64_t t) { return ((t % 2) == 0) == f.start_row; }
+
+Replay replay(const ForwardProblem& f, const at::Tensor& a, const at::Tensor& b,
+              const at::Tensor& steps_used, const at::Tensor& history, bool differentiable) {
   const auto acc = accumulation_type(f.scores.scalar_type());
   const auto opts = f.scores.options().dtype(acc);
   const double ninf = -std::numeric_limits<double>::infinity();
-  const auto S = f.scores.to(acc);  // (B, n, m), masked entries -inf
-  const auto zero = at::zeros({}, opts), masked = at::full({}, ninf, opts);
+  Replay r;
+  r.S = f.scores.to(acc);
+  r.la = f.log_a;
+  r.lb = f.log_b;
+  if (differentiable && r.la.defined()) {
+    r.la = differentiable_log(a, acc, f.batch_shape, f.n, f.B);
+    r.lb = differentiable_log(b, acc, f.batch_shape, f.m, f.B);
+  }
+  if (!r.la.defined()) {  // the default marginals (MATH.md section 1, masks)
+    const auto allowed = r.S != ninf;
+    const auto alive_r = allowed.any(-1), alive_c = allowed.any(-2);
+    const auto rows = alive_r.sum(-1, true).to(acc), cols = alive_c.sum(-1, true).to(acc);
+    const auto masked = at::full({}, ninf, opts);
+    r.la = at::where(alive_r, at::zeros({}, opts), masked);
+    r.lb = at::where(alive_c & (rows > 0), at::log(rows / cols.clamp_min(1)), masked);
+  }
+  const auto used = steps_used.clamp(0, f.steps).unsqueeze(-1);  // (B, 1)
+  r.pf = at::zeros({f.B, f.n}, opts);
+  r.pg = at::zeros({f.B, f.m}, opts);
+  r.hist.resize(f.steps);
+  for (int64_t t = 0; t < f.steps; ++t) {
+    const auto active = used > t;
+    const bool row = row_step(f, t);
+    if (history.defined()) {
+      r.hist[t] = history.select(0, t).narrow(-1, 0, row ? f.n : f.m);
+    } else {
+      const auto x = row ? r.S + r.pg.unsqueeze(-2) : r.S + r.pf.unsqueeze(-1);
+      r.hist[t] = differentiable ? differentiable_lse(x, row ? -1 : -2)
+                                 : at::logsumexp(x, row ? -1 : -2);
+    }
+    if (row) {
+      r.pf = at::where(active, potential(r.la, r.hist[t]), r.pf);
+    } else {
+      r.pg = at::where(active, potential(r.lb, r.hist[t]), r.pg);
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+ForwardResult unrolled_forward_differentiable(const ForwardProblem& f, const at::Tensor& a,
+                                              const at::Tensor& b, const at::Tensor& steps_used,
+                                              const at::Tensor& error) {
+  ForwardOutputs out;
+  if (f.B == 0) {
+    out = allocate_forward(f);
+  } else {
+    const auto r = replay(f, a, b, steps_used.reshape({f.B}), at::Tensor(), true);
+    out.plan = at::exp(r.S + r.pf.unsqueeze(-1) + r.pg.unsqueeze(-2)).to(f.scores.scalar_type());
+    out.f = r.pf;
+    out.g = r.pg;
+  }
+  out.steps_used = steps_used.reshape({f.B});
+  out.error = error.reshape({f.B});
+  return finish_forward(f, out);
+}
+
+BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::Tensor& history,
+                                           const ReverseStep& reverse, bool differentiable) {
+  const auto& f = p.fwd;
+  BackwardOutputs out = allocate_backward(p);
+  if (f.B == 0) return finish_backward(p, out);
+  // Differentiable: out of place throughout (autograd saves what it differentiates), no device
+  // kernels, no history.
+  TORCH_INTERNAL_ASSERT(!differentiable || (!history.defined() && !reverse));
+  const auto acc = accumulation_type(f.scores.scalar_type());
+  const auto opts = f.scores.options().dtype(acc);
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const auto zero = at::zeros({}, opts);
   // An empty line's LSE (-inf) read as +inf in the reverse: its R = exp(S + before - LSE) is 0,
   // as math::step_weight makes it in the kernels (a NaN LSE stays NaN, as there).
   const auto inf = at::full({}, -ninf, opts);
-
-  at::Tensor la = f.log_a, lb = f.log_b;
-  if (!la.defined()) {  // the default marginals (MATH.md section 1, masks)
-    const auto allowed = S != ninf;
-    const auto alive_r = allowed.any(-1), alive_c = allowed.any(-2);
-    const auto rows = alive_r.sum(-1, true).to(acc), cols = alive_c.sum(-1, true).to(acc);
-    la = at::where(alive_r, zero, masked);
-    lb = at::where(alive_c & (rows > 0), at::log(rows / cols.clamp_min(1)), masked);
-  }
-  // math::potential: log(marginal) - LSE, 0 for an empty line, NaN for a NaN LSE.
-  auto potential = [&](const at::Tensor& lm, const at::Tensor& lse) {
-    return at::where(lse == ninf, zero, lm - lse);
-  };
   const int64_t K = f.steps;
   const auto used = p.steps_used.clamp(0, K).unsqueeze(-1);  // (B, 1)
-  auto row_step = [&](int64_t t) { return ((t % 2) == 0) == f.start_row; };
-
-  // The replay: each step's LSEs (from `history` when given: the same steps, run without the
-  // freezing, whose extra steps the reverse never reads) and the potentials each problem ended
-  // with, frozen after its steps_used steps.
-  at::Tensor pf = at::zeros({f.B, f.n}, opts), pg = at::zeros({f.B, f.m}, opts);
-  std::vector<at::Tensor> hist(K);
-  for (int64_t t = 0; t < K; ++t) {
-    const auto active = used > t;
-    const bool row = row_step(t);
-    if (history.defined()) {
-      hist[t] = history.select(0, t).narrow(-1, 0, row ? f.n : f.m);
-    } else {
-      hist[t] = row ? at::logsumexp(S + pg.unsqueeze(-2), -1)
-                    : at::logsumexp(S + pf.unsqueeze(-1), -2);
-    }
-    if (row) {
-      pf = at::where(active, potential(la, hist[t]), pf);
-    } else {
-      pg = at::where(active, potential(lb, hist[t]), pg);
-    }
-  }
+  const auto r = replay(f, p.a, p.b, p.steps_used, history, differentiable);
+  const auto& S = r.S;
+  const auto &la = r.la, &lb = r.lb, &pf = r.pf, &pg = r.pg;
+  const auto& hist = r.hist;
   // The output P = exp(S + f (+) g): dS = Gamma, and Gamma's sums join dL/df and dL/dg.
   auto dS = p.grad_plan.to(acc) * at::exp(S + pf.unsqueeze(-1) + pg.unsqueeze(-2));
   auto uf = dS.sum(-1), ug = dS.sum(-2);
@@ -87,7 +162,7 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
   for (int64_t t = K - 1; t >= 0; --t) {
     // The step's axis (d) and the other one (e): a row step reads the row LSEs and g as step t-1
     // left it, and its sums go to g's upstream; a column step the transpose.
-    const bool row = row_step(t);
+    const bool row = row_step(f, t);
     at::Tensor& u_axis = row ? uf : ug;
     at::Tensor& other = row ? ug : uf;
     at::Tensor& dl = row ? dla : dlb;
@@ -102,19 +177,33 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     const auto before =
         prev.defined() ? potential(lm_other, prev) : at::zeros({f.B, row ? f.m : f.n}, opts);
     const auto u = at::where(active, u_axis, zero);
-    auto w = at::add(S, before.unsqueeze(e));  // then in place: one temporary a step
-    w.sub_(at::where(lse == ninf, inf, lse).unsqueeze(d)).exp_().mul_(u.unsqueeze(d));
+    const auto lse_read = at::where(lse == ninf, inf, lse).unsqueeze(d);
     // A problem that did not run the step takes no part in it, even where its LSE of a step it
     // never ran is NaN (0 x NaN): as the kernels, which skip it.
-    w.masked_fill_(~active.unsqueeze(-1), 0);
-    dS.sub_(w);
-    other.sub_(w.sum(e));
+    const auto idle = ~active.unsqueeze(-1);
+    at::Tensor w;
+    if (differentiable) {
+      w = at::exp(S + before.unsqueeze(e) - lse_read) * u.unsqueeze(d);
+      w = w.masked_fill(idle, 0);
+      dS = dS - w;
+      other = other - w.sum(e);
+    } else {
+      w = at::add(S, before.unsqueeze(e));  // then in place: one temporary a step
+      w.sub_(lse_read).exp_().mul_(u.unsqueeze(d));
+      w.masked_fill_(idle, 0);
+      dS.sub_(w);
+      other.sub_(w.sum(e));
+    }
     dl = dl + at::where(lse > ninf, u, zero);
     u_axis = at::where(active, zero, u_axis);  // consumed: the step overwrote that potential
   }
-  out.grad_scores.copy_(dS);
-  out.grad_log_a.copy_(dla);
-  out.grad_log_b.copy_(dlb);
+  if (differentiable) {
+    out = {dS.to(f.scores.scalar_type()), dla, dlb};
+  } else {
+    out.grad_scores.copy_(dS);
+    out.grad_log_a.copy_(dla);
+    out.grad_log_b.copy_(dlb);
+  }
   return finish_backward(p, out);
 }
 

@@ -29,8 +29,10 @@ at::Tensor bdot(const at::Tensor& u, const at::Tensor& v) {  // per problem, kep
   return (u * v).sum(-1, /*keepdim=*/true);
 }
 
+// num / den, 0 where den is 0 (and a derivative that is 0 there, not NaN).
 at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
-  return at::where(den != 0, num / den, at::zeros_like(num));
+  const auto zero = den == 0;
+  return (num / den.masked_fill(zero, 1)).masked_fill(zero, 0);
 }
 
 struct Schur {
@@ -62,10 +64,11 @@ CgSolver& cg_solver(c10::DeviceType device) {
 // problem whose residual is below tol * |rhs| stops updating (no host synchronisation). A
 // device's registered solver (flip: A.P is the plan's transpose) takes the call first.
 at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol, int64_t iters,
-                               bool flip) {
+                               bool flip, bool differentiable) {
   const auto d = A.diagonal();
   const auto dinv = safe_div(at::ones_like(d), d.clamp_min(0));
-  if (const CgSolver solver = cg_solver(rhs.device().type())) {
+  const CgSolver solver = differentiable ? nullptr : cg_solver(rhs.device().type());
+  if (solver) {
     const auto y = at::empty(rhs.sizes(), rhs.options());  // contiguous, as the solver writes it
     const CgSystem system{(flip ? A.P.transpose(1, 2) : A.P).contiguous(),
                           flip,
@@ -107,7 +110,7 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,
                                           const c10::optional<at::Tensor>& grad_g,
                                           const at::Tensor& plan, c10::string_view solver,
-                                          double cg_tol, int64_t cg_max_iter) {
+                                          double cg_tol, int64_t cg_max_iter, bool differentiable) {
   TORCH_CHECK_VALUE(plan.dim() >= 2, "sinkhorn_backward_implicit: expected plan (..., n, m), got ",
                     plan.sizes());
   TORCH_CHECK_VALUE(grad_plan.sizes() == plan.sizes(),
@@ -159,7 +162,7 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   } else if (dense) {
     yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
   } else {
-    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip);
+    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip, differentiable);
   }
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
   const auto x = flip ? yM : xN, y = flip ? xN : yM;

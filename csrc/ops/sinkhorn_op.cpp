@@ -86,5 +86,11 @@ SinkhornGrads sinkhorn_backward(const at::Tensor& scores, const SinkhornOptions&
 TORCH_LIBRARY(sinkhorn_ops, m) { sinkhorn_ops::detail::define_ops(m); }
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, CompositeExplicitAutograd, m) {
-  m.impl("sinkhorn_backward_implicit", &sinkhorn_ops::detail::sinkhorn_backward_implicit);
+  m.impl("sinkhorn_backward_implicit",
+         [](const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
+            const c10::optional<at::Tensor>& grad_g, const at::Tensor& plan,
+            c10::string_view solver, double cg_tol, int64_t cg_max_iter) {
+           return sinkhorn_ops::detail::sinkhorn_backward_implicit(grad_plan, grad_f, grad_g, plan,
+                                                                   solver, cg_tol, cg_max_iter);
+         });
 }

@@ -201,8 +201,17 @@ TEST(SinkhornBackward, AutogradOfTheCppApi) {
       // Summed over the batch to a's shape (5); b's keeps its own (2, 4).
       EXPECT_TRUE(at::allclose(got[1], want.a.sum(0), 1e-12, 1e-14)) << dev << mode;
       EXPECT_TRUE(at::allclose(got[2], want.b, 1e-12, 1e-14)) << dev << mode;
-      EXPECT_THROW(torch::autograd::grad({got[0].sum()}, {s}), c10::NotImplementedError)
-          << dev << mode;
+      // Second order (create_graph): the Hessian-vector product in S against central
+      // differences of the first-order gradient.
+      const auto V = at::randn_like(S);
+      const auto hv = torch::autograd::grad({(got[0] * V).sum()}, {s}, {}, true)[0];
+      const double h = 1e-5;
+      const auto grad_at = [&](const at::Tensor& x) {
+        return sinkhorn_ops::sinkhorn_backward(x, o, sinkhorn_ops::sinkhorn(x, o), W).scores;
+      };
+      const auto fd = (grad_at(S + h * V) - grad_at(S - h * V)) / (2 * h);
+      EXPECT_TRUE(hv.abs().max().item<double>() > 1e-3) << dev << mode;
+      EXPECT_TRUE(at::allclose(hv, fd, 1e-5, 1e-7)) << dev << mode << (hv - fd).abs().max();
       // A loss on f alone (no gradient reaches the plan: an absent grad_plan), and only a
       // requiring grad.
       auto s2 = S.clone().set_requires_grad(true);

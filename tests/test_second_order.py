@@ -1,0 +1,323 @@
+"""Second order and forward mode of the Sinkhorn operator (MATH.md section 2): the backward
+operators differentiate (create_graph, torch.func's nested transforms, forward-mode tangents)
+through their out-of-place ATen form, and the unrolled operator has forward-mode AD.
+
+Checked against finite differences (gradgradcheck, fwAD), against the float64 reference's own
+second derivatives (hessians, Hessian-vector products, jvps; the reference is plain PyTorch), in
+low precision against float64, with masks, zero marginals, early stopping and both starts, and
+through Sinkhorn attention (a gradient penalty)."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from conftest import DEVICES, assert_close, load_ops, random_marginals, random_scores
+from torch import func
+from torch.autograd import gradcheck, gradgradcheck
+
+so = load_ops()
+from sinkhorn_ops.reference import sinkhorn_reference  # noqa: E402
+
+F64 = torch.float64
+IMPLICIT = ["implicit", "implicit_dense", "implicit_cg"]
+TIGHT_CG = {"cg_tol": 1e-14, "cg_max_iter": 300}
+
+
+def weights(shape, seed, device):
+    return random_scores(shape, seed=seed, device=device)
+
+
+def plan_loss(run, W):
+    """A smooth loss of the plan whose second derivative is not trivially zero."""
+    return lambda S: (run(S) * W).sin().sum()
+
+
+# ---- the unrolled mode ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start", ["row", "col"])
+@pytest.mark.parametrize("steps", [0, 1, 4, 7])
+def test_unrolled_gradgradcheck(device, start, steps):
+    """Every output (plan, f, g) against every input (scores, a, b), by finite differences of
+    the gradient; unbalanced marginals are fine here (the unrolled map is exact at any step)."""
+    S = random_scores((2, 3, 4), seed=1, device=device).requires_grad_()
+    a, b = random_marginals((2,), 3, 4, seed=1, device=device)
+    a.requires_grad_()
+    b.requires_grad_()
+
+    def run(S, a, b):
+        r = so.sinkhorn(S, a, b, steps=steps, start=start, return_potentials=True)
+        return r.plan, r.f, r.g
+
+    assert gradgradcheck(run, (S, a, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrolled_gradgradcheck_default_marginals_and_mask(device):
+    S = random_scores((2, 4, 5), seed=2, device=device).requires_grad_()
+    mask = torch.ones(2, 4, 5, dtype=torch.bool, device=device)
+    mask[0, 1] = False  # an empty row
+    mask[1, :, 3] = False  # an empty column
+    mask[1, 0, 0] = False
+
+    def run(S):
+        r = so.sinkhorn(S, mask=mask, steps=6, return_potentials=True)
+        return r.plan, r.f, r.g
+
+    assert gradgradcheck(run, (S,))
+
+
+def reference_hessian(loss_of_plan, S, **kw):
+    return torch.autograd.functional.hessian(
+        lambda s: loss_of_plan(sinkhorn_reference(s, **kw).plan), S)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["plain", "mask", "marginals", "tol", "zero_marginal"])
+def test_unrolled_hessian_matches_reference(device, case):
+    """torch.func.hessian (forward over reverse) and torch.autograd.functional.hessian (reverse
+    over reverse) of a loss of the plan, against the hessian of the float64 reference."""
+    n, m = 3, 4
+    S = random_scores((n, m), seed=3, device=device)
+    W = weights((n, m), 4, device)
+    kw = {"steps": 5}
+    if case == "mask":
+        # (no empty line: the reference's own second derivative is NaN there, from
+        # logsumexp's over an all -inf line; gradgradcheck covers empty lines above)
+        mask = torch.ones(n, m, dtype=torch.bool, device=device)
+        mask[1, 1:] = False
+        mask[0, 2] = False
+        kw["mask"] = mask
+    elif case == "marginals":
+        a, b = random_marginals((), n, m, seed=5, device=device)
+        kw.update(a=a, b=b)
+    elif case == "tol":
+        kw = {"steps": 60, "tol": 1e-3}  # stops well before the cap
+    elif case == "zero_marginal":
+        a, b = random_marginals((), n, m, seed=6, device=device)
+        a = a.clone()
+        a[1] = 0.0
+        b = b * (a.sum() / b.sum())
+        kw.update(a=a, b=b)
+    loss_of_plan = lambda P: (P * W).sin().sum()  # noqa: E731
+    pos = {k: kw.pop(k) for k in ("a", "b") if k in kw}
+    run = lambda s: so.sinkhorn(s, pos.get("a"), pos.get("b"), **kw)  # noqa: E731
+    if case == "tol":
+        steps = so.sinkhorn(S, return_potentials=True, **kw).steps
+        assert 0 < int(steps) < 60
+    want = reference_hessian(loss_of_plan, S.cpu(), **{k: (v.cpu() if torch.is_tensor(v) else v)
+                                                       for k, v in {**kw, **pos}.items()})
+    assert torch.isfinite(want).all()
+    got_fr = func.hessian(lambda s: loss_of_plan(run(s)))(S)
+    got_rr = torch.autograd.functional.hessian(lambda s: loss_of_plan(run(s)), S)
+    assert_close(got_fr, want, atol=1e-10, rtol=1e-9, name="func.hessian")
+    assert_close(got_rr, want, atol=1e-10, rtol=1e-9, name="autograd hessian")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrolled_second_order_in_the_marginals(device):
+    """Mixed second derivatives in a and b (through d a = d log a / a) against the reference."""
+    S = random_scores((3, 4), seed=7, device=device)
+    a, b = random_marginals((), 3, 4, seed=7, device=device)
+    W = weights((3, 4), 8, device)
+
+    def loss(run):
+        return lambda a, b: (run(a, b) * W).sin().sum()
+
+    ours = loss(lambda a, b: so.sinkhorn(S, a, b, steps=5))
+    ref = loss(lambda a, b: sinkhorn_reference(S.cpu(), a, b, steps=5).plan.to(S.device))
+    got = torch.autograd.functional.hessian(ours, (a, b))
+    want = torch.autograd.functional.hessian(ref, (a, b))
+    for i in range(2):
+        for j in range(2):
+            assert_close(got[i][j], want[i][j], atol=1e-10, rtol=1e-9, name=f"H[{i}][{j}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_trains(device):
+    """create_graph through the operator: a penalty on the gradient's norm gets the gradient the
+    reference gives it, and NaN never appears (an empty row included)."""
+    S = random_scores((2, 4, 4), seed=9, device=device).requires_grad_()
+    mask = torch.ones(2, 4, 4, dtype=torch.bool, device=device)
+    mask[1, 2] = False
+    W = weights((2, 4, 4), 10, device)
+
+    def penalty(run, S, W=W):
+        (g,) = torch.autograd.grad((run(S) * W).sin().sum(), S, create_graph=True)
+        return g.square().sum()
+
+    ours = penalty(lambda s: so.sinkhorn(s, mask=mask, steps=8), S)
+    (got,) = torch.autograd.grad(ours, S)
+    assert torch.isfinite(got).all()
+    # The truth: the reference on each problem with its empty row left out (the default
+    # marginals of the rest are the same: 1 a row, rows / columns a column), whose own second
+    # derivative would be NaN across an all -inf line; that row's gradient is 0.
+    want = torch.zeros(2, 4, 4, dtype=F64)
+    for i, rows in ((0, [0, 1, 2, 3]), (1, [0, 1, 3])):
+        Sc = S.detach()[i, rows].cpu().requires_grad_()
+        ref = penalty(lambda s: sinkhorn_reference(s, steps=8).plan, Sc, W[i, rows].cpu())
+        want[i, rows] = torch.autograd.grad(ref, Sc)[0]
+    assert_close(got, want, atol=1e-10, rtol=1e-9, name="penalty gradient")
+
+
+# ---- forward mode --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["plain", "marginals", "mask", "tol"])
+def test_forward_mode_matches_reference(device, case):
+    """jvp of plan, f and g against the reference's jvp, for tangents on S, a and b."""
+    S = random_scores((2, 3, 4), seed=11, device=device)
+    a, b = random_marginals((2,), 3, 4, seed=11, device=device)
+    kw = {"steps": 7, "start": "col"}
+    if case == "mask":
+        mask = torch.ones(2, 3, 4, dtype=torch.bool, device=device)
+        mask[0, 1] = False
+        kw["mask"] = mask
+    if case == "tol":
+        kw = {"steps": 80, "tol": 1e-4}
+    use_ab = case in ("marginals", "tol")
+    tS = random_scores((2, 3, 4), seed=12, device=device)
+    ta, tb = random_marginals((2,), 3, 4, seed=13, device=device)
+
+    def ours(S, a, b):
+        r = so.sinkhorn(S, a if use_ab else None, b if use_ab else None,
+                        return_potentials=True, **kw)
+        return r.plan, r.f, r.g
+
+    def ref(S, a, b):
+        cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        r = sinkhorn_reference(S.cpu(), a.cpu() if use_ab else None, b.cpu() if use_ab else None,
+                               **cpu)
+        return r.plan, r.f, r.g
+
+    out, tan = func.jvp(ours, (S, a, b), (tS, ta, tb))
+    rout, rtan = func.jvp(ref, (S, a, b), (tS, ta, tb))
+    for name, x, y in zip(("plan", "f", "g"), out, rout):
+        assert_close(x, y, atol=1e-12, rtol=1e-12, name=name)
+    for name, x, y in zip(("plan", "f", "g"), tan, rtan):
+        assert_close(x, y, atol=1e-10, rtol=1e-9, name=f"tangent of {name}")
+    # The steps and error come from the operator's own run, unchanged.
+    with fwAD.dual_level():
+        r = so.sinkhorn(fwAD.make_dual(S, tS), return_potentials=True, **{
+            k: v for k, v in kw.items()})
+        plain = so.sinkhorn(S, return_potentials=True, **kw)
+        assert torch.equal(r.steps, plain.steps)
+        assert_close(r.error, plain.error, atol=0, rtol=0, name="error")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_gradcheck(device):
+    S = random_scores((2, 3, 3), seed=14, device=device).requires_grad_()
+    a, b = random_marginals((2,), 3, 3, seed=14, device=device)
+    a.requires_grad_()
+
+    def run(S, a):
+        r = so.sinkhorn(S, a, b, steps=5, return_potentials=True)
+        return r.plan, r.f, r.g
+
+    assert gradcheck(run, (S, a), check_forward_ad=True, check_backward_ad=True,
+                     check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_forward_mode_of_the_implicit_operator_is_a_clear_error(grad):
+    S = random_scores((3, 3), seed=15)
+    with pytest.raises(NotImplementedError, match='sinkhorn: forward-mode AD .* supports '
+                                                  'grad="unrolled" only'):
+        func.jvp(lambda s: so.sinkhorn(s, grad=grad), (S,), (torch.ones_like(S),))
+
+
+# ---- the implicit modes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_gradgradcheck(device, grad):
+    """The implicit gradient differentiated: through the plan (its own implicit gradient) and the
+    solve. Marginals through a softmax keep the problem balanced under the finite differences,
+    so that the converged map (which the implicit gradient differentiates) exists."""
+    S = random_scores((2, 3, 4), seed=16, device=device).requires_grad_()
+    al = random_scores((2, 3), seed=17, device=device).requires_grad_()
+    be = random_scores((2, 4), seed=18, device=device).requires_grad_()
+
+    def run(S, al, be):
+        r = so.sinkhorn(S, al.softmax(-1), be.softmax(-1), steps=400, grad=grad,
+                        return_potentials=True, **TIGHT_CG)
+        return r.plan, r.f, r.g
+
+    assert gradgradcheck(run, (S, al, be), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_implicit_hessian_matches_the_converged_unrolled_one(device):
+    """At convergence the implicit and unrolled hessians agree (the unrolled one through our
+    forward-over-reverse, the implicit one through reverse-over-reverse)."""
+    S = random_scores((3, 4), seed=19, device=device)
+    W = weights((3, 4), 20, device)
+    f_unrolled = plan_loss(lambda s: so.sinkhorn(s, steps=400), W)
+    f_implicit = plan_loss(lambda s: so.sinkhorn(s, steps=400, grad="implicit_dense"), W)
+    want = func.hessian(f_unrolled)(S)
+    got = torch.autograd.functional.hessian(f_implicit, S)
+    assert_close(got, want, atol=1e-8, rtol=1e-7, name="implicit hessian")
+
+
+# ---- low precision, attention, errors -------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_hessian_vector_product(device, dtype):
+    """A Hessian-vector product in low precision, within twice the reference's own error in
+    that dtype (plus a floor), against the float64 reference."""
+    S64 = random_scores((2, 4, 4), seed=21, device=device)
+    W64 = weights((2, 4, 4), 22, device)
+    V64 = weights((2, 4, 4), 23, device)
+
+    def hvp(run, S, W, V):
+        f = lambda s: (run(s).to(torch.float64) * W.to(torch.float64)).sin().sum()  # noqa: E731
+        return torch.autograd.functional.hvp(f, S, V)[1]
+
+    truth = hvp(lambda s: sinkhorn_reference(s, steps=6).plan, S64.cpu(), W64.cpu(), V64.cpu())
+    ref = hvp(lambda s: sinkhorn_reference(s, steps=6).plan, S64.cpu().to(dtype), W64.cpu(),
+              V64.cpu().to(dtype))
+    got = hvp(lambda s: so.sinkhorn(s, steps=6), S64.to(dtype), W64, V64.to(dtype))
+    err = (got.cpu().double() - truth).abs().max().item()
+    ref_err = (ref.double() - truth).abs().max().item()
+    floor = {torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    assert torch.isfinite(got).all()
+    assert err <= 2 * ref_err + floor, f"{dtype}: hvp error {err:.3e} > 2 x {ref_err:.3e} + {floor}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_double_backward(device):
+    """A gradient penalty through Sinkhorn attention (create_graph), against the same attention
+    written with the reference."""
+    import torch.nn.functional as F
+
+    q, k, v = (random_scores((1, 2, 5, 4), seed=s, device=device).requires_grad_()
+               for s in (24, 25, 26))
+
+    def penalty(attend):
+        out = attend(q, k, v)
+        (gq,) = torch.autograd.grad(out.sin().sum(), q, create_graph=True)
+        return gq.square().sum()
+
+    def reference_attention(q, k, v):
+        scores = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+        return sinkhorn_reference(scores, steps=3).plan @ v
+
+    got = torch.autograd.grad(penalty(lambda q, k, v: so.sinkhorn_attention(q, k, v, steps=3)),
+                              (q, k, v))
+    want = torch.autograd.grad(penalty(reference_attention), (q, k, v))
+    for name, x, y in zip("qkv", got, want):
+        assert_close(x, y, atol=1e-10, rtol=1e-9, name=f"d penalty / d {name}")
+    del F
+
+
+def test_backward_operator_second_order_from_cpp_dispatch():
+    """The backward operator called directly, with create_graph-style inputs, differentiates."""
+    S = random_scores((2, 3, 3), seed=27).requires_grad_()
+    G = random_scores((2, 3, 3), seed=28).requires_grad_()
+    r = so.sinkhorn(S.detach(), steps=4, return_potentials=True)
+    ds, _, _ = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(
+        G, None, None, S, None, None, None, r.steps, 4, "row")
+    assert ds.grad_fn is not None and "SinkhornOpsDoubleBackward" not in ds.grad_fn.name()
+    assert gradcheck(lambda G, S: torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(
+        G, None, None, S, None, None, None, r.steps, 4, "row")[0], (G, S))
