@@ -67,7 +67,7 @@ inline c10::optional<at::Tensor> present(const at::Tensor& t) {
 
 // A forward operator's node: the variables it saved (inputs, or outputs after their history is
 // set), its name, and compiled autograd's hooks. A subclass (through NodeWith) adds its options
-// and its apply, which asks needs_grad(i) whether input i's gradient is wanted.
+// and its backward, which asks needs_grad(i) whether input i's gradient is wanted.
 //
 // Compiled autograd (torch._dynamo.compiled_autograd) keys its graph on compiled_args (the saved
 // variables and the options) and calls the backward as an opaque function of the incoming
@@ -92,6 +92,15 @@ struct OpNode : Node {
     for (size_t i = 0; i < saved_.size(); ++i)
       out.push_back(saved_is_output_[i] ? saved_[i].unpack(self_ptr(this)) : saved_[i].unpack());
     return out;
+  }
+
+  // The node's backward: its incoming gradients (undefined for an output that got none) and its
+  // saved variables, unpacked under the node's lock.
+  virtual variable_list backward(variable_list& grads, const variable_list& saved) = 0;
+
+  variable_list apply(variable_list&& grads) final {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return backward(grads, unpack_saved());
   }
 
   bool needs_grad(size_t i) const {
@@ -167,6 +176,12 @@ variable_list functional_apply(const variable_list& grads, const std::vector<c10
 // symbolic shapes): compiled autograd's key, swaps and packing follow that list.
 template <typename N>
 struct NodeWith : OpNode {
+  // A node without options.
+  template <typename S>
+  static auto options(S&) {
+    return std::tuple<>();
+  }
+
   void collect_options(CompiledNodeArgs& args) const override {
     std::apply([&](const auto&... o) { (args.collect(o), ...); },
                N::options(static_cast<const N&>(*this)));

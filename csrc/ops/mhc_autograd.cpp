@@ -56,9 +56,7 @@ struct MhcSinkhornBackward : NodeWith<MhcSinkhornBackward> {
     return std::tie(n.iters);
   }
   std::string name() const override { return "MhcSinkhornBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined()) return {Variable()};
     return {mhc_sinkhorn_backward(grad[0], s[0], iters)};
   }
@@ -72,9 +70,7 @@ struct MhcV4SinkhornBackward : NodeWith<MhcV4SinkhornBackward> {
     return std::tie(n.iters, n.eps);
   }
   std::string name() const override { return "MhcV4SinkhornBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined()) return {Variable()};
     return {mhc_v4_sinkhorn_backward(grad[0], s[0], iters, eps)};
   }
@@ -82,28 +78,16 @@ struct MhcV4SinkhornBackward : NodeWith<MhcV4SinkhornBackward> {
 
 // The mixings: every input is differentiable and saved.
 struct MhcPreMixBackward : NodeWith<MhcPreMixBackward> {
-  template <typename S>
-  static auto options(S&) {
-    return std::tuple<>();
-  }
   std::string name() const override { return "MhcPreMixBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined()) return {Variable(), Variable()};
     return as_list(PreMixBackward::call(grad[0], s[0], s[1]));
   }
 };
 
 struct MhcPostMixBackward : NodeWith<MhcPostMixBackward> {
-  template <typename S>
-  static auto options(S&) {
-    return std::tuple<>();
-  }
   std::string name() const override { return "MhcPostMixBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined()) return variable_list(4);
     return as_list(PostMixBackward::call(grad[0], s[0], s[1], s[2], s[3]));
   }
@@ -135,9 +119,7 @@ struct MhcMappingsBackward : NodeWith<MhcMappingsBackward> {
     return std::tie(n.iters, n.eps, n.variant);
   }
   std::string name() const override { return "MhcMappingsBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return variable_list(7);
     const auto g = mhc_mappings_backward(present(grad[0]), present(grad[1]), present(grad[2]),
                                          s[0], weights_of(s[1], s[2], s[3], s[4], s[5], s[6]),
@@ -171,9 +153,7 @@ struct MhcCoefficientsBackward : NodeWith<MhcCoefficientsBackward> {
     return std::tie(n.iters, n.eps, n.norm_eps, n.variant);
   }
   std::string name() const override { return "MhcCoefficientsBackward"; }
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     variable_list out(10);
     if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return out;
     // Only what is needed: frozen phi (fine-tuning) skips the (D, 2n + n^2) matmul, an x that

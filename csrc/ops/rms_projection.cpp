@@ -68,9 +68,7 @@ struct RmsProjectionBackward : autograd::NodeWith<RmsProjectionBackward> {
   }
   std::string name() const override { return "RmsProjectionBackward"; }
 
-  variable_list apply(variable_list&& grad) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grad, const variable_list& s) override {
     const at::Tensor& saved = s[0];
     const at::Tensor& phi = s[1];
     at::Tensor y = s[2], inv_rms = s[3];

@@ -60,9 +60,7 @@ struct SinkhornBackward : NodeWith<SinkhornBackward> {
   }
   std::string name() const override { return "SinkhornBackward"; }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto s = unpack_saved();
+  variable_list backward(variable_list& grads, const variable_list& s) override {
     const auto grad_plan = grads[0].defined() ? grads[0] : at::zeros_like(s[0]);
     const auto [ds, da, db] =
         grad == "unrolled"
