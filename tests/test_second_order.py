@@ -159,6 +159,41 @@ def test_gradient_penalty_trains(device):
     assert_close(got, want, atol=1e-10, rtol=1e-9, name="penalty gradient")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", ["unrolled", "implicit_dense"])
+def test_third_order_and_the_double_backward_trick(device, grad):
+    """Differentiating the second-order result again: torch.autograd.functional.hvp (which
+    differentiates a double backward with respect to its upstream gradient) and a third
+    derivative d/dS <H(S) V, U>, against the reference's (the unrolled one's at convergence for
+    the implicit mode)."""
+    S = random_scores((2, 3, 4), seed=29, device=device)
+    W, V, U = (weights((2, 3, 4), s, device) for s in (30, 31, 32))
+    steps = 5 if grad == "unrolled" else 400
+    ours = plan_loss(lambda s: so.sinkhorn(s, steps=steps, grad=grad), W)
+    if grad == "unrolled":
+        ref = plan_loss(lambda s: sinkhorn_reference(s, steps=steps).plan.to(S.device), W)
+    else:
+        ref = plan_loss(lambda s: so.sinkhorn(s, steps=steps), W)  # forward over reverse
+
+    def third(f):
+        s = S.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(s), s, create_graph=True)
+        (hv,) = torch.autograd.grad((g * V).sum(), s, create_graph=True)
+        (t,) = torch.autograd.grad((hv * U).sum(), s)
+        return hv.detach(), t
+
+    tol = {"atol": 1e-10, "rtol": 1e-9} if grad == "unrolled" else {"atol": 1e-7, "rtol": 1e-6}
+    if grad == "unrolled":
+        (hv_got, t_got), (hv_want, t_want) = third(ours), third(ref)
+        assert_close(t_got, t_want, name="third derivative", **tol)
+    else:
+        hv_got = third(ours)[0]
+        hv_want = torch.autograd.functional.hvp(ref, S, V)[1]
+    assert_close(hv_got, hv_want, name="create_graph hvp", **tol)
+    got = torch.autograd.functional.hvp(ours, S, V)[1]
+    assert_close(got, hv_want, name="functional.hvp", **tol)
+
+
 # ---- forward mode --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,12 +4,14 @@
 // variables, outputs given their history), rather than through torch::autograd::Function. That
 // keeps them usable under torch.func's transforms (grad, vjp, jacrev, vmap of those), which
 // refuse C++ autograd Functions, and under compiled autograd, through the nodes' compiled_args
-// and apply_with_saved. A backward operator's own node raises NotImplementedError (no double
-// backward).
+// and apply_with_saved. A backward operator's own node either differentiates the operator's
+// ATen form (differentiate_recomputed: sinkhorn's) or raises NotImplementedError (DoubleBackward:
+// the mHC operators').
 #pragma once
 
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -283,6 +285,76 @@ template <typename F>
 auto below_autograd(F&& fn) {
   at::AutoDispatchBelowADInplaceOrView below;
   return fn();
+}
+
+}  // namespace autograd
+}  // namespace sinkhorn_ops
+
+namespace at {
+namespace functorch {
+// ATen/functorch/DynamicLayer.h, whose includes need headers the wheels do not ship: the value
+// of a torch.func wrapper whose level has ended, else the tensor.
+TORCH_API Tensor unwrapIfDead(const Tensor& tensor);
+}  // namespace functorch
+}  // namespace at
+
+namespace sinkhorn_ops {
+namespace autograd {
+
+// A saved tensor without the wrappers of torch.func levels that have ended (a vjp_fn runs after
+// its vjp returned): computing on such a wrapper computes on its value, untracked.
+inline at::Tensor without_dead_levels(at::Tensor t) {
+  for (auto u = at::functorch::unwrapIfDead(t); !u.is_same(t); u = at::functorch::unwrapIfDead(t))
+    t = u;
+  return t;
+}
+
+// The backward of a node whose operator has a differentiable ATen form: `recompute(args)`
+// returns the operator's outputs from its tensor arguments `args` (the first n_diff of which are
+// the node's inputs, in its edges' order). The form is rebuilt with grad mode on and
+// differentiated by a reentrant torch::autograd::grad, as reentrant checkpointing does, with
+// respect to fresh handles on the arguments: detached leaves, or with create_graph (grad mode on
+// here) views of the arguments that require grad, so that the gradients stay differentiable.
+// (Not the arguments themselves: a gradient with respect to the scores would then also count
+// the paths through grad_plan's own history to them, which the engine adds again.)
+template <typename N, typename F>
+variable_list differentiate_recomputed(const N& node, const variable_list& grads,
+                                       const variable_list& args, size_t n_diff, F&& recompute) {
+  variable_list x, wrt;
+  for (const auto& a : args) x.push_back(a.defined() ? without_dead_levels(a) : a);
+  // create_graph only when something it would reach is tracked: else the gradients would carry
+  // a graph back to the detached copies alone.
+  bool tracked = false;
+  for (const auto& t : x) tracked = tracked || (t.defined() && t.requires_grad());
+  for (const auto& t : grads) tracked = tracked || (t.defined() && t.requires_grad());
+  const bool create = at::GradMode::is_enabled() && tracked;
+  std::vector<size_t> wrt_index;
+  for (size_t i = 0; i < n_diff; ++i) {
+    if (!x[i].defined() || !node.needs_grad(i)) continue;
+    x[i] = create && x[i].requires_grad() ? x[i].view_as(x[i])
+                                          : x[i].detach().requires_grad_(true);
+    wrt.push_back(x[i]);
+    wrt_index.push_back(i);
+  }
+  variable_list result(n_diff);
+  if (wrt.empty()) return result;
+  variable_list outs;
+  {
+    at::AutoGradMode on(true);
+    outs = recompute(x);
+  }
+  variable_list ys, gys;
+  for (size_t j = 0; j < outs.size() && j < grads.size(); ++j) {
+    if (grads[j].defined() && outs[j].defined() && outs[j].requires_grad()) {
+      ys.push_back(outs[j]);
+      gys.push_back(grads[j]);
+    }
+  }
+  if (ys.empty()) return result;
+  const auto g = torch::autograd::grad(ys, wrt, gys, /*retain_graph=*/create,
+                                       /*create_graph=*/create, /*allow_unused=*/true);
+  for (size_t k = 0; k < wrt_index.size(); ++k) result[wrt_index[k]] = g[k];
+  return result;
 }
 
 // A backward operator's node: differentiating its result raises NotImplementedError naming the

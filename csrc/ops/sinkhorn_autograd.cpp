@@ -4,11 +4,15 @@
 // the inputs and the steps run, for the replay; the implicit modes: the plan alone); the
 // backward calls the backward operator.
 //
-// Second order: the backward operators are differentiable. When their own result is to be
-// differentiated (create_graph, torch.func's nested transforms, forward-mode tangents), they
-// run in out-of-place ATen ops (the unrolled backward's replay and reverse steps; the implicit
-// backward's solve) that autograd and forward-mode AD go through. Forward-mode AD of the
-// unrolled operator itself recomputes its outputs the same way from the steps its run took.
+// Second order: the backward operators are differentiable. They run their fused kernels, and a
+// call whose result is to be differentiated (create_graph, torch.func's nested transforms)
+// records a node that, if its own backward ever runs, differentiates the operator's out-of-place
+// ATen form recomputed from the saved arguments (the unrolled backward's replay and reverse
+// steps; the implicit backward's solve). So create_graph=True without a second backward keeps
+// the fused kernels. A forward-mode tangent on their arguments runs that ATen form directly, as
+// does a call under torch.func's transforms that records a graph (whose backward always
+// builds one, and whose levels a reentrant grad does not see), and as does forward-mode AD of
+// the unrolled operator itself (its outputs recomputed from the steps its run took).
 #include <torch/library.h>
 
 #include <string>
@@ -22,21 +26,69 @@ namespace autograd {
 using Str = c10::string_view;
 using Triple = detail::BackwardResult;
 
+// The backward operators: their kernels (call) and their differentiable ATen form.
 struct UnrolledBackward {
-  static constexpr const char* name = "sinkhorn";
   static Triple call(T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b, Opt mask,
                      T steps_used, int64_t steps, Str start) {
     return detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores, a, b, mask,
                                           steps_used, steps, start);
   }
+  static Triple differentiable(T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b,
+                               Opt mask, T steps_used, int64_t steps, Str start) {
+    return detail::unrolled_backward_composite(
+        detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps,
+                                 start),
+        at::Tensor(), nullptr, /*differentiable=*/true);
+  }
 };
 
 struct ImplicitBackward {
-  static constexpr const char* name = "sinkhorn";
   static Triple call(T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver, double cg_tol,
                      int64_t cg_max_iter) {
     return detail::call_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
                                           cg_max_iter);
+  }
+  static Triple differentiable(T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver,
+                               double cg_tol, int64_t cg_max_iter) {
+    return detail::sinkhorn_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
+                                              cg_max_iter, /*differentiable=*/true);
+  }
+};
+
+// The nodes of the backward operators' results: gradients of (grad_plan, grad_f, grad_g,
+// scores, a, b), resp. (grad_plan, grad_f, grad_g, plan), from those of (dS, da, db). Saved:
+// every tensor argument.
+struct SinkhornBackwardUnrolledBackward : NodeWith<SinkhornBackwardUnrolledBackward> {
+  int64_t steps = 0;
+  std::string start;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.steps, n.start);
+  }
+  std::string name() const override { return "SinkhornBackwardUnrolledBackward"; }
+  variable_list backward(variable_list& grads, const variable_list& s) override {
+    return differentiate_recomputed(*this, grads, s, 6, [&](const variable_list& x) {
+      return as_list(UnrolledBackward::differentiable(x[0], present(x[1]), present(x[2]), x[3],
+                                                      present(x[4]), present(x[5]),
+                                                      present(x[6]), x[7], steps, start));
+    });
+  }
+};
+
+struct SinkhornBackwardImplicitBackward : NodeWith<SinkhornBackwardImplicitBackward> {
+  std::string solver;
+  double cg_tol = 0;
+  int64_t cg_max_iter = 0;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.solver, n.cg_tol, n.cg_max_iter);
+  }
+  std::string name() const override { return "SinkhornBackwardImplicitBackward"; }
+  variable_list backward(variable_list& grads, const variable_list& s) override {
+    return differentiate_recomputed(*this, grads, s, 4, [&](const variable_list& x) {
+      return as_list(ImplicitBackward::differentiable(x[0], present(x[1]), present(x[2]), x[3],
+                                                      solver, cg_tol, cg_max_iter));
+    });
   }
 };
 
@@ -79,11 +131,6 @@ struct SinkhornBackward : NodeWith<SinkhornBackward> {
 };
 
 namespace {
-
-// Whether a backward operator's result is itself differentiated.
-bool second_order(const std::vector<at::Tensor>& inputs) {
-  return records_history(inputs) || has_tangent(inputs);
-}
 
 // Forward-mode AD of the unrolled operator: its run (the steps each problem took, the error),
 // then its outputs recomputed by the differentiable replay, which carries the tangents.
@@ -154,28 +201,48 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     }
     return r;
   });
-  m.impl("sinkhorn_backward_unrolled",
-         [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b, Opt mask, T steps_used,
-            int64_t steps, Str start) {
-           if (second_order({grad_plan, grad_f.value_or(at::Tensor()),
-                             grad_g.value_or(at::Tensor()), scores, a.value_or(at::Tensor()),
-                             b.value_or(at::Tensor())})) {
-             return sinkhorn_ops::detail::unrolled_backward_composite(
-                 sinkhorn_ops::detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask,
-                                          steps_used, steps, start),
-                 at::Tensor(), nullptr, /*differentiable=*/true);
-           }
-           return backward_kernel<UnrolledBackward>(grad_plan, grad_f, grad_g, scores, a, b, mask,
-                                                    steps_used, steps, start);
-         });
+  m.impl("sinkhorn_backward_unrolled", [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a,
+                                          Opt b, Opt mask, T steps_used, int64_t steps,
+                                          Str start) {
+    const std::vector<at::Tensor> diff{grad_plan, grad_f.value_or(at::Tensor()),
+                                       grad_g.value_or(at::Tensor()), scores,
+                                       a.value_or(at::Tensor()), b.value_or(at::Tensor())};
+    if (has_tangent(diff))
+      return UnrolledBackward::differentiable(grad_plan, grad_f, grad_g, scores, a, b, mask,
+                                              steps_used, steps, start);
+    auto node = begin_node<SinkhornBackwardUnrolledBackward>("sinkhorn", diff);
+    auto r = below_autograd([&] {
+      return UnrolledBackward::call(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used,
+                                    steps, start);
+    });
+    if (node) {
+      node->steps = steps;
+      node->start = std::string(start);
+      for (const auto& t : diff) node->save(t);
+      node->save_optional(mask);
+      node->save(steps_used);
+      set_history(node, {std::get<0>(r), std::get<1>(r), std::get<2>(r)});
+    }
+    return r;
+  });
   m.impl("sinkhorn_backward_implicit", [](T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver,
                                           double cg_tol, int64_t cg_max_iter) {
-    if (second_order({grad_plan, grad_f.value_or(at::Tensor()), grad_g.value_or(at::Tensor()),
-                      plan})) {
-      return sinkhorn_ops::detail::sinkhorn_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
-                                                cg_max_iter, /*differentiable=*/true);
+    const std::vector<at::Tensor> diff{grad_plan, grad_f.value_or(at::Tensor()),
+                                       grad_g.value_or(at::Tensor()), plan};
+    if (has_tangent(diff))
+      return ImplicitBackward::differentiable(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
+                                              cg_max_iter);
+    auto node = begin_node<SinkhornBackwardImplicitBackward>("sinkhorn", diff);
+    auto r = below_autograd([&] {
+      return ImplicitBackward::call(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter);
+    });
+    if (node) {
+      node->solver = std::string(solver);
+      node->cg_tol = cg_tol;
+      node->cg_max_iter = cg_max_iter;
+      for (const auto& t : diff) node->save(t);
+      set_history(node, {std::get<0>(r), std::get<1>(r), std::get<2>(r)});
     }
-    return backward_kernel<ImplicitBackward>(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
-                                             cg_max_iter);
+    return r;
   });
 }
