@@ -356,3 +356,59 @@ def test_backward_operator_second_order_from_cpp_dispatch():
     assert ds.grad_fn is not None and "SinkhornOpsDoubleBackward" not in ds.grad_fn.name()
     assert gradcheck(lambda G, S: torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled(
         G, None, None, S, None, None, None, r.steps, 4, "row")[0], (G, S))
+
+
+# ---- torch.func compositions ----------------------------------------------------------------
+
+_S = random_scores((2, 2, 3), seed=33)
+_W = random_scores((2, 3), seed=34)
+_U = random_scores((2, 3), seed=35)
+COMPOSITIONS = {
+    "vmap(hessian)": lambda f: func.vmap(func.hessian(f))(_S),
+    "vmap(grad(grad))": lambda f: func.vmap(func.grad(lambda s: func.grad(f)(s).sin().sum()))(_S),
+    "jacrev(jacrev)": lambda f: func.jacrev(func.jacrev(f))(_S[0]),
+    "vjp(grad)": lambda f: func.vjp(func.grad(f), _S[0])[1](_W)[0],
+    "jacrev(jacrev(jacrev))": lambda f: func.jacrev(func.jacrev(func.jacrev(f)))(_S[0]),
+    "vmap(grad)": lambda f: func.vmap(func.grad(f))(_S),
+}
+# A node recorded inside a transform that has ended, run under a vmap or jvp still running
+# around it: a clear error rather than a derivative that silently drops those levels.
+UNSUPPORTED = {
+    "vmap(jacrev(jacrev))": lambda f: func.vmap(func.jacrev(func.jacrev(f)))(_S),
+    "vmap(vjp(grad))": lambda f: func.vmap(lambda s: func.vjp(func.grad(f), s)[1](_W)[0])(_S),
+    "jvp(vjp_fn)": lambda f: func.jvp(lambda s: func.vjp(func.grad(f), s)[1](_W)[0],
+                                      (_S[0],), (_U,))[1],
+    "jacfwd(jacrev(jacrev))": lambda f: func.jacfwd(func.jacrev(func.jacrev(f)))(_S[0]),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSITIONS))
+def test_func_compositions_match_the_reference(name):
+    ours = lambda s: (so.sinkhorn(s, steps=3) * _W).sin().sum()  # noqa: E731
+    ref = lambda s: (sinkhorn_reference(s, steps=3).plan * _W).sin().sum()  # noqa: E731
+    got, want = COMPOSITIONS[name](ours), COMPOSITIONS[name](ref)
+    assert want.abs().max() > 1e-4
+    assert not got.requires_grad
+    assert_close(got, want, atol=1e-12, rtol=1e-10, name=name)
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_func_compositions_through_ended_levels_are_clear_errors(name):
+    ours = lambda s: (so.sinkhorn(s, steps=3) * _W).sin().sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="SinkhornBackwardUnrolledBackward: this second "
+                                                  "derivative needs"):
+        UNSUPPORTED[name](ours)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+def test_forward_mode_of_empty_problems_gives_zero_tangents(shape):
+    S = torch.randn(shape, dtype=F64)
+    with fwAD.dual_level():
+        r = so.sinkhorn(fwAD.make_dual(S, torch.ones_like(S)), steps=4, return_potentials=True)
+        plain = so.sinkhorn(S, steps=4, return_potentials=True)
+        for name, x, y in zip(("plan", "f", "g"), (r.plan, r.f, r.g),
+                              (plain.plan, plain.f, plain.g)):
+            primal, tangent = fwAD.unpack_dual(x)
+            assert primal.shape == y.shape and torch.equal(primal, y), name
+            assert tangent is not None and tangent.shape == y.shape, name
+            assert (tangent == 0).all(), name

@@ -322,6 +322,18 @@ variable_list differentiate_recomputed(const N& node, const variable_list& grads
                                        const variable_list& args, size_t n_diff, F&& recompute) {
   variable_list x, wrt;
   for (const auto& a : args) x.push_back(a.defined() ? without_dead_levels(a) : a);
+  // A saved argument still batched by a live vmap, or carrying a live jvp's tangent (the
+  // node was recorded inside a transform that has ended, under one still running): autograd
+  // does not see through those levels from here, and the result would silently drop them.
+  for (size_t i = 0; i < n_diff; ++i) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !x[i].defined() || !(x[i].key_set().has(c10::DispatchKey::FuncTorchBatched) ||
+                             torch::autograd::isFwGradDefined(x[i])),
+        node.name(), ": this second derivative needs the node's saved inputs through a vmap or "
+        "jvp that is still running around a transform that has ended (for example vmap or "
+        "jacfwd around jacrev(jacrev(f)), or a jvp of a vjp_fn); use torch.func.hessian "
+        "(forward over reverse) or loop over the batch instead");
+  }
   // create_graph only when something it would reach is tracked: else the gradients would carry
   // a graph back to the detached copies alone.
   bool tracked = false;
