@@ -199,6 +199,9 @@ step bench_backward "$OUT/bench.log" "${T_BENCH_BACKWARD:-30}" \
   python benchmarks/bench_backward.py --device cuda --quick --out "$OUT"
 step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-20}" \
   python benchmarks/bench_attention.py --device cuda --quick --out "$OUT"
+# Second order (a Hessian-vector product) against autograd through the eager loop: all cases.
+step bench_second_order "$OUT/bench.log" "${T_BENCH_SECOND_ORDER:-20}" \
+  python benchmarks/bench_second_order.py --device cuda --out "$OUT"
 
 # The runner returns at most 8 files: pack anything beyond the expected set into one archive.
 files=$(find "$OUT" -type f | wc -l)

@@ -32,11 +32,18 @@ at::Tensor differentiable_log(const at::Tensor& x, at::ScalarType acc,
   return at::log(v.masked_fill(zero, 1)).masked_fill(zero, -std::numeric_limits<double>::infinity());
 }
 
-// logsumexp over dim whose derivative is 0, not NaN, on an empty line (all -inf).
+// logsumexp over dim whose derivative is 0, not NaN, on an empty line (all -inf): log of the sum
+// of exp(x - shift), the shift (a line's max, or 0 for a line without a finite max) held
+// constant, with the log taken of 1 where that sum is 0. Vector ops besides logsumexp's own
+// passes over x (no mask of x), so that the second order pays nothing for empty lines.
 at::Tensor differentiable_lse(const at::Tensor& x, int64_t dim) {
-  const double ninf = -std::numeric_limits<double>::infinity();
-  const auto empty = (x == ninf).all(dim);
-  return at::logsumexp(x.masked_fill(empty.unsqueeze(dim), 0), dim).masked_fill(empty, ninf);
+  if (x.size(dim) == 0) return at::logsumexp(x, dim);  // all -inf, with no entry to differentiate
+  const auto max = x.detach().amax(dim, /*keepdim=*/true);
+  const auto shift = at::where(max.isfinite(), max, at::zeros({}, max.options()));
+  const auto sum = at::exp(x - shift).sum(dim);
+  const auto empty = sum == 0;
+  return at::where(empty, -std::numeric_limits<double>::infinity(),
+                   at::log(sum.masked_fill(empty, 1)) + shift.squeeze(dim));
 }
 
 }  // namespace
@@ -180,8 +187,10 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     const auto idle = ~active.unsqueeze(-1);
     at::Tensor w;
     if (differentiable) {
-      w = at::exp(S + before.unsqueeze(e) - lse_read) * u.unsqueeze(d);
-      w = w.masked_fill(idle, 0);
+      // The idle problems' LSEs read as +inf (their w is then 0, NaN LSEs included): a vector
+      // op where the in-place form masks w, one n x m pass fewer, forward and backward.
+      const auto lse_idle = at::where(active, lse_read.squeeze(d), inf).unsqueeze(d);
+      w = at::exp(S + before.unsqueeze(e) - lse_idle) * u.unsqueeze(d);
       dS = dS - w;
       other = other - w.sum(e);
     } else {
