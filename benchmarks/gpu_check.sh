@@ -13,7 +13,7 @@
 # T_TESTS, T_GRAPHS, T_SANITIZER (memcheck), T_RACECHECK, T_PROFILE, T_BENCH_MHC,
 # T_BENCH_MHC_MIX, T_BENCH_LARGE,
 # T_BENCH, T_BENCH_FUSED, T_PROFILE_FUSED, T_BENCH_HOSTLOOP, T_BENCH_BACKWARD,
-# T_BENCH_ATTENTION. Steps run in order of importance (their limits add up to more than the
+# T_BENCH_ATTENTION, T_BENCH_SECOND_ORDER. Steps run in order of importance (their limits add up to more than the
 # deadline: on the first H100 run most
 # steps ended well inside theirs, and the last ones are the first to go), and no step runs past
 # DEADLINE seconds

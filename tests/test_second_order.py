@@ -294,6 +294,35 @@ def test_implicit_hessian_matches_the_converged_unrolled_one(device):
     assert_close(got, want, atol=1e-8, rtol=1e-7, name="implicit hessian")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_second_order_at_a_zero_upstream_gradient(device, grad):
+    """A least-squares loss at its optimum (dL/dP = 0 exactly): its Hessian-vector product is
+    the Gauss-Newton term 2 J^T J V, which a solve differentiated through CG iterations that
+    stop before their first step (a zero right-hand side) would lose; and
+    torch.autograd.functional.hvp (a double backward at a zero upstream gradient) agrees with vhp
+    (the Hessian is symmetric)."""
+    S0 = random_scores((3, 4), seed=36, device=device)
+    V = weights((3, 4), 37, device)
+    W = weights((3, 4), 38, device)
+
+    def gauss_newton(run):
+        target = run(S0).detach()
+        s = S0.clone().requires_grad_()
+        (g,) = torch.autograd.grad((run(s) - target).square().sum(), s, create_graph=True)
+        return torch.autograd.grad((g * V).sum(), s)[0]
+
+    ours = lambda s: so.sinkhorn(s, steps=300, grad=grad)  # noqa: E731
+    want = gauss_newton(lambda s: sinkhorn_reference(s.cpu(), steps=300).plan.to(device))
+    got = gauss_newton(ours)
+    assert want.abs().max() > 1e-3
+    assert_close(got, want, atol=1e-8, rtol=1e-7, name="Gauss-Newton hvp")
+    f = plan_loss(ours, W)
+    hv = torch.autograd.functional.hvp(f, S0, V)[1]
+    vh = torch.autograd.functional.vhp(f, S0, V)[1]
+    assert_close(hv, vh, atol=1e-10, rtol=1e-9, name="hvp against vhp")
+
+
 # ---- low precision, attention, errors -------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

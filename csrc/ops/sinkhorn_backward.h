@@ -91,9 +91,8 @@ using CgSolver = bool (*)(const CgSystem&, const at::Tensor& y);
 void register_cg_solver(c10::DeviceType device, CgSolver solver);
 
 // The implicit-function-theorem backward (MATH.md section 2.2), in ATen ops on any device.
-// differentiable: without a device's fused CG solver, so that autograd and forward-mode AD
-// differentiate the gradient (through the dense solve exactly; through the CG iterations, the
-// derivative of the iterate they stop at).
+// differentiable: the dense solve whatever the solver (B problems of M x M, M the smaller side),
+// so that autograd and forward-mode AD differentiate the gradient exactly.
 BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
                                           const c10::optional<at::Tensor>& grad_f,
                                           const c10::optional<at::Tensor>& grad_g,

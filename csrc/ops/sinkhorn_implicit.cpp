@@ -64,11 +64,10 @@ CgSolver& cg_solver(c10::DeviceType device) {
 // problem whose residual is below tol * |rhs| stops updating (no host synchronisation). A
 // device's registered solver (flip: A.P is the plan's transpose) takes the call first.
 at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol, int64_t iters,
-                               bool flip, bool differentiable) {
+                               bool flip) {
   const auto d = A.diagonal();
   const auto dinv = safe_div(at::ones_like(d), d.clamp_min(0));
-  const CgSolver solver = differentiable ? nullptr : cg_solver(rhs.device().type());
-  if (solver) {
+  if (const CgSolver solver = cg_solver(rhs.device().type())) {
     const auto y = at::empty(rhs.sizes(), rhs.options());  // contiguous, as the solver writes it
     const CgSystem system{(flip ? A.P.transpose(1, 2) : A.P).contiguous(),
                           flip,
@@ -155,14 +154,19 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   Schur A{Pn, safe_div(at::ones_like(rN), rN), cM, wM,
           safe_div(cM.sum(-1, true), wM.sum(-1, true))};
   const auto rhs = ryM - bmv(Pn.transpose(1, 2), rxN * A.rinv);
-  const bool dense = solver == "implicit_dense" || (solver == "implicit" && side <= kDenseMaxSide);
+  // Differentiable: the dense solve whatever the solver, whose derivative is exact. Autograd
+  // through the CG iterations is not: at a zero right-hand side (a zero upstream gradient, as
+  // in torch.autograd.functional.hvp) they stop before the first step, and their derivative
+  // with respect to that right-hand side comes out 0 instead of the system's inverse.
+  const bool dense = differentiable || solver == "implicit_dense" ||
+                     (solver == "implicit" && side <= kDenseMaxSide);
   at::Tensor yM;
   if (B == 0 || side == 0) {
     yM = at::zeros_like(rhs);
   } else if (dense) {
     yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
   } else {
-    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip, differentiable);
+    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip);
   }
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
   const auto x = flip ? yM : xN, y = flip ? xN : yM;
