@@ -70,7 +70,9 @@ def mhc_sinkhorn(logits: Tensor, iters: int = 20, *, grad: str = "unrolled") -> 
     iterations in the linear domain (the DeepSeek-V4 kernel on the transpose, with eps = 0),
     and, for a problem whose logits span more than 32 or are not finite, where the linear
     domain could underflow, the same iterations in the log domain, with the operator's
-    semantics for -inf entries. Elsewhere it runs the operator.
+    semantics for -inf entries. Elsewhere it runs the operator. Second derivatives
+    (create_graph, hessians) and forward-mode AD (jvp, jacfwd) go through the operator's
+    differentiable form, as :func:`sinkhorn_ops.sinkhorn`'s do.
 
     Args:
         logits: (..., n, n) H̃_res, any floating dtype; cast to fp32 before the Sinkhorn (fp64

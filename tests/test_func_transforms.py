@@ -250,7 +250,6 @@ def test_sinkhorn_differentiates_twice_under_func():
 
 
 @pytest.mark.parametrize("op, fn", [
-    ("mhc_sinkhorn", lambda t: so.mhc_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
     ("mhc_v4_sinkhorn", lambda t: so.mhc_v4_sinkhorn(t.view(2, 2, 2), 3).sin().sum()),
 ])
 def test_second_order_and_forward_mode_are_clear_errors(op, fn):

@@ -221,11 +221,14 @@ def test_bad_arguments():
             fn()
 
 
-def test_double_backward_is_a_clear_error():
+def test_double_backward_differentiates_the_operator_it_equals():
+    """Second order through the log-domain operator with 2 iters steps from the columns
+    (tests/test_second_order.py checks it against the reference)."""
     x = torch.randn(2, 4, 4, requires_grad=True)
     (g,) = torch.autograd.grad(fused(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="mhc_sinkhorn: double backward"):
-        g.sum().backward()
+    assert "MhcSinkhornBackwardBackward" in g.grad_fn.name()
+    (h,) = torch.autograd.grad(g.sin().sum(), x)
+    assert torch.isfinite(h).all() and h.abs().max() > 0
 
 
 def test_opcheck():

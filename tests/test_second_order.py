@@ -1,6 +1,7 @@
 """Second order and forward mode of the Sinkhorn operator (MATH.md section 2): the backward
 operators differentiate (create_graph, torch.func's nested transforms, forward-mode tangents)
-through their out-of-place ATen form, and the unrolled operator has forward-mode AD.
+through their out-of-place ATen form, and the unrolled operator has forward-mode AD; so does the
+mHC paper's Sinkhorn, through the operator it equals.
 
 Checked against finite differences (gradgradcheck, fwAD), against the float64 reference's own
 second derivatives (hessians, Hessian-vector products, jvps; the reference is plain PyTorch), in
@@ -441,3 +442,49 @@ def test_forward_mode_of_empty_problems_gives_zero_tangents(shape):
             assert primal.shape == y.shape and torch.equal(primal, y), name
             assert tangent is not None and tangent.shape == y.shape, name
             assert (tangent == 0).all(), name
+
+
+# ---- the mHC paper's Sinkhorn ----------------------------------------------------------------
+
+def _paper_reference(logits, iters):
+    """mHC paper eq. 9 in the log domain (tests/test_mhc.py's sinkhorn_knopp_reference)."""
+    log_m = logits
+    for _ in range(iters):
+        log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)
+        log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)
+    return log_m.exp()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: the kernel's log-domain twin
+def test_mhc_sinkhorn_second_order_and_forward_mode(device, scale):
+    op = torch.ops.sinkhorn_ops.mhc_sinkhorn
+    x = (random_scores((3, 4, 4), seed=39, device=device) * scale).requires_grad_()
+    assert gradgradcheck(lambda x: op(x, 3), (x,))
+    assert gradcheck(lambda x: op(x, 3), (x,), check_forward_ad=True,
+                     check_batched_forward_grad=True)
+    x0 = random_scores((4, 4), seed=40, device=device) * scale
+    W = weights((4, 4), 41, device)
+    ours = lambda x: (so.mhc_sinkhorn(x, 5) * W).sin().sum()  # noqa: E731
+    ref = lambda x: (_paper_reference(x, 5) * W).sin().sum()  # noqa: E731
+    want = torch.autograd.functional.hessian(ref, x0)
+    for name, got in [("func.hessian", func.hessian(ours)(x0)),
+                      ("jacrev(jacrev)", func.jacrev(func.jacrev(ours))(x0)),
+                      ("autograd hessian", torch.autograd.functional.hessian(ours, x0))]:
+        assert_close(got, want, atol=1e-10, rtol=1e-9, name=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mhc_sinkhorn_forward_mode_in_fp32(device):
+    """The fp32 op's primal under forward mode (the ATen form) and its tangent, against the
+    kernel and the float64 reference's jvp, within twice the fp32 reference's error."""
+    x = random_scores((64, 4, 4), seed=42, device=device)
+    t = random_scores((64, 4, 4), seed=43, device=device)
+    _, truth = func.jvp(lambda x: _paper_reference(x, 20), (x,), (t,))
+    _, lowp = func.jvp(lambda x: _paper_reference(x, 20), (x.float(),), (t.float(),))
+    primal, got = func.jvp(lambda x: so.mhc_sinkhorn(x, 20), (x.float(),), (t.float(),))
+    assert primal.dtype == torch.float32
+    assert_close(primal, so.mhc_sinkhorn(x.float(), 20), atol=1e-6, rtol=0, name="primal")
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (lowp.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6, f"tangent error {err:.3e} > 2 x {ref_err:.3e}"

@@ -331,8 +331,9 @@ variable_list differentiate_recomputed(const N& node, const variable_list& grads
                              torch::autograd::isFwGradDefined(x[i])),
         node.name(), ": this second derivative needs the node's saved inputs through a vmap or "
         "jvp that is still running around a transform that has ended (for example vmap or "
-        "jacfwd around jacrev(jacrev(f)), or a jvp of a vjp_fn); use torch.func.hessian "
-        "(forward over reverse) or loop over the batch instead");
+        "jacfwd around jacrev(jacrev(f)) or jacrev(grad(f)), or a jvp of a vjp_fn); use "
+        "vmap(hessian(f)) (forward over reverse, for operators with forward-mode AD) or loop "
+        "over the batch");
   }
   // create_graph only when something it would reach is tracked: else the gradients would carry
   // a graph back to the detached copies alone.

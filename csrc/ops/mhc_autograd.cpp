@@ -3,14 +3,16 @@
 // Python, and a call records one C++ node (autograd_node.h) instead of going through Python's
 // autograd.Function machinery (a host cost that bounds mHC's small calls on a GPU). Each
 // forward's node saves its inputs and calls its backward operator; each backward operator runs
-// below autograd, and differentiating it raises a clear NotImplementedError (no double
-// backward).
+// below autograd. The paper's Sinkhorn differentiates twice and in forward mode, as sinkhorn
+// does (sinkhorn_autograd.cpp), through the operator it equals; differentiating the other
+// backward operators raises a clear NotImplementedError (no double backward).
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../sinkhorn_ops.h"
 #include "autograd_node.h"
+#include "sinkhorn_backward.h"
 
 namespace sinkhorn_ops {
 namespace autograd {
@@ -44,6 +46,44 @@ struct PostMixBackward {
   static Quad call(T grad, T x, T y, T h_post, T h_res) {
     const auto g = mhc_post_mix_backward(grad, x, y, h_post, h_res);
     return {g.x, g.y, g.h_post, g.h_res};
+  }
+};
+
+// The paper's Sinkhorn as the log-domain operator it equals (MATH.md section 1 table: 2 iters
+// steps from the columns, a = b = 1), in its differentiable ATen form: the forward for
+// forward-mode AD, and the backward's, which its second order differentiates.
+at::Tensor paper_steps_run(const detail::ForwardProblem& f) {
+  return at::full({f.B}, f.steps, f.scores.options().dtype(at::kLong));
+}
+
+at::Tensor paper_forward_differentiable(T logits, int64_t iters) {
+  const auto f =
+      detail::prepare_forward(logits, c10::nullopt, c10::nullopt, c10::nullopt, 2 * iters, "col", 0);
+  const auto error = at::zeros({f.B}, f.scores.options());
+  return std::get<0>(detail::unrolled_forward_differentiable(f, {}, {}, paper_steps_run(f), error));
+}
+
+at::Tensor paper_backward_differentiable(T grad, T logits, int64_t iters) {
+  auto p = detail::prepare_backward(
+      grad, c10::nullopt, c10::nullopt, logits, c10::nullopt, c10::nullopt, c10::nullopt,
+      at::full(logits.sizes().slice(0, logits.dim() - 2), 2 * iters,
+               logits.options().dtype(at::kLong)),
+      2 * iters, "col");
+  return std::get<0>(detail::unrolled_backward_composite(p, at::Tensor(), nullptr, true));
+}
+
+// The node of mhc_sinkhorn_backward's result (gradients of grad and logits), as sinkhorn's.
+struct MhcSinkhornBackwardBackward : NodeWith<MhcSinkhornBackwardBackward> {
+  int64_t iters = 0;
+  template <typename S>
+  static auto options(S& n) {
+    return std::tie(n.iters);
+  }
+  std::string name() const override { return "MhcSinkhornBackwardBackward"; }
+  variable_list backward(variable_list& grads, const variable_list& s) override {
+    return differentiate_recomputed(*this, grads, s, 2, [&](const variable_list& x) {
+      return variable_list{paper_backward_differentiable(x[0], x[1], iters)};
+    });
   }
 };
 
@@ -187,6 +227,11 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   using namespace sinkhorn_ops::autograd;
   using sinkhorn_ops::MHCWeights;
   m.impl("mhc_sinkhorn", [](T logits, int64_t iters) {
+    if (has_tangent({logits})) {
+      // Checked by the operator (the ATen form takes any shape); the form carries the tangent.
+      below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
+      return paper_forward_differentiable(logits, iters);
+    }
     auto node = begin_node<MhcSinkhornBackward>("mhc_sinkhorn", {logits});
     auto h = below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
     if (node) {
@@ -226,7 +271,19 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     return out;
   });
   m.impl("mhc_sinkhorn_backward", [](T grad, T logits, int64_t iters) {
-    return backward_kernel<PaperBackward>(grad, logits, iters);
+    if (has_tangent({grad, logits})) {
+      below_autograd([&] { return PaperBackward::call(grad, logits, iters); });  // the checks
+      return paper_backward_differentiable(grad, logits, iters);
+    }
+    auto node = begin_node<MhcSinkhornBackwardBackward>("mhc_sinkhorn", {grad, logits});
+    auto r = below_autograd([&] { return PaperBackward::call(grad, logits, iters); });
+    if (node) {
+      node->iters = iters;
+      node->save(grad);
+      node->save(logits);
+      set_history(node, {r});
+    }
+    return r;
   });
   m.impl("mhc_v4_sinkhorn_backward", [](T grad, T logits, int64_t iters, double eps) {
     return backward_kernel<V4Backward>(grad, logits, iters, eps);

@@ -136,12 +136,26 @@ TEST(MhcApi, AutogradOfTheCppApi) {
     EXPECT_TRUE(at::equal(post[0], gq.x) && at::equal(post[1], gq.y) &&
                 at::equal(post[2], gq.h_post) && at::equal(post[3], gq.h_res))
         << dev;
-    // Double backward: the gradient is itself differentiable only up to a clear error.
+    // Double backward: the paper's Sinkhorn differentiates twice (a Hessian-vector product
+    // against central differences of the gradient); the V4 one's gradient is differentiable
+    // only up to a clear error.
     const auto leaf = logits.clone().set_requires_grad(true);
-    const auto g = torch::autograd::grad({(sinkhorn_ops::mhc_sinkhorn(leaf) * w).sum()}, {leaf},
-                                         {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+    const auto g = torch::autograd::grad({(sinkhorn_ops::mhc_sinkhorn(leaf, 7) * w).sum()},
+                                         {leaf}, {}, /*retain_graph=*/true,
+                                         /*create_graph=*/true)[0];
     EXPECT_TRUE(g.requires_grad()) << dev;
-    EXPECT_THROW(torch::autograd::grad({g.sum()}, {leaf}), c10::NotImplementedError) << dev;
+    const auto V = at::randn_like(logits);
+    const auto hv = torch::autograd::grad({(g * V).sum()}, {leaf})[0];
+    const double h = 1e-5;
+    const auto fd = (sinkhorn_ops::mhc_sinkhorn_backward(w, logits + h * V, 7) -
+                     sinkhorn_ops::mhc_sinkhorn_backward(w, logits - h * V, 7)) /
+                    (2 * h);
+    EXPECT_TRUE(hv.abs().max().item<double>() > 1e-3) << dev;
+    EXPECT_TRUE(at::allclose(hv, fd, 1e-5, 1e-7)) << dev << (hv - fd).abs().max();
+    const auto g4 = torch::autograd::grad({(sinkhorn_ops::mhc_v4_sinkhorn(leaf, 5) * w).sum()},
+                                          {leaf}, {}, /*retain_graph=*/true,
+                                          /*create_graph=*/true)[0];
+    EXPECT_THROW(torch::autograd::grad({g4.sum()}, {leaf}), c10::NotImplementedError) << dev;
     // Below autograd (no input requires grad) nothing is recorded.
     EXPECT_FALSE(sinkhorn_ops::mhc_sinkhorn(logits).requires_grad()) << dev;
   }
