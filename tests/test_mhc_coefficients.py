@@ -239,12 +239,15 @@ def test_bad_arguments():
         ops.nn.ManifoldConstrainedHyperConnections(4, 8, norm_eps=0.0)
 
 
-def test_double_backward_is_a_clear_error():
+def test_double_backward_goes_through_the_aten_form():
+    """Second order (tests/test_second_order.py checks the values by gradgradcheck)."""
     x, phis, weights = make_case(2, batch=(3,))
+    x.requires_grad_()
     out = ops.mhc_coefficients(x, *phis, *weights)
     (g,) = torch.autograd.grad(out[2].square().sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="mhc_coefficients: double backward"):
-        g.sum().backward()
+    assert g.grad_fn is not None
+    (h,) = torch.autograd.grad(g.sin().sum(), x)
+    assert torch.isfinite(h).all() and h.abs().max() > 0
 
 
 def test_opcheck():

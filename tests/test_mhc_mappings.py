@@ -204,12 +204,14 @@ def test_bad_arguments():
         ops.mhc_mappings(proj, *w, 0)
 
 
-def test_double_backward_is_a_clear_error():
+def test_double_backward_goes_through_the_aten_form():
+    """Second order (tests/test_second_order.py checks the values by gradgradcheck)."""
     proj, weights = make_case(2, batch=(3,))
+    proj.requires_grad_()
     out = ops.mhc_mappings(proj, *weights)
     (g,) = torch.autograd.grad(out[2].square().sum(), proj, create_graph=True)
-    with pytest.raises(NotImplementedError, match="mhc_mappings: double backward"):
-        g.sum().backward()
+    (h,) = torch.autograd.grad(g.sin().sum(), proj)
+    assert torch.isfinite(h).all() and h.abs().max() > 0
 
 
 def test_opcheck():

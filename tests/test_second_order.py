@@ -488,3 +488,76 @@ def test_mhc_sinkhorn_forward_mode_in_fp32(device):
     err = (got.double() - truth).abs().max().item()
     ref_err = (lowp.double() - truth).abs().max().item()
     assert err <= 2 * ref_err + 1e-6, f"tangent error {err:.3e} > 2 x {ref_err:.3e}"
+
+
+# ---- every mHC operator, and the mHC layer -----------------------------------------------------
+
+def _mhc_cases(device):
+    """(name, function of the differentiable inputs, inputs) for each mHC operator, float64,
+    n = 3 streams of width 5 over 4 tokens, gates moved away from their init."""
+    gen = torch.Generator().manual_seed(44)
+
+    def r(*shape, positive=False):
+        t = torch.rand(*shape, generator=gen, dtype=F64) if positive else torch.randn(
+            *shape, generator=gen, dtype=F64)
+        return t.to(device).requires_grad_()
+
+    n, T, C = 3, 4, 5
+    x, h, y, hr, L = r(T, n, C), r(T, n, positive=True), r(T, C), r(T, n, n, positive=True), r(T, n, n)
+    proj, xs = r(T, 2 * n + n * n), r(T, n * C)
+    w = [r(()) * 0.3 for _ in range(3)] + [r(n), r(n), r(n, n)]
+    phi = [r(n * C, n), r(n * C, n), r(n * C, n * n)]
+    ops = torch.ops.sinkhorn_ops
+    cases = [
+        ("mhc_sinkhorn", lambda L: ops.mhc_sinkhorn(L, 3), (L,)),
+        ("mhc_v4_sinkhorn", lambda L: ops.mhc_v4_sinkhorn(L, 3, 1e-3), (L,)),
+        ("mhc_pre_mix", lambda x, h: ops.mhc_pre_mix(x, h), (x, h)),
+        ("mhc_post_mix", lambda *a: ops.mhc_post_mix(*a), (x, y, h, hr)),
+    ]
+    for v in ("paper", "v4"):
+        cases.append((f"mhc_mappings {v}",
+                      lambda p, *w, v=v: ops.mhc_mappings(p, *w, 3, 1e-3, v), (proj, *w)))
+        cases.append((f"mhc_coefficients {v}",
+                      lambda x, a, b, c, *w, v=v: ops.mhc_coefficients(
+                          x, a, b, c, *w, 1e-6, 3, 1e-3, v)[:3], (xs, *phi, *w)))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_mhc_operator_differentiates_twice_and_in_forward_mode(device):
+    """Finite differences of the fused kernels' gradients (gradgradcheck) and of their outputs
+    (forward mode, through the operators' ATen forms: so the forms compute what the kernels
+    do)."""
+    for name, fn, args in _mhc_cases(device):
+        assert gradcheck(fn, args, check_forward_ad=True, check_backward_ad=False), name
+        assert gradgradcheck(fn, args), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_mhc_layer_second_order_and_jvp_match_the_reference(device, variant):
+    """A Hessian-vector product (create_graph) of a loss of the whole layer, with respect to the
+    streams and every parameter, and a jvp in the streams, against the same through the
+    float64 reference layer written in PyTorch ops (tests/test_mhc.py)."""
+    from test_mhc import make_layer, make_streams, mhc_reference
+
+    layer = make_layer(3, variant=variant, iters=4).to(device)
+    x = make_streams(3, device=device, shape=(4,))
+    params = [p for _, p in layer.named_parameters()]
+    W = torch.randn(x.shape, generator=torch.Generator().manual_seed(45), dtype=F64).to(device)
+
+    def hvp(forward):
+        inputs = [x, *params]
+        loss = (forward(x) * W).sin().sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        vs = [torch.ones_like(g) for g in grads]
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        return torch.autograd.grad(dot, inputs)
+
+    ref_forward = lambda x: mhc_reference(layer, x, layer.branch, sinkhorn_dtype=F64)  # noqa: E731
+    for i, (got, want) in enumerate(zip(hvp(layer), hvp(ref_forward))):
+        assert_close(got, want, atol=1e-9, rtol=1e-8, name=f"hvp input {i}")
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(46), dtype=F64).to(device)
+    _, got = func.jvp(lambda x: layer(x), (x.detach(),), (t,))
+    _, want = func.jvp(ref_forward, (x.detach(),), (t,))
+    assert_close(got, want, atol=1e-10, rtol=1e-9, name="jvp")

@@ -4,9 +4,8 @@
 // variables, outputs given their history), rather than through torch::autograd::Function. That
 // keeps them usable under torch.func's transforms (grad, vjp, jacrev, vmap of those), which
 // refuse C++ autograd Functions, and under compiled autograd, through the nodes' compiled_args
-// and apply_with_saved. A backward operator's own node either differentiates the operator's
-// ATen form (differentiate_recomputed: sinkhorn's) or raises NotImplementedError (DoubleBackward:
-// the mHC operators').
+// and apply_with_saved. A backward operator's own node differentiates the operator's ATen form
+// (differentiate_recomputed), so every operator differentiates twice.
 #pragma once
 
 #include <ATen/SavedTensorHooks.h>
@@ -215,19 +214,6 @@ struct NodeWith : OpNode {
   }
 };
 
-// Tensor arguments of a call, as one list (the rest skipped).
-inline void tensors_of(std::vector<at::Tensor>&) {}
-template <typename A, typename... Rest>
-void tensors_of(std::vector<at::Tensor>& out, const A& arg, const Rest&... rest) {
-  using D = std::decay_t<A>;
-  if constexpr (std::is_same_v<D, at::Tensor>) {
-    out.push_back(arg);
-  } else if constexpr (std::is_same_v<D, c10::optional<at::Tensor>>) {
-    out.push_back(arg.value_or(at::Tensor()));
-  }
-  tensors_of(out, rest...);
-}
-
 // Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: a tangent on
 // any argument raises rather than being dropped.
 inline void check_no_tangents(const char* op, const std::vector<at::Tensor>& args) {
@@ -370,46 +356,11 @@ variable_list differentiate_recomputed(const N& node, const variable_list& grads
   return result;
 }
 
-// A backward operator's node: differentiating its result raises NotImplementedError naming the
-// forward operator.
-struct DoubleBackward : Node {
-  std::string op;
-  std::string name() const override { return "SinkhornOpsDoubleBackward"; }
-  variable_list apply(variable_list&&) override {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, op,
-                                ": double backward (differentiating the gradient) is not "
-                                "supported; compute second-order terms by finite differences of "
-                                "the gradient instead");
-  }
-  void compiled_args(CompiledNodeArgs& args) const override { args.collect(op); }
-  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables&) override {
-    return apply(variable_list(grads));
-  }
-};
-
+// A tensor or a tuple of them, as a list.
 inline variable_list as_list(const at::Tensor& t) { return {t}; }
 template <typename... R>
 variable_list as_list(const std::tuple<R...>& t) {
   return std::apply([](const auto&... x) { return variable_list{x...}; }, t);
-}
-
-// The Autograd kernel of a backward operator: Op::call(args...) below autograd, its outputs
-// (a tensor or a tuple of them) recorded as a DoubleBackward node when grad mode is on and a
-// tensor argument requires grad (create_graph, or torch.func's nested levels).
-template <typename Op, typename... Args>
-auto backward_kernel(const Args&... args) {
-  std::vector<at::Tensor> inputs;
-  tensors_of(inputs, args...);
-  auto node = begin_node<DoubleBackward>(Op::name, inputs);
-  auto result = below_autograd([&] { return Op::call(args...); });
-  if (node) {
-    node->op = Op::name;
-    for (const auto& t : as_list(result)) {
-      if (!t.defined() || at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()))
-        torch::autograd::set_history(t, node);
-    }
-  }
-  return result;
 }
 
 }  // namespace autograd

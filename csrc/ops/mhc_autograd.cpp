@@ -3,16 +3,17 @@
 // Python, and a call records one C++ node (autograd_node.h) instead of going through Python's
 // autograd.Function machinery (a host cost that bounds mHC's small calls on a GPU). Each
 // forward's node saves its inputs and calls its backward operator; each backward operator runs
-// below autograd. The paper's Sinkhorn differentiates twice and in forward mode, as sinkhorn
-// does (sinkhorn_autograd.cpp), through the operator it equals; differentiating the other
-// backward operators raises a clear NotImplementedError (no double backward).
+// below autograd. Second order and forward mode go through the operators' ATen forms
+// (mhc_forms.h): a backward operator's result records a FormNode, and a forward operator with
+// a tangent returns its form. Forward mode through a backward operator (jacfwd of jacrev) is
+// a clear NotImplementedError, except for the paper's Sinkhorn, whose backward form has it.
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../sinkhorn_ops.h"
 #include "autograd_node.h"
-#include "sinkhorn_backward.h"
+#include "mhc_forms.h"
 
 namespace sinkhorn_ops {
 namespace autograd {
@@ -21,71 +22,191 @@ using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward operators (the C++ API's calls through the dispatcher, below autograd in
-// backward_kernel), in the schemas' return types.
+// form_backward_kernel), in the schemas' return types.
 struct PaperBackward {
-  static constexpr const char* name = "mhc_sinkhorn";
   static at::Tensor call(T grad, T logits, int64_t iters) {
     return mhc_sinkhorn_backward(grad, logits, iters);
   }
 };
 struct V4Backward {
-  static constexpr const char* name = "mhc_v4_sinkhorn";
   static at::Tensor call(T grad, T logits, int64_t iters, double eps) {
     return mhc_v4_sinkhorn_backward(grad, logits, iters, eps);
   }
 };
 struct PreMixBackward {
-  static constexpr const char* name = "mhc_pre_mix";
   static Pair call(T grad, T x, T h_pre) {
     const auto g = mhc_pre_mix_backward(grad, x, h_pre);
     return {g.x, g.h_pre};
   }
 };
 struct PostMixBackward {
-  static constexpr const char* name = "mhc_post_mix";
   static Quad call(T grad, T x, T y, T h_post, T h_res) {
     const auto g = mhc_post_mix_backward(grad, x, y, h_post, h_res);
     return {g.x, g.y, g.h_post, g.h_res};
   }
 };
 
-// The paper's Sinkhorn as the log-domain operator it equals (MATH.md section 1 table: 2 iters
-// steps from the columns, a = b = 1), in its differentiable ATen form: the forward for
-// forward-mode AD, and the backward's, which its second order differentiates.
-at::Tensor paper_steps_run(const detail::ForwardProblem& f) {
-  return at::full({f.B}, f.steps, f.scores.options().dtype(at::kLong));
-}
-
-at::Tensor paper_forward_differentiable(T logits, int64_t iters) {
-  const auto f =
-      detail::prepare_forward(logits, c10::nullopt, c10::nullopt, c10::nullopt, 2 * iters, "col", 0);
-  const auto error = at::zeros({f.B}, f.scores.options());
-  return std::get<0>(detail::unrolled_forward_differentiable(f, {}, {}, paper_steps_run(f), error));
-}
-
-at::Tensor paper_backward_differentiable(T grad, T logits, int64_t iters) {
-  auto p = detail::prepare_backward(
-      grad, c10::nullopt, c10::nullopt, logits, c10::nullopt, c10::nullopt, c10::nullopt,
-      at::full(logits.sizes().slice(0, logits.dim() - 2), 2 * iters,
-               logits.options().dtype(at::kLong)),
-      2 * iters, "col");
-  return std::get<0>(detail::unrolled_backward_composite(p, at::Tensor(), nullptr, true));
-}
-
-// The node of mhc_sinkhorn_backward's result (gradients of grad and logits), as sinkhorn's.
-struct MhcSinkhornBackwardBackward : NodeWith<MhcSinkhornBackwardBackward> {
-  int64_t iters = 0;
+// Second order: a backward operator's result records a FormNode, which differentiates the
+// operator's ATen form (mhc_forms.h) if its own backward ever runs (differentiate_recomputed).
+// Form: the node's name, its options, its differentiable inputs' count (the first saved
+// variables) and the backward form of its saved variables, in the backward operator's layout.
+template <typename Form>
+struct FormNode : NodeWith<FormNode<Form>> {
+  typename Form::Options o;
   template <typename S>
   static auto options(S& n) {
-    return std::tie(n.iters);
+    return Form::tie(n.o);
   }
-  std::string name() const override { return "MhcSinkhornBackwardBackward"; }
+  std::string name() const override { return Form::kName; }
   variable_list backward(variable_list& grads, const variable_list& s) override {
-    return differentiate_recomputed(*this, grads, s, 2, [&](const variable_list& x) {
-      return variable_list{paper_backward_differentiable(x[0], x[1], iters)};
-    });
+    return differentiate_recomputed(*this, grads, s, Form::kDiff,
+                                    [&](const variable_list& x) { return Form::form(x, o); });
   }
 };
+
+using forms::tracked;
+
+std::vector<at::Tensor> flat_cat(const std::vector<at::Tensor>& g, size_t first, size_t count,
+                                 bool flatten) {
+  std::vector<at::Tensor> parts;
+  for (size_t i = first; i < first + count; ++i) parts.push_back(flatten ? g[i].reshape(-1) : g[i]);
+  return parts;
+}
+
+// A form without options.
+struct WithoutOptions {
+  struct Options {};
+  template <typename O>
+  static auto tie(O&) {
+    return std::tuple<>();
+  }
+};
+
+struct PaperForm {  // (grad, logits) -> dlogits
+  struct Options {
+    int64_t iters = 0;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.iters);
+  }
+  static constexpr const char* kName = "MhcSinkhornBackwardBackward";
+  static constexpr size_t kDiff = 2;
+  static variable_list form(const variable_list& x, const Options& o) {
+    return {forms::paper_sinkhorn_backward(x[0], x[1], o.iters)};
+  }
+};
+
+struct V4Form {  // (grad, logits) -> dlogits
+  struct Options {
+    int64_t iters = 0;
+    double eps = 0;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.iters, o.eps);
+  }
+  static constexpr const char* kName = "MhcV4SinkhornBackwardBackward";
+  static constexpr size_t kDiff = 2;
+  static variable_list form(const variable_list& x, const Options& o) {
+    const auto L = tracked(x[1]);
+    return forms::gradients({forms::v4_sinkhorn(L, o.iters, o.eps)}, {L}, {x[0]});
+  }
+};
+
+struct PreMixForm : WithoutOptions {  // (grad, x, h_pre) -> (dx, dh_pre)
+  static constexpr const char* kName = "MhcPreMixBackwardBackward";
+  static constexpr size_t kDiff = 3;
+  static variable_list form(const variable_list& x, const Options&) {
+    const auto xs = tracked(x[1]), h = tracked(x[2]);
+    return forms::gradients({forms::pre_mix(xs, h)}, {xs, h}, {x[0]});
+  }
+};
+
+struct PostMixForm : WithoutOptions {  // (grad, x, y, h_post, h_res) -> (dx, dy, dh_post, dh_res)
+  static constexpr const char* kName = "MhcPostMixBackwardBackward";
+  static constexpr size_t kDiff = 5;
+  static variable_list form(const variable_list& x, const Options&) {
+    variable_list in;
+    for (size_t i = 1; i < 5; ++i) in.push_back(tracked(x[i]));
+    return forms::gradients({forms::post_mix(in[0], in[1], in[2], in[3])}, in, {x[0]});
+  }
+};
+
+// (grad_pre, grad_post, grad_res, proj, the six weights) -> (dproj, the weights' gradients
+// flattened in their order)
+struct MappingsForm {
+  struct Options {
+    int64_t iters = 0;
+    double eps = 0;
+    std::string variant;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.iters, o.eps, o.variant);
+  }
+  static constexpr const char* kName = "MhcMappingsBackwardBackward";
+  static constexpr size_t kDiff = 10;
+  static variable_list form(const variable_list& x, const Options& o) {
+    variable_list in;
+    for (size_t i = 3; i < 10; ++i) in.push_back(tracked(x[i]));
+    const variable_list w(in.begin() + 1, in.end());
+    const auto g = forms::gradients(forms::mappings(in[0], w, o.iters, o.eps, o.variant), in,
+                                    {x[0], x[1], x[2]});
+    return {g[0], at::cat(flat_cat(g, 1, 6, true))};
+  }
+};
+
+// (grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res, the six weights) -> (dx,
+// d[phi_pre | phi_post | phi_res], the weights' gradients flattened), each an empty tensor
+// unless the call asked for it.
+struct CoefficientsForm {
+  struct Options {
+    double norm_eps = 0;
+    int64_t iters = 0;
+    double eps = 0;
+    std::string variant;
+    bool grad_x = true, grad_phi = true, grad_weights = true;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.norm_eps, o.iters, o.eps, o.variant, o.grad_x, o.grad_phi, o.grad_weights);
+  }
+  static constexpr const char* kName = "MhcCoefficientsBackwardBackward";
+  static constexpr size_t kDiff = 13;
+  static variable_list form(const variable_list& x, const Options& o) {
+    variable_list in;
+    for (size_t i = 3; i < 13; ++i) in.push_back(tracked(x[i]));
+    const variable_list phi(in.begin() + 1, in.begin() + 4), w(in.begin() + 4, in.end());
+    const auto g = forms::gradients(
+        forms::coefficients(in[0], phi, w, o.norm_eps, o.iters, o.eps, o.variant), in,
+        {x[0], x[1], x[2]});
+    const auto none = x[3].new_empty({0});
+    return {o.grad_x ? g[0] : none, o.grad_phi ? at::cat(flat_cat(g, 1, 3, false), 1) : none,
+            o.grad_weights ? at::cat(flat_cat(g, 4, 6, true)) : none};
+  }
+};
+
+// The Autograd kernel of a backward operator with a FormNode: its kernel below autograd, and the
+// node when its result is recorded. diff: the node's inputs (its saved variables too). A
+// forward-mode tangent raises (the forms' gradients detach untracked inputs).
+template <typename Form, typename Run>
+auto form_backward_kernel(const char* op, const std::vector<at::Tensor>& diff,
+                          const typename Form::Options& o, Run&& run) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(diff), op,
+                              ": forward-mode AD through its backward (jacfwd of jacrev, "
+                              "torch.func.hessian) is not supported; use reverse over reverse "
+                              "(jacrev of jacrev, torch.autograd.functional.hessian)");
+  auto node = begin_node<FormNode<Form>>(op, diff);
+  auto r = below_autograd(run);
+  if (node) {
+    node->o = o;
+    for (const auto& t : diff) node->save(t);
+    for (const auto& t : as_list(r))
+      if (!t.defined() || at::isFloatingType(t.scalar_type())) torch::autograd::set_history(t, node);
+  }
+  return r;
+}
 
 // Each forward's node: its saved inputs and options, and the backward operator's call.
 // The Sinkhorns: H = op(logits, iters[, eps]); dL/dlogits = backward(dL/dH, logits, ...).
@@ -138,7 +259,6 @@ struct MhcPostMixBackward : NodeWith<MhcPostMixBackward> {
 MHCWeights weights_of(T a0, T a1, T a2, T b0, T b1, T b2) { return {a0, a1, a2, b0, b1, b2}; }
 
 struct MappingsBackward {
-  static constexpr const char* name = "mhc_mappings";
   static std::tuple<at::Tensor, at::Tensor> call(Opt g_pre, Opt g_post, Opt g_res, T proj, T a0,
                                                  T a1, T a2, T b0, T b1, T b2, int64_t iters,
                                                  double eps, c10::string_view variant) {
@@ -172,7 +292,6 @@ struct MhcMappingsBackward : NodeWith<MhcMappingsBackward> {
 // weights, norm_eps, iters, eps, variant). proj and norm are saved for the backward and are not
 // differentiable; x is saved as it came (the mixings save it too).
 struct CoefficientsBackward {
-  static constexpr const char* name = "mhc_coefficients";
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> call(
       Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1, T a2,
       T b0, T b1, T b2, double norm_eps, int64_t iters, double eps, c10::string_view variant,
@@ -226,11 +345,12 @@ struct MhcCoefficientsBackward : NodeWith<MhcCoefficientsBackward> {
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   using namespace sinkhorn_ops::autograd;
   using sinkhorn_ops::MHCWeights;
+  // Forward-mode AD: the operator's kernel (its checks, and the outputs no form gives), then its
+  // ATen form, which carries the tangents.
   m.impl("mhc_sinkhorn", [](T logits, int64_t iters) {
     if (has_tangent({logits})) {
-      // Checked by the operator (the ATen form takes any shape); the form carries the tangent.
       below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
-      return paper_forward_differentiable(logits, iters);
+      return sinkhorn_ops::forms::paper_sinkhorn(logits, iters);
     }
     auto node = begin_node<MhcSinkhornBackward>("mhc_sinkhorn", {logits});
     auto h = below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
@@ -242,6 +362,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     return h;
   });
   m.impl("mhc_v4_sinkhorn", [](T logits, int64_t iters, double eps) {
+    if (has_tangent({logits})) {
+      below_autograd([&] { return sinkhorn_ops::mhc_v4_sinkhorn(logits, iters, eps); });
+      return sinkhorn_ops::forms::v4_sinkhorn(logits, iters, eps);
+    }
     auto node = begin_node<MhcV4SinkhornBackward>("mhc_v4_sinkhorn", {logits});
     auto h = below_autograd([&] { return sinkhorn_ops::mhc_v4_sinkhorn(logits, iters, eps); });
     if (node) {
@@ -253,6 +377,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     return h;
   });
   m.impl("mhc_pre_mix", [](T x, T h_pre) {
+    if (has_tangent({x, h_pre})) {
+      below_autograd([&] { return sinkhorn_ops::mhc_pre_mix(x, h_pre); });
+      return sinkhorn_ops::forms::pre_mix(x, h_pre);
+    }
     auto node = begin_node<MhcPreMixBackward>("mhc_pre_mix", {x, h_pre});
     auto out = below_autograd([&] { return sinkhorn_ops::mhc_pre_mix(x, h_pre); });
     if (node) {
@@ -262,6 +390,10 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     return out;
   });
   m.impl("mhc_post_mix", [](T x, T y, T h_post, T h_res) {
+    if (has_tangent({x, y, h_post, h_res})) {
+      below_autograd([&] { return sinkhorn_ops::mhc_post_mix(x, y, h_post, h_res); });
+      return sinkhorn_ops::forms::post_mix(x, y, h_post, h_res);
+    }
     auto node = begin_node<MhcPostMixBackward>("mhc_post_mix", {x, y, h_post, h_res});
     auto out = below_autograd([&] { return sinkhorn_ops::mhc_post_mix(x, y, h_post, h_res); });
     if (node) {
@@ -273,29 +405,37 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_sinkhorn_backward", [](T grad, T logits, int64_t iters) {
     if (has_tangent({grad, logits})) {
       below_autograd([&] { return PaperBackward::call(grad, logits, iters); });  // the checks
-      return paper_backward_differentiable(grad, logits, iters);
+      return sinkhorn_ops::forms::paper_sinkhorn_backward(grad, logits, iters);
     }
-    auto node = begin_node<MhcSinkhornBackwardBackward>("mhc_sinkhorn", {grad, logits});
-    auto r = below_autograd([&] { return PaperBackward::call(grad, logits, iters); });
-    if (node) {
-      node->iters = iters;
-      node->save(grad);
-      node->save(logits);
-      set_history(node, {r});
-    }
-    return r;
+    return form_backward_kernel<PaperForm>("mhc_sinkhorn", {grad, logits}, {iters}, [&] {
+      return PaperBackward::call(grad, logits, iters);
+    });
   });
   m.impl("mhc_v4_sinkhorn_backward", [](T grad, T logits, int64_t iters, double eps) {
-    return backward_kernel<V4Backward>(grad, logits, iters, eps);
+    return form_backward_kernel<V4Form>("mhc_v4_sinkhorn", {grad, logits}, {iters, eps}, [&] {
+      return V4Backward::call(grad, logits, iters, eps);
+    });
   });
   m.impl("mhc_pre_mix_backward", [](T grad, T x, T h_pre) {
-    return backward_kernel<PreMixBackward>(grad, x, h_pre);
+    return form_backward_kernel<PreMixForm>("mhc_pre_mix", {grad, x, h_pre}, {},
+                                            [&] { return PreMixBackward::call(grad, x, h_pre); });
   });
   m.impl("mhc_post_mix_backward", [](T grad, T x, T y, T h_post, T h_res) {
-    return backward_kernel<PostMixBackward>(grad, x, y, h_post, h_res);
+    return form_backward_kernel<PostMixForm>("mhc_post_mix", {grad, x, y, h_post, h_res}, {}, [&] {
+      return PostMixBackward::call(grad, x, y, h_post, h_res);
+    });
   });
   m.impl("mhc_mappings", [](T proj, T a0, T a1, T a2, T b0, T b1, T b2, int64_t iters, double eps,
                             c10::string_view variant) {
+    if (has_tangent({proj, a0, a1, a2, b0, b1, b2})) {
+      below_autograd([&] {
+        return sinkhorn_ops::mhc_mappings(proj, weights_of(a0, a1, a2, b0, b1, b2), iters, eps,
+                                          variant);
+      });
+      const auto h =
+          sinkhorn_ops::forms::mappings(proj, {a0, a1, a2, b0, b1, b2}, iters, eps, std::string(variant));
+      return std::make_tuple(h[0], h[1], h[2]);
+    }
     auto node = begin_node<MhcMappingsBackward>("mhc_mappings", {proj, a0, a1, a2, b0, b1, b2});
     auto m = below_autograd([&] {
       return sinkhorn_ops::mhc_mappings(proj, weights_of(a0, a1, a2, b0, b1, b2), iters, eps,
@@ -313,18 +453,30 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_mappings_backward", [](Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2,
                                      T b0, T b1, T b2, int64_t iters, double eps,
                                      c10::string_view variant) {
-    return backward_kernel<MappingsBackward>(g_pre, g_post, g_res, proj, a0, a1, a2, b0, b1, b2,
-                                             iters, eps, variant);
+    const std::vector<at::Tensor> diff{g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
+                                       g_res.value_or(at::Tensor()), proj, a0, a1, a2, b0, b1, b2};
+    return form_backward_kernel<MappingsForm>(
+        "mhc_mappings", diff, {iters, eps, std::string(variant)}, [&] {
+          return MappingsBackward::call(g_pre, g_post, g_res, proj, a0, a1, a2, b0, b1, b2, iters,
+                                        eps, variant);
+        });
   });
   m.impl("mhc_coefficients", [](T x, T p0, T p1, T p2, T a0, T a1, T a2, T b0, T b1, T b2,
                                 double norm_eps, int64_t iters, double eps,
                                 c10::string_view variant) {
-    auto node = begin_node<MhcCoefficientsBackward>("mhc_coefficients",
-                                                    {x, p0, p1, p2, a0, a1, a2, b0, b1, b2});
+    const std::vector<at::Tensor> inputs{x, p0, p1, p2, a0, a1, a2, b0, b1, b2};
+    const bool tangent = has_tangent(inputs);
+    auto node = tangent ? nullptr : begin_node<MhcCoefficientsBackward>("mhc_coefficients", inputs);
     auto c = below_autograd([&] {
       return sinkhorn_ops::mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
                                             norm_eps, iters, eps, variant);
     });
+    if (tangent) {
+      // proj and norm (not differentiable) from the kernel.
+      const auto h = sinkhorn_ops::forms::coefficients(x, {p0, p1, p2}, {a0, a1, a2, b0, b1, b2}, norm_eps,
+                                         iters, eps, std::string(variant));
+      return std::make_tuple(h[0], h[1], h[2], c.proj, c.norm);
+    }
     if (node) {
       // proj and norm are not differentiable: no history.
       set_history(node, {c.pre, c.post, c.res});
@@ -340,9 +492,15 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
          [](Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1,
             T a2, T b0, T b1, T b2, double norm_eps, int64_t iters, double eps,
             c10::string_view variant, bool grad_x, bool grad_phi, bool grad_weights) {
-           return backward_kernel<CoefficientsBackward>(g_pre, g_post, g_res, x, p0, p1, p2, proj,
-                                                        norm, a0, a1, a2, b0, b1, b2, norm_eps,
-                                                        iters, eps, variant, grad_x, grad_phi,
-                                                        grad_weights);
+           const std::vector<at::Tensor> diff{
+               g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
+               g_res.value_or(at::Tensor()), x, p0, p1, p2, a0, a1, a2, b0, b1, b2};
+           return form_backward_kernel<CoefficientsForm>(
+               "mhc_coefficients", diff,
+               {norm_eps, iters, eps, std::string(variant), grad_x, grad_phi, grad_weights}, [&] {
+                 return CoefficientsBackward::call(g_pre, g_post, g_res, x, p0, p1, p2, proj,
+                                                   norm, a0, a1, a2, b0, b1, b2, norm_eps, iters,
+                                                   eps, variant, grad_x, grad_phi, grad_weights);
+               });
          });
 }

@@ -102,6 +102,8 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("rms_projection", [](const at::Tensor& x, const at::Tensor& phi, double eps) {
     using namespace sinkhorn_ops;
     check_args(x, phi, eps);
+    // Forward-mode AD: the same ATen ops, run where they carry the tangents.
+    if (autograd::has_tangent({x, phi})) return std::get<0>(project(x, phi, eps));
     auto node = autograd::begin_node<RmsProjectionBackward>("rms_projection", {x, phi});
     auto [y, inv_rms] = autograd::below_autograd([&] { return project(x, phi, eps); });
     if (node) {
