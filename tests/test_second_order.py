@@ -561,3 +561,69 @@ def test_mhc_layer_second_order_and_jvp_match_the_reference(device, variant):
     _, got = func.jvp(lambda x: layer(x), (x.detach(),), (t,))
     _, want = func.jvp(ref_forward, (x.detach(),), (t,))
     assert_close(got, want, atol=1e-10, rtol=1e-9, name="jvp")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_mhc_layer_penalty_and_functional_apis(device, variant):
+    """Inputs that depend on one another (the layer's x feeds the mixings together with the
+    mappings computed from it): an R1-style gradient penalty on the parameters only, with
+    create_graph, and torch.autograd.functional's jvp and hvp (double-backward tricks), against
+    the float64 PyTorch layer. (A form that differentiated the saved inputs themselves counted
+    the paths through x's history twice.)"""
+    from test_mhc import make_layer, make_streams, mhc_reference
+
+    layer = make_layer(3, variant=variant, iters=4).to(device)
+    x = make_streams(3, device=device, shape=(4,))
+    params = [p for _, p in layer.named_parameters()]
+    W = torch.randn(x.shape, generator=torch.Generator().manual_seed(47), dtype=F64).to(device)
+    ref_forward = lambda x: mhc_reference(layer, x, layer.branch, sinkhorn_dtype=F64)  # noqa: E731
+
+    def penalty(forward):
+        (g,) = torch.autograd.grad((forward(x) * W).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), params, create_graph=True)
+
+    for p, got, want in zip(dict(layer.named_parameters()), penalty(layer), penalty(ref_forward)):
+        assert_close(got, want, atol=1e-10, rtol=1e-9, name=f"penalty gradient {p}")
+    V = torch.randn(x.shape, generator=torch.Generator().manual_seed(48), dtype=F64).to(device)
+    loss = lambda f: lambda x: (f(x) * W).sin().sum()  # noqa: E731
+    x0 = x.detach()
+    for name, api in [("jvp", torch.autograd.functional.jvp),
+                      ("hvp", torch.autograd.functional.hvp)]:
+        got = api(loss(layer), x0, V)[1]
+        want = api(loss(ref_forward), x0, V)[1]
+        assert_close(got, want, atol=1e-10, rtol=1e-9, name=name)
+
+
+def test_mhc_mix_second_order_with_weights_that_depend_on_the_streams():
+    """h_pre computed from x: the second derivative counts each path once, with and without
+    create_graph."""
+    x = random_scores((3, 4, 5), seed=49).requires_grad_()
+    p = random_scores((5,), seed=50)
+    u = random_scores((3, 5), seed=51)
+
+    def second(mix, create_graph):
+        h = torch.sigmoid((x * p).sum(-1))
+        (g,) = torch.autograd.grad((mix(x, h) * u).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), x, create_graph=create_graph)[0]
+
+    ref = lambda x, h: (h.unsqueeze(-1) * x).sum(-2)  # noqa: E731
+    for create_graph in (False, True):
+        assert_close(second(so.mhc_branch_input, create_graph), second(ref, create_graph),
+                     atol=1e-12, rtol=1e-10, name=f"create_graph={create_graph}")
+
+
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_mhc_mappings_forms_take_gates_of_any_one_value_shape(variant):
+    """Gates of shape (1, 1) with a 1-D proj: the forms give the kernel's shapes (forward mode)
+    and the double backward's gradients fit the inputs."""
+    proj = random_scores((8,), seed=52).requires_grad_()
+    w = [torch.full((1, 1), 0.3, dtype=F64) for _ in range(3)] + [
+        random_scores((2,), seed=53), random_scores((2,), seed=54), random_scores((2, 2), seed=55)]
+    run = lambda p: so.mhc_mappings(p, *w, 3, variant=variant)  # noqa: E731
+    plain = run(proj.detach())
+    _, tangents = func.jvp(run, (proj.detach(),), (torch.ones(8, dtype=F64),))
+    assert [t.shape for t in tangents] == [t.shape for t in plain]
+    (g,) = torch.autograd.grad(sum(o.sin().sum() for o in run(proj)), proj, create_graph=True)
+    (h,) = torch.autograd.grad(g.square().sum(), proj)
+    assert h.shape == proj.shape and torch.isfinite(h).all()

@@ -65,9 +65,10 @@ TensorList mappings(T proj, const TensorList& w, int64_t iters, double eps,
   res_shape.push_back(n);
   res_shape.push_back(n);
   const auto res = proj.narrow(-1, 2 * n, n * n).reshape(res_shape);
-  auto h_pre = at::sigmoid(w[0] * pre + w[3]);
-  const auto h_post = 2 * at::sigmoid(w[1] * post + w[4]);
-  const auto logits = w[2] * res + w[5];
+  // The gates as scalars, whatever their shape of one value (the kernels take them so).
+  auto h_pre = at::sigmoid(w[0].reshape({}) * pre + w[3]);
+  const auto h_post = 2 * at::sigmoid(w[1].reshape({}) * post + w[4]);
+  const auto logits = w[2].reshape({}) * res + w[5];
   at::Tensor h_res;
   if (variant == "v4") {
     h_pre = h_pre + eps;
@@ -87,7 +88,8 @@ TensorList coefficients(T x, const TensorList& phi, const TensorList& w, double 
 }
 
 at::Tensor tracked(T t) {
-  return !t.defined() || t.requires_grad() ? t : t.detach().requires_grad_(true);
+  if (!t.defined()) return t;
+  return t.requires_grad() ? t.view_as(t) : t.detach().requires_grad_(true);
 }
 
 TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads) {

@@ -36,10 +36,12 @@ TensorList coefficients(T x, const TensorList& phi, const TensorList& w, double 
                         int64_t iters, double eps, const std::string& variant);
 
 // The gradients of outs (given grads, undefined for none) with respect to ins, differentiable
-// (create_graph): the backward forms. An input that does not require grad is differentiated
-// through a detached copy; an input no output reaches gets zeros.
+// (create_graph): the backward forms. ins must come from tracked(); an input no output reaches
+// gets zeros.
 TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads);
-// An input as gradients() differentiates it: itself if it requires grad, else a leaf copy.
+// A fresh handle on an input for gradients(): a view of it if it requires grad (the gradient
+// then stays differentiable, and counts only the paths through this handle, not those through
+// another input's history to the same tensor), else a leaf copy.
 at::Tensor tracked(T t);
 
 }  // namespace forms
