@@ -8,10 +8,12 @@ hvp(S, V) = d/dS <d loss / dS, V> with loss = sum(sin(P W)), P = sinkhorn(S, ste
 fused forward and backward, then differentiates the backward's ATen form (csrc/ops/
 sinkhorn_autograd.cpp); the baseline is sinkhorn_ops.reference.sinkhorn_reference in the same
 dtype, differentiated twice by autograd. torch.compile is not a baseline: it does not support
-double backward. Writes <out>/second_order_<device>.csv and .md.
+double backward. The last case is the whole mHC layer against the same layer in PyTorch ops.
+Writes <out>/second_order_<device>.csv and .md.
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import _bench_util as bu
@@ -19,7 +21,11 @@ import torch
 
 sys.path.append(str(bu.ROOT))  # run from a checkout without installing; an install wins
 import sinkhorn_ops
+from sinkhorn_ops.nn import ManifoldConstrainedHyperConnections
 from sinkhorn_ops.reference import sinkhorn_reference
+
+sys.path.insert(0, str(bu.ROOT / "tests"))  # the literal layer reference lives in the test suite
+from test_mhc import mhc_reference  # noqa: E402
 
 # (case, batch, n, m, steps)
 CASES = [
@@ -37,6 +43,50 @@ def hvp_fn(run, S, W, V):
         (h,) = torch.autograd.grad((g * V).sum(), s)
         return h
     return call
+
+
+def layer_case(dev: str, quick: bool, rows: list, table: list):
+    """The mHC layer (n = 4, C = 64, 256 tokens, a tanh(Linear) branch, 20 iterations): the hvp
+    of a loss of its output in the streams x, against the same layer written in PyTorch ops
+    (tests/test_mhc.py mhc_reference), both fp32."""
+    if quick:
+        return rows, table
+    torch.manual_seed(0)
+    branch = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    layer = ManifoldConstrainedHyperConnections(4, 64, branch).to(dev)
+    with torch.no_grad():
+        for name in ("alpha_pre", "alpha_post", "alpha_res"):
+            getattr(layer, name).fill_(0.3)
+    gen = torch.Generator().manual_seed(1)
+    x64, W64, V64 = (torch.randn(256, 4, 64, generator=gen, dtype=torch.float64).to(dev)
+                     for _ in range(3))
+    x, W, V = (t.float() for t in (x64, W64, V64))
+    ref = lambda s: mhc_reference(layer, s, layer.branch, sinkhorn_dtype=torch.float32)  # noqa: E731
+    ours, eager = hvp_fn(layer, x, W, V), hvp_fn(ref, x, W, V)
+    layer64 = copy.deepcopy(layer).double()
+    truth = hvp_fn(lambda s: mhc_reference(layer64, s, layer64.branch,
+                                           sinkhorn_dtype=torch.float64), x64, W64, V64)()
+    err = (ours().double() - truth).abs().max().item()
+    err_eager = (eager().double() - truth).abs().max().item()
+    ok = err <= 2 * err_eager + 1e-5 * truth.abs().max().item()
+
+    def first_order():
+        s = x.detach().requires_grad_()
+        (layer(s) * W).sin().sum().backward()
+
+    t_ours = bu.quantiles(bu.time_ms(ours, dev, POLICY))[1]
+    t_eager = bu.quantiles(bu.time_ms(eager, dev, POLICY))[1]
+    t_first = bu.quantiles(bu.time_ms(first_order, dev, POLICY))[1]
+    paired = bu.paired_ratio(ours, eager, dev, (t_ours, t_eager), POLICY["paired_rounds"])
+    rows.append({"case": "mhc layer", "shape": "256x4x64", "steps": 40, "dtype": "fp32",
+                 "ms_p50": t_ours, "eager_ms_p50": t_eager, "first_order_ms_p50": t_first,
+                 "x_eager": t_eager / t_ours, "err": err, "err_eager": err_eager,
+                 "check": "ok" if ok else "FAIL", "paired": paired[0], "paired_min": paired[1],
+                 "paired_max": paired[2]})
+    table.append(["mhc layer (x)", "256x4x64", 40, bu.fmt(t_ours), bu.fmt(t_first),
+                  bu.fmt(t_eager), f"{paired[0]:.2f} ({paired[1]:.2f}–{paired[2]:.2f})",
+                  f"{err:.2e} / {err_eager:.2e}", "ok" if ok else "FAIL"])
+    return rows, table
 
 
 def main() -> None:
@@ -77,6 +127,7 @@ def main() -> None:
                       bu.fmt(t_eager[1]),
                       f"{row['paired']:.2f} ({row['paired_min']:.2f}–{row['paired_max']:.2f})",
                       f"{err:.2e} / {err_eager:.2e}", row["check"]])
+    rows, table = layer_case(dev, args.quick, rows, table)
     body = [
         "- hvp = d/dS <d loss/dS, V>, loss = sum(sin(P W)), fp32; ours: the fused forward and "
         "backward, then the backward's ATen form differentiated; eager: autograd twice through "
