@@ -8,11 +8,10 @@
 // call whose result is to be differentiated (create_graph, torch.func's nested transforms)
 // records a node that, if its own backward ever runs, differentiates the operator's out-of-place
 // ATen form recomputed from the saved arguments (the unrolled backward's replay and reverse
-// steps; the implicit backward's solve). So create_graph=True without a second backward keeps
-// the fused kernels. A forward-mode tangent on their arguments runs that ATen form directly, as
-// does a call under torch.func's transforms that records a graph (whose backward always
-// builds one, and whose levels a reentrant grad does not see), and as does forward-mode AD of
-// the unrolled operator itself (its outputs recomputed from the steps its run took).
+// steps; the implicit backward's solve). So create_graph=True without a second backward, and
+// torch.func.grad (whose backward always records a graph), keep the fused kernels. A
+// forward-mode tangent on their arguments runs that ATen form directly, as does forward-mode AD
+// of the unrolled operator itself (its outputs recomputed from the steps its run took).
 #include <torch/library.h>
 
 #include <string>
