@@ -534,6 +534,63 @@ def test_every_mhc_operator_differentiates_twice_and_in_forward_mode(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_every_mhc_backward_in_forward_mode(device):
+    """Forward over reverse through every mHC backward operator (its form carries the tangents):
+    finite differences of its tangents (gradgradcheck's check_fwd_over_rev), and torch.func's
+    hessian (jacfwd of jacrev) of a loss against jacrev of jacrev."""
+    for name, fn, args in _mhc_cases(device):
+        assert gradgradcheck(fn, args, check_fwd_over_rev=True, check_rev_over_rev=False,
+                             check_undefined_grad=False), name
+        argnums = tuple(range(len(args)))
+
+        def loss(*a):
+            out = fn(*a)
+            return sum(o.sin().sum() for o in (out if isinstance(out, (tuple, list)) else (out,)))
+
+        primals = [a.detach() for a in args]
+        fr = func.hessian(loss, argnums=argnums)(*primals)
+        rr = func.jacrev(func.jacrev(loss, argnums=argnums), argnums=argnums)(*primals)
+        for i in argnums:
+            for j in argnums:
+                assert not fr[i][j].requires_grad, f"{name}: a graph leaked out of hessian"
+                assert_close(fr[i][j], rr[i][j], atol=1e-12, rtol=1e-10,
+                             name=f"{name} d2/d{i}d{j}")
+        assert max(fr[i][j].abs().max().item() for i in argnums for j in argnums) > 1e-3, name
+
+
+def test_mhc_backward_tangents_record_no_graph():
+    """A backward operator called on dual tensors that require no grad returns results (and
+    tangents) without a graph: the form's own gradients are taken without create_graph."""
+    ops = torch.ops.sinkhorn_ops
+    L, g = random_scores((3, 4, 4), seed=57), random_scores((3, 4, 4), seed=58)
+    x, h, u = random_scores((3, 4, 5), seed=59), random_scores((3, 4), seed=60).sigmoid(), \
+        random_scores((3, 5), seed=61)
+    with fwAD.dual_level():
+        # (dh_pre depends on x; dx does not: its tangent is None.)
+        outs = [ops.mhc_v4_sinkhorn_backward(g, fwAD.make_dual(L, torch.ones_like(L)), 3, 1e-3),
+                ops.mhc_pre_mix_backward(u, fwAD.make_dual(x, torch.ones_like(x)), h)[1]]
+        for o in outs:
+            primal, tangent = fwAD.unpack_dual(o)
+            assert tangent is not None and not o.requires_grad and not tangent.requires_grad
+
+
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_mhc_layer_hessian_forward_over_reverse(variant):
+    """torch.func.hessian (forward over reverse) of a loss of the whole layer in the streams,
+    against the same of the float64 reference layer written in PyTorch ops."""
+    from test_mhc import make_layer, make_streams, mhc_reference
+
+    layer = make_layer(2, variant=variant, iters=3)
+    x = make_streams(2, shape=(2,)).detach()
+    W = torch.randn(x.shape, generator=torch.Generator().manual_seed(56), dtype=F64)
+    ref_forward = lambda x: mhc_reference(layer, x, layer.branch, sinkhorn_dtype=F64)  # noqa: E731
+    got = func.hessian(lambda x: (layer(x) * W).sin().sum())(x)
+    want = func.hessian(lambda x: (ref_forward(x) * W).sin().sum())(x)
+    assert want.abs().max() > 1e-3
+    assert_close(got, want, atol=1e-10, rtol=1e-9, name="layer hessian")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["paper", "v4"])
 def test_mhc_layer_second_order_and_jvp_match_the_reference(device, variant):
     """A Hessian-vector product (create_graph) of a loss of the whole layer, with respect to the

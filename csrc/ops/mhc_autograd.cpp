@@ -4,15 +4,16 @@
 // autograd.Function machinery (a host cost that bounds mHC's small calls on a GPU). Each
 // forward's node saves its inputs and calls its backward operator; each backward operator runs
 // below autograd. Second order and forward mode go through the operators' ATen forms
-// (mhc_forms.h): a backward operator's result records a FormNode, and a forward operator with
-// a tangent returns its form. Forward mode through a backward operator (jacfwd of jacrev) is
-// a clear NotImplementedError, except for the paper's Sinkhorn, whose backward form has it.
+// (mhc_forms.h): a forward operator with a tangent returns its form; a backward operator's
+// result records a FormNode, and with a tangent (forward over reverse, torch.func.hessian)
+// returns its form (form_node.h, mhc_backward_forms.h).
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../sinkhorn_ops.h"
-#include "autograd_node.h"
+#include "form_node.h"
+#include "mhc_backward_forms.h"
 #include "mhc_forms.h"
 
 namespace sinkhorn_ops {
@@ -45,168 +46,6 @@ struct PostMixBackward {
     return {g.x, g.y, g.h_post, g.h_res};
   }
 };
-
-// Second order: a backward operator's result records a FormNode, which differentiates the
-// operator's ATen form (mhc_forms.h) if its own backward ever runs (differentiate_recomputed).
-// Form: the node's name, its options, its differentiable inputs' count (the first saved
-// variables) and the backward form of its saved variables, in the backward operator's layout.
-template <typename Form>
-struct FormNode : NodeWith<FormNode<Form>> {
-  typename Form::Options o;
-  template <typename S>
-  static auto options(S& n) {
-    return Form::tie(n.o);
-  }
-  std::string name() const override { return Form::kName; }
-  variable_list backward(variable_list& grads, const variable_list& s) override {
-    return differentiate_recomputed(*this, grads, s, Form::kDiff,
-                                    [&](const variable_list& x) { return Form::form(x, o); });
-  }
-};
-
-using forms::tracked;
-
-std::vector<at::Tensor> flat_cat(const std::vector<at::Tensor>& g, size_t first, size_t count,
-                                 bool flatten) {
-  std::vector<at::Tensor> parts;
-  for (size_t i = first; i < first + count; ++i) parts.push_back(flatten ? g[i].reshape(-1) : g[i]);
-  return parts;
-}
-
-// A form without options.
-struct WithoutOptions {
-  struct Options {};
-  template <typename O>
-  static auto tie(O&) {
-    return std::tuple<>();
-  }
-};
-
-struct PaperForm {  // (grad, logits) -> dlogits
-  struct Options {
-    int64_t iters = 0;
-  };
-  template <typename O>
-  static auto tie(O& o) {
-    return std::tie(o.iters);
-  }
-  static constexpr const char* kName = "MhcSinkhornBackwardBackward";
-  static constexpr size_t kDiff = 2;
-  static variable_list form(const variable_list& x, const Options& o) {
-    return {forms::paper_sinkhorn_backward(x[0], x[1], o.iters)};
-  }
-};
-
-struct V4Form {  // (grad, logits) -> dlogits
-  struct Options {
-    int64_t iters = 0;
-    double eps = 0;
-  };
-  template <typename O>
-  static auto tie(O& o) {
-    return std::tie(o.iters, o.eps);
-  }
-  static constexpr const char* kName = "MhcV4SinkhornBackwardBackward";
-  static constexpr size_t kDiff = 2;
-  static variable_list form(const variable_list& x, const Options& o) {
-    const auto L = tracked(x[1]);
-    return forms::gradients({forms::v4_sinkhorn(L, o.iters, o.eps)}, {L}, {x[0]});
-  }
-};
-
-struct PreMixForm : WithoutOptions {  // (grad, x, h_pre) -> (dx, dh_pre)
-  static constexpr const char* kName = "MhcPreMixBackwardBackward";
-  static constexpr size_t kDiff = 3;
-  static variable_list form(const variable_list& x, const Options&) {
-    const auto xs = tracked(x[1]), h = tracked(x[2]);
-    return forms::gradients({forms::pre_mix(xs, h)}, {xs, h}, {x[0]});
-  }
-};
-
-struct PostMixForm : WithoutOptions {  // (grad, x, y, h_post, h_res) -> (dx, dy, dh_post, dh_res)
-  static constexpr const char* kName = "MhcPostMixBackwardBackward";
-  static constexpr size_t kDiff = 5;
-  static variable_list form(const variable_list& x, const Options&) {
-    variable_list in;
-    for (size_t i = 1; i < 5; ++i) in.push_back(tracked(x[i]));
-    return forms::gradients({forms::post_mix(in[0], in[1], in[2], in[3])}, in, {x[0]});
-  }
-};
-
-// (grad_pre, grad_post, grad_res, proj, the six weights) -> (dproj, the weights' gradients
-// flattened in their order)
-struct MappingsForm {
-  struct Options {
-    int64_t iters = 0;
-    double eps = 0;
-    std::string variant;
-  };
-  template <typename O>
-  static auto tie(O& o) {
-    return std::tie(o.iters, o.eps, o.variant);
-  }
-  static constexpr const char* kName = "MhcMappingsBackwardBackward";
-  static constexpr size_t kDiff = 10;
-  static variable_list form(const variable_list& x, const Options& o) {
-    variable_list in;
-    for (size_t i = 3; i < 10; ++i) in.push_back(tracked(x[i]));
-    const variable_list w(in.begin() + 1, in.end());
-    const auto g = forms::gradients(forms::mappings(in[0], w, o.iters, o.eps, o.variant), in,
-                                    {x[0], x[1], x[2]});
-    return {g[0], at::cat(flat_cat(g, 1, 6, true))};
-  }
-};
-
-// (grad_pre, grad_post, grad_res, x, phi_pre, phi_post, phi_res, the six weights) -> (dx,
-// d[phi_pre | phi_post | phi_res], the weights' gradients flattened), each an empty tensor
-// unless the call asked for it.
-struct CoefficientsForm {
-  struct Options {
-    double norm_eps = 0;
-    int64_t iters = 0;
-    double eps = 0;
-    std::string variant;
-    bool grad_x = true, grad_phi = true, grad_weights = true;
-  };
-  template <typename O>
-  static auto tie(O& o) {
-    return std::tie(o.norm_eps, o.iters, o.eps, o.variant, o.grad_x, o.grad_phi, o.grad_weights);
-  }
-  static constexpr const char* kName = "MhcCoefficientsBackwardBackward";
-  static constexpr size_t kDiff = 13;
-  static variable_list form(const variable_list& x, const Options& o) {
-    variable_list in;
-    for (size_t i = 3; i < 13; ++i) in.push_back(tracked(x[i]));
-    const variable_list phi(in.begin() + 1, in.begin() + 4), w(in.begin() + 4, in.end());
-    const auto g = forms::gradients(
-        forms::coefficients(in[0], phi, w, o.norm_eps, o.iters, o.eps, o.variant), in,
-        {x[0], x[1], x[2]});
-    const auto none = x[3].new_empty({0});
-    return {o.grad_x ? g[0] : none, o.grad_phi ? at::cat(flat_cat(g, 1, 3, false), 1) : none,
-            o.grad_weights ? at::cat(flat_cat(g, 4, 6, true)) : none};
-  }
-};
-
-// The Autograd kernel of a backward operator with a FormNode: its kernel below autograd, and the
-// node when its result is recorded. diff: the node's inputs (its saved variables too). A
-// forward-mode tangent raises (the forms' gradients detach untracked inputs).
-template <typename Form, typename Run>
-auto form_backward_kernel(const char* op, const std::vector<at::Tensor>& diff,
-                          const typename Form::Options& o, Run&& run) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(diff), op,
-                              ": forward-mode AD through its backward (jacfwd of jacrev, "
-                              "torch.func.hessian) is not supported; use reverse over reverse "
-                              "(jacrev of jacrev, torch.autograd.functional.hessian)");
-  auto node = begin_node<FormNode<Form>>(op, diff);
-  auto r = below_autograd(run);
-  if (node) {
-    node->o = o;
-    for (const auto& t : diff) node->save(t);
-    for (const auto& t : as_list(r))
-      if (!t.defined() || at::isFloatingType(t.scalar_type())) torch::autograd::set_history(t, node);
-  }
-  return r;
-}
 
 // Each forward's node: its saved inputs and options, and the backward operator's call.
 // The Sinkhorns: H = op(logits, iters[, eps]); dL/dlogits = backward(dL/dH, logits, ...).
@@ -271,19 +110,17 @@ struct MappingsBackward {
 // An output left out of the loss reaches apply undefined, not as zeros: the kernel then skips
 // its part (no Sinkhorn backward for an unused H_res) and gives it exact zeros.
 struct MhcMappingsBackward : NodeWith<MhcMappingsBackward> {
-  int64_t iters = 0;
-  double eps = 0;
-  std::string variant;
+  mhc::MappingsForm::Options o;
   template <typename S>
   static auto options(S& n) {
-    return std::tie(n.iters, n.eps, n.variant);
+    return mhc::MappingsForm::tie(n.o);
   }
   std::string name() const override { return "MhcMappingsBackward"; }
   variable_list backward(variable_list& grad, const variable_list& s) override {
     if (!grad[0].defined() && !grad[1].defined() && !grad[2].defined()) return variable_list(7);
     const auto g = mhc_mappings_backward(present(grad[0]), present(grad[1]), present(grad[2]),
                                          s[0], weights_of(s[1], s[2], s[3], s[4], s[5], s[6]),
-                                         iters, eps, variant);
+                                         o.iters, o.eps, o.variant);
     return {g.proj, g.alpha_pre, g.alpha_post, g.alpha_res, g.b_pre, g.b_post, g.b_res};
   }
 };
@@ -344,13 +181,14 @@ struct MhcCoefficientsBackward : NodeWith<MhcCoefficientsBackward> {
 
 TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   using namespace sinkhorn_ops::autograd;
-  using sinkhorn_ops::MHCWeights;
-  // Forward-mode AD: the operator's kernel (its checks, and the outputs no form gives), then its
-  // ATen form, which carries the tangents.
+  namespace forms = sinkhorn_ops::forms;
+  // Forward-mode AD: the operator's kernel (its checks, through the dispatcher: under torch.func
+  // the arguments here can be wrappers that only the dispatcher reads), then its ATen form,
+  // which carries the tangents.
   m.impl("mhc_sinkhorn", [](T logits, int64_t iters) {
     if (has_tangent({logits})) {
       below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
-      return sinkhorn_ops::forms::paper_sinkhorn(logits, iters);
+      return forms::paper_sinkhorn(logits, iters);
     }
     auto node = begin_node<MhcSinkhornBackward>("mhc_sinkhorn", {logits});
     auto h = below_autograd([&] { return sinkhorn_ops::mhc_sinkhorn(logits, iters); });
@@ -364,7 +202,7 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_v4_sinkhorn", [](T logits, int64_t iters, double eps) {
     if (has_tangent({logits})) {
       below_autograd([&] { return sinkhorn_ops::mhc_v4_sinkhorn(logits, iters, eps); });
-      return sinkhorn_ops::forms::v4_sinkhorn(logits, iters, eps);
+      return forms::v4_sinkhorn(logits, iters, eps);
     }
     auto node = begin_node<MhcV4SinkhornBackward>("mhc_v4_sinkhorn", {logits});
     auto h = below_autograd([&] { return sinkhorn_ops::mhc_v4_sinkhorn(logits, iters, eps); });
@@ -379,7 +217,7 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_pre_mix", [](T x, T h_pre) {
     if (has_tangent({x, h_pre})) {
       below_autograd([&] { return sinkhorn_ops::mhc_pre_mix(x, h_pre); });
-      return sinkhorn_ops::forms::pre_mix(x, h_pre);
+      return forms::pre_mix(x, h_pre);
     }
     auto node = begin_node<MhcPreMixBackward>("mhc_pre_mix", {x, h_pre});
     auto out = below_autograd([&] { return sinkhorn_ops::mhc_pre_mix(x, h_pre); });
@@ -392,7 +230,7 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("mhc_post_mix", [](T x, T y, T h_post, T h_res) {
     if (has_tangent({x, y, h_post, h_res})) {
       below_autograd([&] { return sinkhorn_ops::mhc_post_mix(x, y, h_post, h_res); });
-      return sinkhorn_ops::forms::post_mix(x, y, h_post, h_res);
+      return forms::post_mix(x, y, h_post, h_res);
     }
     auto node = begin_node<MhcPostMixBackward>("mhc_post_mix", {x, y, h_post, h_res});
     auto out = below_autograd([&] { return sinkhorn_ops::mhc_post_mix(x, y, h_post, h_res); });
@@ -402,28 +240,26 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     }
     return out;
   });
+  // The backward operators: their Forms (mhc_backward_forms.h).
   m.impl("mhc_sinkhorn_backward", [](T grad, T logits, int64_t iters) {
-    if (has_tangent({grad, logits})) {
-      below_autograd([&] { return PaperBackward::call(grad, logits, iters); });  // the checks
-      return sinkhorn_ops::forms::paper_sinkhorn_backward(grad, logits, iters);
-    }
-    return form_backward_kernel<PaperForm>("mhc_sinkhorn", {grad, logits}, {iters}, [&] {
-      return PaperBackward::call(grad, logits, iters);
-    });
+    return form_backward_kernel<mhc::PaperForm>(
+        "mhc_sinkhorn", {grad, logits}, {}, {iters},
+        [&] { return PaperBackward::call(grad, logits, iters); });
   });
   m.impl("mhc_v4_sinkhorn_backward", [](T grad, T logits, int64_t iters, double eps) {
-    return form_backward_kernel<V4Form>("mhc_v4_sinkhorn", {grad, logits}, {iters, eps}, [&] {
-      return V4Backward::call(grad, logits, iters, eps);
-    });
+    return form_backward_kernel<mhc::V4Form>(
+        "mhc_v4_sinkhorn", {grad, logits}, {}, {iters, eps},
+        [&] { return V4Backward::call(grad, logits, iters, eps); });
   });
   m.impl("mhc_pre_mix_backward", [](T grad, T x, T h_pre) {
-    return form_backward_kernel<PreMixForm>("mhc_pre_mix", {grad, x, h_pre}, {},
-                                            [&] { return PreMixBackward::call(grad, x, h_pre); });
+    return form_backward_kernel<mhc::PreMixForm>(
+        "mhc_pre_mix", {grad, x, h_pre}, {}, {},
+        [&] { return PreMixBackward::call(grad, x, h_pre); });
   });
   m.impl("mhc_post_mix_backward", [](T grad, T x, T y, T h_post, T h_res) {
-    return form_backward_kernel<PostMixForm>("mhc_post_mix", {grad, x, y, h_post, h_res}, {}, [&] {
-      return PostMixBackward::call(grad, x, y, h_post, h_res);
-    });
+    return form_backward_kernel<mhc::PostMixForm>(
+        "mhc_post_mix", {grad, x, y, h_post, h_res}, {}, {},
+        [&] { return PostMixBackward::call(grad, x, y, h_post, h_res); });
   });
   m.impl("mhc_mappings", [](T proj, T a0, T a1, T a2, T b0, T b1, T b2, int64_t iters, double eps,
                             c10::string_view variant) {
@@ -433,7 +269,7 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
                                           variant);
       });
       const auto h =
-          sinkhorn_ops::forms::mappings(proj, {a0, a1, a2, b0, b1, b2}, iters, eps, std::string(variant));
+          forms::mappings(proj, {a0, a1, a2, b0, b1, b2}, iters, eps, std::string(variant));
       return std::make_tuple(h[0], h[1], h[2]);
     }
     auto node = begin_node<MhcMappingsBackward>("mhc_mappings", {proj, a0, a1, a2, b0, b1, b2});
@@ -444,19 +280,17 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
     if (node) {
       set_history(node, {m.pre, m.post, m.res});
       for (const auto& t : {proj, a0, a1, a2, b0, b1, b2}) node->save(t);
-      node->iters = iters;
-      node->eps = eps;
-      node->variant = std::string(variant);
+      node->o = {iters, eps, std::string(variant)};
     }
     return std::make_tuple(m.pre, m.post, m.res);
   });
   m.impl("mhc_mappings_backward", [](Opt g_pre, Opt g_post, Opt g_res, T proj, T a0, T a1, T a2,
                                      T b0, T b1, T b2, int64_t iters, double eps,
                                      c10::string_view variant) {
-    const std::vector<at::Tensor> diff{g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
-                                       g_res.value_or(at::Tensor()), proj, a0, a1, a2, b0, b1, b2};
-    return form_backward_kernel<MappingsForm>(
-        "mhc_mappings", diff, {iters, eps, std::string(variant)}, [&] {
+    const variable_list diff{g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
+                             g_res.value_or(at::Tensor()), proj, a0, a1, a2, b0, b1, b2};
+    return form_backward_kernel<mhc::MappingsForm>(
+        "mhc_mappings", diff, {}, {iters, eps, std::string(variant)}, [&] {
           return MappingsBackward::call(g_pre, g_post, g_res, proj, a0, a1, a2, b0, b1, b2, iters,
                                         eps, variant);
         });
@@ -465,18 +299,21 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
                                 double norm_eps, int64_t iters, double eps,
                                 c10::string_view variant) {
     const std::vector<at::Tensor> inputs{x, p0, p1, p2, a0, a1, a2, b0, b1, b2};
-    const bool tangent = has_tangent(inputs);
-    auto node = tangent ? nullptr : begin_node<MhcCoefficientsBackward>("mhc_coefficients", inputs);
+    if (has_tangent(inputs)) {
+      // proj and norm (not differentiable) from the kernel.
+      const auto c = below_autograd([&] {
+        return sinkhorn_ops::mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
+                                              norm_eps, iters, eps, variant);
+      });
+      const auto h = forms::coefficients(x, {p0, p1, p2}, {a0, a1, a2, b0, b1, b2}, norm_eps,
+                                         iters, eps, std::string(variant));
+      return std::make_tuple(h[0], h[1], h[2], c.proj, c.norm);
+    }
+    auto node = begin_node<MhcCoefficientsBackward>("mhc_coefficients", inputs);
     auto c = below_autograd([&] {
       return sinkhorn_ops::mhc_coefficients(x, {p0, p1, p2}, weights_of(a0, a1, a2, b0, b1, b2),
                                             norm_eps, iters, eps, variant);
     });
-    if (tangent) {
-      // proj and norm (not differentiable) from the kernel.
-      const auto h = sinkhorn_ops::forms::coefficients(x, {p0, p1, p2}, {a0, a1, a2, b0, b1, b2}, norm_eps,
-                                         iters, eps, std::string(variant));
-      return std::make_tuple(h[0], h[1], h[2], c.proj, c.norm);
-    }
     if (node) {
       // proj and norm are not differentiable: no history.
       set_history(node, {c.pre, c.post, c.res});
@@ -492,11 +329,11 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
          [](Opt g_pre, Opt g_post, Opt g_res, T x, T p0, T p1, T p2, T proj, T norm, T a0, T a1,
             T a2, T b0, T b1, T b2, double norm_eps, int64_t iters, double eps,
             c10::string_view variant, bool grad_x, bool grad_phi, bool grad_weights) {
-           const std::vector<at::Tensor> diff{
-               g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
-               g_res.value_or(at::Tensor()), x, p0, p1, p2, a0, a1, a2, b0, b1, b2};
-           return form_backward_kernel<CoefficientsForm>(
-               "mhc_coefficients", diff,
+           const variable_list diff{g_pre.value_or(at::Tensor()), g_post.value_or(at::Tensor()),
+                                    g_res.value_or(at::Tensor()), x, p0, p1, p2, a0, a1, a2, b0,
+                                    b1, b2};
+           return form_backward_kernel<mhc::CoefficientsForm>(
+               "mhc_coefficients", diff, {proj, norm},
                {norm_eps, iters, eps, std::string(variant), grad_x, grad_phi, grad_weights}, [&] {
                  return CoefficientsBackward::call(g_pre, g_post, g_res, x, p0, p1, p2, proj,
                                                    norm, a0, a1, a2, b0, b1, b2, norm_eps, iters,

@@ -2,6 +2,7 @@
 #include "mhc_forms.h"
 
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include "sinkhorn_backward.h"
 
@@ -89,10 +90,23 @@ TensorList coefficients(T x, const TensorList& phi, const TensorList& w, double 
 
 at::Tensor tracked(T t) {
   if (!t.defined()) return t;
-  return t.requires_grad() ? t.view_as(t) : t.detach().requires_grad_(true);
+  const auto handle = [](const at::Tensor& p) {
+    return p.requires_grad() ? p.view_as(p) : p.detach().requires_grad_(true);
+  };
+  if (!torch::autograd::isFwGradDefined(t)) return handle(t);
+  // Forward over reverse: the tangent rides on the handle, so the gradients carry theirs.
+  return at::_make_dual(handle(t._fw_primal(0)), t._fw_grad(0), 0);
 }
 
-TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads) {
+bool recorded(const TensorList& args) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : args)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads,
+                     bool create_graph) {
   TensorList ys, gs;
   for (size_t j = 0; j < outs.size(); ++j) {
     if (outs[j].defined() && grads[j].defined() && outs[j].requires_grad()) {
@@ -102,7 +116,7 @@ TensorList gradients(const TensorList& outs, const TensorList& ins, const Tensor
   }
   TensorList result(ins.size());
   if (!ys.empty()) {
-    result = torch::autograd::grad(ys, ins, gs, /*retain_graph=*/true, /*create_graph=*/true,
+    result = torch::autograd::grad(ys, ins, gs, /*retain_graph=*/create_graph, create_graph,
                                    /*allow_unused=*/true);
   }
   for (size_t i = 0; i < ins.size(); ++i)

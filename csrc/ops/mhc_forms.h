@@ -35,13 +35,18 @@ TensorList mappings(T proj, const TensorList& w, int64_t iters, double eps,
 TensorList coefficients(T x, const TensorList& phi, const TensorList& w, double norm_eps,
                         int64_t iters, double eps, const std::string& variant);
 
-// The gradients of outs (given grads, undefined for none) with respect to ins, differentiable
-// (create_graph): the backward forms. ins must come from tracked(); an input no output reaches
-// gets zeros.
-TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads);
+// The gradients of outs (given grads, undefined for none) with respect to ins: the backward
+// forms, differentiable with create_graph. ins must come from tracked(); an input no output
+// reaches gets zeros. A tangent on an input or a grad (forward mode) carries through.
+TensorList gradients(const TensorList& outs, const TensorList& ins, const TensorList& grads,
+                     bool create_graph);
+// Whether a form's result on args is recorded (grad mode on and an argument requires grad): its
+// gradients' create_graph.
+bool recorded(const TensorList& args);
 // A fresh handle on an input for gradients(): a view of it if it requires grad (the gradient
 // then stays differentiable, and counts only the paths through this handle, not those through
-// another input's history to the same tensor), else a leaf copy.
+// another input's history to the same tensor), else a leaf copy; with its forward-mode tangent,
+// if any.
 at::Tensor tracked(T t);
 
 }  // namespace forms

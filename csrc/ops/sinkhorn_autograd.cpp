@@ -4,19 +4,18 @@
 // the inputs and the steps run, for the replay; the implicit modes: the plan alone); the
 // backward calls the backward operator.
 //
-// Second order: the backward operators are differentiable. They run their fused kernels, and a
-// call whose result is to be differentiated (create_graph, torch.func's nested transforms)
-// records a node that, if its own backward ever runs, differentiates the operator's out-of-place
-// ATen form recomputed from the saved arguments (the unrolled backward's replay and reverse
-// steps; the implicit backward's solve). So create_graph=True without a second backward, and
+// Second order: the backward operators are differentiable through their ATen forms
+// (form_node.h: the unrolled backward's replay and reverse steps; the implicit backward's solve).
+// They run their fused kernels and record a node that recomputes and differentiates the form
+// only if its own backward ever runs: so create_graph=True without a second backward, and
 // torch.func.grad (whose backward always records a graph), keep the fused kernels. A
-// forward-mode tangent on their arguments runs that ATen form directly, as does forward-mode AD
-// of the unrolled operator itself (its outputs recomputed from the steps its run took).
+// forward-mode tangent on their arguments runs the form directly, as does forward-mode AD of
+// the unrolled operator itself (its outputs recomputed from the steps its run took).
 #include <torch/library.h>
 
 #include <string>
 
-#include "autograd_node.h"
+#include "form_node.h"
 #include "sinkhorn_backward.h"
 
 namespace sinkhorn_ops {
@@ -25,69 +24,47 @@ namespace autograd {
 using Str = c10::string_view;
 using Triple = detail::BackwardResult;
 
-// The backward operators: their kernels (call) and their differentiable ATen form.
-struct UnrolledBackward {
-  static Triple call(T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b, Opt mask,
-                     T steps_used, int64_t steps, Str start) {
-    return detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores, a, b, mask,
-                                          steps_used, steps, start);
+// The backward operators' Forms (form_node.h): the unrolled backward's replay and reverse
+// steps, the implicit backward's solve (always dense: its derivative is exact), both out of
+// place.
+
+// (grad_plan, grad_f, grad_g, scores, a, b | mask, steps_used) -> (dS, da, db)
+struct UnrolledForm {
+  struct Options {
+    int64_t steps = 0;
+    std::string start;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.steps, o.start);
   }
-  static Triple differentiable(T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a, Opt b,
-                               Opt mask, T steps_used, int64_t steps, Str start) {
-    return detail::unrolled_backward_composite(
-        detail::prepare_backward(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used, steps,
-                                 start),
-        at::Tensor(), nullptr, /*differentiable=*/true);
+  static constexpr const char* kName = "SinkhornBackwardUnrolledBackward";
+  static constexpr size_t kDiff = 6;
+  static variable_list form(const variable_list& x, const Options& o) {
+    return as_list(detail::unrolled_backward_composite(
+        detail::prepare_backward(x[0], present(x[1]), present(x[2]), x[3], present(x[4]),
+                                 present(x[5]), present(x[6]), x[7], o.steps, o.start),
+        at::Tensor(), nullptr, /*differentiable=*/true));
   }
 };
 
-struct ImplicitBackward {
-  static Triple call(T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver, double cg_tol,
-                     int64_t cg_max_iter) {
-    return detail::call_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
-                                          cg_max_iter);
+// (grad_plan, grad_f, grad_g, plan) -> (dS, da, db)
+struct ImplicitForm {
+  struct Options {
+    std::string solver;
+    double cg_tol = 0;
+    int64_t cg_max_iter = 0;
+  };
+  template <typename O>
+  static auto tie(O& o) {
+    return std::tie(o.solver, o.cg_tol, o.cg_max_iter);
   }
-  static Triple differentiable(T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver,
-                               double cg_tol, int64_t cg_max_iter) {
-    return detail::sinkhorn_backward_implicit(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
-                                              cg_max_iter, /*differentiable=*/true);
-  }
-};
-
-// The nodes of the backward operators' results: gradients of (grad_plan, grad_f, grad_g,
-// scores, a, b), resp. (grad_plan, grad_f, grad_g, plan), from those of (dS, da, db). Saved:
-// every tensor argument.
-struct SinkhornBackwardUnrolledBackward : NodeWith<SinkhornBackwardUnrolledBackward> {
-  int64_t steps = 0;
-  std::string start;
-  template <typename S>
-  static auto options(S& n) {
-    return std::tie(n.steps, n.start);
-  }
-  std::string name() const override { return "SinkhornBackwardUnrolledBackward"; }
-  variable_list backward(variable_list& grads, const variable_list& s) override {
-    return differentiate_recomputed(*this, grads, s, 6, [&](const variable_list& x) {
-      return as_list(UnrolledBackward::differentiable(x[0], present(x[1]), present(x[2]), x[3],
-                                                      present(x[4]), present(x[5]),
-                                                      present(x[6]), x[7], steps, start));
-    });
-  }
-};
-
-struct SinkhornBackwardImplicitBackward : NodeWith<SinkhornBackwardImplicitBackward> {
-  std::string solver;
-  double cg_tol = 0;
-  int64_t cg_max_iter = 0;
-  template <typename S>
-  static auto options(S& n) {
-    return std::tie(n.solver, n.cg_tol, n.cg_max_iter);
-  }
-  std::string name() const override { return "SinkhornBackwardImplicitBackward"; }
-  variable_list backward(variable_list& grads, const variable_list& s) override {
-    return differentiate_recomputed(*this, grads, s, 4, [&](const variable_list& x) {
-      return as_list(ImplicitBackward::differentiable(x[0], present(x[1]), present(x[2]), x[3],
-                                                      solver, cg_tol, cg_max_iter));
-    });
+  static constexpr const char* kName = "SinkhornBackwardImplicitBackward";
+  static constexpr size_t kDiff = 4;
+  static variable_list form(const variable_list& x, const Options& o) {
+    return as_list(detail::sinkhorn_backward_implicit(x[0], present(x[1]), present(x[2]), x[3],
+                                                      o.solver, o.cg_tol, o.cg_max_iter,
+                                                      /*differentiable=*/true));
   }
 };
 
@@ -115,11 +92,11 @@ struct SinkhornBackward : NodeWith<SinkhornBackward> {
     const auto grad_plan = grads[0].defined() ? grads[0] : at::zeros_like(s[0]);
     const auto [ds, da, db] =
         grad == "unrolled"
-            ? UnrolledBackward::call(grad_plan, present(grads[1]), present(grads[2]), s[0],
-                                     present(s[1]), present(s[2]), present(s[3]), s[4], steps,
-                                     start)
-            : ImplicitBackward::call(grad_plan, present(grads[1]), present(grads[2]), s[0], grad,
-                                     cg_tol, cg_max_iter);
+            ? detail::call_backward_unrolled(grad_plan, present(grads[1]), present(grads[2]),
+                                             s[0], present(s[1]), present(s[2]), present(s[3]),
+                                             s[4], steps, start)
+            : detail::call_backward_implicit(grad_plan, present(grads[1]), present(grads[2]),
+                                             s[0], grad, cg_tol, cg_max_iter);
     variable_list out{ds, Variable(), Variable()};
     if (marginals) {
       if (needs_grad(1)) out[1] = da.sum_to_size_symint(a_shape).to(a_dtype);
@@ -203,45 +180,24 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
   m.impl("sinkhorn_backward_unrolled", [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a,
                                           Opt b, Opt mask, T steps_used, int64_t steps,
                                           Str start) {
-    const std::vector<at::Tensor> diff{grad_plan, grad_f.value_or(at::Tensor()),
-                                       grad_g.value_or(at::Tensor()), scores,
-                                       a.value_or(at::Tensor()), b.value_or(at::Tensor())};
-    if (has_tangent(diff))
-      return UnrolledBackward::differentiable(grad_plan, grad_f, grad_g, scores, a, b, mask,
-                                              steps_used, steps, start);
-    auto node = begin_node<SinkhornBackwardUnrolledBackward>("sinkhorn", diff);
-    auto r = below_autograd([&] {
-      return UnrolledBackward::call(grad_plan, grad_f, grad_g, scores, a, b, mask, steps_used,
-                                    steps, start);
-    });
-    if (node) {
-      node->steps = steps;
-      node->start = std::string(start);
-      for (const auto& t : diff) node->save(t);
-      node->save_optional(mask);
-      node->save(steps_used);
-      set_history(node, {std::get<0>(r), std::get<1>(r), std::get<2>(r)});
-    }
-    return r;
+    return form_backward_kernel<UnrolledForm>(
+        "sinkhorn",
+        {grad_plan, grad_f.value_or(at::Tensor()), grad_g.value_or(at::Tensor()), scores,
+         a.value_or(at::Tensor()), b.value_or(at::Tensor())},
+        {mask.value_or(at::Tensor()), steps_used}, {steps, std::string(start)}, [&] {
+          return sinkhorn_ops::detail::call_backward_unrolled(grad_plan, grad_f, grad_g, scores,
+                                                              a, b, mask, steps_used, steps,
+                                                              start);
+        });
   });
   m.impl("sinkhorn_backward_implicit", [](T grad_plan, Opt grad_f, Opt grad_g, T plan, Str solver,
                                           double cg_tol, int64_t cg_max_iter) {
-    const std::vector<at::Tensor> diff{grad_plan, grad_f.value_or(at::Tensor()),
-                                       grad_g.value_or(at::Tensor()), plan};
-    if (has_tangent(diff))
-      return ImplicitBackward::differentiable(grad_plan, grad_f, grad_g, plan, solver, cg_tol,
-                                              cg_max_iter);
-    auto node = begin_node<SinkhornBackwardImplicitBackward>("sinkhorn", diff);
-    auto r = below_autograd([&] {
-      return ImplicitBackward::call(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter);
-    });
-    if (node) {
-      node->solver = std::string(solver);
-      node->cg_tol = cg_tol;
-      node->cg_max_iter = cg_max_iter;
-      for (const auto& t : diff) node->save(t);
-      set_history(node, {std::get<0>(r), std::get<1>(r), std::get<2>(r)});
-    }
-    return r;
+    return form_backward_kernel<ImplicitForm>(
+        "sinkhorn",
+        {grad_plan, grad_f.value_or(at::Tensor()), grad_g.value_or(at::Tensor()), plan}, {},
+        {std::string(solver), cg_tol, cg_max_iter}, [&] {
+          return sinkhorn_ops::detail::call_backward_implicit(grad_plan, grad_f, grad_g, plan,
+                                                              solver, cg_tol, cg_max_iter);
+        });
   });
 }
