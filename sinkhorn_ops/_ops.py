@@ -72,8 +72,9 @@ def sinkhorn(
             fixed point (implicit function theorem), built from the plan alone, its memory
             independent of the steps: choose it for a converged OT solve. It solves on the
             smaller side, densely up to 256, by conjugate gradients above; "implicit_dense" and
-            "implicit_cg" force a solver. Both differentiate twice (create_graph, hessians);
-            forward-mode AD (jvp, jacfwd) works with "unrolled" only.
+            "implicit_cg" force a solver. Both differentiate twice (create_graph, hessians)
+            and have forward-mode AD (jvp, jacfwd); the implicit tangents of f and g are
+            taken in the gauge where their jvp is the transpose of the implicit vjp.
         cg_tol, cg_max_iter: relative residual and iteration cap of the conjugate gradients.
         init: ``(f0, g0)``, the potentials to start from instead of zeros (a warm start; either
             may be None for zeros), in this function's convention P = exp(S + f ⊕ g): f0

@@ -112,8 +112,8 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     For n <= 8 and iters <= 32 on CPU and CUDA this is one fused kernel for all problems
     (``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn``), and its backward another: the exact gradient
     of the iterations (unrolled), recomputed from the logits, keeping only each normalisation's
-    divisors. Its second derivatives and forward mode go through the loop above in ATen ops
-    (forward over reverse, ``torch.func.hessian``, raises). Elsewhere it runs the loop above in
+    divisors. Its second derivatives and forward mode (forward over reverse, that is
+    ``torch.func.hessian``, included) go through the loop above in ATen ops. Elsewhere it runs the loop above in
     PyTorch, with autograd through it.
 
     Args:

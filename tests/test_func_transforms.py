@@ -2,7 +2,8 @@
 
 The operators record PyTorch-style autograd nodes, so torch.func's reverse-mode transforms (grad,
 vjp, jacrev, and vmap of them, e.g. per-sample gradients) give the same gradients as
-loss.backward(); forward mode and second derivatives of the fused backwards raise a clear
+loss.backward(); nested transforms (second derivatives, forward over reverse) match the same
+transforms of the reference; compositions autograd cannot see through raise a clear
 NotImplementedError naming the operator; compiled autograd traces the nodes' backwards.
 """
 

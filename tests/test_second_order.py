@@ -1,7 +1,8 @@
 """Second order and forward mode of the Sinkhorn operator (MATH.md section 2): the backward
 operators differentiate (create_graph, torch.func's nested transforms, forward-mode tangents)
-through their out-of-place ATen form, and the unrolled operator has forward-mode AD; so does the
-mHC paper's Sinkhorn, through the operator it equals.
+through their out-of-place ATen form; the operator has forward-mode AD in every grad mode (the
+implicit tangents from the linearised fixed point); so do the mHC operators and their
+backwards (forward over reverse), through their ATen forms.
 
 Checked against finite differences (gradgradcheck, fwAD), against the float64 reference's own
 second derivatives (hessians, Hessian-vector products, jvps; the reference is plain PyTorch), in
@@ -254,12 +255,85 @@ def test_forward_mode_gradcheck(device):
                      check_batched_forward_grad=True)
 
 
+def _converged(device, seed, mask=False):
+    """A problem, balanced marginals, a mask with an empty row and an empty column (or None),
+    and tangents, those of the marginals balanced (sum da = sum db: the only meaningful
+    changes of the marginals)."""
+    S = random_scores((2, 3, 4), seed=seed, device=device)
+    a, b = random_marginals((2,), 3, 4, seed=seed, device=device)
+    m = None
+    if mask:
+        m = torch.ones(2, 3, 4, dtype=torch.bool, device=device)
+        m[0, 1] = False
+        m[1, :, 2] = False
+    tS = random_scores((2, 3, 4), seed=seed + 1, device=device)
+    ta, tb = random_scores((2, 3), seed=seed + 2, device=device), random_scores(
+        (2, 4), seed=seed + 3, device=device)
+    tb = tb - (tb.sum(-1, keepdim=True) - ta.sum(-1, keepdim=True)) / 4
+    return S, a, b, m, (tS, ta, tb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", IMPLICIT)
-def test_forward_mode_of_the_implicit_operator_is_a_clear_error(grad):
-    S = random_scores((3, 3), seed=15)
-    with pytest.raises(NotImplementedError, match='sinkhorn: forward-mode AD .* supports '
-                                                  'grad="unrolled" only'):
-        func.jvp(lambda s: so.sinkhorn(s, grad=grad), (S,), (torch.ones_like(S),))
+@pytest.mark.parametrize("mask", [False, True])
+def test_implicit_forward_mode(device, grad, mask):
+    """Forward mode of the implicit modes: the plan's tangent is the converged map's, so it
+    equals the converged unrolled jvp (through the reference); the tangents of f and g are the
+    ones whose jvp is the transpose of the implicit vjp, <u, J v> = <J^T u, v>, for every
+    output and balanced tangents of the marginals."""
+    S, a, b, m, tangents = _converged(device, 21, mask)
+    # With a mask, the default marginals (a_i = 0 for the empty row): explicit marginals would
+    # make the problem infeasible. Their tangents then go nowhere.
+    marg = (lambda a, b: (None, None)) if mask else (lambda a, b: (a, b))  # noqa: E731
+
+    def ours(S, a, b):
+        r = so.sinkhorn(S, *marg(a, b), steps=600, mask=m, grad=grad, return_potentials=True,
+                        **TIGHT_CG)
+        return r.plan, r.f, r.g
+
+    def ref(S, a, b):
+        return sinkhorn_reference(S, *marg(a, b), steps=600, mask=m).plan
+
+    out, tan = func.jvp(ours, (S, a, b), tangents)
+    _, want = func.jvp(ref, (S, a, b), tangents)
+    assert want.abs().max() > 1e-2
+    assert_close(tan[0], want, atol=1e-9, rtol=1e-8, name="tangent of the plan")
+    assert torch.isfinite(tan[1]).all() and torch.isfinite(tan[2]).all()
+    if mask:
+        assert (tan[0][~m] == 0).all() and (tan[1][0, 1] == 0)
+    u = tuple(random_scores(t.shape, seed=30 + i, device=device) for i, t in enumerate(out))
+    if mask:
+        u = (u[0] * m,) + u[1:]
+    _, vjp_fn = func.vjp(ours, S, a, b)
+    back = vjp_fn(u)
+    lhs = sum((x * y).sum() for x, y in zip(u, tan))
+    rhs = sum((x * y).sum() for x, y in zip(back, tangents))
+    assert_close(lhs, rhs, atol=1e-9, rtol=1e-9, name="<u, J v> = <J^T u, v>")
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_forward_mode_gradcheck_and_hessians(grad):
+    """The plan's tangents against finite differences of the converged map (marginals through
+    a softmax keep the problem balanced), and the implicit hessian forward over reverse
+    (torch.func.hessian) and reverse over forward (jacrev of jacfwd) against reverse over
+    reverse."""
+    S = random_scores((2, 3, 4), seed=22).requires_grad_()
+    al = random_scores((2, 3), seed=23).requires_grad_()
+    be = random_scores((2, 4), seed=24).requires_grad_()
+
+    def run(S, al, be):
+        return so.sinkhorn(S, al.softmax(-1), be.softmax(-1), steps=400, grad=grad, **TIGHT_CG)
+
+    assert gradcheck(run, (S, al, be), check_forward_ad=True, check_backward_ad=False, atol=1e-6)
+    W = weights((2, 3, 4), 25, "cpu")
+    f = plan_loss(lambda S: so.sinkhorn(S, steps=400, grad=grad, **TIGHT_CG), W)
+    S0 = S.detach()
+    want = torch.autograd.functional.hessian(f, S0)
+    assert want.abs().max() > 1e-2
+    for name, got in [("func.hessian", func.hessian(f)(S0)),
+                      ("jacrev of jacfwd", func.jacrev(func.jacfwd(f))(S0))]:
+        assert not got.requires_grad, name
+        assert_close(got, want, atol=1e-9, rtol=1e-8, name=name)
 
 
 # ---- the implicit modes ---------------------------------------------------------------------

@@ -244,10 +244,10 @@ inline bool has_tangent(const std::vector<at::Tensor>& inputs) {
 
 // The node of a call whose differentiable inputs are `inputs` (their order is the order of the
 // gradients the node's apply returns; undefined ones get no edge), or null when nothing is
-// recorded (grad mode off, or no input requires grad).
+// recorded (grad mode off, or no input requires grad). For an operator that sets its outputs'
+// forward-mode tangents itself.
 template <typename N>
-auto begin_node(const char* op, const std::vector<at::Tensor>& inputs) {
-  check_no_tangents(op, inputs);
+auto record_node(const std::vector<at::Tensor>& inputs) {
   decltype(make_node<N>()) node;
   if (!records_history(inputs)) return node;
   node = make_node<N>();
@@ -258,6 +258,13 @@ auto begin_node(const char* op, const std::vector<at::Tensor>& inputs) {
                                 : torch::autograd::Edge());
   node->set_next_edges(std::move(edges));
   return node;
+}
+
+// record_node for an operator that handles no forward-mode tangent (its check first).
+template <typename N>
+auto begin_node(const char* op, const std::vector<at::Tensor>& inputs) {
+  check_no_tangents(op, inputs);
+  return record_node<N>(inputs);
 }
 
 // Gives the differentiable outputs their history (in the order of the node's incoming

@@ -123,6 +123,83 @@ detail::ForwardResult unrolled_with_tangents(T scores, Opt a, Opt b, Opt mask, i
                                                  std::get<4>(run));
 }
 
+// The forward-mode tangent of an input, or undefined.
+at::Tensor tangent_of(Opt t) {
+  return t && t->defined() && torch::autograd::isFwGradDefined(*t) ? t->_fw_grad(0)
+                                                                    : at::Tensor();
+}
+
+// Forward-mode AD of the implicit modes: the tangents of the fixed point, set on the outputs r
+// (which carry their reverse-mode history, if any, so the tangents differentiate too). The
+// linearised marginal equations, with r = P1, c = P^T 1 (MATH.md section 2.2's H),
+//   H [df; dg] = [da - (P o dS) 1 ; db - (P o dS)^T 1],
+// are solved by the implicit backward itself (H is symmetric: with zero grad_plan and grad_f,
+// grad_g the right-hand side, its gradients of a and b are a solution, with its solver), taken
+// orthogonal to the null space (1, -1) over the rows and columns with mass: the gauge in which
+// this jvp is the transpose of the implicit vjp. Then dP = P o (dS + df (+) dg). A right-hand
+// side off the null space's complement (da and db of different sums) is projected, as the
+// backward projects its own.
+void set_implicit_tangents(const detail::ForwardResult& r, T scores, Opt a, Opt b, Str solver,
+                           double cg_tol, int64_t cg_max_iter) {
+  const auto& [plan, f, g, steps_used, error] = r;
+  const auto acc = f.scalar_type();
+  const auto P = plan.to(acc);
+  const auto mass = P > 0;
+  const auto zero = at::zeros({}, P.options());
+  const auto dS = tangent_of(scores);
+  const auto PdS = dS.defined() ? at::where(mass, P * dS.to(acc), zero) : at::zeros_like(P);
+  auto rhs_f = -PdS.sum(-1), rhs_g = -PdS.sum(-2);
+  if (const auto da = tangent_of(a); da.defined()) rhs_f = rhs_f + da.to(acc);
+  if (const auto db = tangent_of(b); db.defined()) rhs_g = rhs_g + db.to(acc);
+  const auto solved = detail::call_backward_implicit(at::zeros_like(plan), rhs_f, rhs_g, plan,
+                                                     solver, cg_tol, cg_max_iter);
+  const auto wr = mass.any(-1).to(acc), wc = mass.any(-2).to(acc);
+  const auto count = wr.sum(-1, true) + wc.sum(-1, true);
+  const auto shift = at::where(count > 0,
+                               ((std::get<1>(solved) * wr).sum(-1, true) -
+                                (std::get<2>(solved) * wc).sum(-1, true)) /
+                                   count.clamp_min(1),
+                               zero);
+  const auto df = (std::get<1>(solved) - shift) * wr, dg = (std::get<2>(solved) + shift) * wc;
+  auto inner = df.unsqueeze(-1) + dg.unsqueeze(-2);
+  if (dS.defined()) inner = inner + dS.to(acc);
+  const auto dP = at::where(mass, P * inner, zero);
+  plan._set_fw_grad(dP.to(plan.scalar_type()), /*level=*/0, /*is_inplace_op=*/false);
+  f._set_fw_grad(df.to(f.scalar_type()), 0, false);
+  g._set_fw_grad(dg.to(g.scalar_type()), 0, false);
+}
+
+// Saves on the node what the chosen backward needs, and gives the outputs their history.
+template <typename P>
+void record_sinkhorn(const P& node, const detail::ForwardResult& r, T scores, Opt a, Opt b,
+                     Opt mask, int64_t steps, Str start, Str grad, double cg_tol,
+                     int64_t cg_max_iter) {
+  const auto& [plan, f, g, steps_used, error] = r;
+  // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
+  set_history(node, {plan, f, g});
+  node->grad = std::string(grad);
+  if (a && b) {
+    node->marginals = true;
+    node->a_shape = a->sym_sizes().vec();
+    node->a_dtype = a->scalar_type();
+    node->b_shape = b->sym_sizes().vec();
+    node->b_dtype = b->scalar_type();
+  }
+  if (grad == "unrolled") {
+    node->steps = steps;
+    node->start = std::string(start);
+    node->save(scores);
+    node->save_optional(a);
+    node->save_optional(b);
+    node->save_optional(mask);
+    node->save(steps_used);
+  } else {
+    node->cg_tol = cg_tol;
+    node->cg_max_iter = cg_max_iter;
+    node->save(plan, /*is_output=*/true);
+  }
+}
+
 }  // namespace
 
 }  // namespace autograd
@@ -134,47 +211,19 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
                         Str grad, double cg_tol, int64_t cg_max_iter) {
     const std::vector<at::Tensor> inputs{scores, a.value_or(at::Tensor()),
                                          b.value_or(at::Tensor())};
-    if (has_tangent(inputs)) {
-      TORCH_CHECK_NOT_IMPLEMENTED(grad == "unrolled",
-                                  "sinkhorn: forward-mode AD (torch.autograd.forward_ad, "
-                                  "torch.func.jvp, jacfwd) supports grad=\"unrolled\" only, got "
-                                  "grad=\"",
-                                  std::string(grad), "\"; use reverse mode for the implicit "
-                                  "gradient");
+    const bool tangent = has_tangent(inputs);
+    if (tangent && grad == "unrolled")
       return unrolled_with_tangents(scores, a, b, mask, steps, start, tol, grad, cg_tol,
                                     cg_max_iter);
-    }
-    auto node = begin_node<SinkhornBackward>(
-        "sinkhorn", {scores, a.value_or(at::Tensor()), b.value_or(at::Tensor())});
+    auto node = tangent ? record_node<SinkhornBackward>(inputs)
+                        : begin_node<SinkhornBackward>("sinkhorn", inputs);
     auto r = below_autograd([&] {
       return sinkhorn_ops::detail::call_sinkhorn(scores, a, b, mask, steps, start, tol, grad,
                                                  cg_tol, cg_max_iter);
     });
-    if (!node) return r;
-    const auto& [plan, f, g, steps_used, error] = r;
-    // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
-    set_history(node, {plan, f, g});
-    node->grad = std::string(grad);
-    if (a && b) {
-      node->marginals = true;
-      node->a_shape = a->sym_sizes().vec();
-      node->a_dtype = a->scalar_type();
-      node->b_shape = b->sym_sizes().vec();
-      node->b_dtype = b->scalar_type();
-    }
-    if (grad == "unrolled") {
-      node->steps = steps;
-      node->start = std::string(start);
-      node->save(scores);
-      node->save_optional(a);
-      node->save_optional(b);
-      node->save_optional(mask);
-      node->save(steps_used);
-    } else {
-      node->cg_tol = cg_tol;
-      node->cg_max_iter = cg_max_iter;
-      node->save(plan, /*is_output=*/true);
-    }
+    if (node)
+      record_sinkhorn(node, r, scores, a, b, mask, steps, start, grad, cg_tol, cg_max_iter);
+    if (tangent) set_implicit_tangents(r, scores, a, b, grad, cg_tol, cg_max_iter);
     return r;
   });
   m.impl("sinkhorn_backward_unrolled", [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a,
