@@ -163,6 +163,7 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
   if (p.grad_g.defined()) ug = ug + p.grad_g;
   auto dla = at::zeros({f.B, f.n}, opts), dlb = at::zeros({f.B, f.m}, opts);
   const auto steps_used = p.steps_used.contiguous();
+  at::Tensor w_sum;  // differentiable: the steps' w, subtracted from dS at the end
   for (int64_t t = K - 1; t >= 0; --t) {
     // The step's axis (d) and the other one (e): a row step reads the row LSEs and g as step t-1
     // left it, and its sums go to g's upstream; a column step the transpose.
@@ -188,10 +189,12 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     at::Tensor w;
     if (differentiable) {
       // The idle problems' LSEs read as +inf (their w is then 0, NaN LSEs included): a vector
-      // op where the in-place form masks w, one n x m pass fewer, forward and backward.
-      const auto lse_idle = at::where(active, lse_read.squeeze(d), inf).unsqueeze(d);
-      w = at::exp(S + before.unsqueeze(e) - lse_idle) * u.unsqueeze(d);
-      dS = dS - w;
+      // op where the in-place form masks w, one n x m pass fewer, forward and backward. Vectors
+      // negated before they broadcast, and the steps' w summed into one tensor subtracted once:
+      // autograd negates what a subtraction's right side gets, a pass over n x m per step.
+      const auto neg_lse = (-at::where(active, lse_read.squeeze(d), inf)).unsqueeze(d);
+      w = at::exp(S + before.unsqueeze(e) + neg_lse) * u.unsqueeze(d);
+      w_sum = w_sum.defined() ? w_sum + w : w;
       other = other - w.sum(e);
     } else {
       w = at::add(S, before.unsqueeze(e));  // then in place: one temporary a step
@@ -204,6 +207,7 @@ BackwardResult unrolled_backward_composite(const BackwardProblem& p, const at::T
     u_axis = at::where(active, zero, u_axis);  // consumed: the step overwrote that potential
   }
   if (differentiable) {
+    if (w_sum.defined()) dS = dS - w_sum;
     out = {dS.to(f.scores.scalar_type()), dla, dlb};
   } else {
     out.grad_scores.copy_(dS);
