@@ -312,6 +312,60 @@ def test_implicit_forward_mode(device, grad, mask):
 
 
 @pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_jvp_and_vjp_agree_in_the_raw_marginals(grad):
+    """Unbalanced changes of a and b too (sum da != sum db): the implicit vjp's dL/da, dL/db
+    are taken in the gauge orthogonal to (1, -1), where jacfwd and jacrev agree."""
+    S = random_scores((3, 4), seed=26)
+    a, b = random_marginals((), 3, 4, seed=26)
+
+    def plan(S, a, b):
+        return so.sinkhorn(S, a, b, steps=600, grad=grad, **TIGHT_CG)
+
+    fwd = func.jacfwd(plan, argnums=(0, 1, 2))(S, a, b)
+    rev = func.jacrev(plan, argnums=(0, 1, 2))(S, a, b)
+    for name, x, y in zip("Sab", fwd, rev):
+        assert y.abs().max() > 1e-2
+        assert_close(x, y, atol=1e-10, rtol=1e-9, name=f"jacobian in {name}")
+    r = so.sinkhorn(S, a.requires_grad_(), b.requires_grad_(), steps=600, grad=grad, **TIGHT_CG)
+    da, db = torch.autograd.grad((r * random_scores((3, 4), seed=27)).sum(), (a, b))
+    assert_close(da.sum(), db.sum(), atol=1e-12, rtol=0, name="gauge of dL/da, dL/db")
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_forward_mode_with_plain_autograd(grad):
+    """torch.autograd.forward_ad with torch.autograd.grad (no torch.func): forward over reverse
+    (gradgradcheck's check_fwd_over_rev; the saved plan keeps its tangent) and reverse over
+    forward inside the dual level (the solve's node reads a copy of the plan)."""
+    S = random_scores((2, 3, 4), seed=28).requires_grad_()
+
+    def run(S):
+        return so.sinkhorn(S, steps=400, grad=grad, **TIGHT_CG)
+
+    assert gradgradcheck(run, (S,), check_fwd_over_rev=True, check_rev_over_rev=False,
+                         check_undefined_grad=False, atol=1e-6)
+    W, tS = random_scores((2, 3, 4), seed=29), random_scores((2, 3, 4), seed=30)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(run(fwAD.make_dual(S, tS))).tangent
+        (got,) = torch.autograd.grad((tangent * W).sum(), S)
+    want = func.grad(lambda s: (func.jvp(run, (s,), (tS,))[1] * W).sum())(S.detach())
+    assert want.abs().max() > 1e-2
+    assert_close(got, want, atol=1e-10, rtol=1e-9, name="reverse over forward")
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_per_sample_hessians(grad):
+    """vmap(hessian): vmap of jacfwd, whose batched tangents the second order's dense solve
+    takes through an inverse (linalg.solve's forward mode is wrong there in torch 2.13)."""
+    S = random_scores((3, 3, 4), seed=31)
+    W = weights((3, 4), 32, "cpu")
+    f = plan_loss(lambda s: so.sinkhorn(s, steps=400, grad=grad, **TIGHT_CG), W)
+    got = func.vmap(func.hessian(f))(S)
+    want = torch.stack([torch.autograd.functional.hessian(f, s) for s in S])
+    assert want.abs().max() > 1e-2
+    assert_close(got, want, atol=1e-9, rtol=1e-8, name="vmap(hessian)")
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
 def test_implicit_forward_mode_gradcheck_and_hessians(grad):
     """The plan's tangents against finite differences of the converged map (marginals through
     a softmax keep the problem balanced), and the implicit hessian forward over reverse

@@ -134,16 +134,16 @@ at::Tensor tangent_of(Opt t) {
 // linearised marginal equations, with r = P1, c = P^T 1 (MATH.md section 2.2's H),
 //   H [df; dg] = [da - (P o dS) 1 ; db - (P o dS)^T 1],
 // are solved by the implicit backward itself (H is symmetric: with zero grad_plan and grad_f,
-// grad_g the right-hand side, its gradients of a and b are a solution, with its solver), taken
-// orthogonal to the null space (1, -1) over the rows and columns with mass: the gauge in which
-// this jvp is the transpose of the implicit vjp. Then dP = P o (dS + df (+) dg). A right-hand
-// side off the null space's complement (da and db of different sums) is projected, as the
-// backward projects its own.
+// grad_g the right-hand side, its gradients of a and b are the solution orthogonal to the null
+// space (1, -1), with its solver, the right-hand side projected as for its own): the gauge in
+// which this jvp is the transpose of the implicit vjp. Then dP = P o (dS + df (+) dg). The
+// solve reads a copy of the plan: a saved plan would carry the tangent set here, which that
+// solve's own second-order node cannot differentiate.
 void set_implicit_tangents(const detail::ForwardResult& r, T scores, Opt a, Opt b, Str solver,
                            double cg_tol, int64_t cg_max_iter) {
   const auto& [plan, f, g, steps_used, error] = r;
   const auto acc = f.scalar_type();
-  const auto P = plan.to(acc);
+  const auto P = plan.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const auto mass = P > 0;
   const auto zero = at::zeros({}, P.options());
   const auto dS = tangent_of(scores);
@@ -151,16 +151,8 @@ void set_implicit_tangents(const detail::ForwardResult& r, T scores, Opt a, Opt 
   auto rhs_f = -PdS.sum(-1), rhs_g = -PdS.sum(-2);
   if (const auto da = tangent_of(a); da.defined()) rhs_f = rhs_f + da.to(acc);
   if (const auto db = tangent_of(b); db.defined()) rhs_g = rhs_g + db.to(acc);
-  const auto solved = detail::call_backward_implicit(at::zeros_like(plan), rhs_f, rhs_g, plan,
-                                                     solver, cg_tol, cg_max_iter);
-  const auto wr = mass.any(-1).to(acc), wc = mass.any(-2).to(acc);
-  const auto count = wr.sum(-1, true) + wc.sum(-1, true);
-  const auto shift = at::where(count > 0,
-                               ((std::get<1>(solved) * wr).sum(-1, true) -
-                                (std::get<2>(solved) * wc).sum(-1, true)) /
-                                   count.clamp_min(1),
-                               zero);
-  const auto df = (std::get<1>(solved) - shift) * wr, dg = (std::get<2>(solved) + shift) * wc;
+  const auto [unused, df, dg] = detail::call_backward_implicit(
+      at::zeros_like(P), rhs_f, rhs_g, P, solver, cg_tol, cg_max_iter);
   auto inner = df.unsqueeze(-1) + dg.unsqueeze(-2);
   if (dS.defined()) inner = inner + dS.to(acc);
   const auto dP = at::where(mass, P * inner, zero);
@@ -169,14 +161,13 @@ void set_implicit_tangents(const detail::ForwardResult& r, T scores, Opt a, Opt 
   g._set_fw_grad(dg.to(g.scalar_type()), 0, false);
 }
 
-// Saves on the node what the chosen backward needs, and gives the outputs their history.
+// Saves on the node what the chosen backward needs (after the outputs got their history, and
+// their tangents, which a saved output keeps as they are when saved).
 template <typename P>
 void record_sinkhorn(const P& node, const detail::ForwardResult& r, T scores, Opt a, Opt b,
                      Opt mask, int64_t steps, Str start, Str grad, double cg_tol,
                      int64_t cg_max_iter) {
   const auto& [plan, f, g, steps_used, error] = r;
-  // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
-  set_history(node, {plan, f, g});
   node->grad = std::string(grad);
   if (a && b) {
     node->marginals = true;
@@ -221,9 +212,11 @@ TORCH_LIBRARY_IMPL(sinkhorn_ops, Autograd, m) {
       return sinkhorn_ops::detail::call_sinkhorn(scores, a, b, mask, steps, start, tol, grad,
                                                  cg_tol, cg_max_iter);
     });
+    // Unused outputs get no zero gradient: the backward ops take absent grad_f, grad_g.
+    if (node) set_history(node, {std::get<0>(r), std::get<1>(r), std::get<2>(r)});
+    if (tangent) set_implicit_tangents(r, scores, a, b, grad, cg_tol, cg_max_iter);
     if (node)
       record_sinkhorn(node, r, scores, a, b, mask, steps, start, grad, cg_tol, cg_max_iter);
-    if (tangent) set_implicit_tangents(r, scores, a, b, grad, cg_tol, cg_max_iter);
     return r;
   });
   m.impl("sinkhorn_backward_unrolled", [](T grad_plan, Opt grad_f, Opt grad_g, T scores, Opt a,

@@ -163,13 +163,24 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   at::Tensor yM;
   if (B == 0 || side == 0) {
     yM = at::zeros_like(rhs);
+  } else if (differentiable) {
+    // Through the inverse: the forward-mode AD of linalg_solve is wrong under vmap with
+    // batched tangents (vmap of jacfwd, so vmap of torch.func.hessian; torch 2.13), inv's is
+    // not. The matrix is positive definite and at most kDenseMaxSide wide in practice.
+    yM = bmv(std::get<0>(at::linalg_inv_ex(A.dense(), /*check_errors=*/false)), rhs);
   } else if (dense) {
     yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
   } else {
     yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip);
   }
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
-  const auto x = flip ? yM : xN, y = flip ? xN : yM;
+  // The solution orthogonal to the null space (1, -1) over the rows and columns with mass (the
+  // pseudo-inverse's): dL/da and dL/db are defined up to (t, -t) (MATH.md section 2.2), and in
+  // this gauge they are the exact transpose of forward mode's (sinkhorn_autograd.cpp), for
+  // every change of the marginals, balanced or not.
+  const auto shift = safe_div((flip ? yM : xN).sum(-1, true) - (flip ? xN : yM).sum(-1, true),
+                              wr.sum(-1, true) + wc.sum(-1, true));
+  const auto x = ((flip ? yM : xN) - shift) * wr, y = ((flip ? xN : yM) + shift) * wc;
   const auto dS = P * (Gbar - x.unsqueeze(-1) - y.unsqueeze(-2));
   return {dS.to(plan.scalar_type()).contiguous().view(sizes), x.contiguous().view(fs),
           y.contiguous().view(gs)};
