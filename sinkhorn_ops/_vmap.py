@@ -8,8 +8,8 @@ call per sample. Arguments shared by all problems (the mHC weights and projectio
 vmapped for that; when they are, the rule runs one call per sample itself.
 
 The backward operators that sum over the tokens (the mHC mappings' and coefficients' weight
-gradients) have no rule: folding the vmapped dimension into the tokens would sum the samples
-together, so they take PyTorch's per-sample fallback.
+gradients) have their own rules (_vmap_mhc_weights.py): folding the vmapped dimension into the
+tokens would sum the samples together.
 """
 from __future__ import annotations
 
@@ -87,3 +87,5 @@ def _rule(name: str):
 
 for _name in _SPECS:
     torch.library.register_vmap(f"sinkhorn_ops::{_name}", _rule(_name))
+
+from . import _vmap_mhc_weights  # noqa: E402, F401  (the mHC weight gradients' rules)

@@ -676,6 +676,26 @@ def test_empty_rows_and_columns(device, grad, start, marginals):
     assert_close(block, expected[0], atol=1e-8, rtol=1e-8, name=f"{grad} allowed block")
 
 
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_implicit_gradient_of_a_block_diagonal_plan(device, grad):
+    """A block-diagonal mask (packed sequences) splits the plan into independent problems, whose
+    Schur system then has a null direction per block: the gradient of the scores through the
+    plan is still each block's own (its right-hand side is balanced per block)."""
+    n = 6
+    S = random_scores((2, n, n), seed=40, device=device)
+    mask = torch.zeros(2, n, n, dtype=torch.bool)
+    mask[:, :2, :2] = mask[:, 2:, 2:] = True
+    mask = mask.to(device)
+    W = random_scores((2, n, n), seed=41, device=device)
+    kwargs = {"steps": 400, "grad": grad, **TIGHT_CG}
+    gS = op_grads(S, None, None, W, None, None, mask=mask, **kwargs)[0]
+    assert torch.isfinite(gS).all() and bool((gS[~mask] == 0).all())
+    for block in (slice(0, 2), slice(2, n)):
+        want = op_grads(S[:, block, block], None, None, W[:, block, block], None, None,
+                        **kwargs)[0]
+        assert_close(gS[:, block, block], want, atol=1e-9, rtol=1e-8, name=f"{grad} {block}")
+
+
 @pytest.mark.parametrize("grad", ["unrolled", *IMPLICIT])
 def test_fully_masked_problem(device, grad):
     """A problem with no allowed entry next to a normal one: zero, finite gradients for it, and

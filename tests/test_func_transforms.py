@@ -22,8 +22,7 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def _quiet_vmap_fallback():
-    # The mHC mappings' and coefficients' backwards run PyTorch's per-sample fallback under vmap
-    # (it warns about speed).
+    # PyTorch's per-sample fallback warns about speed (each test that cares asserts none ran).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         yield
@@ -167,11 +166,62 @@ def test_per_sample_gradients_of_the_mhc_layer():
     def loss(params, x):
         return func.functional_call(layer, params, (x,)).sin().sum()
 
-    got = func.vmap(func.grad(loss), in_dims=(None, 0))(params, x)
+    got, fallbacks = _fallbacks(func.vmap(func.grad(loss), in_dims=(None, 0)), params, x)
+    assert not fallbacks  # the weight gradients' own rules (sinkhorn_ops/_vmap_mhc_weights.py)
     for i in range(5):
         want = func.grad(loss)(params, x[i])
         for k in params:
             torch.testing.assert_close(got[k][i], want[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["paper", "v4"])
+def test_vmap_of_the_mhc_weight_gradients(variant):
+    """The mappings' and coefficients' backwards under vmap (sums over each sample's tokens):
+    one fused call, against one call per sample; absent upstream gradients, projections shared
+    by the samples, every combination of the outputs asked for, and gates of shape (1, 1)."""
+    g = torch.Generator().manual_seed(60)
+    rnd = lambda *s: torch.randn(*s, dtype=F64, generator=g)  # noqa: E731
+    ops = torch.ops.sinkhorn_ops
+    n, T, C, V = 3, 4, 5, 6
+    w = [torch.full((1, 1), 0.3, dtype=F64), torch.tensor(-0.2, dtype=F64),
+         torch.tensor(0.5, dtype=F64), rnd(n), rnd(n), rnd(n, n)]
+    grads = [rnd(V, T, n), rnd(V, T, n), rnd(V, T, n, n)]
+    proj = rnd(V, T, 2 * n + n * n)
+
+    def check(fn, args, in_dims):
+        got, fallbacks = _fallbacks(func.vmap(fn, in_dims=in_dims), *args)
+        assert not fallbacks
+        for v in range(V):
+            want = fn(*(a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)))
+            for x, y in zip(got, want):
+                assert y.numel() == 0 or y.abs().max() > 1e-3
+                torch.testing.assert_close(x[v], y, rtol=1e-11, atol=1e-12)
+
+    mappings = lambda gp, gq, gr, p: ops.mhc_mappings_backward(gp, gq, gr, p, *w, 3, 1e-3,  # noqa: E731
+                                                               variant)
+    check(mappings, (*grads, proj), (0, 0, 0, 0))
+    check(lambda gr, p: mappings(None, None, gr, p), (grads[2], proj), (0, 0))
+    check(mappings, (*grads, proj[0]), (0, 0, 0, None))  # jacrev-like: proj shared
+    x = rnd(V, T, n * C)
+    phi = [rnd(n * C, n), rnd(n * C, n), rnd(n * C, n * n)]
+    _, _, _, raw, norm = ops.mhc_coefficients(x, *phi, *w, 1e-6, 3, 1e-3, variant)
+    for flags in [(True, True, True), (True, False, True), (False, True, False),
+                  (False, False, True)]:
+        def coefficients(gp, gq, gr, x, raw, norm, flags=flags):
+            return ops.mhc_coefficients_backward(gp, gq, gr, x, *phi, raw, norm, *w, 1e-6, 3,
+                                                 1e-3, variant, *flags)
+        check(coefficients, (*grads, x, raw, norm), (0,) * 6)
+    check(lambda gp, x, raw, norm: ops.mhc_coefficients_backward(
+        gp, None, None, x, *phi, raw, norm, *w, 1e-6, 3, 1e-3, variant), (grads[0], x, raw, norm),
+        (0, 0, 0, 0))
+    # An ensemble (vmapped weights and phi): one call per sample, by the rules themselves.
+    ws = [t.expand(V, *t.shape) * (1 + 0.1 * rnd(V).view(-1, *[1] * t.dim())) for t in w]
+    check(lambda p, *ws: ops.mhc_mappings_backward(*(t[0] for t in grads), p, *ws, 3, 1e-3,
+                                                   variant), (proj[0], *ws), (None,) + (0,) * 6)
+    phis = [p.expand(V, *p.shape) + 0.1 * rnd(V, *p.shape) for p in phi]
+    check(lambda *a: ops.mhc_coefficients_backward(
+        *(t[0] for t in grads), x[0], *a[:3], raw[0], norm[0], *a[3:], 1e-6, 3, 1e-3, variant,
+        True, False), (*phis, *ws), (0,) * 9)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,109 @@
+"""Batching rules for the mHC backward operators that sum over the tokens (the mappings' and the
+coefficients' weight gradients), so that ``vmap`` of them (per-sample gradients of an mHC layer)
+is one fused call, not one call per sample.
+
+Folding the vmapped dimension into the tokens would sum the samples' weight gradients together.
+Instead the rule asks the fused backward for the gradients of the gates' pre-activations
+z = alpha * y + b: called with the projections scaled by their gates and gates of 1, it computes
+the same z, and its dL/dproj is then dL/dz (csrc/mhc_mappings_math.h). Per sample, with the sums
+over that sample's tokens,
+
+    dL/dy = alpha dL/dz,   dL/dalpha = sum dL/dz * y,   dL/db = sum dL/dz,
+
+and for the coefficients, whose y = (x phi) r with r = (|x|^2 / D + norm_eps)^(-1/2) (MATH.md
+section 4), dL/d(x phi) = r dL/dy, dL/dphi = x^T dL/d(x phi), and
+dL/dx = dL/d(x phi) phi^T - (sum_k dL/dy_k y_k) r^2 / D * x.
+
+A vmapped weight or projection matrix (an ensemble) runs one call per sample.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_ops = torch.ops.sinkhorn_ops
+
+
+def _front(a: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[torch.Tensor]:
+    """a with its vmapped dimension first (expanded to the batch when it has none)."""
+    if a is None:
+        return None
+    return a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)
+
+
+def _per_sample(op, info, in_dims: Sequence[Optional[int]], args, out_dims):
+    outs = [op(*[a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)])
+            for v in range(info.batch_size)]
+    return tuple(torch.stack(list(o)) if d is not None else o[0]
+                 for o, d in zip(zip(*outs), out_dims)), out_dims
+
+
+def _mappings_grads(grads, y, weights, iters, eps, variant):
+    """(dL/dy, the weights' gradients flattened per sample (V, 3 + 2n + n^2)) for the
+    normalised projections y (V, ..., 2n + n^2), every tensor with the vmapped dimension first
+    (the weights shared)."""
+    n = weights[5].shape[-1]
+    widths = (n, n, n * n)
+    gates = [w.reshape(()) for w in weights[:3]]
+    parts = y.split(widths, -1)
+    scaled = torch.cat([g * p for g, p in zip(gates, parts)], -1)
+    ones = [torch.ones_like(w) for w in weights[:3]]
+    dz, _ = _ops.mhc_mappings_backward.default(*grads, scaled, *ones, *weights[3:], iters, eps,
+                                               variant)
+    dzs = dz.split(widths, -1)
+    tokens = tuple(range(1, y.dim() - 1))
+    dy = torch.cat([g * d for g, d in zip(gates, dzs)], -1)
+    dalpha = [(d * p).sum((*tokens, -1)).unsqueeze(-1) for d, p in zip(dzs, parts)]
+    db = [d.sum(tokens) if tokens else d for d in dzs]
+    return dy, torch.cat(dalpha + db, -1)
+
+
+def _mappings_backward_rule(info, in_dims, g_pre, g_post, g_res, proj, *rest):
+    weights, (iters, eps, variant) = rest[:6], rest[6:]
+    op = _ops.mhc_mappings_backward.default
+    args = (g_pre, g_post, g_res, proj, *rest)
+    if any(d is not None for d in in_dims[4:10]):
+        return _per_sample(op, info, in_dims, args, (0, 0))
+    V = info.batch_size
+    grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
+    return _mappings_grads(grads, _front(proj, in_dims[3], V), weights, iters, eps, variant), (0, 0)
+
+
+def _coefficients_backward_rule(info, in_dims, g_pre, g_post, g_res, x, p0, p1, p2, proj, norm,
+                                *rest, grad_x=True, grad_phi=True, grad_weights=True):
+    # (The flags, arguments with defaults, come positionally up to the last one that differs
+    # from its default, the rest as keywords.)
+    weights = rest[:6]
+    norm_eps, iters, eps, variant = rest[6:10]
+    flags = tuple(rest[10:]) + (grad_x, grad_phi, grad_weights)[len(rest) - 10:]
+    grad_x, grad_phi, grad_weights = flags
+    out_dims = tuple(0 if want else None for want in flags)
+    if any(d is not None for d in (*in_dims[4:7], *in_dims[9:15])):
+        op = lambda *a: _ops.mhc_coefficients_backward.default(*a[:19], *flags)  # noqa: E731
+        args = (g_pre, g_post, g_res, x, p0, p1, p2, proj, norm, *rest[:10])
+        return _per_sample(op, info, in_dims[:19], args, out_dims)
+    V = info.batch_size
+    grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
+    x, proj, norm = (_front(t, d, V) for t, d in ((x, in_dims[3]), (proj, in_dims[7]),
+                                                   (norm, in_dims[8])))
+    D = x.shape[-1]
+    r = torch.rsqrt(norm.square() / D + norm_eps).unsqueeze(-1)
+    y = proj * r
+    dy, flat = _mappings_grads(grads, y, weights, iters, eps, variant)
+    draw = dy * r
+    # An output not asked for: an empty tensor, as the operator gives it.
+    phi = torch.cat([p0, p1, p2], 1)
+    dx, dphi, dw = x.new_empty((0,)), phi.new_empty((0,)), proj.new_empty((0,))
+    xs = x.to(phi.dtype)
+    if grad_x:
+        coef = (dy * y).sum(-1, keepdim=True) * r.square() / D
+        dx = (draw @ phi.t() - coef * xs).to(x.dtype)
+    if grad_phi:
+        dphi = xs.reshape(V, -1, D).transpose(1, 2) @ draw.reshape(V, -1, draw.shape[-1])
+    return (dx, dphi, flat if grad_weights else dw), out_dims
+
+
+torch.library.register_vmap("sinkhorn_ops::mhc_mappings_backward", _mappings_backward_rule)
+torch.library.register_vmap("sinkhorn_ops::mhc_coefficients_backward",
+                            _coefficients_backward_rule)
