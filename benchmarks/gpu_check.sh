@@ -202,6 +202,9 @@ step bench_attention "$OUT/bench.log" "${T_BENCH_ATTENTION:-20}" \
 # Second order (a Hessian-vector product) against autograd through the eager loop: all cases.
 step bench_second_order "$OUT/bench.log" "${T_BENCH_SECOND_ORDER:-20}" \
   python benchmarks/bench_second_order.py --device cuda --out "$OUT"
+# Per-sample gradients of the mHC layer (vmap of grad) against the layer in PyTorch ops.
+step bench_per_sample_mhc "$OUT/bench.log" "${T_BENCH_PER_SAMPLE:-15}" \
+  python benchmarks/bench_per_sample_mhc.py --device cuda --quick --out "$OUT"
 
 # The runner returns at most 8 files: pack anything beyond the expected set into one archive.
 files=$(find "$OUT" -type f | wc -l)
