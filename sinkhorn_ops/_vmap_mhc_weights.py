@@ -12,7 +12,9 @@ over that sample's tokens,
 
 and for the coefficients, whose y = (x phi) r with r = (|x|^2 / D + norm_eps)^(-1/2) (MATH.md
 section 4), dL/d(x phi) = r dL/dy, dL/dphi = x^T dL/d(x phi), and
-dL/dx = dL/d(x phi) phi^T - (sum_k dL/dy_k y_k) r^2 / D * x.
+dL/dx = dL/d(x phi) phi^T - (sum_k dL/dy_k y_k) r^2 / D * x, with y recomputed from x and phi
+(one more matmul) so that transforms around the vmap differentiate it (the operator's proj and
+norm, the forward's outputs by its contract, are not read).
 
 A vmapped weight or projection matrix (an ensemble) runs one call per sample.
 """
@@ -40,11 +42,13 @@ def _per_sample(op, info, in_dims: Sequence[Optional[int]], args, out_dims):
 
 
 def _mappings_grads(grads, y, weights, iters, eps, variant):
-    """(dL/dy, the weights' gradients flattened per sample (V, 3 + 2n + n^2)) for the
-    normalised projections y (V, ..., 2n + n^2), every tensor with the vmapped dimension first
-    (the weights shared)."""
+    """(dL/dy, the weights' gradients flattened per sample (V, 3 + 2n + n^2), the live gates)
+    for the normalised projections y (V, ..., 2n + n^2), every tensor with the vmapped dimension
+    first (the weights shared). A gate without upstream gradient gets exact zeros, whatever its
+    projections hold (as the kernel gives them)."""
     n = weights[5].shape[-1]
     widths = (n, n, n * n)
+    live = [g is not None for g in grads]
     gates = [w.reshape(()) for w in weights[:3]]
     parts = y.split(widths, -1)
     scaled = torch.cat([g * p for g, p in zip(gates, parts)], -1)
@@ -53,10 +57,13 @@ def _mappings_grads(grads, y, weights, iters, eps, variant):
                                                variant)
     dzs = dz.split(widths, -1)
     tokens = tuple(range(1, y.dim() - 1))
-    dy = torch.cat([g * d for g, d in zip(gates, dzs)], -1)
-    dalpha = [(d * p).sum((*tokens, -1)).unsqueeze(-1) for d, p in zip(dzs, parts)]
-    db = [d.sum(tokens) if tokens else d for d in dzs]
-    return dy, torch.cat(dalpha + db, -1)
+    dy = torch.cat([g * d if on else torch.zeros_like(d)
+                    for g, d, on in zip(gates, dzs, live)], -1)
+    dalpha = [(d * p).sum((*tokens, -1)).unsqueeze(-1) if on else y.new_zeros(y.shape[0], 1)
+              for d, p, on in zip(dzs, parts, live)]
+    db = [(d.sum(tokens) if tokens else d) if on else
+          y.new_zeros(y.shape[0], w) for d, on, w in zip(dzs, live, widths)]
+    return dy, torch.cat(dalpha + db, -1), live
 
 
 def _mappings_backward_rule(info, in_dims, g_pre, g_post, g_res, proj, *rest):
@@ -67,7 +74,9 @@ def _mappings_backward_rule(info, in_dims, g_pre, g_post, g_res, proj, *rest):
         return _per_sample(op, info, in_dims, args, (0, 0))
     V = info.batch_size
     grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
-    return _mappings_grads(grads, _front(proj, in_dims[3], V), weights, iters, eps, variant), (0, 0)
+    dy, flat, _ = _mappings_grads(grads, _front(proj, in_dims[3], V), weights, iters, eps,
+                                  variant)
+    return (dy, flat), (0, 0)
 
 
 def _coefficients_backward_rule(info, in_dims, g_pre, g_post, g_res, x, p0, p1, p2, proj, norm,
@@ -85,19 +94,25 @@ def _coefficients_backward_rule(info, in_dims, g_pre, g_post, g_res, x, p0, p1, 
         return _per_sample(op, info, in_dims[:19], args, out_dims)
     V = info.batch_size
     grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
-    x, proj, norm = (_front(t, d, V) for t, d in ((x, in_dims[3]), (proj, in_dims[7]),
-                                                   (norm, in_dims[8])))
+    x = _front(x, in_dims[3], V)
     D = x.shape[-1]
-    r = torch.rsqrt(norm.square() / D + norm_eps).unsqueeze(-1)
-    y = proj * r
-    dy, flat = _mappings_grads(grads, y, weights, iters, eps, variant)
-    draw = dy * r
-    # An output not asked for: an empty tensor, as the operator gives it.
+    # y recomputed from x and phi, not read from the forward's proj and norm: those carry no
+    # history, and a transform around this vmap (grad of per-sample gradients, hessian)
+    # differentiates y through x and phi, as the operator's own second order does.
     phi = torch.cat([p0, p1, p2], 1)
-    dx, dphi, dw = x.new_empty((0,)), phi.new_empty((0,)), proj.new_empty((0,))
     xs = x.to(phi.dtype)
+    r = torch.rsqrt(xs.square().mean(-1, keepdim=True) + norm_eps)
+    y = (xs @ phi) * r
+    dy, flat, live = _mappings_grads(grads, y, weights, iters, eps, variant)
+    draw = dy * r
+    n = weights[5].shape[-1]
+    # An output not asked for: an empty tensor, as the operator gives it.
+    dx, dphi, dw = x.new_empty((0,)), phi.new_empty((0,)), proj.new_empty((0,))
     if grad_x:
-        coef = (dy * y).sum(-1, keepdim=True) * r.square() / D
+        # The live gates' terms only, as the kernel's c (a dead gate's y may be anything).
+        dots = [(d * p).sum(-1, keepdim=True) for d, p, on in
+                zip(dy.split((n, n, n * n), -1), y.split((n, n, n * n), -1), live) if on]
+        coef = sum(dots, torch.zeros_like(r)) * r.square() / D
         dx = (draw @ phi.t() - coef * xs).to(x.dtype)
     if grad_phi:
         dphi = xs.reshape(V, -1, D).transpose(1, 2) @ draw.reshape(V, -1, draw.shape[-1])

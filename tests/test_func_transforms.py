@@ -174,6 +174,33 @@ def test_per_sample_gradients_of_the_mhc_layer():
             torch.testing.assert_close(got[k][i], want[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
+def test_gradient_of_per_sample_gradients_of_the_mhc_layer():
+    """A transform around the weight gradients' vmap rules (the gradient of the per-sample
+    gradients' squared norms, as a DP-style penalty takes it) against a loop over the samples:
+    the rules recompute the coefficients' projections from x, which carries their history."""
+    torch.manual_seed(7)
+    n, C = 3, 4
+    layer = snn.ManifoldConstrainedHyperConnections(
+        n, C, torch.nn.Linear(C, C, dtype=F64), alpha_init=0.3, dtype=F64)
+    x = torch.randn(4, 2, n, C, dtype=F64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(params, x):
+        return func.functional_call(layer, params, (x,)).sin().sum()
+
+    def penalty(x, per_sample):
+        grads = per_sample(x)
+        return sum(g.square().sum() for g in grads.values())
+
+    vmapped = lambda x: func.vmap(func.grad(loss), in_dims=(None, 0))(params, x)  # noqa: E731
+    looped = lambda x: {k: torch.stack([func.grad(loss)(params, s)[k] for s in x])  # noqa: E731
+                        for k in params}
+    got = func.grad(penalty)(x, vmapped)
+    want = func.grad(penalty)(x, looped)
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["paper", "v4"])
 def test_vmap_of_the_mhc_weight_gradients(variant):
     """The mappings' and coefficients' backwards under vmap (sums over each sample's tokens):
@@ -214,6 +241,11 @@ def test_vmap_of_the_mhc_weight_gradients(variant):
     check(lambda gp, x, raw, norm: ops.mhc_coefficients_backward(
         gp, None, None, x, *phi, raw, norm, *w, 1e-6, 3, 1e-3, variant), (grads[0], x, raw, norm),
         (0, 0, 0, 0))
+    # A gate without upstream gradient gets exact zeros, even over non-finite projections.
+    bad = proj.clone()
+    bad[..., :n] = float("inf")
+    got = func.vmap(lambda gr, p: mappings(None, None, gr, p))(grads[2], bad)
+    assert torch.isfinite(got[1]).all() and (got[1][:, [0, 3, 4, 5]] == 0).all()
     # An ensemble (vmapped weights and phi): one call per sample, by the rules themselves.
     ws = [t.expand(V, *t.shape) * (1 + 0.1 * rnd(V).view(-1, *[1] * t.dim())) for t in w]
     check(lambda p, *ws: ops.mhc_mappings_backward(*(t[0] for t in grads), p, *ws, 3, 1e-3,
