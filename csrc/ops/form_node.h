@@ -60,9 +60,8 @@ struct FromList<std::tuple<Ts...>> {
 // autograd, and a FormNode when its result is recorded. With a forward-mode tangent on a
 // differentiable argument, the form's result instead, after the kernel's run for its checks
 // (through the dispatcher: under torch.func the arguments here can be wrappers that only the
-// dispatcher reads). diff: the differentiable arguments
-// (the node's inputs, undefined for an absent optional); rest: the other tensor arguments the
-// form needs (saved after diff).
+// dispatcher reads). diff: the differentiable arguments (the node's inputs, undefined for an
+// absent optional); rest: the other tensor arguments the form needs (saved after diff).
 template <typename Form, typename Run>
 auto form_backward_kernel(const char* op, const variable_list& diff, const variable_list& rest,
                           const typename Form::Options& o, Run&& run) {
