@@ -167,8 +167,7 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
     // Through the inverse: the forward-mode AD of linalg_solve is wrong under vmap with
     // batched tangents (vmap of jacfwd, so vmap of torch.func.hessian; torch 2.13), inv's is
     // not. The matrix is positive definite for a connected support (the rank-one term fixes its
-    // null space); this is
-    // the second order's solve, dense whatever the side.
+    // null space); this is the second order's solve, dense whatever the side.
     yM = bmv(std::get<0>(at::linalg_inv_ex(A.dense(), /*check_errors=*/false)), rhs);
   } else if (dense) {
     yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
