@@ -113,8 +113,8 @@ def mhc_v4_sinkhorn(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> Tenso
     (``torch.ops.sinkhorn_ops.mhc_v4_sinkhorn``), and its backward another: the exact gradient
     of the iterations (unrolled), recomputed from the logits, keeping only each normalisation's
     divisors. Its second derivatives and forward mode (forward over reverse, that is
-    ``torch.func.hessian``, included) go through the loop above in ATen ops. Elsewhere it runs the loop above in
-    PyTorch, with autograd through it.
+    ``torch.func.hessian``, included) go through the loop above in ATen ops. Elsewhere it runs
+    the loop above in PyTorch, with autograd through it.
 
     Args:
         logits: (..., n, n), any floating dtype; computed in fp32 (fp64 stays fp64).
