@@ -81,13 +81,14 @@ def test_jacrev_matches_autograd_jacobian():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def _fallbacks(fn, *args):
-    """fn(*args) and the operators that ran PyTorch's per-sample vmap fallback."""
+def _fallbacks(fn, *args, namespace="sinkhorn_ops"):
+    """fn(*args) and the operators (of `namespace`, or of any for "") that ran PyTorch's
+    per-sample vmap fallback."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fn(*args)
-    return out, {str(w.message).split("batching rule for ")[1].split(".")[0]
-                 for w in caught if "batching rule for sinkhorn_ops" in str(w.message)}
+    return out, {str(w.message).split("batching rule for ")[1].split(". ")[0]
+                 for w in caught if f"batching rule for {namespace}" in str(w.message)}
 
 
 @pytest.mark.parametrize("grad", ["unrolled", "implicit"])
@@ -172,6 +173,22 @@ def test_per_sample_gradients_of_the_mhc_layer():
         want = func.grad(loss)(params, x[i])
         for k in params:
             torch.testing.assert_close(got[k][i], want[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
+def test_hessian_of_the_mhc_layer_runs_no_fallback(grad):
+    """torch.func.hessian of the layer (the implicit Sinkhorn's layer runs rms_projection, whose
+    backward vmaps inside jacrev): every operator and every op of the nodes' backwards batches,
+    and the result is reverse over reverse's."""
+    torch.manual_seed(8)
+    layer = snn.ManifoldConstrainedHyperConnections(
+        2, 3, torch.nn.Linear(3, 3, dtype=F64), alpha_init=0.3, dtype=F64, iters=30, grad=grad)
+    x = torch.randn(2, 2, 3, dtype=F64)
+    f = lambda x: layer(x).sin().sum()  # noqa: E731
+    got, fallbacks = _fallbacks(func.hessian(f), x, namespace="")
+    assert not fallbacks, fallbacks
+    torch.testing.assert_close(got, torch.autograd.functional.hessian(f, x), rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_gradient_of_per_sample_gradients_of_the_mhc_layer():

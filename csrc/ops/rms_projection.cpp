@@ -83,7 +83,9 @@ struct RmsProjectionBackward : autograd::NodeWith<RmsProjectionBackward> {
     at::Tensor dx, dphi;
     if (needs_grad(0)) {
       const at::Tensor c = (dy * y).sum(-1, /*keepdim=*/true) * inv_rms.square() / d;
-      dx = at::matmul(dr, phi.mT()).addcmul_(x, c, -1).to(saved.scalar_type());
+      // Out of place: under vmap (per-sample Hessians) an in-place addcmul_ has no batching
+      // rule and would take PyTorch's per-sample fallback.
+      dx = at::addcmul(at::matmul(dr, phi.mT()), x, c, -1).to(saved.scalar_type());
     }
     if (needs_grad(1))
       dphi = x.reshape({-1, d}).mT().mm(dr.reshape({-1, dr.size(-1)}));
