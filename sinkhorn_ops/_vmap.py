@@ -50,6 +50,13 @@ _spec("mhc_mappings", (1,) + ("shared",) * 6 + (None, None, None), _all_batched(
 _spec("mhc_coefficients", (1,) + ("shared",) * 9 + (None,) * 4, _all_batched(5))
 
 
+def _batch_first(a: Optional[torch.Tensor], d: Optional[int], size: int):
+    """a with its vmapped dimension first (expanded to the batch when it has none)."""
+    if a is None:
+        return None
+    return a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)
+
+
 def _one_call_per_sample(op, info, in_dims: Sequence[Optional[int]], args, out_dims):
     outs = []
     for v in range(info.batch_size):
@@ -77,7 +84,7 @@ def _rule(name: str):
         for i, (a, d, p) in enumerate(zip(args, in_dims, problem_dims)):
             if not isinstance(p, int) or a is None:
                 continue
-            x = a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+            x = _batch_first(a, d, info.batch_size)
             missing = batch - (x.dim() - 1 - p)
             new[i] = x.reshape(x.shape[0], *([1] * missing), *x.shape[1:]) if missing else x
         return op(*new), out_dims

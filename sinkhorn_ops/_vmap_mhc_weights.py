@@ -20,25 +20,11 @@ A vmapped weight or projection matrix (an ensemble) runs one call per sample.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
+from ._vmap import _batch_first, _one_call_per_sample
+
 _ops = torch.ops.sinkhorn_ops
-
-
-def _front(a: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[torch.Tensor]:
-    """a with its vmapped dimension first (expanded to the batch when it has none)."""
-    if a is None:
-        return None
-    return a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)
-
-
-def _per_sample(op, info, in_dims: Sequence[Optional[int]], args, out_dims):
-    outs = [op(*[a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)])
-            for v in range(info.batch_size)]
-    return tuple(torch.stack(list(o)) if d is not None else o[0]
-                 for o, d in zip(zip(*outs), out_dims)), out_dims
 
 
 def _mappings_grads(grads, y, weights, iters, eps, variant):
@@ -71,10 +57,10 @@ def _mappings_backward_rule(info, in_dims, g_pre, g_post, g_res, proj, *rest):
     op = _ops.mhc_mappings_backward.default
     args = (g_pre, g_post, g_res, proj, *rest)
     if any(d is not None for d in in_dims[4:10]):
-        return _per_sample(op, info, in_dims, args, (0, 0))
+        return _one_call_per_sample(op, info, in_dims, args, (0, 0))
     V = info.batch_size
-    grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
-    dy, flat, _ = _mappings_grads(grads, _front(proj, in_dims[3], V), weights, iters, eps,
+    grads = [_batch_first(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
+    dy, flat, _ = _mappings_grads(grads, _batch_first(proj, in_dims[3], V), weights, iters, eps,
                                   variant)
     return (dy, flat), (0, 0)
 
@@ -91,10 +77,10 @@ def _coefficients_backward_rule(info, in_dims, g_pre, g_post, g_res, x, p0, p1, 
     if any(d is not None for d in (*in_dims[4:7], *in_dims[9:15])):
         op = lambda *a: _ops.mhc_coefficients_backward.default(*a[:19], *flags)  # noqa: E731
         args = (g_pre, g_post, g_res, x, p0, p1, p2, proj, norm, *rest[:10])
-        return _per_sample(op, info, in_dims[:19], args, out_dims)
+        return _one_call_per_sample(op, info, in_dims[:19], args, out_dims)
     V = info.batch_size
-    grads = [_front(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
-    x = _front(x, in_dims[3], V)
+    grads = [_batch_first(g, d, V) for g, d in zip((g_pre, g_post, g_res), in_dims[:3])]
+    x = _batch_first(x, in_dims[3], V)
     D = x.shape[-1]
     # y recomputed from x and phi, not read from the forward's proj and norm: those carry no
     # history, and a transform around this vmap (grad of per-sample gradients, hessian)

@@ -22,7 +22,6 @@ namespace sinkhorn_ops {
 namespace autograd {
 
 using Str = c10::string_view;
-using Triple = detail::BackwardResult;
 
 // The backward operators' Forms (form_node.h): the unrolled backward's replay and reverse
 // steps, the implicit backward's solve (always dense: its derivative is exact), both out of
