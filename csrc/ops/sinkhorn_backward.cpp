@@ -1,6 +1,7 @@
 // Front door of the unrolled backward: it replays the forward's front door (masking, log
 // marginals), checks the upstream gradients, and turns d(log a) into d a for the caller.
 #include "sinkhorn_backward.h"
+#include "safe_div.h"
 
 namespace sinkhorn_ops {
 namespace detail {
@@ -22,8 +23,7 @@ at::Tensor to_linear(const at::Tensor& grad_log, const at::Tensor& x, at::IntArr
   if (!x.defined()) return at::empty({0}, grad_log.options());
   const auto g = grad_log.reshape(shape);
   const auto xv = x.to(g.scalar_type()).expand(shape);
-  const auto zero = xv == 0;
-  return (g / xv.masked_fill(zero, 1)).masked_fill(zero, 0);
+  return safe_div(g, xv);
 }
 
 }  // namespace

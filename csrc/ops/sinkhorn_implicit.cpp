@@ -5,14 +5,26 @@
 // With r = P 1, c = P^T 1 and Gamma = Gbar * P, it solves
 //   [diag(r) P; P^T diag(c)] [x; y] = [Gamma 1 + dL/df; Gamma^T 1 + dL/dg]
 // through the Schur complement on the smaller side, then dS = P * (Gbar - x (+) y), da = x,
-// db = y. The null space (1, -1) is handled by projecting the right-hand side and by adding
-// alpha w w^T (w = the columns with mass) to the Schur matrix, which keeps its solution exact
-// (the right-hand side is orthogonal to w) and makes it positive definite.
+// db = y. The system has a null direction (1, -1) per connected component of the plan's support
+// (support_components.h): the right-hand side is projected onto the balanced pairs (per
+// component when dL/df or dL/dg come, since Gamma's sums are balanced on every component by
+// themselves), the Schur matrix gets alpha w w^T (w = the columns with mass), which fixes the
+// null direction of a connected support exactly, and the solution is returned in the min-norm
+// gauge. A plan whose support is split, or joined only through entries near the underflow
+// threshold (a peaked plan in float32), leaves the Schur matrix singular to working precision,
+// where a plain LU divides by a zero pivot (NaN gradients from finite scores) and conjugate
+// gradients can take a huge step: the dense solve adds a ridge of side * eps * alpha and refines
+// against the matrix without it, the conjugate gradients run on a ridge of eps * alpha.
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <functional>
+#include <limits>
+#include <tuple>
 
+#include "safe_div.h"
 #include "sinkhorn_backward.h"
+#include "support_components.h"
 
 namespace sinkhorn_ops {
 namespace detail {
@@ -27,12 +39,6 @@ at::Tensor bmv(const at::Tensor& A, const at::Tensor& v) {  // (B, p, q) x (B, q
 
 at::Tensor bdot(const at::Tensor& u, const at::Tensor& v) {  // per problem, kept as (B, 1)
   return (u * v).sum(-1, /*keepdim=*/true);
-}
-
-// num / den, 0 where den is 0 (and a derivative that is 0 there, not NaN).
-at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
-  const auto zero = den == 0;
-  return (num / den.masked_fill(zero, 1)).masked_fill(zero, 0);
 }
 
 struct Schur {
@@ -54,6 +60,11 @@ struct Schur {
     return c - (P * P * rinv.unsqueeze(-1)).sum(1) + (1 - w) + alpha * w * w;
   }
 };
+
+double machine_eps(at::ScalarType acc) {
+  return acc == at::kDouble ? std::numeric_limits<double>::epsilon()
+                            : std::numeric_limits<float>::epsilon();
+}
 
 CgSolver& cg_solver(c10::DeviceType device) {
   static CgSolver solvers[static_cast<int>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
@@ -101,6 +112,35 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
   return y;
 }
 
+// The dense solve of A y = rhs, A = Schur::dense(): an LU of A + mu I, mu = side * eps * alpha
+// (the mean mass of a column), then two steps of iterative refinement against A itself. On the
+// directions where A's eigenvalues are well above mu this converges to A's own solution (each
+// step shrinks the error by mu / (lambda + mu)); directions at or below rounding level, whose
+// right-hand side is rounding too for a balanced right-hand side, stay bounded instead of
+// dividing by a zero pivot, and they change dS only through entries of P near zero.
+// Differentiable: through the inverse of A + mu I (the forward-mode AD of linalg_solve is wrong
+// under vmap with batched tangents, vmap of jacfwd; torch 2.13), out of place.
+at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiable) {
+  const auto matrix = A.dense();
+  const int64_t M = rhs.size(-1);
+  const auto ridge = at::diag_embed(
+      (A.alpha * (static_cast<double>(M) * machine_eps(rhs.scalar_type()))).expand_as(rhs));
+  std::function<at::Tensor(const at::Tensor&)> solve;
+  if (differentiable) {
+    const auto inv = std::get<0>(at::linalg_inv_ex(matrix + ridge, /*check_errors=*/false));
+    solve = [inv](const at::Tensor& v) { return bmv(inv, v); };
+  } else {
+    const auto [lu, pivots, info] =
+        at::linalg_lu_factor_ex(matrix + ridge, /*pivot=*/true, /*check_errors=*/false);
+    solve = [lu = lu, pivots = pivots](const at::Tensor& v) {
+      return at::linalg_lu_solve(lu, pivots, v.unsqueeze(-1)).squeeze(-1);
+    };
+  }
+  auto y = solve(rhs);
+  for (int refine = 0; refine < 2; ++refine) y = y + solve(rhs - bmv(matrix, y));
+  return y;
+}
+
 }  // namespace
 
 void register_cg_solver(c10::DeviceType device, CgSolver solver) { cg_solver(device) = solver; }
@@ -135,14 +175,14 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   auto rx = Gamma.sum(-1), ry = Gamma.sum(-2);
   if (grad_f.has_value() && grad_f->defined()) rx = rx + grad_f->to(acc).reshape({B, n});
   if (grad_g.has_value() && grad_g->defined()) ry = ry + grad_g->to(acc).reshape({B, m});
-  // Project the right-hand side orthogonally to the null space (1, -1) of the rows and columns
-  // with mass; the others carry no plan and get no adjoint.
-  rx = rx * wr;
-  ry = ry * wc;
-  const auto delta = safe_div(rx.sum(-1, true) - ry.sum(-1, true),
-                              wr.sum(-1, true) + wc.sum(-1, true));
-  rx = rx - delta * wr;
-  ry = ry + delta * wc;
+  // Project the right-hand side onto the balanced pairs; the rows and columns without mass
+  // carry no plan and get no adjoint. Gamma's sums are balanced on every component of the
+  // support by themselves, dL/df and dL/dg need not be: then the components are found.
+  const bool potentials = (grad_f.has_value() && grad_f->defined()) ||
+                          (grad_g.has_value() && grad_g->defined());
+  const auto components =
+      potentials ? SupportComponents::of(P, wr, wc) : SupportComponents(wr, wc);
+  std::tie(rx, ry) = components.balance(rx, ry);
 
   // Solve on the smaller side: transpose so that the solved side M <= N.
   const bool flip = m > n;
@@ -163,25 +203,23 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   at::Tensor yM;
   if (B == 0 || side == 0) {
     yM = at::zeros_like(rhs);
-  } else if (differentiable) {
-    // Through the inverse: the forward-mode AD of linalg_solve is wrong under vmap with
-    // batched tangents (vmap of jacfwd, so vmap of torch.func.hessian; torch 2.13), inv's is
-    // not. The matrix is positive definite for a connected support (the rank-one term fixes its
-    // null space); this is the second order's solve, dense whatever the side.
-    yM = bmv(std::get<0>(at::linalg_inv_ex(A.dense(), /*check_errors=*/false)), rhs);
   } else if (dense) {
-    yM = std::get<0>(at::linalg_solve_ex(A.dense(), rhs, /*left=*/true, /*check_errors=*/false));
+    yM = dense_solve(A, rhs, differentiable);
   } else {
-    yM = conjugate_gradients(A, rhs, cg_tol, cg_max_iter, flip);
+    // The iterations on A + eps alpha I: where A is singular to working precision, p^T A p
+    // can round to zero or below and a step blow up (float32 with a cg_tol it cannot reach
+    // gave gradients of 18 for 0.25); this ridge keeps every step finite and moves the
+    // solution by about eps relative to the smallest eigenvalue that matters.
+    Schur ridged = A;
+    ridged.c = A.c + A.alpha * machine_eps(rhs.scalar_type());
+    yM = conjugate_gradients(ridged, rhs, cg_tol, cg_max_iter, flip);
   }
   const auto xN = (rxN - bmv(Pn, yM)) * A.rinv;
-  // The solution orthogonal to the null space (1, -1) over the rows and columns with mass (the
-  // pseudo-inverse's): dL/da and dL/db are defined up to (t, -t) (MATH.md section 2.2), and in
-  // this gauge they are the exact transpose of forward mode's (sinkhorn_autograd.cpp), for
-  // every change of the marginals, balanced or not.
-  const auto shift = safe_div((flip ? yM : xN).sum(-1, true) - (flip ? xN : yM).sum(-1, true),
-                              wr.sum(-1, true) + wc.sum(-1, true));
-  const auto x = ((flip ? yM : xN) - shift) * wr, y = ((flip ? xN : yM) + shift) * wc;
+  // The solution in the min-norm gauge (the pseudo-inverse's): dL/da and dL/db are defined up
+  // to (t, -t) on each component (MATH.md section 2.2), and in this gauge they are the exact
+  // transpose of forward mode's (sinkhorn_autograd.cpp), for every change of the marginals,
+  // balanced or not.
+  const auto [x, y] = components.balance(flip ? yM : xN, flip ? xN : yM);
   const auto dS = P * (Gbar - x.unsqueeze(-1) - y.unsqueeze(-2));
   return {dS.to(plan.scalar_type()).contiguous().view(sizes), x.contiguous().view(fs),
           y.contiguous().view(gs)};

@@ -1,0 +1,177 @@
+"""The implicit backward (MATH.md section 2.2) on plans whose support is split or nearly split.
+
+H = [[diag(r), P], [Pᵀ, diag(c)]] has a null direction (1, −1) per connected component of the
+plan's support, not one. A block-diagonal mask splits the support; so does a peaked plan whose
+small entries underflow (float32 below 1e-38). The gradient of such a problem is each
+component's own: the upstream dL/df, dL/dg projected per component, dL/da and dL/db in each
+component's min-norm gauge. And a Schur matrix that is singular to working precision must not
+give NaN gradients from finite scores."""
+
+import pytest
+import torch
+from conftest import assert_close, generator, load_ops, random_scores
+
+sinkhorn_ops = load_ops()
+IMPLICIT = ["implicit", "implicit_dense", "implicit_cg"]
+TIGHT_CG = {"cg_tol": 1e-12, "cg_max_iter": 2000}
+
+
+def run_grads(S, a, b, W, u, v, **kwargs):
+    """(dL/dS, dL/da, dL/db) of L = <W, P> + <u, f> + <v, g> (absent terms dropped)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (S, a, b)]
+    out = sinkhorn_ops.sinkhorn(*leaves, return_potentials=True, **kwargs)
+    loss = (out.plan.double() * W).sum()
+    if u is not None:
+        loss = loss + (out.f.double() * u).sum() + (out.g.double() * v).sum()
+    present = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(loss, present, materialize_grads=True))
+    return tuple(None if t is None else next(got) for t in leaves)
+
+
+def block_problem(sizes, *, seed, device, scramble):
+    """Scores on a block-diagonal support (blocks of the given square sizes), each block's
+    marginals of equal mass, with the rows and columns optionally permuted at random (so that
+    a component's rows and columns are not contiguous). Returns S, a, b, mask and, for each
+    block, its row and column indices."""
+    n = sum(sizes)
+    gen = generator(seed)
+    S = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    blocks, start = [], 0
+    for size in sizes:
+        idx = torch.arange(start, start + size)
+        mask[start:start + size, start:start + size] = True
+        b[idx] *= a[idx].sum() / b[idx].sum()
+        blocks.append(idx)
+        start += size
+    rows = torch.randperm(n, generator=gen) if scramble else torch.arange(n)
+    cols = torch.randperm(n, generator=gen) if scramble else torch.arange(n)
+    inv_r, inv_c = torch.argsort(rows), torch.argsort(cols)
+    S, mask, a, b = S[rows][:, cols], mask[rows][:, cols], a[rows], b[cols]
+    blocks = [(inv_r[idx].sort().values, inv_c[idx].sort().values) for idx in blocks]
+    to = lambda t: t.to(device)
+    return to(S), to(a), to(b), to(mask), [(to(r), to(c)) for r, c in blocks]
+
+
+def ring_mask(n, device):
+    """The support (i, i), (i, i + 1 mod n): one cycle through all 2n rows and columns, a
+    connected support of diameter n (the longest chains for label propagation)."""
+    mask = torch.eye(n, dtype=torch.bool)
+    return (mask | mask.roll(1, dims=1)).to(device)
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+@pytest.mark.parametrize("scramble", [False, True], ids=["contiguous", "permuted"])
+def test_block_diagonal_gradients_are_each_blocks_own(device, grad, scramble):
+    """Upstream potentials that are not balanced per block: each block's dL/dS, dL/da and
+    dL/db equal those of the block solved alone (its own projection and min-norm gauge)."""
+    S, a, b, mask, blocks = block_problem([3, 5, 4], seed=3, device=device, scramble=scramble)
+    n = S.shape[-1]
+    gen = generator(9)
+    W = torch.randn(n, n, generator=gen, dtype=torch.float64).to(device)
+    u = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    kwargs = {"steps": 600, "grad": grad, **TIGHT_CG}
+    gS, ga, gb = run_grads(S, a, b, W, u, v, mask=mask, **kwargs)
+    assert bool((gS[~mask] == 0).all())
+    for i, (r, c) in enumerate(blocks):
+        sub = lambda t: t.index_select(0, r).index_select(1, c)
+        want = run_grads(sub(S), a[r], b[c], sub(W), u[r], v[c], **kwargs)
+        assert_close(sub(gS), want[0], atol=1e-9, rtol=1e-8, name=f"{grad} block {i} scores")
+        assert_close(ga[r], want[1], atol=1e-9, rtol=1e-8, name=f"{grad} block {i} a")
+        assert_close(gb[c], want[2], atol=1e-9, rtol=1e-8, name=f"{grad} block {i} b")
+
+
+@pytest.mark.parametrize("grad", ["implicit_dense", "implicit_cg"])
+def test_long_cycles_are_found(device, grad):
+    """Two rings of 40 rows and columns each, rows and columns permuted: the components are
+    two long cycles (the case that needs the most propagation), and each ring's gradients are
+    its own."""
+    n = 40
+    mask = torch.block_diag(ring_mask(n, "cpu"), ring_mask(n, "cpu"))
+    gen = generator(5)
+    rows, cols = torch.randperm(2 * n, generator=gen), torch.randperm(2 * n, generator=gen)
+    mask = mask[rows][:, cols].to(device)
+    S = torch.randn(2 * n, 2 * n, generator=gen, dtype=torch.float64).to(device)
+    W = torch.randn(2 * n, 2 * n, generator=gen, dtype=torch.float64).to(device)
+    u = torch.randn(2 * n, generator=gen, dtype=torch.float64).to(device)
+    v = torch.randn(2 * n, generator=gen, dtype=torch.float64).to(device)
+    kwargs = {"steps": 400, "grad": grad, **TIGHT_CG}
+    gS, _, _ = run_grads(S, None, None, W, u, v, mask=mask, **kwargs)
+    inv_r, inv_c = torch.argsort(rows).to(device), torch.argsort(cols).to(device)
+    for half in (slice(0, n), slice(n, 2 * n)):
+        r, c = inv_r[half].sort().values, inv_c[half].sort().values
+        sub = lambda t: t.index_select(0, r).index_select(1, c)
+        want = run_grads(sub(S), None, None, sub(W), u[r], v[c], mask=sub(mask), **kwargs)[0]
+        assert_close(sub(gS), want, atol=1e-9, rtol=1e-8, name=f"{grad} ring {half}")
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+def test_forward_mode_on_a_block_diagonal_support(device, grad):
+    """jvp through the converged map with tangents of a and b that are not balanced per block:
+    each block's plan tangent is that of the block alone."""
+    S, a, b, mask, blocks = block_problem([4, 3], seed=11, device=device, scramble=True)
+    n = S.shape[-1]
+    gen = generator(12)
+    dS, da, db = (torch.randn(s, generator=gen, dtype=torch.float64).to(device)
+                  for s in [(n, n), (n,), (n,)])
+    kwargs = {"steps": 600, "grad": grad, **TIGHT_CG}
+
+    def plan(S, a, b, mask):
+        return sinkhorn_ops.sinkhorn(S, a, b, mask=mask, **kwargs)
+
+    _, dP = torch.func.jvp(lambda S, a, b: plan(S, a, b, mask), (S, a, b), (dS, da, db))
+    assert torch.isfinite(dP).all()
+    for i, (r, c) in enumerate(blocks):
+        sub = lambda t: t.index_select(0, r).index_select(1, c)
+        _, want = torch.func.jvp(lambda S, a, b: plan(S, a, b, None), (sub(S), a[r], b[c]),
+                                 (sub(dS), da[r], db[c]))
+        assert_close(sub(dP), want, atol=1e-9, rtol=1e-8, name=f"{grad} block {i} tangent")
+
+
+# Peaked plans: scores of standard deviation `scale` (an entropic OT at a small temperature).
+# At these scales many entries of the converged plan underflow (float32 near 1e-38, float64
+# near 1e-308) and others join blocks of the support only through such entries.
+PEAKED = [(torch.float32, 30.0), (torch.float32, 100.0), (torch.float64, 300.0)]
+PEAKED_ATOL = {torch.float32: 5e-6, torch.float64: 5e-7}
+
+
+def oracle(P, W):
+    """MATH.md section 2.2 in float64 by a dense pseudo-inverse of H (the least-squares
+    solution), from the plan the operator returned. Eigenvalues of H below 1e-10 of the largest
+    count as null: their directions come from entries near the underflow threshold, where
+    float64's own rounding decides (the default cut, about 5e-15, moved the answer by 2e-3 at
+    scale 300 while every solver here agreed to 1e-7 with this one)."""
+    P, W = P.double().cpu(), W.double().cpu()
+    n, m = P.shape[-2:]
+    Gam = W * P
+    H = torch.zeros(P.shape[:-2] + (n + m, n + m), dtype=torch.float64)
+    H[..., :n, :n] = torch.diag_embed(P.sum(-1))
+    H[..., n:, n:] = torch.diag_embed(P.sum(-2))
+    H[..., :n, n:] = P
+    H[..., n:, :n] = P.transpose(-1, -2)
+    rhs = torch.cat([Gam.sum(-1), Gam.sum(-2)], -1).unsqueeze(-1)
+    xy = (torch.linalg.pinv(H, hermitian=True, rtol=1e-10) @ rhs).squeeze(-1)
+    return P * (W - xy[..., :n].unsqueeze(-1) - xy[..., n:].unsqueeze(-2))
+
+
+@pytest.mark.parametrize("grad", IMPLICIT)
+@pytest.mark.parametrize("dtype,scale", PEAKED, ids=str)
+def test_peaked_plans_give_finite_gradients(device, grad, dtype, scale):
+    """The Schur matrix of a peaked plan is singular to working precision: finite gradients
+    whose rows and columns sum to zero (MATH.md 2.2), close to a float64 pseudo-inverse of
+    the same plan. Before the ridge, float32 at scale 30 gave NaN on the dense solve."""
+    S = random_scores((8, 12, 12), scale=scale, seed=21, dtype=dtype, device=device)
+    W = random_scores((8, 12, 12), seed=22, device=device)
+    S.requires_grad_(True)
+    P = sinkhorn_ops.sinkhorn(S, steps=1000, grad=grad, **TIGHT_CG)
+    assert bool((P == 0).any()), "the case needs underflowed entries"
+    (gS,) = torch.autograd.grad((P.double() * W).sum(), S)
+    assert torch.isfinite(gS).all(), f"{grad} {dtype}: {gS}"
+    tol = PEAKED_ATOL[dtype]
+    for dim in (-1, -2):
+        assert_close(gS.sum(dim).double(), torch.zeros_like(gS.sum(dim), dtype=torch.float64),
+                     atol=tol, name=f"sums over {dim}")
+    assert_close(gS.double(), oracle(P.detach(), W), atol=tol, name=f"{grad} against pinv")
