@@ -16,8 +16,13 @@ Cases (one thread, fp32, an identity branch so that only mHC's own calls are tim
 - mhc_sinkhorn: sinkhorn_ops.mhc_sinkhorn on logits of shape (8, 4, 4), 20 iterations, forward
   + backward (the call bench_mhc.py times at 32768 tokens, host-bound on a GPU);
 - sinkhorn: sinkhorn_ops.sinkhorn on scores of shape (8, 4, 4), 3 steps, forward + backward.
-Writes <out>/<stem>.md (stem default host_ab_cpu): per case, the median over rounds of each
-build's per-call median, and new / base.
+With --suite implicit, the implicit backward operator alone instead
+(torch.ops.sinkhorn_ops.sinkhorn_backward_implicit on a converged fp32 plan, Gbar random): the
+dense solve on 64 x 128 x 128 and on 4096 x 4 x 4, the conjugate gradients (100 iterations) on
+4 x 512 x 512, each with and without an upstream dL/df (which adds the search for the support's
+components).
+Writes <out>/<stem>.md (stem default host_ab_cpu, or implicit_ab_cpu): per case, the median over
+rounds of each build's per-call median, and new / base.
 """
 from __future__ import annotations
 
@@ -33,31 +38,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUNDS, CALLS, REPEATS = 3, 400, 9
-CASES = ("layer forward", "layer forward+backward", "mappings forward+backward",
-         "mhc_sinkhorn forward+backward", "sinkhorn forward+backward")
+ROUNDS, REPEATS = 3, 9
+SUITES = {  # name: (calls per sample, cases)
+    "host": (400, ("layer forward", "layer forward+backward", "mappings forward+backward",
+                   "mhc_sinkhorn forward+backward", "sinkhorn forward+backward")),
+    "implicit": (10, ("dense 64x128x128", "dense 64x128x128 + dL/df", "dense 4096x4x4",
+                      "dense 4096x4x4 + dL/df", "cg 4x512x512", "cg 4x512x512 + dL/df")),
+}
 
 
-def child(tree: str) -> None:
-    """Run in a subprocess with tree's package first on sys.path: prints {case: us per call}."""
-    sys.path.insert(0, tree)
+def host_calls():
+    """The host suite's calls (tiny inputs, so that the kernels take microseconds)."""
     import torch
 
     from sinkhorn_ops.nn import ManifoldConstrainedHyperConnections
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-    def per_call_us(fn) -> float:
-        for _ in range(CALLS // 4):
-            fn()
-        samples = []
-        for _ in range(REPEATS):
-            t0 = time.perf_counter()
-            for _ in range(CALLS):
-                fn()
-            samples.append((time.perf_counter() - t0) / CALLS * 1e6)
-        return statistics.median(samples)
-
     small = ManifoldConstrainedHyperConnections(4, 16, torch.nn.Identity())
     x = torch.randn(8, 4, 16, requires_grad=True)
     wide = ManifoldConstrainedHyperConnections(4, 64, torch.nn.Identity())
@@ -78,7 +72,47 @@ def child(tree: str) -> None:
                                        logits),
            lambda: torch.autograd.grad((sinkhorn_ops.sinkhorn(logits, steps=3) * weights).sum(),
                                        logits)]
-    print(json.dumps({case: per_call_us(fn) for case, fn in zip(CASES, fns)}))
+    return fns
+
+
+def implicit_calls():
+    """The implicit suite's calls: the backward operator on converged fp32 plans."""
+    import torch
+
+    import sinkhorn_ops
+    op = torch.ops.sinkhorn_ops.sinkhorn_backward_implicit
+    fns = []
+    for shape, solver in [((64, 128, 128), "implicit"), ((4096, 4, 4), "implicit"),
+                          ((4, 512, 512), "implicit_cg")]:
+        plan = sinkhorn_ops.sinkhorn(torch.randn(shape), steps=200)
+        grad_plan, grad_f = torch.randn(shape), torch.randn(shape[:-1])
+        for upstream_f in (None, grad_f):
+            fns.append(lambda p=plan, g=grad_plan, u=upstream_f, s=solver:
+                       op(g, u, None, p, s, 1e-6, 100))
+    return fns
+
+
+def child(tree: str, suite: str) -> None:
+    """Run in a subprocess with tree's package first on sys.path: prints {case: us per call}."""
+    sys.path.insert(0, tree)
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    calls, cases = SUITES[suite]
+
+    def per_call_us(fn) -> float:
+        for _ in range(max(1, calls // 4)):
+            fn()
+        samples = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(samples)
+
+    fns = host_calls() if suite == "host" else implicit_calls()
+    print(json.dumps({case: per_call_us(fn) for case, fn in zip(cases, fns)}))
 
 
 def torch_version() -> str:
@@ -91,17 +125,20 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="root of the other checkout, its extension built in place")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--stem", default="host_ab_cpu")
+    p.add_argument("--suite", choices=sorted(SUITES), default="host")
+    p.add_argument("--stem", help="default: host_ab_cpu, or implicit_ab_cpu for --suite implicit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.suite)
         return 0
+    stem = args.stem or ("host_ab_cpu" if args.suite == "host" else f"{args.suite}_ab_cpu")
     trees = {"base": str(Path(args.base).resolve()), "new": str(ROOT)}
     runs = {name: [] for name in trees}
     for r in range(ROUNDS):
         for name, tree in trees.items():
-            out = subprocess.run([sys.executable, __file__, "unused", "--child", tree],
+            out = subprocess.run([sys.executable, __file__, "unused", "--child", tree,
+                                  "--suite", args.suite],
                                  check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
@@ -110,18 +147,18 @@ def main() -> int:
     lines = [f"# Host time per call, A/B ({ROUNDS} rounds, builds alternating)", "",
              f"- **base**: `{trees['base']}` at `{rev(trees['base'])}`",
              f"- **new**: this checkout at `{rev(trees['new'])}` (uncommitted changes included)",
-             f"- **command**: `python benchmarks/ab_host_time.py {args.base}`",
+             f"- **command**: `python benchmarks/ab_host_time.py {args.base} --suite {args.suite}`",
              f"- **host**: `{platform.processor() or platform.machine()}`, "
              f"{os.cpu_count()} cpus, one thread; torch `{torch_version()}`",
              f"- **date**: `{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}`",
              "",
              "| case | base us | new us | new / base |", "|---|---|---|---|"]
-    for case in CASES:
+    for case in SUITES[args.suite][1]:
         base = statistics.median(run[case] for run in runs["base"])
         new = statistics.median(run[case] for run in runs["new"])
         lines.append(f"| {case} | {base:.1f} | {new:.1f} | {new / base:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
