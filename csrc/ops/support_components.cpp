@@ -35,14 +35,15 @@ SupportComponents SupportComponents::of(const at::Tensor& P, const at::Tensor& r
   // of up to 2000 nodes, rows and columns in random order (the slowest supports tried), settled
   // in at most 0.75 log2(N + M) + 1 rounds; this runs log2(N + M) + 2, and the check below
   // decides, per problem, whether they sufficed.
-  const auto big = at::scalar_tensor(N + M, P.options().dtype(at::kInt));
+  // Non-edges cost N + M, more than any label: the min over (cost + neighbour's label) is
+  // over the neighbours alone (int32 adds, which vectorise; at::where did not, here).
+  const auto cost = edge.logical_not().to(at::kInt).mul_(N + M);
   const int64_t levels = ceil_log2(N + M);
   for (int64_t round = 0; round < levels + 2; ++round) {
-    const auto rows = labels.narrow(1, 0, N).to(at::kInt).unsqueeze(-1);
-    const auto cols = labels.narrow(1, N, M).to(at::kInt).unsqueeze(1);
-    const auto reached = at::minimum(
-        labels, at::cat({at::where(edge, cols, big).amin(2), at::where(edge, rows, big).amin(1)}, 1)
-                    .to(at::kLong));
+    const auto small = labels.to(at::kInt);
+    const auto via_cols = (cost + small.narrow(1, N, M).unsqueeze(1)).amin(2);
+    const auto via_rows = (cost + small.narrow(1, 0, N).unsqueeze(-1)).amin(1);
+    const auto reached = at::minimum(labels, at::cat({via_cols, via_rows}, 1).to(at::kLong));
     labels = at::minimum(labels.scatter_reduce(1, labels, reached, "amin"), reached);
     for (int64_t j = 0; j < levels; ++j) labels = labels.gather(1, labels);
   }
