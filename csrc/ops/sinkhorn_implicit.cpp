@@ -43,6 +43,10 @@ at::Tensor bdot(const at::Tensor& u, const at::Tensor& v) {  // per problem, kep
 
 struct Schur {
   at::Tensor P, rinv, c, w, alpha;  // P (B, N, M) with M the solved side
+  // (B, M, M) 1 where two columns share a component of the support, or undefined (one
+  // component): the dense matrix's rank-one term is then one a component, alpha w_k w_k^T,
+  // which fixes every null direction of a split support, not only the whole support's.
+  at::Tensor same;
 
   // (diag(c) - P^T diag(1/r) P + diag(1 - w) + alpha w w^T) y, matrix-free: two passes over P.
   at::Tensor apply(const at::Tensor& y) const {
@@ -52,8 +56,9 @@ struct Schur {
 
   at::Tensor dense() const {
     const auto Pt = P.transpose(1, 2);
-    return at::diag_embed(c + (1 - w)) - at::bmm(Pt * rinv.unsqueeze(1), P) +
-           alpha.unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2);
+    auto rank_one = alpha.unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2);
+    if (same.defined()) rank_one = rank_one * same;
+    return at::diag_embed(c + (1 - w)) - at::bmm(Pt * rinv.unsqueeze(1), P) + rank_one;
   }
 
   at::Tensor diagonal() const {
@@ -177,11 +182,13 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   if (grad_g.has_value() && grad_g->defined()) ry = ry + grad_g->to(acc).reshape({B, m});
   // Project the right-hand side onto the balanced pairs; the rows and columns without mass
   // carry no plan and get no adjoint. Gamma's sums are balanced on every component of the
-  // support by themselves, dL/df and dL/dg need not be: then the components are found.
+  // support by themselves, dL/df and dL/dg need not be: then the components are found. The
+  // differentiable solve finds them too: its explicit inverse needs a matrix without null
+  // directions (with one rank-one term for a split support it lost about 1e-3 in float64).
   const bool potentials = (grad_f.has_value() && grad_f->defined()) ||
                           (grad_g.has_value() && grad_g->defined());
-  const auto components =
-      potentials ? SupportComponents::of(P, wr, wc) : SupportComponents(wr, wc);
+  const auto components = potentials || differentiable ? SupportComponents::of(P, wr, wc)
+                                                       : SupportComponents(wr, wc);
   std::tie(rx, ry) = components.balance(rx, ry);
 
   // Solve on the smaller side: transpose so that the solved side M <= N.
@@ -192,7 +199,7 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   const auto wM = flip ? wr : wc;
   const int64_t side = flip ? n : m;
   Schur A{Pn, safe_div(at::ones_like(rN), rN), cM, wM,
-          safe_div(cM.sum(-1, true), wM.sum(-1, true))};
+          safe_div(cM.sum(-1, true), wM.sum(-1, true)), components.same_component(flip, acc)};
   const auto rhs = ryM - bmv(Pn.transpose(1, 2), rxN * A.rinv);
   // Differentiable: the dense solve whatever the solver, whose derivative is exact. Autograd
   // through the CG iterations is not: at a zero right-hand side (a zero upstream gradient, as
@@ -208,8 +215,8 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   } else {
     // The iterations on A + eps alpha I: where A is singular to working precision, p^T A p
     // can round to zero or below and a step blow up (float32 with a cg_tol it cannot reach
-    // gave gradients of 18 for 0.25); this ridge keeps every step finite and moves the
-    // solution by about eps relative to the smallest eigenvalue that matters.
+    // gave gradients of 18 for 0.25); this ridge kept every step finite in the cases tried and
+    // moves the solution by about eps relative to the smallest eigenvalue that matters.
     Schur ridged = A;
     ridged.c = A.c + A.alpha * machine_eps(rhs.scalar_type());
     yM = conjugate_gradients(ridged, rhs, cg_tol, cg_max_iter, flip);

@@ -31,15 +31,18 @@ SupportComponents SupportComponents::of(const at::Tensor& P, const at::Tensor& r
   // label over itself and its neighbours (one masked min down the columns, one across the
   // rows), which the node takes and which hooks its class's root (scatter min: a whole class
   // joins the smallest class any of its members touches), then pointer jumping (label <- label
-  // of label, ceil(log2(N + M)) times) flattens the chains that hooking leaves. Rings and paths
-  // of up to 2000 nodes, rows and columns in random order (the slowest supports tried), settled
-  // in at most 0.75 log2(N + M) + 1 rounds; this runs log2(N + M) + 2, and the check below
-  // decides, per problem, whether they sufficed.
+  // of label, ceil(log2(N + M)) times) flattens the chains that hooking leaves.
+  // Rounds: 2 ceil(log2(N + M)) + 2, an empirical budget, not a proven bound. Rings and paths of
+  // up to 2000 rows and columns in random order settled in at most 0.75 log2(N + M) + 1 rounds;
+  // trees built so that each round merges only a Fibonacci fraction of the classes (the
+  // slowest supports found) need about 1.44 log2(N + M) (11 rounds at N + M = 291, 14 at 1223).
+  // The check after the rounds is exact: labels are node indices of the same component, so
+  // when no edge joins two labels the partition is the components'.
   // Non-edges cost N + M, more than any label: the min over (cost + neighbour's label) is
   // over the neighbours alone (int32 adds, which vectorise; at::where did not, here).
   const auto cost = edge.logical_not().to(at::kInt).mul_(N + M);
   const int64_t levels = ceil_log2(N + M);
-  for (int64_t round = 0; round < levels + 2; ++round) {
+  for (int64_t round = 0; round < 2 * levels + 2; ++round) {
     const auto small = labels.to(at::kInt);
     const auto via_cols = (cost + small.narrow(1, N, M).unsqueeze(1)).amin(2);
     const auto via_rows = (cost + small.narrow(1, 0, N).unsqueeze(-1)).amin(1);
@@ -52,6 +55,13 @@ SupportComponents SupportComponents::of(const at::Tensor& P, const at::Tensor& r
   const auto unsettled = (labels.gather(1, labels) != labels).any(1);
   out.labels_ = labels.masked_fill((split | unsettled).unsqueeze(1), 0);
   return out;
+}
+
+at::Tensor SupportComponents::same_component(bool rows, at::ScalarType dtype) const {
+  if (!labels_.defined()) return at::Tensor();
+  const int64_t N = wr_.size(-1), M = wc_.size(-1);
+  const auto side = rows ? labels_.narrow(1, 0, N) : labels_.narrow(1, N, M);
+  return (side.unsqueeze(-1) == side.unsqueeze(-2)).to(dtype);
 }
 
 std::pair<at::Tensor, at::Tensor> SupportComponents::balance(const at::Tensor& x,

@@ -21,14 +21,19 @@ class SupportComponents {
   // Every row and column with mass in one component (exact when the support is connected).
   SupportComponents(const at::Tensor& row_mass, const at::Tensor& col_mass);
   // The components of P > 0 (B, N, M), found by label propagation in ATen ops without host
-  // synchronisation: a fixed number of rounds, each a min over the neighbours on both sides and
-  // pointer jumping; a problem whose labels did not settle (every edge joining equal labels) in
-  // that many rounds falls back to one component, which is exact for a connected support.
+  // synchronisation: a fixed number of rounds, each a min over the neighbours on both sides,
+  // root hooking and pointer jumping. A problem whose labels did not settle (an edge joining
+  // two labels) in that many rounds falls back to one component, which is exact for a
+  // connected support and wrong for a split one: see the round count in the .cpp.
   static SupportComponents of(const at::Tensor& P, const at::Tensor& row_mass,
                               const at::Tensor& col_mass);
 
   // (x - t on the rows with mass, y + t on the columns with mass), 0 elsewhere.
   std::pair<at::Tensor, at::Tensor> balance(const at::Tensor& x, const at::Tensor& y) const;
+
+  // (B, K, K), K the rows (rows) or the columns: 1 where two of them share a component, in
+  // dtype; undefined when every row and column with mass is taken as one component.
+  at::Tensor same_component(bool rows, at::ScalarType dtype) const;
 
  private:
   at::Tensor wr_, wc_;  // (B, N), (B, M) 1 where a row or column has mass, accumulation type
