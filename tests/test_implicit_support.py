@@ -7,9 +7,13 @@ component's own: the upstream dL/df, dL/dg projected per component, dL/da and dL
 component's min-norm gauge. And a Schur matrix that is singular to working precision must not
 give NaN gradients from finite scores."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import assert_close, generator, load_ops, random_scores
+from conftest import ROOT, assert_close, generator, load_ops, random_scores
 
 sinkhorn_ops = load_ops()
 IMPLICIT = ["implicit", "implicit_dense", "implicit_cg"]
@@ -253,3 +257,26 @@ def test_hessian_on_a_block_diagonal_support(device, grad, with_potentials):
         block = H[:2, :3, :2, :3]
         assert_close(block, alone, atol=1e-10, rtol=1e-8, name=f"{grad} {name}")
         assert H[:2, :3, 2:, 3:].abs().max() < 1e-12, f"{grad} {name}: the blocks interact"
+
+
+def test_dense_solve_does_not_hang_on_two_threads():
+    """torch 2.13's batched LU on the CPU (MKL getrf) hangs with two or more threads for sides
+    from about 160 ("Parameter 6 was incorrect on entry to SLASWP"), torch.linalg.solve too; the
+    dense solve (grad="implicit" up to 256) factors by Cholesky instead. In a subprocess with a
+    timeout, since the failure is a hang."""
+    script = (
+        "import torch, sinkhorn_ops\n"
+        "torch.set_num_threads(2)\n"
+        "S = torch.randn(4, 200, 200, requires_grad=True)\n"
+        "P = sinkhorn_ops.sinkhorn(S, steps=50, grad='implicit')\n"
+        "(P * torch.randn_like(P)).sum().backward()\n"
+        "assert torch.isfinite(S.grad).all()\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the implicit backward of 4 x 200 x 200 on two threads hung")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

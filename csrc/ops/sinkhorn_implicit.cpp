@@ -117,7 +117,7 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
   return y;
 }
 
-// The dense solve of A y = rhs, A = Schur::dense(): an LU of A + mu I, mu = side * eps * alpha
+// The dense solve of A y = rhs, A = Schur::dense(): a Cholesky factor of A + mu I, mu = side * eps * alpha
 // (the mean mass of a column), then two steps of iterative refinement against A itself. On the
 // directions where A's eigenvalues are well above mu this converges to A's own solution (each
 // step shrinks the error by mu / (lambda + mu)); directions at or below rounding level, whose
@@ -135,10 +135,19 @@ at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiabl
     const auto inv = std::get<0>(at::linalg_inv_ex(matrix + ridge, /*check_errors=*/false));
     solve = [inv](const at::Tensor& v) { return bmv(inv, v); };
   } else {
-    const auto [lu, pivots, info] =
-        at::linalg_lu_factor_ex(matrix + ridge, /*pivot=*/true, /*check_errors=*/false);
-    solve = [lu = lu, pivots = pivots](const at::Tensor& v) {
-      return at::linalg_lu_solve(lu, pivots, v.unsqueeze(-1)).squeeze(-1);
+    // Cholesky: the ridged matrix is symmetric positive definite (the Schur complement of a
+    // PSD H plus the rank-one terms and the ridge). Not LU: on the CPU, torch 2.13's batched
+    // LU (MKL getrf, two or more threads, sides from about 160) hangs after "Parameter 6 was
+    // incorrect on entry to SLASWP", as plain torch.linalg.solve does. A problem whose ridged
+    // matrix is not positive definite to working precision (not seen in the cases tried)
+    // takes the factor of a ridge a thousand times larger.
+    const auto [factor, info] =
+        at::linalg_cholesky_ex(matrix + ridge, /*upper=*/false, /*check_errors=*/false);
+    const auto [wider, unused] =
+        at::linalg_cholesky_ex(matrix + ridge * 1000, /*upper=*/false, /*check_errors=*/false);
+    const auto chosen = at::where((info == 0).view({-1, 1, 1}), factor, wider);
+    solve = [chosen](const at::Tensor& v) {
+      return at::cholesky_solve(v.unsqueeze(-1), chosen, /*upper=*/false).squeeze(-1);
     };
   }
   auto y = solve(rhs);
