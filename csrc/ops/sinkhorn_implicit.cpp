@@ -32,6 +32,8 @@ namespace {
 
 // Min side above which "implicit" switches from the dense solve to conjugate gradients.
 constexpr int64_t kDenseMaxSide = 256;
+// Largest side whose dense solve factors by LU; Cholesky above (see dense_solve).
+constexpr int64_t kLuMaxSide = 128;
 
 at::Tensor bmv(const at::Tensor& A, const at::Tensor& v) {  // (B, p, q) x (B, q) -> (B, p)
   return at::bmm(A, v.unsqueeze(-1)).squeeze(-1);
@@ -117,7 +119,8 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
   return y;
 }
 
-// The dense solve of A y = rhs, A = Schur::dense(): a Cholesky factor of A + mu I, mu = side * eps * alpha
+// The dense solve of A y = rhs, A = Schur::dense(): an LU (up to kLuMaxSide) or Cholesky factor
+// of A + mu I, mu = side * eps * alpha
 // (the mean mass of a column), then two steps of iterative refinement against A itself. On the
 // directions where A's eigenvalues are well above mu this converges to A's own solution (each
 // step shrinks the error by mu / (lambda + mu)); directions at or below rounding level, whose
@@ -134,13 +137,21 @@ at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiabl
   if (differentiable) {
     const auto inv = std::get<0>(at::linalg_inv_ex(matrix + ridge, /*check_errors=*/false));
     solve = [inv](const at::Tensor& v) { return bmv(inv, v); };
+  } else if (M <= kLuMaxSide) {
+    const auto [lu, pivots, info] =
+        at::linalg_lu_factor_ex(matrix + ridge, /*pivot=*/true, /*check_errors=*/false);
+    solve = [lu = lu, pivots = pivots](const at::Tensor& v) {
+      return at::linalg_lu_solve(lu, pivots, v.unsqueeze(-1)).squeeze(-1);
+    };
   } else {
     // Cholesky: the ridged matrix is symmetric positive definite (the Schur complement of a
-    // PSD H plus the rank-one terms and the ridge). Not LU: on the CPU, torch 2.13's batched
-    // LU (MKL getrf, two or more threads, sides from about 160) hangs after "Parameter 6 was
-    // incorrect on entry to SLASWP", as plain torch.linalg.solve does. A problem whose ridged
-    // matrix is not positive definite to working precision (not seen in the cases tried)
-    // takes the factor of a ridge a thousand times larger.
+    // PSD H plus the rank-one terms and the ridge). Not LU above kLuMaxSide: on the CPU, torch
+    // 2.13's batched LU (MKL getrf, two or more threads) hangs from sides of about 160 after
+    // "Parameter 6 was incorrect on entry to SLASWP", as plain torch.linalg.solve does (129
+    // ran). A problem whose ridged matrix is not positive definite to working precision (not
+    // seen in the cases tried) takes the factor of a ridge a thousand times larger. Below
+    // kLuMaxSide the LU is kept: the two factors and their solves cost 2.6 times the LU's time
+    // at 64 x 128 x 128 on the CPU (tril inside cholesky_ex, 5 ms a call there).
     const auto [factor, info] =
         at::linalg_cholesky_ex(matrix + ridge, /*upper=*/false, /*check_errors=*/false);
     const auto [wider, unused] =
