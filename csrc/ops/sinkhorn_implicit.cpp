@@ -8,13 +8,14 @@
 // db = y. The system has a null direction (1, -1) per connected component of the plan's support
 // (support_components.h): the right-hand side is projected onto the balanced pairs (per
 // component when dL/df or dL/dg come, since Gamma's sums are balanced on every component by
-// themselves), the Schur matrix gets alpha w w^T (w = the columns with mass), which fixes the
-// null direction of a connected support exactly, and the solution is returned in the min-norm
-// gauge. A plan whose support is split, or joined only through entries near the underflow
-// threshold (a peaked plan in float32), leaves the Schur matrix singular to working precision,
-// where a plain LU divides by a zero pivot (NaN gradients from finite scores) and conjugate
-// gradients can take a huge step: the dense solve adds a ridge of side * eps * alpha and refines
-// against the matrix without it, the conjugate gradients run on a ridge of eps * alpha.
+// themselves), the Schur matrix gets alpha w w^T (w = the columns with mass; one such term a
+// component in the dense solve when the components were found), which fixes the null
+// directions exactly, and the solution is returned in the min-norm gauge. A plan whose support
+// is split, or joined only through entries near the underflow threshold (a peaked plan in
+// float32), leaves the Schur matrix singular to working precision, where a plain LU divides by
+// a zero pivot (NaN gradients from finite scores) and conjugate gradients can take a huge
+// step: the dense solve adds a ridge of side * eps * alpha and refines against the matrix
+// without it, the conjugate gradients run on a ridge of eps * alpha.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -120,12 +121,12 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
 }
 
 // The dense solve of A y = rhs, A = Schur::dense(): an LU (up to kLuMaxSide) or Cholesky factor
-// of A + mu I, mu = side * eps * alpha
-// (the mean mass of a column), then two steps of iterative refinement against A itself. On the
-// directions where A's eigenvalues are well above mu this converges to A's own solution (each
-// step shrinks the error by mu / (lambda + mu)); directions at or below rounding level, whose
-// right-hand side is rounding too for a balanced right-hand side, stay bounded instead of
-// dividing by a zero pivot, and they change dS only through entries of P near zero.
+// of A + mu I, mu = side * eps * alpha (the mean mass of a column), then two steps of
+// iterative refinement against A itself. On the directions where A's eigenvalues are well above
+// mu this converges to A's own solution (each step shrinks the error by mu / (lambda + mu));
+// directions at or below rounding level, whose right-hand side is rounding too for a balanced
+// right-hand side, stay bounded instead of dividing by a zero pivot, and they change dS only
+// through entries of P near zero.
 // Differentiable: through the inverse of A + mu I (the forward-mode AD of linalg_solve is wrong
 // under vmap with batched tangents, vmap of jacfwd; torch 2.13), out of place.
 at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiable) {
