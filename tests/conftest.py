@@ -236,3 +236,29 @@ def run_on_gloo(worker, world, *args):
     with tempfile.TemporaryDirectory() as path:
         mp.spawn(worker, args=(port, path, *args), nprocs=world, join=True)
         return [torch.load(os.path.join(path, f"{r}.pt")) for r in range(world)]
+
+
+def implicit_oracle(P, Gbar, grad_f=None, grad_g=None, rtol=None):
+    """MATH.md section 2.2 in float64 by a dense pseudo-inverse: the right-hand side projected
+    orthogonally onto the range of H (the least-squares solution), then
+    dL/dS = P (Gbar - x (+) y), dL/da = x, dL/db = y. Uses the actual sums r, c of P. rtol: the
+    pseudo-inverse's cut (eigenvalues of H below rtol times the largest count as null; None,
+    torch's default)."""
+    P, Gbar = P.detach().cpu().double(), Gbar.detach().cpu().double()
+    n, m = P.shape[-2:]
+    Gam = Gbar * P
+    rhs_f, rhs_g = Gam.sum(-1), Gam.sum(-2)
+    if grad_f is not None:
+        rhs_f = rhs_f + grad_f.cpu().double()
+    if grad_g is not None:
+        rhs_g = rhs_g + grad_g.cpu().double()
+    t = (rhs_f.sum(-1, keepdim=True) - rhs_g.sum(-1, keepdim=True)) / (n + m)
+    rhs = torch.cat([rhs_f - t, rhs_g + t], -1)
+    H = torch.zeros(P.shape[:-2] + (n + m, n + m), dtype=torch.float64)
+    H[..., :n, :n] = torch.diag_embed(P.sum(-1))
+    H[..., n:, n:] = torch.diag_embed(P.sum(-2))
+    H[..., :n, n:] = P
+    H[..., n:, :n] = P.transpose(-1, -2)
+    xy = (torch.linalg.pinv(H, hermitian=True, rtol=rtol) @ rhs.unsqueeze(-1)).squeeze(-1)
+    x, y = xy[..., :n], xy[..., n:]
+    return P * (Gbar - x.unsqueeze(-1) - y.unsqueeze(-2)), x, y

@@ -16,6 +16,7 @@ from conftest import (
     assert_close,
     assert_flash_rule,
     generator,
+    implicit_oracle,
     load_ops,
     ot_problem,
     random_marginals,
@@ -134,30 +135,6 @@ def mass_preserving_direction(batch, n, m, *, seed):
 def outer_sum(x, y):
     """x_i + y_j: the part of (dL/da, dL/db) that the gauge (x + t, y - t) leaves unchanged."""
     return x.unsqueeze(-1) + y.unsqueeze(-2)
-
-
-def implicit_oracle(P, Gbar, grad_f=None, grad_g=None):
-    """MATH.md section 2.2 in float64 by a dense pseudo-inverse: the right-hand side projected
-    orthogonally onto the range of H (the least-squares solution), then
-    dL/dS = P (Gbar - x (+) y), dL/da = x, dL/db = y. Uses the actual sums r, c of P."""
-    P, Gbar = P.detach().cpu().double(), Gbar.detach().cpu().double()
-    n, m = P.shape[-2:]
-    Gam = Gbar * P
-    rhs_f, rhs_g = Gam.sum(-1), Gam.sum(-2)
-    if grad_f is not None:
-        rhs_f = rhs_f + grad_f.cpu().double()
-    if grad_g is not None:
-        rhs_g = rhs_g + grad_g.cpu().double()
-    t = (rhs_f.sum(-1, keepdim=True) - rhs_g.sum(-1, keepdim=True)) / (n + m)
-    rhs = torch.cat([rhs_f - t, rhs_g + t], -1)
-    H = torch.zeros(P.shape[:-2] + (n + m, n + m), dtype=torch.float64)
-    H[..., :n, :n] = torch.diag_embed(P.sum(-1))
-    H[..., n:, n:] = torch.diag_embed(P.sum(-2))
-    H[..., :n, n:] = P
-    H[..., n:, :n] = P.transpose(-1, -2)
-    xy = (torch.linalg.pinv(H, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
-    x, y = xy[..., :n], xy[..., n:]
-    return P * (Gbar - outer_sum(x, y)), x, y
 
 
 def scale_of(t):

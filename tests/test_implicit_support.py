@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_close, generator, load_ops, random_scores
+from conftest import ROOT, assert_close, generator, implicit_oracle, load_ops, random_scores
 
 sinkhorn_ops = load_ops()
 IMPLICIT = ["implicit", "implicit_dense", "implicit_cg"]
@@ -143,22 +143,12 @@ PEAKED_ATOL = {torch.float32: 5e-6, torch.float64: 5e-7}
 
 
 def oracle(P, W):
-    """MATH.md section 2.2 in float64 by a dense pseudo-inverse of H (the least-squares
-    solution), from the plan the operator returned. Eigenvalues of H below 1e-10 of the largest
-    count as null: their directions come from entries near the underflow threshold, where
-    float64's own rounding decides (the default cut, about 5e-15, moved the answer by 2e-3 at
-    scale 300 while every solver here agreed to 1e-7 with this one)."""
-    P, W = P.double().cpu(), W.double().cpu()
-    n, m = P.shape[-2:]
-    Gam = W * P
-    H = torch.zeros(P.shape[:-2] + (n + m, n + m), dtype=torch.float64)
-    H[..., :n, :n] = torch.diag_embed(P.sum(-1))
-    H[..., n:, n:] = torch.diag_embed(P.sum(-2))
-    H[..., :n, n:] = P
-    H[..., n:, :n] = P.transpose(-1, -2)
-    rhs = torch.cat([Gam.sum(-1), Gam.sum(-2)], -1).unsqueeze(-1)
-    xy = (torch.linalg.pinv(H, hermitian=True, rtol=1e-10) @ rhs).squeeze(-1)
-    return P * (W - xy[..., :n].unsqueeze(-1) - xy[..., n:].unsqueeze(-2))
+    """MATH.md section 2.2 in float64 by a dense pseudo-inverse of H, from the plan the operator
+    returned (conftest.implicit_oracle). Eigenvalues of H below 1e-10 of the largest count as
+    null: their directions come from entries near the underflow threshold, where float64's own
+    rounding decides (the default cut, about 5e-15, moved the answer by 2e-3 at scale 300 while
+    every solver here agreed to 1e-7 with this one)."""
+    return implicit_oracle(P, W, rtol=1e-10)[0]
 
 
 @pytest.mark.parametrize("grad", IMPLICIT)
