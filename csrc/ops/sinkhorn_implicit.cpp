@@ -219,15 +219,18 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   const auto rxN = flip ? ry : rx, ryM = flip ? rx : ry;
   const auto wM = flip ? wr : wc;
   const int64_t side = flip ? n : m;
-  Schur A{Pn, safe_div(at::ones_like(rN), rN), cM, wM,
-          safe_div(cM.sum(-1, true), wM.sum(-1, true)), components.same_component(flip, acc)};
-  const auto rhs = ryM - bmv(Pn.transpose(1, 2), rxN * A.rinv);
   // Differentiable: the dense solve whatever the solver, whose derivative is exact. Autograd
   // through the CG iterations is not: at a zero right-hand side (a zero upstream gradient, as
   // in torch.autograd.functional.hvp) they stop before the first step, and their derivative
   // with respect to that right-hand side comes out 0 instead of the system's inverse.
   const bool dense = differentiable || solver == "implicit_dense" ||
                      (solver == "implicit" && side <= kDenseMaxSide);
+  // The per-component rank-one mask (B, M, M) only for the dense matrix: the conjugate
+  // gradients keep one term and never form M x M.
+  Schur A{Pn, safe_div(at::ones_like(rN), rN), cM, wM,
+          safe_div(cM.sum(-1, true), wM.sum(-1, true)),
+          dense ? components.same_component(flip, acc) : at::Tensor()};
+  const auto rhs = ryM - bmv(Pn.transpose(1, 2), rxN * A.rinv);
   at::Tensor yM;
   if (B == 0 || side == 0) {
     yM = at::zeros_like(rhs);
