@@ -251,9 +251,10 @@ def test_hessian_on_a_block_diagonal_support(device, grad, with_potentials):
 
 def test_dense_solve_does_not_hang_on_two_threads():
     """torch 2.13's batched LU on the CPU (MKL getrf) hangs with two or more threads for sides
-    from about 160 ("Parameter 6 was incorrect on entry to SLASWP"), torch.linalg.solve too; the
-    dense solve (grad="implicit" up to 256) factors by Cholesky instead. In a subprocess with a
-    timeout, since the failure is a hang."""
+    from about 160 ("Parameter 6 was incorrect on entry to SLASWP"), torch.linalg.solve and
+    torch.linalg.inv too; the dense solve (grad="implicit" up to 256) factors by Cholesky
+    instead, first order and second (whose inverse hung until it did too). In a subprocess with
+    a timeout, since the failure is a hang."""
     script = (
         "import torch, sinkhorn_ops\n"
         "torch.set_num_threads(2)\n"
@@ -261,6 +262,11 @@ def test_dense_solve_does_not_hang_on_two_threads():
         "P = sinkhorn_ops.sinkhorn(S, steps=50, grad='implicit')\n"
         "(P * torch.randn_like(P)).sum().backward()\n"
         "assert torch.isfinite(S.grad).all()\n"
+        "S = torch.randn(2, 200, 200, dtype=torch.float64, requires_grad=True)\n"
+        "P = sinkhorn_ops.sinkhorn(S, steps=50, grad='implicit')\n"
+        "(g,) = torch.autograd.grad((P * torch.randn_like(P)).sum(), S, create_graph=True)\n"
+        "(h,) = torch.autograd.grad((g * torch.randn_like(g)).sum(), S)\n"
+        "assert torch.isfinite(h).all()\n"
         "print('ok')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -268,7 +274,7 @@ def test_dense_solve_does_not_hang_on_two_threads():
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                              text=True, timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail("the implicit backward of 4 x 200 x 200 on two threads hung")
+        pytest.fail("the implicit first or second order at side 200 on two threads hung")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
@@ -298,3 +304,39 @@ def test_both_dense_factorisations(device, side, dtype):
     # The pseudo-inverse's own cut decides more near-null directions at this size: measured
     # 5e-7 (float64) and 5.5e-6 (float32) on both factorisations alike.
     assert_close(g.double(), oracle(P.detach(), W), atol=4 * atol, name=f"{side} peaked")
+
+
+@pytest.mark.parametrize("side", [128, 129], ids=["lu", "cholesky"])
+def test_second_order_on_both_dense_factorisations(device, side):
+    """The differentiable dense solve inverts by LU up to side 128 and by Cholesky above. On both
+    sides of the boundary, float64: the Hessian-vector product reverse over reverse matches the
+    central difference of the first-order gradient, and forward over reverse (torch.func.jvp of
+    torch.func.grad, one tangent and two under vmap) matches reverse over reverse. Forward-mode
+    AD of cholesky_inverse under vmap disagrees with reverse mode in torch 2.13; the inverse
+    must not use it."""
+    S = random_scores((1, side, side), seed=61, dtype=torch.float64, device=device)
+    W = random_scores((1, side, side), seed=62, dtype=torch.float64, device=device)
+    V = random_scores((2, 1, side, side), seed=63, dtype=torch.float64, device=device)
+
+    def loss(S):
+        P = sinkhorn_ops.sinkhorn(S, steps=400, grad="implicit_dense")
+        return (P * W).sum() + (P.square() * W).sum() * side
+
+    def gradient(S, create_graph=False):
+        S = S.detach().requires_grad_()
+        return torch.autograd.grad(loss(S), S, create_graph=create_graph)[0], S
+
+    g, leaf = gradient(S, create_graph=True)
+    (hvp,) = torch.autograd.grad((g * V[0]).sum(), leaf, retain_graph=True)
+    h = 1e-4
+    central = (gradient(S + h * V[0])[0] - gradient(S - h * V[0])[0]) / (2 * h)
+    assert_close(hvp, central, atol=1e-7 * central.abs().max(), rtol=0,
+                 name=f"{side} central difference")
+    _, forward = torch.func.jvp(torch.func.grad(loss), (S,), (V[0],))
+    assert_close(forward, hvp, atol=1e-10 * hvp.abs().max(), rtol=0, name=f"{side} jvp of grad")
+    batched = torch.func.vmap(lambda v: torch.func.jvp(torch.func.grad(loss), (S,), (v,))[1])(V)
+    assert_close(batched[0], hvp, atol=1e-10 * hvp.abs().max(), rtol=0,
+                 name=f"{side} vmap of jvp")
+    (second,) = torch.autograd.grad((g * V[1]).sum(), leaf)
+    assert_close(batched[1], second, atol=1e-10 * hvp.abs().max(), rtol=0,
+                 name=f"{side} vmap of jvp, second tangent")

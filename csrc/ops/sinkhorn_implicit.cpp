@@ -120,6 +120,22 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
   return y;
 }
 
+// The Cholesky factor of the ridged Schur matrix, which is symmetric positive definite (the
+// Schur complement of a PSD H plus the rank-one terms and the ridge). Used above kLuMaxSide,
+// not LU: on the CPU, torch 2.13's batched LU (MKL getrf, two or more threads) hangs from sides
+// of about 160 after "Parameter 6 was incorrect on entry to SLASWP", as plain torch.linalg.solve
+// and torch.linalg.inv do (129 ran). A problem whose ridged matrix is not positive definite to
+// working precision (not seen in the cases tried) takes the factor of a ridge a thousand times
+// larger. Below kLuMaxSide the LU is kept: the two factors and their solves cost 2.6 times the
+// LU's time at 64 x 128 x 128 on the CPU (tril inside cholesky_ex, 5 ms a call there).
+at::Tensor cholesky_factor(const at::Tensor& matrix, const at::Tensor& ridge) {
+  const auto [factor, info] =
+      at::linalg_cholesky_ex(matrix + ridge, /*upper=*/false, /*check_errors=*/false);
+  const auto [wider, unused] =
+      at::linalg_cholesky_ex(matrix + ridge * 1000, /*upper=*/false, /*check_errors=*/false);
+  return at::where((info == 0).view({-1, 1, 1}), factor, wider);
+}
+
 // The dense solve of A y = rhs, A = Schur::dense(): an LU (up to kLuMaxSide) or Cholesky factor
 // of A + mu I, mu = side * eps * alpha (the mean mass of a column), then two steps of
 // iterative refinement against A itself. On the directions where A's eigenvalues are well above
@@ -127,8 +143,10 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
 // directions at or below rounding level, whose right-hand side is rounding too for a balanced
 // right-hand side, stay bounded instead of dividing by a zero pivot, and they change dS only
 // through entries of P near zero.
-// Differentiable: through the inverse of A + mu I (the forward-mode AD of linalg_solve is wrong
-// under vmap with batched tangents, vmap of jacfwd; torch 2.13), out of place.
+// Differentiable: through the explicit inverse of A + mu I, out of place, by linalg_inv_ex up to
+// kLuMaxSide and by cholesky_solve of the identity above. Not linalg_solve, whose forward-mode
+// AD is wrong under vmap with batched tangents (vmap of jacfwd), nor cholesky_inverse, whose
+// forward-mode AD under vmap disagrees with reverse mode (torch 2.13).
 at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiable) {
   const auto matrix = A.dense();
   const int64_t M = rhs.size(-1);
@@ -136,7 +154,11 @@ at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiabl
       (A.alpha * (static_cast<double>(M) * machine_eps(rhs.scalar_type()))).expand_as(rhs));
   std::function<at::Tensor(const at::Tensor&)> solve;
   if (differentiable) {
-    const auto inv = std::get<0>(at::linalg_inv_ex(matrix + ridge, /*check_errors=*/false));
+    const auto inv =
+        M <= kLuMaxSide
+            ? std::get<0>(at::linalg_inv_ex(matrix + ridge, /*check_errors=*/false))
+            : at::cholesky_solve(at::eye(M, matrix.options()).expand_as(matrix),
+                                 cholesky_factor(matrix, ridge), /*upper=*/false);
     solve = [inv](const at::Tensor& v) { return bmv(inv, v); };
   } else if (M <= kLuMaxSide) {
     const auto [lu, pivots, info] =
@@ -145,21 +167,9 @@ at::Tensor dense_solve(const Schur& A, const at::Tensor& rhs, bool differentiabl
       return at::linalg_lu_solve(lu, pivots, v.unsqueeze(-1)).squeeze(-1);
     };
   } else {
-    // Cholesky: the ridged matrix is symmetric positive definite (the Schur complement of a
-    // PSD H plus the rank-one terms and the ridge). Not LU above kLuMaxSide: on the CPU, torch
-    // 2.13's batched LU (MKL getrf, two or more threads) hangs from sides of about 160 after
-    // "Parameter 6 was incorrect on entry to SLASWP", as plain torch.linalg.solve does (129
-    // ran). A problem whose ridged matrix is not positive definite to working precision (not
-    // seen in the cases tried) takes the factor of a ridge a thousand times larger. Below
-    // kLuMaxSide the LU is kept: the two factors and their solves cost 2.6 times the LU's time
-    // at 64 x 128 x 128 on the CPU (tril inside cholesky_ex, 5 ms a call there).
-    const auto [factor, info] =
-        at::linalg_cholesky_ex(matrix + ridge, /*upper=*/false, /*check_errors=*/false);
-    const auto [wider, unused] =
-        at::linalg_cholesky_ex(matrix + ridge * 1000, /*upper=*/false, /*check_errors=*/false);
-    const auto chosen = at::where((info == 0).view({-1, 1, 1}), factor, wider);
-    solve = [chosen](const at::Tensor& v) {
-      return at::cholesky_solve(v.unsqueeze(-1), chosen, /*upper=*/false).squeeze(-1);
+    const auto factor = cholesky_factor(matrix, ridge);
+    solve = [factor](const at::Tensor& v) {
+      return at::cholesky_solve(v.unsqueeze(-1), factor, /*upper=*/false).squeeze(-1);
     };
   }
   auto y = solve(rhs);
