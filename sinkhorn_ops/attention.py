@@ -24,6 +24,13 @@ _CAUSAL_ERROR = (
 )
 
 
+# The grad modes of the Sinkhorn op (sinkhorn_ops.sinkhorn), checked when a module is built.
+GRAD_MODES = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
+
+# Float mask entries at or below this count as masked, as -inf does (see _masked_scores).
+MASKED_AT = -1e4
+
+
 def _check_causal(is_causal: bool, steps: int) -> None:
     """Raises the ValueError above for causal attention with more than one step."""
     if is_causal and steps > 1:
@@ -56,12 +63,17 @@ def _sinkhorn_attention_with_weights(
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"sinkhorn_attention: expected key and value with the same sequence "
                          f"length S, got {key.shape[-2]} and {value.shape[-2]}")
+    if query.dtype != key.dtype:
+        raise TypeError(f"sinkhorn_attention: expected query and key of the same dtype, got "
+                        f"{query.dtype} and {key.dtype}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"sinkhorn_attention: expected 0 <= dropout_p <= 1, got {dropout_p}")
     _check_causal(is_causal, steps)
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (..., L, S)
+    # The query scaled before the product, as scaled_dot_product_attention scales its inputs:
+    # in fp16, Q Kᵀ itself can overflow (1e5) where the scaled scores fit (1.4e4).
+    scores = torch.matmul(query * scale, key.transpose(-2, -1))  # (..., L, S)
 
     mask: Tensor | None = None  # bool, True = keep, for the operator's exact masking
     if is_causal:
@@ -71,11 +83,22 @@ def _sinkhorn_attention_with_weights(
         # Top-left aligned, as scaled_dot_product_attention for L != S.
         mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
     elif attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"sinkhorn_attention: expected attn_mask to be a torch.Tensor or "
+                            f"None, got {type(attn_mask).__name__}")
+        try:
+            full = torch.broadcast_shapes(scores.shape, attn_mask.shape)
+        except RuntimeError:
+            raise ValueError(f"sinkhorn_attention: expected attn_mask broadcastable to the "
+                             f"scores' shape (..., L, S) = {tuple(scores.shape)}, got shape "
+                             f"{tuple(attn_mask.shape)}") from None
         if attn_mask.dtype == torch.bool:
             mask = attn_mask
-        else:
-            # Additive mask; -inf entries count as masked in the operator (P = 0 there).
-            scores = scores + attn_mask.to(scores.dtype)
+        elif torch.is_floating_point(attn_mask):
+            scores = _masked_scores(scores, attn_mask)
+        else:  # a 0/1 integer mask added to the scores would attend to the padding
+            raise TypeError(f"sinkhorn_attention: expected attn_mask of dtype bool or floating "
+                            f"point, got {attn_mask.dtype}")
     if mask is not None:
         full = torch.broadcast_shapes(scores.shape, mask.shape)
         if full != scores.shape:  # the mask carries batch dimensions the scores lack
@@ -87,6 +110,19 @@ def _sinkhorn_attention_with_weights(
         plan = F.dropout(plan, p=dropout_p, training=True)
     out = torch.matmul(plan, value)
     return out, plan
+
+
+def _masked_scores(scores: Tensor, attn_mask: Tensor) -> Tensor:
+    """scores + attn_mask, with the mask's entries at or below MASKED_AT set to -inf, which the
+    operator masks exactly (P = 0). A finite "large negative" mask does not mask under Sinkhorn:
+    the normalisation is invariant to a constant added to a whole column, so a key-padding
+    column of -1e9 (or torch.finfo(dtype).min, BERT's -10000) would get its full column mass
+    back at the first column step, and in fp32 such scores keep no precision (-1e9 + s rounds
+    s to a multiple of 64). Softmax maps these entries to 0 already (any bias below about -104
+    in fp32), so softmax attention (steps=1) is unchanged, except in a row whose every key is
+    masked: the softmax of finite entries spreads it uniformly, the operator gives zeros."""
+    bias = attn_mask.to(scores.dtype)
+    return scores + bias.masked_fill(bias <= MASKED_AT, float("-inf"))
 
 
 def sinkhorn_attention(
@@ -115,7 +151,11 @@ def sinkhorn_attention(
         key: (..., S, E); its batch dimensions broadcast against the query's.
         value: (..., S, Ev).
         attn_mask: broadcastable to (..., L, S). Bool: True keeps an entry (attends), False
-            masks it. Float: added to the scores; -inf masks an entry. Masked entries get
+            masks it. Float: added to the scores; -inf masks an entry, and so does any
+            entry at or below -1e4 (-1e9, ``torch.finfo(dtype).min``, BERT's -10000): unlike
+            softmax, Sinkhorn undoes a finite bias that is constant on a key's column, so a
+            finite "large negative" padding mask would not mask. Integer masks raise
+            TypeError, as in ``scaled_dot_product_attention``. Masked entries get
             P = 0 and the default marginals are restricted to the allowed rows and columns
             (MATH.md section 1): exact for key padding, and a query row with no allowed key
             gives an all-zero output row (never NaN).

@@ -421,3 +421,101 @@ def test_module_low_precision(dtype):
     out, w = mha(x, x, x)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert_close(w.float().sum(-1), torch.ones(2, 5), atol=3e-2, name="row sums")
+
+
+def test_fp16_scores_that_fit_do_not_overflow():
+    """Q Kᵀ of fp16 inputs can overflow (|q|² about 1e5 here) where the scaled scores fit
+    (1.4e4): the query is scaled before the product, as scaled_dot_product_attention does, so
+    the output is finite and steps=1 matches SDPA."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 2, 4, 64, generator=gen) * 40).half()
+    v = torch.randn(1, 2, 4, 64, generator=gen).half()
+    assert torch.isinf(x @ x.transpose(-2, -1)).any()  # the unscaled product overflows
+    want = F.scaled_dot_product_attention(x.float(), x.float(), v.float())
+    assert_close(sinkhorn_attention(x, x, v, steps=1).float(), want, atol=2e-3, name="steps=1")
+    for steps in (2, 3):
+        got = sinkhorn_attention(x, x, v, steps=steps)
+        want = sinkhorn_attention(x.float(), x.float(), v.float(), steps=steps)
+        assert torch.isfinite(got).all(), steps
+        assert_close(got.float(), want, atol=2e-3, name=f"steps={steps}")
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9, torch.finfo(torch.float32).min],
+                         ids=["bert", "1e9", "finfo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_large_negative_masks_mask(fill, dtype):
+    """A finite "large negative" float mask (-1e9, finfo.min, BERT's -10000) masks as -inf does:
+    Sinkhorn undoes a bias constant on a key's column, so a padding column of -1e9 got its full
+    mass back at the first column step (2.0 of each row on two padded keys of six, and row sums
+    of 2.6 in fp32). Functional and module (float key_padding_mask)."""
+    q, k, v = qkv((2,), 4, 6, 8, 3, dtype=dtype, seed=11)
+    pad = torch.arange(6) >= 4
+    finite = torch.zeros(4, 6, dtype=dtype).masked_fill(pad, fill)
+    infinite = torch.zeros(4, 6, dtype=dtype).masked_fill(pad, float("-inf"))
+    for steps in (1, 3, 8):
+        _, got = sinkhorn_ops.attention._sinkhorn_attention_with_weights(
+            q, k, v, finite, 0.0, False, None, steps, "unrolled")
+        _, want = sinkhorn_ops.attention._sinkhorn_attention_with_weights(
+            q, k, v, infinite, 0.0, False, None, steps, "unrolled")
+        assert (got[..., pad] == 0).all(), steps
+        assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 1e-12,
+                     name=f"steps={steps}")
+    attn = SinkhornMultiheadAttention(8, 2, batch_first=True, dtype=dtype)
+    x = torch.randn(2, 6, 8, dtype=dtype)
+    kpm = torch.zeros(2, 6, dtype=dtype).masked_fill(pad, fill)
+    out, weights = attn(x, x, x, key_padding_mask=kpm)
+    ref, _ = attn(x, x, x, key_padding_mask=pad.expand(2, 6))
+    assert (weights[..., pad] == 0).all()
+    assert_close(out, ref, atol=1e-6 if dtype == torch.float32 else 1e-12, name="module")
+
+
+def test_bias_masks_above_the_threshold_stay_biases():
+    """Only entries at or below -1e4 count as masked; a bias of -100 is added (a small positive
+    weight at steps=1, as softmax), and its gradient reaches a learnable mask."""
+    q, k, v = qkv((2,), 4, 6, 8, 3, seed=12)
+    bias = torch.zeros(4, 6, dtype=q.dtype)
+    bias[:, 0] = -20.0
+    bias.requires_grad_(True)
+    _, plan = sinkhorn_ops.attention._sinkhorn_attention_with_weights(
+        q, k, v, bias, 0.0, False, None, 1, "unrolled")
+    want = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8) + bias, dim=-1)
+    assert_close(plan, want, atol=1e-14, name="steps=1 bias")
+    assert (plan[..., 0] > 0).all()
+    plan.sum(dim=(0, 1))[0].backward()
+    assert bias.grad.abs().sum() > 0
+
+
+def test_functional_bad_masks_and_dtypes():
+    q, k, v = qkv((2,), 7, 8, 4, 4)
+    with pytest.raises(TypeError, match=r"sinkhorn_attention: expected attn_mask of dtype bool "
+                                        r"or floating point, got torch.uint8"):
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="got torch.int64"):
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.long))
+    for dtype in (torch.bool, torch.float64):
+        with pytest.raises(ValueError, match=r"sinkhorn_attention: expected attn_mask "
+                                             r"broadcastable to .*\(2, 7, 8\), got shape \(5, 8\)"):
+            sinkhorn_attention(q, k, v, attn_mask=torch.ones(5, 8, dtype=dtype))
+    with pytest.raises(TypeError, match="sinkhorn_attention: expected query and key of the same "
+                                        "dtype, got torch.float64 and torch.float32"):
+        sinkhorn_attention(q, k.float(), v)
+
+
+def test_module_bad_masks_and_options():
+    attn = SinkhornMultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"SinkhornMultiheadAttention: expected attn_mask of "
+                                         r"shape \(L, S\) = \(5, 5\) or \(N \* num_heads, L, S\) "
+                                         r"= \(4, 5, 5\), got \(3, 5, 5\)"):
+        attn(x, x, x, attn_mask=torch.zeros(3, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(5, 4\)"):
+        attn(x, x, x, attn_mask=torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"SinkhornMultiheadAttention: expected key_padding_mask "
+                                         r"of shape \(N, S\) = \(2, 5\) .*got \(2, 6\)"):
+        attn(x, x, x, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="SinkhornMultiheadAttention: expected grad in "
+                                         r"\('unrolled', .*got 'bogus'"):
+        SinkhornMultiheadAttention(8, 2, grad="bogus")
+    # unbatched key_padding_mask (S,) still works
+    out, _ = attn(x[0], x[0], x[0], key_padding_mask=torch.tensor([False] * 4 + [True]))
+    assert out.shape == (5, 8) and torch.isfinite(out).all()

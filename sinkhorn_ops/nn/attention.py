@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import _check_causal, _sinkhorn_attention_with_weights
+from ..attention import GRAD_MODES, _check_causal, _sinkhorn_attention_with_weights
 
 __all__ = ["SinkhornMultiheadAttention", "convert_to_sinkhorn_attention"]
 
@@ -80,6 +80,9 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"SinkhornMultiheadAttention: expected steps to be an int >= 1, "
                              f"got {steps!r}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"SinkhornMultiheadAttention: expected grad in {GRAD_MODES}, got "
+                             f"{grad!r}")
         self.steps = steps
         self.grad = grad
         if _keep_python_forward not in self._forward_pre_hooks.values():
@@ -141,9 +144,16 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
         dtype = q.dtype  # the autocast dtype under autocast
         attn_mask = _additive(attn_mask, dtype, "attn_mask")
         key_padding_mask = _additive(key_padding_mask, dtype, "key_padding_mask")
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"SinkhornMultiheadAttention: expected attn_mask of 2 or 3 "
-                             f"dimensions, got shape {tuple(attn_mask.shape)}")
+        src_len = key.shape[1]
+        if attn_mask is not None and tuple(attn_mask.shape) not in (
+                (tgt_len, src_len), (bsz * heads, tgt_len, src_len)):
+            raise ValueError(f"SinkhornMultiheadAttention: expected attn_mask of shape (L, S) = "
+                             f"{(tgt_len, src_len)} or (N * num_heads, L, S) = "
+                             f"{(bsz * heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, src_len):
+            raise ValueError(f"SinkhornMultiheadAttention: expected key_padding_mask of shape "
+                             f"(N, S) = {(bsz, src_len)} (or (S,) unbatched), got "
+                             f"{tuple(key_padding_mask.shape)}")
 
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.to(k.dtype).expand(bsz, 1, -1)], dim=1)

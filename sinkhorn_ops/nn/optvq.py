@@ -60,6 +60,10 @@ class SinkhornVectorQuantizer(nn.Module):
                  nearest_at_eval: bool = False, use_proj: bool = False, fix_codes: bool = False,
                  chunk_size: int | None = None, guard: float = 0.0) -> None:
         super().__init__()
+        for name, value in (("n_e", n_e), ("e_dim", e_dim), ("num_head", num_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SinkhornVectorQuantizer: expected {name} to be an int >= 1, "
+                                 f"got {value!r}")
         if e_dim % num_head != 0:
             raise ValueError(f"SinkhornVectorQuantizer: expected e_dim divisible by num_head, got "
                              f"{e_dim} and {num_head}")
@@ -107,7 +111,8 @@ class SinkhornVectorQuantizer(nn.Module):
             return self._forward(x, return_stats, generator)
 
     def _forward(self, x: Tensor, return_stats: bool, generator):
-        x = x.float()
+        # float32, or float64 for float64 inputs (as sinkhorn_assign computes).
+        x = x.double() if x.dtype == torch.float64 else x.float()
         image = None
         if x.dim() == 4:  # (B, C, H, W) -> (B, H W, C), as the reference
             b, c, h, w = x.shape
