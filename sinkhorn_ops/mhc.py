@@ -2,6 +2,7 @@
 Sinkhorn variants that make the residual mixing matrix H_res, and the two stream mixings."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -48,9 +49,38 @@ def _check_eps(name: str, eps: float, context: str = "") -> None:
         raise ValueError(f"{name}: expected a finite eps > 0{context}, got {eps!r}")
 
 
+def _check_floating(name: str, arg: str, t) -> None:
+    """TypeError unless t is a real floating-point tensor (an integer one would be mixed in
+    integer arithmetic, a complex one lose its imaginary part)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected {arg} to be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected {arg} of a floating-point dtype, got {t.dtype}")
+
+
+def _check_broadcast(name: str, arg: str, t: Tensor, shape, what: str) -> None:
+    """ValueError unless t broadcasts to shape (what names that shape in the message)."""
+    ok = t.shape == shape
+    if not ok:
+        try:
+            ok = torch.broadcast_shapes(t.shape, shape) == shape
+        except RuntimeError:
+            pass
+    if not ok:
+        raise ValueError(f"{name}: expected {arg} broadcastable to {what} = {tuple(shape)}, got "
+                         f"shape {tuple(t.shape)}")
+
+
+def no_autocast(device_type: str):
+    """Autocast disabled on device_type; nothing on devices without autocast (meta), where
+    torch.autocast itself raises."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check_logits(name: str, logits: Tensor, iters: int) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name}: expected logits to be a torch.Tensor, got {type(logits).__name__}")
+    _check_floating(name, "logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"{name}: expected logits of shape (..., n, n), got {tuple(logits.shape)}")
     _check_iters(name, iters)
@@ -136,6 +166,8 @@ def mhc_v4_sinkhorn_loop(logits: Tensor, iters: int = 20, eps: float = 1e-6) -> 
     """:func:`mhc_v4_sinkhorn` as the plain PyTorch loop (about 6 small ops per iteration), in
     the logits' dtype, with autograd through it: the fallback beyond the fused kernel's limits,
     and the baseline the benchmarks measure against."""
+    _check_logits("mhc_v4_sinkhorn_loop", logits, iters)
+    _check_eps("mhc_v4_sinkhorn_loop", eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -201,6 +233,10 @@ def mhc_mappings(
     _check_iters("mhc_mappings", iters)
     if variant == "v4":
         _check_eps("mhc_mappings", eps, " for variant 'v4'")
+    for arg, t in (("proj", proj), ("alpha_pre", alpha_pre), ("alpha_post", alpha_post),
+                   ("alpha_res", alpha_res), ("b_pre", b_pre), ("b_post", b_post),
+                   ("b_res", b_res)):
+        _check_floating("mhc_mappings", arg, t)
     n = b_res.shape[-1] if b_res.dim() == 2 else 0
     if b_res.dim() != 2 or b_res.shape[0] != n or n < 1:
         raise ValueError(f"mhc_mappings: expected b_res of shape (n, n), got {tuple(b_res.shape)}")
@@ -285,7 +321,7 @@ def mhc_coefficients(
                              f"({dim}, {width}) for x of shape {tuple(x.shape)} and n = {n}, got "
                              f"{tuple(t.shape)}")
     # As the fused op: the projection in phi's dtype whatever autocast says.
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         proj = rms_projection(x, torch.cat([phi_pre, phi_post, phi_res], dim=-1), norm_eps)
     return mhc_mappings(proj, *weights, iters, variant=variant, eps=eps, grad=grad)
 
@@ -305,11 +341,25 @@ def mappings_composite(proj: Tensor, weights, residual: Callable[[Tensor], Tenso
     return h_pre, h_post, residual(alpha_res * res.unflatten(-1, (n, n)) + b_res)
 
 
-def _fit(t: Tensor, dtype: torch.dtype, shape) -> Tensor:
+def _check_arg(name: str, arg: str, t, shape, what: str) -> None:
+    _check_floating(name, arg, t)
+    _check_broadcast(name, arg, t, shape, what)
+
+
+def _fit(t: Tensor, dtype: torch.dtype, shape, name: str, arg: str, what: str) -> Tensor:
     """t in dtype, broadcast to shape; t itself when it already is (no autograd node: a
-    differentiated call pays host time for each)."""
+    differentiated call pays host time for each). Checked as _check_arg, whose full checks run
+    only when t is not already a floating tensor of that shape (a layer call's case)."""
+    if not (isinstance(t, Tensor) and t.is_floating_point() and t.shape == shape):
+        _check_arg(name, arg, t, shape, what)
     t = _in(t, dtype)
     return t if t.shape == shape else torch.broadcast_to(t, shape)
+
+
+def _check_streams(name: str, x) -> None:
+    _check_floating(name, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected x of shape (..., n, C), got {tuple(x.shape)}")
 
 
 def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
@@ -327,9 +377,12 @@ def mhc_branch_input(x: Tensor, h_pre: Tensor) -> Tensor:
     Returns:
         (..., C) in x's dtype.
     """
+    _check_streams("mhc_branch_input", x)
+    args = ("mhc_branch_input", "h_pre", "x's (..., n)")
     if _mhc_mix_ops.fused(x):
-        h = _fit(h_pre, _sinkhorn_dtype(x.dtype), x.shape[:-1])
+        h = _fit(h_pre, _sinkhorn_dtype(x.dtype), x.shape[:-1], *args)
         return torch.ops.sinkhorn_ops.mhc_pre_mix.default(x, h)
+    _check_arg(args[0], args[1], h_pre, x.shape[:-1], args[2])
     # A broadcast product and a sum rather than einsum: einsum becomes a bmm of (n x C) problems
     # per token, several times slower for n <= 8 on the CPU.
     return (h_pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
@@ -352,12 +405,18 @@ def mhc_combine(x: Tensor, branch_output: Tensor, h_post: Tensor, h_res: Tensor)
     Returns:
         (..., n, C) x_{l+1} in x's dtype.
     """
+    _check_streams("mhc_combine", x)
+    n = x.shape[-2]
+    shapes = ((*x.shape[:-2], x.shape[-1]), x.shape[:-1], (*x.shape[:-2], n, n))
+    names = ("branch_output", "h_post", "h_res")
+    whats = ("x's (..., C)", "x's (..., n)", "(..., n, n)")
     if _mhc_mix_ops.fused(x):
         acc = _sinkhorn_dtype(x.dtype)
-        n = x.shape[-2]
-        y = _fit(branch_output, x.dtype, (*x.shape[:-2], x.shape[-1]))
-        q = _fit(h_post, acc, x.shape[:-1])
-        r = _fit(h_res, acc, (*x.shape[:-2], n, n))
+        y = _fit(branch_output, x.dtype, shapes[0], "mhc_combine", names[0], whats[0])
+        q = _fit(h_post, acc, shapes[1], "mhc_combine", names[1], whats[1])
+        r = _fit(h_res, acc, shapes[2], "mhc_combine", names[2], whats[2])
         return torch.ops.sinkhorn_ops.mhc_post_mix.default(x, y, q, r)
+    for t, shape, arg, what in zip((branch_output, h_post, h_res), shapes, names, whats):
+        _check_arg("mhc_combine", arg, t, shape, what)
     mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # see mhc_branch_input
     return mixed + h_post.to(x.dtype).unsqueeze(-1) * branch_output.to(x.dtype).unsqueeze(-2)

@@ -268,6 +268,98 @@ def test_bad_arguments():
         reduce_streams(torch.randn(2, 4, C), "max")
 
 
+def test_bad_dtypes_shapes_and_options_raise_clearly():
+    """Each names the op and the argument: integer streams were mixed in integer arithmetic (h
+    of 0.25 became 0, an all-zero result), complex logits lost their imaginary part, bad shapes
+    raised broadcasting errors that named neither."""
+    x = torch.randn(2, 3, 4, 5)
+    h = torch.rand(2, 3, 4)
+    r = torch.rand(2, 3, 4, 4)
+    y = torch.randn(2, 3, 5)
+    cases = [
+        (TypeError, r"mhc_branch_input: expected x of a floating-point dtype, got torch.int32",
+         lambda: ops.mhc_branch_input(torch.ones(2, 4, 8, dtype=torch.int32), torch.rand(2, 4))),
+        (TypeError, r"mhc_branch_input: expected h_pre of a floating-point dtype",
+         lambda: ops.mhc_branch_input(x, torch.ones(2, 3, 4, dtype=torch.long))),
+        (TypeError, r"mhc_combine: expected x of a floating-point dtype",
+         lambda: ops.mhc_combine(x.long(), y, h, r)),
+        (TypeError, r"mhc_sinkhorn: expected logits of a floating-point dtype, got "
+                    r"torch.complex64",
+         lambda: ops.mhc_sinkhorn(torch.randn(2, 4, 4, dtype=torch.complex64))),
+        (TypeError, r"mhc_v4_sinkhorn: expected logits of a floating-point dtype, got torch.int64",
+         lambda: ops.mhc_v4_sinkhorn(torch.ones(2, 4, 4, dtype=torch.long))),
+        (TypeError, r"mhc_mappings: expected alpha_pre to be a torch.Tensor, got float",
+         lambda: ops.mhc_mappings(torch.randn(3, 24), 0.1, 0.1, 0.1, torch.zeros(4),
+                                  torch.zeros(4), torch.zeros(4, 4))),
+        (ValueError, r"mhc_branch_input: expected h_pre broadcastable to x's \(\.\.\., n\) = "
+                     r"\(2, 3, 4\), got shape \(2, 3, 5\)",
+         lambda: ops.mhc_branch_input(x, torch.rand(2, 3, 5))),
+        (ValueError, r"mhc_combine: expected branch_output broadcastable to x's \(\.\.\., C\) "
+                     r"= \(2, 3, 5\), got shape \(2, 3, 6\)",
+         lambda: ops.mhc_combine(x, torch.randn(2, 3, 6), h, r)),
+        (ValueError, r"mhc_combine: expected h_res broadcastable to \(\.\.\., n, n\)",
+         lambda: ops.mhc_combine(x, y, h, torch.rand(2, 3, 4, 3))),
+        (ValueError, r"mhc_combine: expected h_post broadcastable",  # n > 8: the composite path
+         lambda: ops.mhc_combine(torch.randn(2, 9, 5), torch.randn(2, 5), torch.rand(2, 6),
+                                 torch.rand(2, 9, 9))),
+        (ValueError, r"expand_streams: expected h of shape \(\.\.\., C\), got \(\)",
+         lambda: expand_streams(torch.tensor(1.0), 4)),
+        (ValueError, r"reduce_streams: expected x of shape \(\.\.\., n, C\), got \(5,\)",
+         lambda: reduce_streams(torch.randn(5))),
+        (ValueError, r"mhc_v4_sinkhorn_loop: expected iters to be an int >= 1, got 0",
+         lambda: ops.mhc_v4_sinkhorn_loop(torch.randn(2, 4, 4), 0)),
+        (ValueError, r"ManifoldConstrainedHyperConnections: expected a finite eps > 0 for variant "
+                     r"'v4', got 0",
+         lambda: ManifoldConstrainedHyperConnections(4, 5, variant="v4", eps=0)),
+        (ValueError, r"ManifoldConstrainedHyperConnections: expected a finite alpha_init, got nan",
+         lambda: ManifoldConstrainedHyperConnections(4, 5, alpha_init=float("nan"))),
+        (ValueError, r"ManifoldConstrainedHyperConnections: expected a finite alpha_init, got 'x'",
+         lambda: ManifoldConstrainedHyperConnections(4, 5, alpha_init="x")),
+        (TypeError, r"ManifoldConstrainedHyperConnections: expected the branch to return a tensor "
+                    r"of shape \(\.\.\., C\), got tuple",
+         lambda: ManifoldConstrainedHyperConnections(4, 5, branch=lambda t: (t, None))(x)),
+        (TypeError, r"ManifoldConstrainedHyperConnections: expected x of a floating-point dtype",
+         lambda: ManifoldConstrainedHyperConnections(3, 5).mappings(torch.ones(2, 3, 5).long())),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_meta_device_forward():
+    """Shape analysis on the meta device (the composite mappings path there disabled autocast,
+    which torch.autocast refuses for meta)."""
+    layer = ManifoldConstrainedHyperConnections(4, C, branch=torch.nn.Linear(C, C),
+                                                device="meta")
+    layer.branch.to("meta")
+    out = layer(torch.empty(2, 5, 4, C, device="meta"))
+    assert out.shape == (2, 5, 4, C) and out.device.type == "meta"
+
+
+def test_overridden_residual_matrix_ignores_autocast():
+    """The mappings run in fp32 whatever autocast says, on the fused path and on the composite
+    path that an overridden residual_matrix takes (its projection ran in bf16: 1e-3 off)."""
+
+    class Same(ManifoldConstrainedHyperConnections):
+        def residual_matrix(self, logits):
+            return super().residual_matrix(logits)
+
+    torch.manual_seed(0)
+    layers = [ManifoldConstrainedHyperConnections(4, 64), Same(4, 64)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(8, 4, 64)
+    for layer in layers:
+        with torch.no_grad():
+            for gate in (layer.alpha_pre, layer.alpha_post, layer.alpha_res):
+                gate.fill_(1.0)
+        want = layer.mappings(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer.mappings(x)
+        for g, w, name in zip(got, want, ("pre", "post", "res")):
+            assert g.dtype == torch.float32
+            assert_close(g, w, atol=0, rtol=0, name=f"{type(layer).__name__} {name}")
+
+
 class TinyModel(torch.nn.Module):
     """Embedding, `layers` blocks of (MLP under mHC), reduction, head: a model for compile."""
 

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .._rms_projection import rms_projection
-from ..mhc import (_GRADS, _in, mappings_composite, mhc_branch_input, mhc_coefficients,
-                   mhc_combine, mhc_sinkhorn, mhc_v4_sinkhorn)
+from ..mhc import (_GRADS, _check_eps, _check_floating, _in, mappings_composite,
+                   mhc_branch_input, mhc_coefficients, mhc_combine, mhc_sinkhorn,
+                   mhc_v4_sinkhorn, no_autocast)
 
 __all__ = [
     "MHCMappings",
@@ -35,6 +36,9 @@ def expand_streams(h: Tensor, num_streams: int) -> Tensor:
     if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
         raise ValueError(f"expand_streams: expected num_streams to be an int >= 1, got "
                          f"{num_streams!r}")
+    if not isinstance(h, Tensor) or h.dim() < 1:
+        raise ValueError(f"expand_streams: expected h of shape (..., C), got "
+                         f"{tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}")
     return h.unsqueeze(-2).expand(*h.shape[:-1], num_streams, h.shape[-1])
 
 
@@ -44,6 +48,9 @@ def reduce_streams(x: Tensor, reduce: str = "sum") -> Tensor:
     of a plain residual network)."""
     if reduce not in _REDUCTIONS:
         raise ValueError(f"reduce_streams: expected reduce in {_REDUCTIONS}, got {reduce!r}")
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"reduce_streams: expected x of shape (..., n, C), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     return x.sum(-2) if reduce == "sum" else x.mean(-2)
 
 
@@ -166,6 +173,13 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         if (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
                 or not 0 < norm_eps < math.inf):
             raise ValueError(f"{name}: expected a finite norm_eps > 0, got {norm_eps!r}")
+        if variant == "v4":
+            _check_eps(name, eps, " for variant 'v4'")
+        if (isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float))
+                or not math.isfinite(alpha_init)):
+            raise ValueError(f"{name}: expected a finite alpha_init, got {alpha_init!r}")
+        if (isinstance(eps, bool) or not isinstance(eps, (int, float))) and variant != "v4":
+            raise ValueError(f"{name}: expected eps to be a number, got {eps!r}")
         if branch is not None and not callable(branch):
             raise TypeError(f"{name}: expected branch to be a module or None, got "
                             f"{type(branch).__name__}")
@@ -215,6 +229,7 @@ class ManifoldConstrainedHyperConnections(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: expected x to be a torch.Tensor, got "
                             f"{type(x).__name__}")
+        _check_floating(type(self).__name__, "x", x)
         if x.dim() < 2 or tuple(x.shape[-2:]) != (n, dim):
             raise ValueError(f"{type(self).__name__}: expected x of shape (..., n, C) = "
                              f"(..., {n}, {dim}), got {tuple(x.shape)}")
@@ -234,7 +249,8 @@ class ManifoldConstrainedHyperConnections(nn.Module):
                 flat, *phis, *(_in(w, acc) for w in weights), self.iters,
                 norm_eps=self.norm_eps, variant=self.variant, eps=self.eps, grad=self.grad))
         phi = _in(torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=-1), acc)
-        proj = rms_projection(flat, phi, self.norm_eps)
+        with no_autocast(x.device.type):  # in fp32 whatever autocast says, as mhc_coefficients
+            proj = rms_projection(flat, phi, self.norm_eps)
         pre_eps = self.eps if self.variant == "v4" else None
         return MHCMappings(*mappings_composite(_in(proj, acc), [_in(w, acc) for w in weights],
                                                self.residual_matrix, pre_eps))
@@ -247,6 +263,10 @@ class ManifoldConstrainedHyperConnections(nn.Module):
 
     def depth_connection(self, x: Tensor, branch_output: Tensor, maps: MHCMappings) -> Tensor:
         """x_{l+1} = H_res x + H_postᵀ branch_output, of shape (..., n, C) in x's dtype."""
+        if not isinstance(branch_output, Tensor):
+            raise TypeError(f"{type(self).__name__}: expected the branch to return a tensor of "
+                            f"shape (..., C), got {type(branch_output).__name__} (wrap a branch "
+                            f"that returns a tuple to pick the tensor)")
         if branch_output.shape != x.shape[:-2] + x.shape[-1:]:
             raise ValueError(f"{type(self).__name__}: expected the branch output of shape "
                              f"{tuple(x.shape[:-2] + x.shape[-1:])}, got "
