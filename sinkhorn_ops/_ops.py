@@ -1,6 +1,7 @@
 """Python entry point of the Sinkhorn operator and its fake (meta) kernel for torch.compile."""
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -61,10 +62,10 @@ def sinkhorn(
         return_potentials: also return potentials, steps used and the final error.
         validate: check values that need a host synchronisation (NaN or +inf scores,
             non-positive or non-finite marginals, ``sum(a) != sum(b)``) and raise ValueError.
-            Without it such inputs give a defined result (NaN over the plan, potentials and
-            gradients of each problem whose scores hold NaN or +inf, and nowhere else) and
-            never a crash; keep it off under torch.compile and
-            CUDA graphs.
+            Without it such inputs give a defined result and never a crash: NaN confined to
+            each problem whose scores hold NaN or +inf, and nowhere else (after one step only
+            the offending rows or columns; from the second step on the whole problem's plan,
+            potentials and gradients). Keep it off under torch.compile and CUDA graphs.
         grad: the backward (MATH.md section 2). "unrolled" (default) is the exact gradient of
             the steps that were run, what the Sinkformer and mHC references train with: choose
             it for a few fixed steps inside a layer. It replays the forward and keeps one LSE
@@ -97,12 +98,20 @@ def sinkhorn(
         raise TypeError(f"sinkhorn: expected steps to be an int, got {type(steps).__name__}")
     if not isinstance(start, str):
         raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
+    tol, cg_tol = _real("tol", tol), _real("cg_tol", cg_tol)
+    try:
+        if isinstance(cg_max_iter, bool):
+            raise TypeError
+        cg_max_iter = operator.index(cg_max_iter)
+    except TypeError:
+        raise TypeError(f"sinkhorn: expected cg_max_iter to be an int, got "
+                        f"{type(cg_max_iter).__name__}") from None
     if init is not None:
-        result = _warm_started(scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol),
-                               int(cg_max_iter), init)
+        result = _warm_started(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter,
+                               init)
     else:
         result = SinkhornResult(*torch.ops.sinkhorn_ops.sinkhorn.default(
-            scores, a, b, mask, steps, start, float(tol), grad, float(cg_tol), int(cg_max_iter)))
+            scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter))
     if validate:  # after the op, whose argument checks (shapes, dtypes) come first
         _validate(scores, a, b, mask)
         for name, x in zip(("f0", "g0"), init or ()):
@@ -110,6 +119,18 @@ def sinkhorn(
                 raise ValueError(f"sinkhorn: expected init's {name} finite, got "
                                  f"{int((~torch.isfinite(x)).sum())} non-finite entries")
     return result if return_potentials else result.plan
+
+
+def _real(name: str, value) -> float:
+    """value as a float (a Python number, a NumPy scalar, a 0-d tensor); TypeError naming the
+    argument for anything else (a string, None, a bool)."""
+    try:
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"sinkhorn: expected {name} to be a float, got "
+                        f"{type(value).__name__}") from None
 
 
 def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],

@@ -77,9 +77,15 @@ def _rule(name: str):
         out_dims = out_dims_of(args)
         if any(d is not None and p == "shared" for d, p in zip(in_dims, problem_dims)):
             return _one_call_per_sample(op, info, in_dims, args, out_dims)
-        # The number of batch dimensions of the call: the most any per-problem argument has.
-        batch = max(a.dim() - (d is not None) - p for a, d, p in zip(args, in_dims, problem_dims)
-                    if isinstance(p, int) and a is not None)
+        # The number of batch dimensions of a sample's call: its first per-problem argument's
+        # (the scores, the logits, the streams or their gradient); the others broadcast against
+        # it. One with more is what the op refuses for one sample: calling it per sample raises
+        # that error with the sample's shapes (or, for an op that takes it, gives its result).
+        dims = [a.dim() - (d is not None) - p for a, d, p in zip(args, in_dims, problem_dims)
+                if isinstance(p, int) and a is not None]
+        batch = dims[0]
+        if max(dims) > batch:
+            return _one_call_per_sample(op, info, in_dims, args, out_dims)
         new = list(args)
         for i, (a, d, p) in enumerate(zip(args, in_dims, problem_dims)):
             if not isinstance(p, int) or a is None:

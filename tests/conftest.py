@@ -7,6 +7,8 @@ import importlib.util
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -70,6 +72,19 @@ def _load_reference():
 reference = _load_reference()
 sinkhorn_reference = reference.sinkhorn_reference
 accumulation_dtype = reference.accumulation_dtype
+
+
+def run_python(code: str, timeout: float):
+    """Runs code in a fresh interpreter that imports this checkout's package: the way to test
+    for a hang or a crash without taking pytest down with it. The CompletedProcess (stdout and
+    stderr as text), or None when it ran past timeout seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def load_ops():

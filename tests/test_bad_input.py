@@ -73,6 +73,11 @@ BAD_ARGUMENTS = [
     ("tol_negative", _s(B, N, M), None, None, {"tol": -1e-3}, ValueError, "tol"),
     ("tol_nan", _s(B, N, M), None, None, {"tol": math.nan}, ValueError, "tol"),
     ("tol_inf", _s(B, N, M), None, None, {"tol": math.inf}, ValueError, "tol"),
+    ("tol_str", _s(B, N, M), None, None, {"tol": "x"}, TypeError, "tol"),
+    ("tol_none", _s(B, N, M), None, None, {"tol": None}, TypeError, "tol"),
+    ("cg_tol_bool", _s(B, N, M), None, None, {"cg_tol": True}, TypeError, "cg_tol"),
+    ("cg_max_iter_str", _s(B, N, M), None, None, {"cg_max_iter": "a"}, TypeError, "cg_max_iter"),
+    ("cg_max_iter_float", _s(B, N, M), None, None, {"cg_max_iter": 1.7}, TypeError, "cg_max_iter"),
     ("start_rows", _s(B, N, M), None, None, {"start": "rows"}, ValueError, "start"),
     ("start_upper", _s(B, N, M), None, None, {"start": "ROW"}, ValueError, "start"),
     ("start_empty", _s(B, N, M), None, None, {"start": ""}, ValueError, "start"),
@@ -426,3 +431,42 @@ def test_float16_limits(device, start):
         atol=1e-2,
         name="fixed marginal",
     )
+
+
+def test_implicit_backward_operator_checks_its_upstream_gradients(device):
+    """The public implicit backward operator (also behind the C++ sinkhorn_backward): a grad_f
+    of shape (3, 2) for (2, 3) was silently reshaped into wrong gradients, one of 5 values
+    raised a reshape error naming neither the op nor the argument, an integer plan passed."""
+    op = torch.ops.sinkhorn_ops.sinkhorn_backward_implicit
+    plan = sinkhorn_ops.sinkhorn(torch.randn(2, 3, 4, device=device), steps=5)
+    G = torch.randn(2, 3, 4, device=device)
+    for name, args in (("grad_f", (torch.randn(3, 2, device=device), None)),
+                       ("grad_f", (torch.randn(5, device=device), None)),
+                       ("grad_g", (None, torch.randn(2, 3, device=device)))):
+        with pytest.raises(ValueError, match=rf"^sinkhorn_backward_implicit: expected {name} of "
+                                             rf"shape \[2, (3|4)\], got"):
+            op(G, *args, plan, "implicit", 1e-6, 100)
+    with pytest.raises(TypeError, match="sinkhorn_backward_implicit: expected a floating-point "
+                                        "plan, got Long"):
+        op(G, None, None, plan.long(), "implicit", 1e-6, 100)
+    # numbers of other kinds still pass as the float and int options
+    np = pytest.importorskip("numpy")
+    sinkhorn_ops.sinkhorn(plan, tol=np.float32(1e-3), cg_max_iter=np.int64(5))
+    sinkhorn_ops.sinkhorn(plan, tol=torch.tensor(1e-3))
+
+
+def test_vmap_refuses_marginals_that_one_sample_refuses():
+    """vmap behaves as a loop over the samples: a marginal with more batch dimensions than a
+    sample's scores raised in eager mode, and vmap reshaped the scores up to it instead (a
+    (5, 1, 1, 3, 4) result for five (3, 4) problems)."""
+    S = torch.randn(5, 3, 4)
+    for a, b in ((torch.ones(1, 1, 3), torch.full((1, 1, 4), 0.75)),
+                 (torch.ones(2, 3), torch.full((2, 4), 0.75))):
+        with pytest.raises(ValueError, match=r"sinkhorn: expected a of shape \(\.\.\., 3\) "
+                                             r"broadcastable to \(3,\), got"):
+            torch.func.vmap(lambda s: sinkhorn_ops.sinkhorn(s, a, b))(S)
+    a, b = torch.ones(2, 3), torch.full((2, 4), 0.75)
+    got = torch.func.vmap(lambda s: sinkhorn_ops.sinkhorn(s, a, b))(torch.randn(5, 2, 3, 4))
+    assert got.shape == (5, 2, 3, 4)
+    got = torch.func.vmap(lambda s: sinkhorn_ops.sinkhorn(s, a[0], b[0]))(S)
+    assert_close(got, sinkhorn_ops.sinkhorn(S, a[0], b[0]), atol=1e-6, name="vmap == batch")

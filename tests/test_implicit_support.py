@@ -7,13 +7,10 @@ component's own: the upstream dL/df, dL/dg projected per component, dL/da and dL
 component's min-norm gauge. And a Schur matrix that is singular to working precision must not
 give NaN gradients from finite scores."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import ROOT, assert_close, generator, implicit_oracle, load_ops, random_scores
+from conftest import (assert_close, generator, implicit_oracle, load_ops, random_scores,
+                      run_python)
 
 sinkhorn_ops = load_ops()
 IMPLICIT = ["implicit", "implicit_dense", "implicit_cg"]
@@ -268,12 +265,8 @@ def test_dense_solve_does_not_hang_on_two_threads():
         "(h,) = torch.autograd.grad((g * torch.randn_like(g)).sum(), S)\n"
         "assert torch.isfinite(h).all()\n"
         "print('ok')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                             text=True, timeout=120)
-    except subprocess.TimeoutExpired:
+    out = run_python(script, timeout=120)
+    if out is None:
         pytest.fail("the implicit first or second order at side 200 on two threads hung")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 

@@ -1,6 +1,10 @@
 // Front door of the unrolled backward: it replays the forward's front door (masking, log
 // marginals), checks the upstream gradients, and turns d(log a) into d a for the caller.
 #include "sinkhorn_backward.h"
+
+#include <algorithm>
+#include <limits>
+
 #include "safe_div.h"
 
 namespace sinkhorn_ops {
@@ -27,6 +31,28 @@ at::Tensor to_linear(const at::Tensor& grad_log, const at::Tensor& x, at::IntArr
 }
 
 }  // namespace
+
+int64_t steps_bound(const at::Tensor& steps_used, int64_t cap) {
+  // Only a plain CPU tensor is read: on CUDA that would be a host synchronisation, and a fake
+  // (Python key), functional or torch.func-wrapped tensor has no data to read here (the
+  // wrappers' headers are not usable from an extension: they need nlohmann/json).
+  static const c10::DispatchKeySet opaque({c10::DispatchKey::Python,
+                                           c10::DispatchKey::Functionalize,
+                                           c10::DispatchKey::FuncTorchBatched,
+                                           c10::DispatchKey::FuncTorchGradWrapper});
+  const at::Tensor& t = steps_used;
+  if (cap <= 0 || !t.defined() || !t.device().is_cpu() || t.scalar_type() != at::kLong ||
+      t.key_set().has_any(opaque))
+    return cap;
+  const auto used = t.contiguous();
+  const int64_t* d = used.const_data_ptr<int64_t>();
+  // At least a row and a column step (an empty batch, or one that ran none): the replay's
+  // potentials then depend on the scores, so that forward mode gives them (zero) tangents.
+  int64_t bound = std::min<int64_t>(cap, 2);
+  for (int64_t i = 0; i < used.numel(); ++i)
+    bound = std::max(bound, std::min(std::max<int64_t>(d[i], 0), cap));
+  return bound;
+}
 
 BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
                                  const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
@@ -56,6 +82,15 @@ BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optiona
                     "sinkhorn_backward: expected steps_used of shape ", at::IntArrayRef(f.batch_shape),
                     " and dtype int64, got ", steps_used.sizes(), " ", steps_used.scalar_type());
   p.steps_used = steps_used.reshape({f.B}).contiguous();
+  // The steps run bound the work, not the cap `steps` (a tol run stops early), where they can
+  // be read; on CUDA the cap sizes the LSE records: B * steps * max(n, m) values, which must fit.
+  p.fwd.steps = steps_bound(p.steps_used, f.steps);
+  const int64_t side = std::max<int64_t>({f.n, f.m, 1});
+  TORCH_CHECK_VALUE(f.B == 0 || f.steps <= std::numeric_limits<int64_t>::max() / 8 / side / f.B,
+                    "sinkhorn_backward: the unrolled backward keeps every step's LSEs, batch ",
+                    f.B, " x steps ", f.steps, " x max(n, m) ", side,
+                    " values, which overflows a 64-bit byte count; expected a smaller `steps` "
+                    "(with tol it is the cap, and on CUDA it sizes the backward's memory)");
   if (a.has_value()) {
     p.a = *a;
     p.b = *b;

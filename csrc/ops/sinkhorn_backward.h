@@ -37,6 +37,11 @@ sinkhorn::BwdParams backward_params(const BackwardProblem& p, BackwardOutputs& o
 // (..., m), accumulation dtype; empty tensors when the marginals were the defaults).
 BackwardResult finish_backward(const BackwardProblem& p, BackwardOutputs& out);
 
+// The largest of steps_used clamped to [0, cap] (and at least min(cap, 2)) where it can be
+// read without a host synchronisation (a plain CPU tensor), else cap: what bounds the unrolled
+// backward's steps when a tol run stopped before its cap.
+int64_t steps_bound(const at::Tensor& steps_used, int64_t cap);
+
 template <typename Kernel>
 BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
   BackwardOutputs out = allocate_backward(p);

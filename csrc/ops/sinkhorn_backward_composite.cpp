@@ -126,7 +126,9 @@ ForwardResult unrolled_forward_differentiable(const ForwardProblem& f, const at:
                                               const at::Tensor& error) {
   // (Empty batches too: their outputs then carry zero tangents, as ATen ops' do.)
   ForwardOutputs out;
-  const auto r = replay(f, a, b, steps_used.reshape({f.B}), at::Tensor(), true);
+  ForwardProblem bounded = f;  // the steps run, not the cap, where they can be read
+  bounded.steps = steps_bound(steps_used, f.steps);
+  const auto r = replay(bounded, a, b, steps_used.reshape({f.B}), at::Tensor(), true);
   out.plan = at::exp(r.S + r.pf.unsqueeze(-1) + r.pg.unsqueeze(-2)).to(f.scores.scalar_type());
   out.f = r.pf;
   out.g = r.pg;

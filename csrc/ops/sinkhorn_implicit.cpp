@@ -191,6 +191,23 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   TORCH_CHECK_VALUE(grad_plan.sizes() == plan.sizes(),
                     "sinkhorn_backward_implicit: expected grad_plan of shape ", plan.sizes(),
                     ", got ", grad_plan.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(plan.scalar_type()),
+                   "sinkhorn_backward_implicit: expected a floating-point plan, got ",
+                   plan.scalar_type());
+  TORCH_CHECK_VALUE(grad_plan.device() == plan.device(),
+                    "sinkhorn_backward_implicit: expected grad_plan on ", plan.device(), ", got ",
+                    grad_plan.device());
+  for (const auto& [name, grad, side] :
+       {std::tuple{"grad_f", &grad_f, plan.size(-2)}, std::tuple{"grad_g", &grad_g, plan.size(-1)}}) {
+    if (!grad->has_value() || !(*grad)->defined()) continue;
+    std::vector<int64_t> want(plan.sizes().begin(), plan.sizes().end() - 2);
+    want.push_back(side);
+    TORCH_CHECK_VALUE((*grad)->sizes() == at::IntArrayRef(want),
+                      "sinkhorn_backward_implicit: expected ", name, " of shape ",
+                      at::IntArrayRef(want), ", got ", (*grad)->sizes());
+    TORCH_CHECK_VALUE((*grad)->device() == plan.device(), "sinkhorn_backward_implicit: expected ",
+                      name, " on ", plan.device(), ", got ", (*grad)->device());
+  }
   check_grad_options(solver, cg_tol, cg_max_iter);
   TORCH_CHECK_VALUE(solver != "unrolled",
                     "sinkhorn_backward_implicit: expected an implicit solver, got \"unrolled\"");
