@@ -63,7 +63,7 @@ def _sinkhorn_attention_with_weights(
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"sinkhorn_attention: expected key and value with the same sequence "
                          f"length S, got {key.shape[-2]} and {value.shape[-2]}")
-    if query.dtype != key.dtype:
+    if query.dtype != key.dtype and not torch.is_autocast_enabled(query.device.type):
         raise TypeError(f"sinkhorn_attention: expected query and key of the same dtype, got "
                         f"{query.dtype} and {key.dtype}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -88,6 +88,8 @@ def _sinkhorn_attention_with_weights(
                             f"None, got {type(attn_mask).__name__}")
         try:
             full = torch.broadcast_shapes(scores.shape, attn_mask.shape)
+            if full[-2:] != scores.shape[-2:]:  # it may add batch dimensions, not queries or keys
+                raise RuntimeError
         except RuntimeError:
             raise ValueError(f"sinkhorn_attention: expected attn_mask broadcastable to the "
                              f"scores' shape (..., L, S) = {tuple(scores.shape)}, got shape "

@@ -3,6 +3,7 @@ Sinkhorn variants that make the residual mixing matrix H_res, and the two stream
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -45,7 +46,7 @@ def _check_iters(name: str, iters: int) -> None:
 
 def _check_eps(name: str, eps: float, context: str = "") -> None:
     """DeepSeek-V4's eps: a finite number > 0 (context ends the expectation, e.g. " for ...")."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
         raise ValueError(f"{name}: expected a finite eps > 0{context}, got {eps!r}")
 
 

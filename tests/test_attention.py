@@ -470,8 +470,9 @@ def test_finite_large_negative_masks_mask(fill, dtype):
 
 
 def test_bias_masks_above_the_threshold_stay_biases():
-    """Only entries at or below -1e4 count as masked; a bias of -100 is added (a small positive
-    weight at steps=1, as softmax), and its gradient reaches a learnable mask."""
+    """Only entries at or below -1e4 count as masked; a bias of -20 is added (a small positive
+    weight at steps=1, as softmax), and its gradient reaches a learnable mask. A column bias of
+    -1000, which Sinkhorn undoes, stays finite and unmasked at steps > 1."""
     q, k, v = qkv((2,), 4, 6, 8, 3, seed=12)
     bias = torch.zeros(4, 6, dtype=q.dtype)
     bias[:, 0] = -20.0
@@ -483,6 +484,16 @@ def test_bias_masks_above_the_threshold_stay_biases():
     assert (plan[..., 0] > 0).all()
     plan.sum(dim=(0, 1))[0].backward()
     assert bias.grad.abs().sum() > 0
+    column = torch.zeros(4, 6, dtype=q.dtype)
+    column[:, 0] = -1000.0
+    for steps in (2, 3, 400):
+        _, got = sinkhorn_ops.attention._sinkhorn_attention_with_weights(
+            q, k, v, column, 0.0, False, None, steps, "unrolled")
+        assert torch.isfinite(got).all() and (got[..., 0] > 0.01).all(), steps
+    # converged, the column bias is undone: the fixed point ignores a constant on a column
+    _, plain = sinkhorn_ops.attention._sinkhorn_attention_with_weights(
+        q, k, v, None, 0.0, False, None, 400, "unrolled")
+    assert_close(got, plain, atol=1e-9, name="converged: the column bias is undone")
 
 
 def test_functional_bad_masks_and_dtypes():
@@ -499,6 +510,13 @@ def test_functional_bad_masks_and_dtypes():
     with pytest.raises(TypeError, match="sinkhorn_attention: expected query and key of the same "
                                         "dtype, got torch.float64 and torch.float32"):
         sinkhorn_attention(q, k.float(), v)
+    # a mask may add batch dimensions, not queries or keys (SDPA raises too)
+    with pytest.raises(ValueError, match=r"expected attn_mask broadcastable to the scores' shape"):
+        sinkhorn_attention(q[:, :1], k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool).tril())
+    # under autocast, mixed query and key dtypes are the matmul's to cast (as SDPA)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sinkhorn_attention(q.float(), k.bfloat16(), v.float())
+    assert torch.isfinite(out).all()
 
 
 def test_module_bad_masks_and_options():

@@ -324,6 +324,10 @@ def test_bad_dtypes_shapes_and_options_raise_clearly():
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+    np = pytest.importorskip("numpy")  # NumPy scalars are numbers too
+    layer = ManifoldConstrainedHyperConnections(4, 5, variant="v4", alpha_init=np.float32(0.5),
+                                                eps=np.float32(1e-6))
+    assert layer.alpha_init == 0.5 and layer.eps == pytest.approx(1e-6)
 
 
 def test_meta_device_forward():

@@ -299,6 +299,19 @@ def test_module_float64_computes_in_float64():
     assert_close(out, x_q, atol=1e-15, name="straight-through output")
 
 
+@pytest.mark.parametrize("loss", ["l2", "ce"])
+def test_module_mixed_float32_float64(loss):
+    """Input and codebook of different precisions compute in float64 (with "ce", cdist needs one
+    dtype: a float32 module on float64 input raised there)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    for vq, inp in ((SinkhornVectorQuantizer(16, 8, loss_q_type=loss), x),
+                    (SinkhornVectorQuantizer(16, 8, loss_q_type=loss).double(), x.float())):
+        out, loss_value, _ = vq(inp)
+        assert out.dtype == loss_value.dtype == torch.float64
+        assert torch.isfinite(loss_value)
+
+
 def test_module_bad_sizes():
     for name, kwargs in (("num_head", {"num_head": 0}), ("num_head", {"num_head": -2}),
                          ("n_e", {"n_e": 0}), ("e_dim", {"e_dim": 2.0})):
@@ -306,3 +319,6 @@ def test_module_bad_sizes():
         with pytest.raises(ValueError, match=f"SinkhornVectorQuantizer: expected {name} to be "
                                              "an int >= 1"):
             SinkhornVectorQuantizer(**args)
+    np = pytest.importorskip("numpy")
+    vq = SinkhornVectorQuantizer(np.int64(16), np.int64(8), num_head=np.int32(2))
+    assert (vq.n_e, vq.e_dim, vq.num_head) == (16, 8, 2)

@@ -48,6 +48,17 @@ for cap in ({HUGE}, None):
         tangents.append(fwAD.unpack_dual(r.plan).tangent)
         used = int(fwAD.unpack_dual(r.steps).primal.max())
 assert torch.equal(*tangents)
+
+# Where the steps run cannot be read (steps_used given to the public backward operator), a
+# history whose byte count overflows is a clear error: the tiny backward's at 2^56 passed the
+# front door's count and overran its buffer.
+op = torch.ops.sinkhorn_ops.sinkhorn_backward_unrolled
+S = torch.randn(1, 4, 4)
+try:
+    op(torch.ones_like(S), None, None, S, None, None, None, torch.full((1,), 2**56), 2**56, "row")
+    raise AssertionError("no error")
+except ValueError as e:
+    assert "sinkhorn_backward: the history of 72057594037927936 steps overflows" in str(e), e
 print("ok")
 """
 
@@ -68,3 +79,14 @@ def test_a_cap_whose_records_overflow_is_a_clear_error():
     with pytest.raises(ValueError, match=r"sinkhorn_backward: the unrolled backward keeps every "
                                          r"step's LSEs, batch 2 x steps 4611686018427387904"):
         op(torch.ones_like(S), None, None, S, None, None, None, used, HUGE, "row")
+
+
+def test_a_replay_of_a_cap_that_cannot_fit_is_a_clear_error():
+    """torch.func's transforms wrap steps_used, so the forward-mode replay runs to the cap: at
+    2^62 it failed with a bare "vector::_M_default_append"."""
+    S = torch.randn(2, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"sinkhorn: the differentiable replay \(second order, "
+                                         r"forward mode\) keeps every step of steps = "
+                                         r"4611686018427387904"):
+        torch.func.jvp(lambda s: torch.ops.sinkhorn_ops.sinkhorn.default(
+            s, None, None, None, HUGE, "row", 1e-6, "unrolled", 1e-6, 100)[0], (S,), (S,))

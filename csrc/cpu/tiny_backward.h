@@ -3,6 +3,11 @@
 // the general path).
 #pragma once
 
+#include <c10/util/safe_numerics.h>
+
+#include <cstdint>
+#include <limits>
+
 #include "tiny_solver.h"
 
 namespace sinkhorn_ops {
@@ -31,7 +36,11 @@ struct TinyBackward {
 
   // History vectors one group needs.
   static int64_t history(const sinkhorn::BwdParams& q, bool scaled) {
-    return std::max<int64_t>(q.max_steps, 1) * (scaled ? std::max(q.n * q.m, kTinyMax) : kTinyMax);
+    int64_t count = 0;  // saturated at the maximum on overflow, which the allocation refuses
+    const int64_t per = scaled ? std::max(q.n * q.m, kTinyMax) : kTinyMax;
+    return c10::mul_overflows(std::max<int64_t>(q.max_steps, 1), per, &count)
+               ? std::numeric_limits<int64_t>::max()
+               : count;
   }
 
   int axis(int64_t t) const { return ((t % 2 == 0) == q.start_row) ? 0 : 1; }
@@ -249,7 +258,12 @@ void backward_tiny_sized(const sinkhorn::BwdParams& q, const sinkhorn::FwdParams
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     // A group's history. std::vector would not honour the vectors' 64-byte alignment.
     using V = typename Back::V;
-    const size_t bytes = sizeof(V) * Back::history(q, scaled);
+    // Checked: steps_used (given to the public backward operator) can be near 2^63.
+    uint64_t bytes = 0;
+    TORCH_CHECK_VALUE(!c10::mul_overflows(static_cast<uint64_t>(Back::history(q, scaled)),
+                                          static_cast<uint64_t>(sizeof(V)), &bytes),
+                      "sinkhorn_backward: the history of ", q.max_steps,
+                      " steps overflows a byte count; expected a smaller steps");
     std::unique_ptr<V, void (*)(void*)> hist(static_cast<V*>(std::aligned_alloc(64, bytes)),
                                              &std::free);
     TORCH_CHECK(hist != nullptr, "sinkhorn_backward: out of memory for ", bytes, " bytes");
@@ -271,7 +285,7 @@ bool backward_tiny(const sinkhorn::BwdParams& q) {
   view.B = q.B;
   view.n = q.n;
   view.m = q.m;
-  const bool scaled = std::max<int64_t>(q.max_steps, 1) * q.n * q.m <= kScaledHistory;
+  const bool scaled = std::max<int64_t>(q.max_steps, 1) <= kScaledHistory / (q.n * q.m);
   if (q.n == 4 && q.m == 4) {
     backward_tiny_sized<TinyBackward<scalar_t, acc_t, 4, 4>>(q, view, scaled);
   } else {

@@ -426,13 +426,16 @@ __device__ const scalar_t* stage_scores(const scalar_t* S, int64_t nm, bool stag
   return dst;
 }
 
+// Raises the current device's limit of dynamic shared memory for `kernel` to at least `bytes`
+// (staging.cu); never lowers it, so that another host thread launching the same kernel with
+// more bytes at the same time keeps the limit its launch needs.
+void raise_dynamic_shared(const void* kernel, size_t bytes);
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory: above the default 48 KiB a kernel
 // must opt in (up to the device's limit, which the callers check).
 template <typename... P>
 void allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
+  if (bytes > 48 * 1024) raise_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 // Whether `dynamic` bytes of dynamic shared memory fit beside the static shared memory `kernel`

@@ -2,6 +2,10 @@
 // problem staged by the block kernels takes, within the current device's opt-in limit (also
 // asked by the large forward's fused pass), whether a block of a thread-per-problem backward
 // keeps its histories in shared memory, and the device attributes behind both.
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "../env_flag.h"
 #include "kernel_common.cuh"
 
@@ -38,6 +42,28 @@ int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 }  // namespace
+
+void raise_dynamic_shared(const void* kernel, size_t bytes) {
+  // The attribute belongs to the kernel on a device, not to a thread or a stream: set to each
+  // launch's own size, a thread's 64 KiB could land between another's 96 KiB and its launch,
+  // which would then fail. Under the lock the limit only grows.
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> limits;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return;  // the launch reports the failure
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = limits[{device, kernel}];
+  if (bytes <= limit) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) == cudaSuccess) {
+    limit = bytes;
+  } else {
+    cudaGetLastError();  // as before: the launch reports what it cannot do
+  }
+}
 
 int shared_memory_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
 

@@ -10,6 +10,7 @@
 // reverse step is two fused kernels on CUDA (large_backward.cu: the pass over S and dS, then the
 // step's bookkeeping), else 6 ATen passes over n x m, in place on one temporary, and a few vector
 // ops. uf, ug, dla and dlb are fresh contiguous tensors here, which the kernels update in place.
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -99,6 +100,14 @@ Replay replay(const ForwardProblem& f, const at::Tensor& a, const at::Tensor& b,
   const auto used = steps_used.clamp(0, f.steps).unsqueeze(-1);  // (B, 1)
   r.pf = at::zeros({f.B, f.n}, opts);
   r.pg = at::zeros({f.B, f.m}, opts);
+  // Every step of f.steps is replayed (the steps run where steps_bound could read them, the cap
+  // otherwise): a cap beyond what memory could hold is a clear error, not a length_error.
+  const int64_t side = std::max<int64_t>({f.n, f.m, 1});
+  TORCH_CHECK_VALUE(f.B == 0 || f.steps <= std::numeric_limits<int64_t>::max() / 8 / side / f.B,
+                    "sinkhorn: the differentiable replay (second order, forward mode) keeps "
+                    "every step of steps = ", f.steps, ", batch ", f.B, " x max(n, m) ", side,
+                    " values a step, which overflows a 64-bit byte count; expected a smaller "
+                    "steps (with tol it is the cap)");
   r.hist.resize(f.steps);
   for (int64_t t = 0; t < f.steps; ++t) {
     const auto active = used > t;

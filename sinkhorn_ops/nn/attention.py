@@ -37,7 +37,10 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
 
     Same constructor arguments, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,
     ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), state_dict, forward signature and
-    return values as :class:`torch.nn.MultiheadAttention`; ``steps=1`` gives exactly its output.
+    return values as :class:`torch.nn.MultiheadAttention`; ``steps=1`` gives exactly its output,
+    except for a query whose every key is masked (zeros here, the uniform average of the values
+    there when the mask is finite, NaN when it is -inf or bool). Float mask entries at or below
+    -1e4 mask as -inf does (see :func:`sinkhorn_ops.sinkhorn_attention`).
 
     Args (beyond nn.MultiheadAttention's):
         steps: Sinkhorn normalisations starting with the rows (MATH.md section 3).

@@ -4,6 +4,7 @@ streams from an embedding and close them at the end."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -175,10 +176,10 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             raise ValueError(f"{name}: expected a finite norm_eps > 0, got {norm_eps!r}")
         if variant == "v4":
             _check_eps(name, eps, " for variant 'v4'")
-        if (isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float))
+        if (isinstance(alpha_init, bool) or not isinstance(alpha_init, numbers.Real)
                 or not math.isfinite(alpha_init)):
             raise ValueError(f"{name}: expected a finite alpha_init, got {alpha_init!r}")
-        if (isinstance(eps, bool) or not isinstance(eps, (int, float))) and variant != "v4":
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
             raise ValueError(f"{name}: expected eps to be a number, got {eps!r}")
         if branch is not None and not callable(branch):
             raise TypeError(f"{name}: expected branch to be a module or None, got "

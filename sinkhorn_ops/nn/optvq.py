@@ -2,6 +2,8 @@
 by the streaming Sinkhorn of sinkhorn_ops.sinkhorn_assign, straight-through output."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -61,9 +63,14 @@ class SinkhornVectorQuantizer(nn.Module):
                  chunk_size: int | None = None, guard: float = 0.0) -> None:
         super().__init__()
         for name, value in (("n_e", n_e), ("e_dim", e_dim), ("num_head", num_head)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:  # Python and NumPy integers
+                ok = not isinstance(value, bool) and operator.index(value) >= 1
+            except TypeError:
+                ok = False
+            if not ok:
                 raise ValueError(f"SinkhornVectorQuantizer: expected {name} to be an int >= 1, "
                                  f"got {value!r}")
+        n_e, e_dim, num_head = int(n_e), int(e_dim), int(num_head)
         if e_dim % num_head != 0:
             raise ValueError(f"SinkhornVectorQuantizer: expected e_dim divisible by num_head, got "
                              f"{e_dim} and {num_head}")
@@ -111,8 +118,11 @@ class SinkhornVectorQuantizer(nn.Module):
             return self._forward(x, return_stats, generator)
 
     def _forward(self, x: Tensor, return_stats: bool, generator):
-        # float32, or float64 for float64 inputs (as sinkhorn_assign computes).
-        x = x.double() if x.dtype == torch.float64 else x.float()
+        # float32, or float64 when the input or the codebook is float64 (as sinkhorn_assign
+        # computes); both sides in that dtype (cdist, the "ce" loss, takes one).
+        embed = self.get_codebook()
+        dtype = torch.float64 if torch.float64 in (x.dtype, embed.dtype) else torch.float32
+        x, embed = x.to(dtype), embed.to(dtype)
         image = None
         if x.dim() == 4:  # (B, C, H, W) -> (B, H W, C), as the reference
             b, c, h, w = x.shape
@@ -125,7 +135,6 @@ class SinkhornVectorQuantizer(nn.Module):
         if c != self.e_dim:
             raise ValueError(f"SinkhornVectorQuantizer: expected {self.e_dim} channels, got {c}")
         flat = x.reshape(-1, self.code_dim)  # heads split the channels and share the codebook
-        embed = self.get_codebook()
         indices = self.assign(flat, embed, generator)
         x_q = embed[indices]
         loss = self._loss(flat, x_q, embed, indices)

@@ -76,12 +76,15 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(P...)) {
   attr->sharedSizeBytes = 0;
   return cudaSuccess;
 }
-template <typename... P>
-cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value > ::emu::kSharedOptin)
     return cudaErrorInvalidValue;
-  ::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  ::emu::set_max_dynamic_shared(kernel, value);
   return cudaSuccess;
+}
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 // Cooperative launches: the same number of resident blocks for every kernel and block size (the
 // emulation's choice, emu::kCooperativeBlocksPerSM); the launch runs the grid's blocks together.
