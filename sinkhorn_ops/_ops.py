@@ -218,18 +218,18 @@ def _backward_unrolled_fake(grad_plan, grad_f, grad_g, scores, a, b, mask, steps
 @torch.library.register_fake("sinkhorn_ops::sinkhorn_backward_implicit")
 def _backward_implicit_fake(grad_plan, grad_f, grad_g, plan, solver, cg_tol, cg_max_iter):
     # The checks of the C++ front door (sinkhorn_implicit.cpp) that shapes and dtypes decide.
-    torch._check(plan.dim() >= 2, lambda: f"sinkhorn_backward_implicit: expected plan (..., n, m), "
-                                          f"got {tuple(plan.shape)}")
+    torch._check_value(plan.dim() >= 2, lambda: f"sinkhorn_backward_implicit: expected plan "
+                                                f"(..., n, m), got {tuple(plan.shape)}")
     torch._check_type(plan.is_floating_point(), lambda: f"sinkhorn_backward_implicit: expected a "
                                                         f"floating-point plan, got {plan.dtype}")
-    torch._check(grad_plan.shape == plan.shape,
-                 lambda: f"sinkhorn_backward_implicit: expected grad_plan of shape "
-                         f"{tuple(plan.shape)}, got {tuple(grad_plan.shape)}")
+    torch._check_value(grad_plan.shape == plan.shape,
+                       lambda: f"sinkhorn_backward_implicit: expected grad_plan of shape "
+                               f"{tuple(plan.shape)}, got {tuple(grad_plan.shape)}")
     *batch, n, m = plan.shape
     for name, grad, side in (("grad_f", grad_f, n), ("grad_g", grad_g, m)):
-        torch._check(grad is None or tuple(grad.shape) == (*batch, side),
-                     lambda: f"sinkhorn_backward_implicit: expected {name} of shape "
-                             f"{[*batch, side]}, got {list(grad.shape)}")
+        torch._check_value(grad is None or tuple(grad.shape) == (*batch, side),
+                           lambda: f"sinkhorn_backward_implicit: expected {name} of shape "
+                                   f"{[*batch, side]}, got {list(grad.shape)}")
     acc = _accumulation_dtype(plan.dtype)
     return (plan.new_empty(plan.shape), plan.new_empty((*batch, n), dtype=acc),
             plan.new_empty((*batch, m), dtype=acc))
