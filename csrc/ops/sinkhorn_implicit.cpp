@@ -197,8 +197,8 @@ BackwardResult sinkhorn_backward_implicit(const at::Tensor& grad_plan,
   TORCH_CHECK_VALUE(grad_plan.device() == plan.device(),
                     "sinkhorn_backward_implicit: expected grad_plan on ", plan.device(), ", got ",
                     grad_plan.device());
-  for (const auto& [name, grad, side] :
-       {std::tuple{"grad_f", &grad_f, plan.size(-2)}, std::tuple{"grad_g", &grad_g, plan.size(-1)}}) {
+  for (const auto& [name, grad, side] : {std::tuple{"grad_f", &grad_f, plan.size(-2)},
+                                         std::tuple{"grad_g", &grad_g, plan.size(-1)}}) {
     if (!grad->has_value() || !(*grad)->defined()) continue;
     std::vector<int64_t> want(plan.sizes().begin(), plan.sizes().end() - 2);
     want.push_back(side);
