@@ -32,18 +32,20 @@ at::Tensor to_linear(const at::Tensor& grad_log, const at::Tensor& x, at::IntArr
 
 }  // namespace
 
-int64_t steps_bound(const at::Tensor& steps_used, int64_t cap) {
-  // Only a plain CPU tensor is read: on CUDA that would be a host synchronisation, and a fake
-  // (Python key), functional or torch.func-wrapped tensor has no data to read here (the
-  // wrappers' headers are not usable from an extension: they need nlohmann/json).
+bool readable_on_host(const at::Tensor& t) {
+  // On CUDA a read would be a host synchronisation, and a fake (Python key), functional or
+  // torch.func-wrapped tensor has no data to read here (the wrappers' headers are not usable
+  // from an extension: they need nlohmann/json).
   static const c10::DispatchKeySet opaque({c10::DispatchKey::Python,
                                            c10::DispatchKey::Functionalize,
                                            c10::DispatchKey::FuncTorchBatched,
                                            c10::DispatchKey::FuncTorchGradWrapper});
+  return t.defined() && t.device().is_cpu() && !t.key_set().has_any(opaque);
+}
+
+int64_t steps_bound(const at::Tensor& steps_used, int64_t cap) {
   const at::Tensor& t = steps_used;
-  if (cap <= 0 || !t.defined() || !t.device().is_cpu() || t.scalar_type() != at::kLong ||
-      t.key_set().has_any(opaque))
-    return cap;
+  if (cap <= 0 || !readable_on_host(t) || t.scalar_type() != at::kLong) return cap;
   const auto used = t.contiguous();
   const int64_t* d = used.const_data_ptr<int64_t>();
   // At least a row and a column step (an empty batch, or one that ran none): the replay's

@@ -37,6 +37,10 @@ sinkhorn::BwdParams backward_params(const BackwardProblem& p, BackwardOutputs& o
 // (..., m), accumulation dtype; empty tensors when the marginals were the defaults).
 BackwardResult finish_backward(const BackwardProblem& p, BackwardOutputs& out);
 
+// Whether t's values can be read here without a host synchronisation: a plain CPU tensor (not
+// CUDA, not fake, functional or wrapped by torch.func).
+bool readable_on_host(const at::Tensor& t);
+
 // The largest of steps_used clamped to [0, cap] (and at least min(cap, 2)) where it can be
 // read without a host synchronisation (a plain CPU tensor), else cap: what bounds the unrolled
 // backward's steps when a tol run stopped before its cap.

@@ -128,9 +128,12 @@ at::Tensor conjugate_gradients(const Schur& A, const at::Tensor& rhs, double tol
 // working precision (not seen in the cases tried) takes the factor of a ridge a thousand times
 // larger. Below kLuMaxSide the LU is kept: the two factors and their solves cost 2.6 times the
 // LU's time at 64 x 128 x 128 on the CPU (tril inside cholesky_ex, 5 ms a call there).
+// Where info can be read without a host synchronisation (readable_on_host: the CPU) and every
+// factor succeeded, the wider one is not computed (it was half the factorisations' time).
 at::Tensor cholesky_factor(const at::Tensor& matrix, const at::Tensor& ridge) {
   const auto [factor, info] =
       at::linalg_cholesky_ex(matrix + ridge, /*upper=*/false, /*check_errors=*/false);
+  if (readable_on_host(info) && !info.any().item<bool>()) return factor;
   const auto [wider, unused] =
       at::linalg_cholesky_ex(matrix + ridge * 1000, /*upper=*/false, /*check_errors=*/false);
   return at::where((info == 0).view({-1, 1, 1}), factor, wider);
