@@ -18,6 +18,10 @@ class SinkhornResult(NamedTuple):
     error: Tensor  # (...), L1 error of the marginal the last step did not fix
 
 
+# The values of sinkhorn's `grad` (the op checks them; the layers check them when built).
+GRAD_MODES = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -99,15 +103,7 @@ def sinkhorn(
     if not isinstance(start, str):
         raise TypeError(f"sinkhorn: expected start to be 'row' or 'col', got {type(start).__name__}")
     tol, cg_tol = _real("tol", tol), _real("cg_tol", cg_tol)
-    try:
-        if isinstance(cg_max_iter, bool):
-            raise TypeError
-        if isinstance(cg_max_iter, float) and cg_max_iter.is_integer():  # 1e3 from a config
-            cg_max_iter = int(cg_max_iter)
-        cg_max_iter = operator.index(cg_max_iter)
-    except TypeError:
-        raise TypeError(f"sinkhorn: expected cg_max_iter to be an int, got "
-                        f"{type(cg_max_iter).__name__}") from None
+    cg_max_iter = _integer("cg_max_iter", cg_max_iter)
     if init is not None:
         result = _warm_started(scores, a, b, mask, steps, start, tol, grad, cg_tol, cg_max_iter,
                                init)
@@ -133,6 +129,19 @@ def _real(name: str, value) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"sinkhorn: expected {name} to be a float, got "
                         f"{type(value).__name__}") from None
+
+
+def _integer(name: str, value) -> int:
+    """value as an int (a Python or NumPy integer, or a float of integral value such as 1e3
+    from a config); TypeError naming the argument for anything else (1.7, a string, a bool)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"sinkhorn: expected {name} to be an int, got {type(value).__name__}")
 
 
 def _warm_started(scores: Tensor, a: Optional[Tensor], b: Optional[Tensor],

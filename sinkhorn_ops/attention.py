@@ -24,9 +24,6 @@ _CAUSAL_ERROR = (
 )
 
 
-# The grad modes of the Sinkhorn op (sinkhorn_ops.sinkhorn), checked when a module is built.
-GRAD_MODES = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
-
 # Float mask entries at or below this count as masked, as -inf does (see _masked_scores).
 MASKED_AT = -1e4
 
@@ -96,15 +93,13 @@ def _sinkhorn_attention_with_weights(
                              f"{tuple(attn_mask.shape)}") from None
         if attn_mask.dtype == torch.bool:
             mask = attn_mask
+            if full != scores.shape:  # the mask carries batch dimensions the scores lack
+                scores = scores.expand(full)
         elif torch.is_floating_point(attn_mask):
             scores = _masked_scores(scores, attn_mask)
         else:  # a 0/1 integer mask added to the scores would attend to the padding
             raise TypeError(f"sinkhorn_attention: expected attn_mask of dtype bool or floating "
                             f"point, got {attn_mask.dtype}")
-    if mask is not None:
-        full = torch.broadcast_shapes(scores.shape, mask.shape)
-        if full != scores.shape:  # the mask carries batch dimensions the scores lack
-            scores = scores.expand(full)
 
     plan = sinkhorn(scores, mask=mask, steps=steps, start="row", grad=grad)
     if dropout_p > 0.0:

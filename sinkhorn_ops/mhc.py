@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _mhc_coefficients_ops, _mhc_mappings_ops, _mhc_mix_ops, _mhc_v4_ops  # noqa: F401
-from ._ops import sinkhorn
+from ._ops import GRAD_MODES, sinkhorn
 from ._rms_projection import rms_projection
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "mhc_v4_sinkhorn_loop",
 ]
 
-_GRADS = ("unrolled", "implicit", "implicit_dense", "implicit_cg")
+_GRADS = GRAD_MODES
 _VARIANTS = _mhc_mappings_ops.VARIANTS
 
 

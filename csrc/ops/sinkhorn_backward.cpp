@@ -56,6 +56,11 @@ int64_t steps_bound(const at::Tensor& steps_used, int64_t cap) {
   return bound;
 }
 
+bool step_records_fit(const ForwardProblem& f) {
+  const int64_t side = std::max<int64_t>({f.n, f.m, 1});
+  return f.B == 0 || f.steps <= std::numeric_limits<int64_t>::max() / 8 / side / f.B;
+}
+
 BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optional<at::Tensor>& grad_f,
                                  const c10::optional<at::Tensor>& grad_g, const at::Tensor& scores,
                                  const c10::optional<at::Tensor>& a,
@@ -87,10 +92,9 @@ BackwardProblem prepare_backward(const at::Tensor& grad_plan, const c10::optiona
   // The steps run bound the work, not the cap `steps` (a tol run stops early), where they can
   // be read; on CUDA the cap sizes the LSE records: B * steps * max(n, m) values, which must fit.
   p.fwd.steps = steps_bound(p.steps_used, f.steps);
-  const int64_t side = std::max<int64_t>({f.n, f.m, 1});
-  TORCH_CHECK_VALUE(f.B == 0 || f.steps <= std::numeric_limits<int64_t>::max() / 8 / side / f.B,
+  TORCH_CHECK_VALUE(step_records_fit(f),
                     "sinkhorn_backward: the unrolled backward keeps every step's LSEs, batch ",
-                    f.B, " x steps ", f.steps, " x max(n, m) ", side,
+                    f.B, " x steps ", f.steps, " x max(n, m) ", std::max<int64_t>({f.n, f.m, 1}),
                     " values, which overflows a 64-bit byte count; expected a smaller `steps` "
                     "(with tol it is the cap, and on CUDA it sizes the backward's memory)");
   if (a.has_value()) {

@@ -46,6 +46,10 @@ bool readable_on_host(const at::Tensor& t);
 // backward's steps when a tol run stopped before its cap.
 int64_t steps_bound(const at::Tensor& steps_used, int64_t cap);
 
+// Whether f.steps records of batch x max(n, m) values a step (8 bytes each at most) have a byte
+// count that fits in 64 bits: the unrolled backward's LSE records and the differentiable replay.
+bool step_records_fit(const ForwardProblem& f);
+
 template <typename Kernel>
 BackwardResult run_backward(const BackwardProblem& p, Kernel&& kernel) {
   BackwardOutputs out = allocate_backward(p);

@@ -102,10 +102,10 @@ Replay replay(const ForwardProblem& f, const at::Tensor& a, const at::Tensor& b,
   r.pg = at::zeros({f.B, f.m}, opts);
   // Every step of f.steps is replayed (the steps run where steps_bound could read them, the cap
   // otherwise): a cap beyond what memory could hold is a clear error, not a length_error.
-  const int64_t side = std::max<int64_t>({f.n, f.m, 1});
-  TORCH_CHECK_VALUE(f.B == 0 || f.steps <= std::numeric_limits<int64_t>::max() / 8 / side / f.B,
+  TORCH_CHECK_VALUE(step_records_fit(f),
                     "sinkhorn: the differentiable replay (second order, forward mode) keeps "
-                    "every step of steps = ", f.steps, ", batch ", f.B, " x max(n, m) ", side,
+                    "every step of steps = ", f.steps, ", batch ", f.B, " x max(n, m) ",
+                    std::max<int64_t>({f.n, f.m, 1}),
                     " values a step, which overflows a 64-bit byte count; expected a smaller "
                     "steps (with tol it is the cap)");
   r.hist.resize(f.steps);

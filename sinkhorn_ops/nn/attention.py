@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import GRAD_MODES, _check_causal, _sinkhorn_attention_with_weights
+from .._ops import GRAD_MODES
+from ..attention import _check_causal, _sinkhorn_attention_with_weights
 
 __all__ = ["SinkhornMultiheadAttention", "convert_to_sinkhorn_attention"]
 

@@ -176,11 +176,11 @@ class ManifoldConstrainedHyperConnections(nn.Module):
             raise ValueError(f"{name}: expected a finite norm_eps > 0, got {norm_eps!r}")
         if variant == "v4":
             _check_eps(name, eps, " for variant 'v4'")
+        elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # unused, kept as float
+            raise ValueError(f"{name}: expected eps to be a number, got {eps!r}")
         if (isinstance(alpha_init, bool) or not isinstance(alpha_init, numbers.Real)
                 or not math.isfinite(alpha_init)):
             raise ValueError(f"{name}: expected a finite alpha_init, got {alpha_init!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise ValueError(f"{name}: expected eps to be a number, got {eps!r}")
         if branch is not None and not callable(branch):
             raise TypeError(f"{name}: expected branch to be a module or None, got "
                             f"{type(branch).__name__}")
@@ -227,9 +227,6 @@ class ManifoldConstrainedHyperConnections(nn.Module):
     def mappings(self, x: Tensor) -> MHCMappings:
         """H_pre, H_post, H_res for streams x of shape (..., n, C), in fp32 (fp64 for fp64)."""
         n, dim = self.num_streams, self.dim
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__}: expected x to be a torch.Tensor, got "
-                            f"{type(x).__name__}")
         _check_floating(type(self).__name__, "x", x)
         if x.dim() < 2 or tuple(x.shape[-2:]) != (n, dim):
             raise ValueError(f"{type(self).__name__}: expected x of shape (..., n, C) = "
